@@ -1,0 +1,267 @@
+"""Reading PyTorch weight files and mapping state dicts onto Flax param trees.
+
+Our Flax modules are named after the diffusers / transformers modules they mirror
+(`down_blocks.0.resnets.1.conv1` becomes `down_blocks_0/resnets_1/conv1`), so one generic
+rule converts every model: split the key on dots, glue list indices onto the name before
+them, rename the leaf (`weight` -> `kernel`/`scale`/`embedding`) and transpose the layout
+(linear `OI -> IO`, conv `OIHW -> HWIO`). The target tree (from `jax.eval_shape` of
+`init`) decides the leaf names, so there is no per-model table to keep in sync, and a
+checkpoint that does not fit is reported key by key instead of being silently skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+Params = dict[str, Any]
+StateDict = dict[str, np.ndarray]
+
+_SAFETENSORS = (".safetensors",)
+_PICKLES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used: names the file, the format, and the bad keys."""
+
+
+def _few(keys: Iterable[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:n])
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})"
+    return shown + more
+
+
+def report_mismatch(
+    what: str,
+    *,
+    missing: Iterable[str] = (),
+    unexpected: Iterable[str] = (),
+    mismatched: Iterable[str] = (),
+) -> None:
+    """Raise a `CheckpointError` naming a few of each kind of bad key, with counts."""
+    missing, unexpected, mismatched = list(missing), list(unexpected), list(mismatched)
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{what} does not fit the model:"]
+    if missing:
+        lines.append(f"  missing keys: {_few(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {_few(unexpected)}")
+    if mismatched:
+        lines.append(f"  shape mismatches: {_few(mismatched)}")
+    raise CheckpointError("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Loads a `.safetensors` or pickled (`.ckpt`/`.bin`/`.pt`) state dict as numpy arrays.
+
+    Pickles are untrusted input: they are only read with `torch.load(weights_only=True)`.
+    A `state_dict` wrapper (as in `mm_sd_v15.ckpt` and LDM checkpoints) is unwrapped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    lower = path.lower()
+    try:
+        if lower.endswith(_SAFETENSORS):
+            from safetensors.numpy import load_file
+
+            try:
+                sd = dict(load_file(path))
+            except Exception:  # bf16 tensors are not numpy-representable: go through torch.
+                from safetensors.torch import load_file as load_torch
+
+                sd = {k: _to_numpy(v) for k, v in load_torch(path).items()}
+        elif lower.endswith(_PICKLES):
+            import torch
+
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+                obj = obj["state_dict"]
+            if not isinstance(obj, Mapping):
+                raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+            sd = {k: _to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
+        else:
+            raise CheckpointError(
+                f"{path}: unknown weight file extension (expected one of {_SAFETENSORS + _PICKLES})"
+            )
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated / corrupt / not a checkpoint at all
+        raise CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: {e})") from e
+    return sd
+
+
+_DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+
+
+def find_weights_file(folder: str | os.PathLike) -> str:
+    """The weight file of one diffusers/transformers component folder (safetensors first)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such folder")
+    for name in _DIFFUSERS_WEIGHT_NAMES:
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            return p
+    names = sorted(os.listdir(folder))
+    if any(n.endswith(".index.json") for n in names):
+        raise CheckpointError(f"{folder}: sharded checkpoints are not supported yet (found {names})")
+    raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(_DIFFUSERS_WEIGHT_NAMES)}; found {names})")
+
+
+def load_component(folder: str | os.PathLike) -> StateDict:
+    return load_state_dict(find_weights_file(folder))
+
+
+# ----------------------------------------------------------------- torch <-> flax
+
+
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
+    tree: Params = {}
+    for path, v in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return tree
+
+
+_INDEX = re.compile(r"^\d+$")
+
+
+def torch_module_path(key: str) -> tuple[tuple[str, ...], str]:
+    """`a.b.0.c.weight` -> (("a", "b_0", "c"), "weight")."""
+    parts = key.split(".")
+    out: list[str] = []
+    for p in parts[:-1]:
+        if _INDEX.match(p) and out:
+            out[-1] = f"{out[-1]}_{p}"
+        else:
+            out.append(p)
+    return tuple(out), parts[-1]
+
+
+def flax_to_torch_name(path: tuple[str, ...]) -> str:
+    """("a", "b_0", "c") -> "a.b.0.c" (inverse of the module part of `torch_module_path`)."""
+    return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in path)
+
+
+def _torch_to_flax_value(leaf: str, target_leaf: str, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    if target_leaf == "kernel":
+        if value.ndim == 4 and len(target_shape) == 4:  # conv OIHW -> HWIO
+            return value.transpose(2, 3, 1, 0)
+        if value.ndim == 4 and len(target_shape) == 2:  # 1x1 conv used as a Dense
+            return value[:, :, 0, 0].T
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def _flax_to_torch_value(flax_leaf: str, value: np.ndarray, torch_ndim: int | None) -> np.ndarray:
+    if flax_leaf == "kernel":
+        if value.ndim == 4:
+            return value.transpose(3, 2, 0, 1)
+        if value.ndim == 2:
+            out = value.T
+            if torch_ndim == 4:
+                out = out[:, :, None, None]
+            return out
+    return value
+
+
+def _leaf_candidates(leaf: str) -> tuple[str, ...]:
+    if leaf == "weight":
+        return ("kernel", "scale", "embedding")
+    return (leaf,)
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, np.ndarray],
+    target: Mapping[str, Any],
+    *,
+    what: str = "checkpoint",
+    dtype: Any = np.float32,
+    strict: bool = True,
+) -> Params:
+    """Maps a (diffusers-named) torch state dict onto the Flax tree shaped like `target`.
+
+    `target` is a params tree of arrays or `ShapeDtypeStruct`s (e.g. `jax.eval_shape(init)`).
+    With `strict`, every target leaf must be filled and every source key used; otherwise the
+    error names the missing, unexpected and mismatched keys. Non-strict returns a partial tree
+    (for deltas such as motion modules alone).
+    """
+    flat_target = flatten(target)
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched = [], []
+    for key, value in state_dict.items():
+        mod, leaf = torch_module_path(key)
+        for cand in _leaf_candidates(leaf):
+            if mod + (cand,) in flat_target:
+                path = mod + (cand,)
+                break
+        else:
+            unexpected.append(key)
+            continue
+        tshape = tuple(flat_target[path].shape)
+        v = _torch_to_flax_value(leaf, path[-1], np.asarray(value), tshape)
+        if tuple(v.shape) != tshape:
+            mismatched.append(f"{key} {tuple(np.shape(value))} vs model {'/'.join(path)} {tshape}")
+            continue
+        out[path] = v.astype(dtype)
+    missing = ["/".join(p) for p in flat_target if p not in out] if strict else []
+    report_mismatch(what, missing=missing, unexpected=unexpected, mismatched=mismatched)
+    return unflatten(out)
+
+
+def flax_to_torch(
+    params: Mapping[str, Any],
+    *,
+    conv1x1: Callable[[tuple[str, ...]], bool] = lambda path: False,
+    dtype: Any = np.float32,
+) -> StateDict:
+    """Inverse of `torch_to_flax`: a diffusers-named state dict of numpy arrays.
+
+    `conv1x1(module_path)` says which 2-D kernels were 1x1 convs in torch (SD1.5's spatial
+    `proj_in`/`proj_out`), so they are written back as `(O, I, 1, 1)`.
+    """
+    out: StateDict = {}
+    for path, v in flatten(params).items():
+        mod, leaf = path[:-1], path[-1]
+        v = np.asarray(v)
+        torch_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+        ndim = 4 if (leaf == "kernel" and v.ndim == 2 and conv1x1(mod)) else None
+        out[f"{flax_to_torch_name(mod)}.{torch_leaf}"] = np.ascontiguousarray(
+            _flax_to_torch_value(leaf, v, ndim)
+        ).astype(dtype)
+    return out

@@ -1,0 +1,190 @@
+"""Building blocks shared by the UNet, the motion modules and the VAE.
+
+Module and attribute names follow diffusers (`to_q`, `to_out_0`, `ff/net_0/proj`, ...) so that
+`checkpoints.torch_io.torch_to_flax` converts weights without a per-model key table.
+Every module takes `dtype` (compute) and `param_dtype` (storage) separately.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over channels-last input, statistics over every axis but the first.
+
+    Callers choose what one "sample" is by the leading axis: `(B*F, H, W, C)` normalises each
+    frame on its own, `(B, F, H, W, C)` normalises across all frames of a video. Statistics
+    are computed in float32 whatever the compute dtype.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        g = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = g.reshape(x.shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def group_norm_frames(norm: GroupNorm, x: jax.Array, per_frame: bool) -> jax.Array:
+    """Applies `norm` to a video `(B, F, H, W, C)` per frame or across frames."""
+    b, f = x.shape[:2]
+    if per_frame:
+        return norm(x.reshape((b * f,) + x.shape[2:])).reshape(x.shape)
+    return norm(x)
+
+
+def dense(features: int, name: str, *, use_bias: bool = True, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def conv(features: int, name: str, *, kernel: int = 3, stride: int = 1, dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
+    """A conv with torch's symmetric padding (`padding=kernel // 2`)."""
+    p = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((p, p), (p, p)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' parameter names (`to_q/k/v`, `to_out_0`).
+
+    Self-attention when `context` is None. Uses `jax.nn.dot_product_attention`, which XLA
+    lowers to a fused kernel on GPU/TPU where one exists.
+    """
+
+    heads: int
+    dim_head: int
+    out_features: int | None = None
+    qkv_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        inner = self.heads * self.dim_head
+        kw = dict(use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        ctx = x if context is None else context
+        q = dense(inner, "to_q", **kw)(x)
+        k = dense(inner, "to_k", **kw)(ctx)
+        v = dense(inner, "to_v", **kw)(ctx)
+        split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
+        o = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        o = o.reshape(o.shape[:-2] + (inner,))
+        return dense(self.out_features or x.shape[-1], "to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)(o)
+
+
+class GEGLU(nn.Module):
+    dim_out: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = dense(self.dim_out * 2, "proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        h, gate = jnp.split(h, 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (`net_0` = GEGLU, `net_2` = output Dense), width `mult * dim`."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, self.dtype, self.param_dtype, name="net_0")(x)
+        return dense(dim, "net_2", dtype=self.dtype, param_dtype=self.param_dtype)(h)
+
+
+def sinusoidal_table(length: int, dim: int) -> jax.Array:
+    """AnimateDiff's position table `[length, dim]`: sin on even channels, cos on odd ones."""
+    pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+    div = jnp.exp(jnp.arange(0, dim, 2, dtype=jnp.float32) * (-math.log(10000.0) / dim))
+    table = jnp.zeros((length, dim), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(pos * div))
+    return table.at[:, 1::2].set(jnp.cos(pos * div))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: attn1 (self), attn2 (cross, or self when `double_self`), GEGLU FF.
+
+    `max_positions > 0` adds a sinusoidal position table to the normed input of both
+    attentions: that is the motion module's temporal block (attention runs along axis -2,
+    the frame axis).
+    """
+
+    heads: int
+    dim_head: int
+    double_self: bool = False
+    max_positions: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        attn = lambda name: Attention(self.heads, self.dim_head, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if self.max_positions:
+            length = x.shape[-2]
+            if length > self.max_positions:
+                raise ValueError(
+                    f"{length} frames exceed the motion module's position table ({self.max_positions})"
+                )
+            pe = sinusoidal_table(self.max_positions, x.shape[-1])[:length].astype(self.dtype)
+            add_pe = lambda h: h + pe
+        else:
+            add_pe = lambda h: h
+        x = attn("attn1")(add_pe(ln("norm1")(x))) + x
+        h = add_pe(ln("norm2")(x))
+        x = attn("attn2")(h, None if self.double_self else context) + x
+        return FeedForward(4, self.dtype, self.param_dtype, name="ff")(ln("norm3")(x)) + x
+
+
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> jax.Array:
+    """diffusers' sinusoidal timestep features `[len(t), dim]` (computed in float32)."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """`linear_1 -> SiLU -> linear_2`, as diffusers' `TimestepEmbedding`."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.dim, "linear_1", dtype=self.dtype, param_dtype=self.param_dtype)(x.astype(self.dtype))
+        return dense(self.dim, "linear_2", dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(x))

@@ -1,0 +1,33 @@
+"""animatediff-jax: AnimateDiff in JAX/Flax, exact to the PyTorch original."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="animatediff-jax",
+    version="0.1.0",
+    description="AnimateDiff (motion modules for Stable Diffusion 1.5) in JAX/Flax, TPU-native",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["animatediff_jax", "animatediff_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "numpy",
+        "safetensors",
+        "Pillow",
+        "imageio",
+        "tqdm",
+    ],
+    extras_require={
+        # Reading PyTorch checkpoints (.ckpt / .bin) and tokenising need torch + transformers;
+        # converted checkpoints load without them.
+        "torch": ["torch", "transformers", "diffusers"],
+        "data": ["grain", "av"],
+        "test": ["torch", "transformers", "diffusers", "pytest", "grain", "av"],
+    },
+    entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},
+)

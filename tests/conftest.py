@@ -1,0 +1,33 @@
+"""Shared test setup: fp32 everywhere, a persistent compile cache, seeded torch."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def assert_close(ours, ref, rtol: float = 1e-5, atol: float = 1e-5, what: str = ""):
+    """Compares against the PyTorch reference and reports the max error (relative to the ref's scale)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs reference {ref.shape}"
+    err = np.abs(ours - ref).max()
+    scale = np.abs(ref).max()
+    assert np.isfinite(ours).all(), f"{what}: non-finite output"
+    assert scale > 0, f"{what}: reference is all zeros, the comparison would prove nothing"
+    assert err <= atol + rtol * scale, f"{what}: max abs err {err:.3g} (ref max {scale:.3g})"
+    return err
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)

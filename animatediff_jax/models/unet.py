@@ -1,0 +1,226 @@
+"""The SD1.5 UNet inflated to video, with AnimateDiff motion modules.
+
+Video latents `(B, F, H, W, C)` are folded to `(B*F, H, W, C)`: every spatial layer runs per
+frame exactly as in the image model, and only the motion modules (and, for v1, the resnets'
+GroupNorms) look across frames. Param names follow diffusers' `UNetMotionModel`, so its
+state dict (and `UNet2DConditionModel`'s for the spatial part) converts without a key table.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from animatediff_jax.models.config import UNetConfig
+from animatediff_jax.models.layers import (
+    BasicTransformerBlock,
+    Dtype,
+    GroupNorm,
+    TimestepEmbedding,
+    conv,
+    dense,
+    group_norm_frames,
+    timestep_embedding,
+)
+from animatediff_jax.models.motion_module import MotionModule
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' `ResnetBlock2D` (time-conditioned); GroupNorms per frame or across frames."""
+
+    out_channels: int
+    groups: int
+    eps: float
+    per_frame: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, num_frames: int) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def norm(h, name):
+            bf = h.shape[0]
+            h5 = h.reshape((bf // num_frames, num_frames) + h.shape[1:])
+            out = group_norm_frames(GroupNorm(self.groups, self.eps, name=name, **kw), h5, self.per_frame)
+            return out.reshape(h.shape)
+
+        h = conv(self.out_channels, "conv1", **kw)(nn.silu(norm(x, "norm1")))
+        h = h + dense(self.out_channels, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+        h = conv(self.out_channels, "conv2", **kw)(nn.silu(norm(h, "norm2")))
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, "conv_shortcut", kernel=1, **kw)(x)
+        return x + h
+
+
+class Transformer2D(nn.Module):
+    """The spatial transformer of SD1.5 (`Transformer2DModel`): per-frame self + cross attention."""
+
+    heads: int
+    num_layers: int
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n, h, w, c = x.shape
+        hs = GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
+        # A 1x1 conv (SD1.5) and a linear projection (SD2) are the same map on channels-last data.
+        hs = dense(c, "proj_in", **kw)(hs.reshape(n, h * w, c))
+        for i in range(self.num_layers):
+            hs = BasicTransformerBlock(self.heads, c // self.heads, name=f"transformer_blocks_{i}", **kw)(hs, context)
+        hs = dense(c, "proj_out", **kw)(hs)
+        return hs.reshape(n, h, w, c) + x
+
+
+class Downsample(nn.Module):
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return conv(self.out_channels, "conv", stride=2, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Upsample(nn.Module):
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
+        return conv(self.out_channels, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class _Layers:
+    """The per-call context every block needs: config, time embedding, text context, frames."""
+
+    def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict):
+        self.cfg, self.temb, self.context, self.f, self.kw = cfg, temb, context, num_frames, kw
+
+    def resnet(self, x, out: int, name: str):
+        c = self.cfg
+        block = ResnetBlock(out, c.norm_num_groups, c.norm_eps, c.spatial_norm_per_frame, name=name, **self.kw)
+        return block(x, self.temb, self.f)
+
+    def attention(self, x, name: str):
+        c = self.cfg
+        block = Transformer2D(c.attention_heads, c.transformer_layers, c.norm_num_groups, name=name, **self.kw)
+        return block(x, self.context)
+
+    def motion(self, x, name: str):
+        mm = self.cfg.motion
+        return MotionModule(mm, name=name, **self.kw)(x, self.f) if mm else x
+
+
+class DownBlock(nn.Module):
+    """resnet (+ spatial attention) (+ motion module) x layers, then a strided conv unless last."""
+
+    out_channels: int
+    has_attention: bool
+    is_last: bool
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, x, ctx: _Layers):
+        skips = []
+        for j in range(self.num_layers):
+            x = ctx.resnet(x, self.out_channels, f"resnets_{j}")
+            if self.has_attention:
+                x = ctx.attention(x, f"attentions_{j}")
+            x = ctx.motion(x, f"motion_modules_{j}")
+            skips.append(x)
+        if not self.is_last:
+            x = Downsample(self.out_channels, name="downsamplers_0", **ctx.kw)(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """resnet -> spatial attention (-> motion module, v2) -> resnet."""
+
+    channels: int
+
+    @nn.compact
+    def __call__(self, x, ctx: _Layers):
+        x = ctx.resnet(x, self.channels, "resnets_0")
+        x = ctx.attention(x, "attentions_0")
+        if ctx.cfg.motion and ctx.cfg.motion.mid_block:
+            x = ctx.motion(x, "motion_modules_0")
+        return ctx.resnet(x, self.channels, "resnets_1")
+
+
+class UpBlock(nn.Module):
+    """Per skip: concat -> resnet (+ attention) (+ motion module); then nearest-x2 + conv unless last."""
+
+    out_channels: int
+    has_attention: bool
+    is_last: bool
+
+    @nn.compact
+    def __call__(self, x, skips: list, ctx: _Layers):
+        for j, skip in enumerate(skips):
+            x = jnp.concatenate([x, skip], axis=-1)
+            x = ctx.resnet(x, self.out_channels, f"resnets_{j}")
+            if self.has_attention:
+                x = ctx.attention(x, f"attentions_{j}")
+            x = ctx.motion(x, f"motion_modules_{j}")
+        if not self.is_last:
+            x = Upsample(self.out_channels, name="upsamplers_0", **ctx.kw)(x)
+        return x
+
+
+class UNet3D(nn.Module):
+    """`__call__(sample[B,F,H,W,C], timesteps[B] or scalar, context[B,L,D]) -> noise[B,F,H,W,C]`.
+
+    Without a motion config it is the image UNet run per frame (the base SD1.5 model).
+    """
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, f, hh, ww, _ = sample.shape
+        chans = cfg.block_out_channels
+        n = len(chans)
+
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+        temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(timestep_embedding(timesteps, chans[0]))
+        # Spatial layers see frames as batch: one time embedding and one text context per frame.
+        ctx = _Layers(cfg, jnp.repeat(temb, f, axis=0), jnp.repeat(context.astype(self.dtype), f, axis=0), f, kw)
+
+        x = conv(chans[0], "conv_in", **kw)(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
+        skips = [x]
+        for i in range(n):
+            block = DownBlock(chans[i], cfg.cross_attn_blocks[i], i == n - 1, cfg.layers_per_block, name=f"down_blocks_{i}")
+            x, s = block(x, ctx)
+            skips += s
+        x = MidBlock(chans[-1], name="mid_block")(x, ctx)
+        for i in range(n):
+            k = n - 1 - i
+            take = cfg.layers_per_block + 1
+            mine, skips = skips[-take:][::-1], skips[:-take]
+            x = UpBlock(chans[k], cfg.cross_attn_blocks[k], i == n - 1, name=f"up_blocks_{i}")(x, mine, ctx)
+
+        norm = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)
+        x = group_norm_frames(norm, x.reshape((b, f) + x.shape[1:]), cfg.spatial_norm_per_frame).reshape(x.shape)
+        x = conv(cfg.out_channels, "conv_out", **kw)(nn.silu(x))
+        return x.reshape((b, f) + x.shape[1:])
+
+
+def param_shapes(config: UNetConfig, num_frames: int = 2) -> dict:
+    """The params tree of `UNet3D(config)` as `ShapeDtypeStruct`s, without allocating weights."""
+    model = UNet3D(config)
+    c = config.in_channels
+    x = jnp.zeros((1, num_frames, 8, 8, c))
+    ctx = jnp.zeros((1, 1, config.cross_attention_dim))
+    return jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,)), ctx)["params"]

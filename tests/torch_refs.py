@@ -58,22 +58,7 @@ def patch_to_original(model, cfg: UNetConfig, num_frames: int):
 
 
 def unet2d_kwargs(cfg: UNetConfig) -> dict:
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attn_blocks)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attn_blocks))
-    return dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        block_out_channels=cfg.block_out_channels,
-        down_block_types=down,
-        up_block_types=up,
-        layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=cfg.cross_attention_dim,
-        attention_head_dim=cfg.attention_heads,  # diffusers' legacy name: this is the head count
-        norm_num_groups=cfg.norm_num_groups,
-        norm_eps=cfg.norm_eps,
-        use_linear_projection=cfg.use_linear_projection,
-        sample_size=8,
-    )
+    return dict(cfg.to_diffusers(), sample_size=8)
 
 
 def motion_adapter_kwargs(cfg: UNetConfig) -> dict:

@@ -55,6 +55,50 @@ class UNetConfig:
     def replace(self, **kw) -> "UNetConfig":
         return dataclasses.replace(self, **kw)
 
+    @classmethod
+    def from_diffusers(cls, cfg: dict, motion: MotionConfig | None = None) -> "UNetConfig":
+        """From a diffusers `UNet2DConditionModel` `config.json` dict (only SD1.5-family layouts)."""
+        down = list(cfg.get("down_block_types", ()))
+        known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+        if not down or any(t not in known for t in down):
+            raise ValueError(f"unet config: unsupported down_block_types {down}")
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        if isinstance(heads, (list, tuple)):
+            if len(set(heads)) != 1:
+                raise ValueError(f"unet config: per-block head counts {heads} are not supported")
+            heads = heads[0]
+        return cls(
+            in_channels=cfg.get("in_channels", 4),
+            out_channels=cfg.get("out_channels", 4),
+            block_out_channels=tuple(cfg["block_out_channels"]),
+            cross_attn_blocks=tuple(known[t] for t in down),
+            layers_per_block=cfg.get("layers_per_block", 2),
+            cross_attention_dim=cfg.get("cross_attention_dim", 768),
+            attention_heads=heads,
+            transformer_layers=cfg.get("transformer_layers_per_block", 1),
+            norm_num_groups=cfg.get("norm_num_groups", 32),
+            norm_eps=cfg.get("norm_eps", 1e-5),
+            use_linear_projection=cfg.get("use_linear_projection", False),
+            motion=motion,
+        )
+
+    def to_diffusers(self) -> dict:
+        """The diffusers `UNet2DConditionModel` config of the spatial part (for export and LDM conversion)."""
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            block_out_channels=list(self.block_out_channels),
+            down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attn_blocks],
+            up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attn_blocks)],
+            layers_per_block=self.layers_per_block,
+            cross_attention_dim=self.cross_attention_dim,
+            attention_head_dim=self.attention_heads,
+            transformer_layers_per_block=self.transformer_layers,
+            norm_num_groups=self.norm_num_groups,
+            norm_eps=self.norm_eps,
+            use_linear_projection=self.use_linear_projection,
+        )
+
 
 def motion_layout(version: MotionVersion, **overrides) -> MotionConfig:
     """The motion-module layout of an AnimateDiff release (see `shared/README.md`'s table)."""
@@ -68,10 +112,15 @@ def motion_layout(version: MotionVersion, **overrides) -> MotionConfig:
     return dataclasses.replace(layouts[version], **overrides)
 
 
+def inflate(config: UNetConfig, version: MotionVersion, **motion_overrides) -> UNetConfig:
+    """`config` with the motion modules of an AnimateDiff release, and that release's GroupNorm semantics."""
+    return config.replace(motion=motion_layout(version, **motion_overrides), spatial_norm_per_frame=version != "v1")
+
+
 def sd15_unet(motion: MotionVersion | None = None, **overrides) -> UNetConfig:
     """SD1.5's UNet; with `motion`, inflated with that release's motion modules and GroupNorm semantics."""
-    mm = motion_layout(motion) if motion else None
-    return UNetConfig(motion=mm, spatial_norm_per_frame=motion != "v1", **overrides)
+    base = UNetConfig(**overrides)
+    return inflate(base, motion) if motion else base
 
 
 def tiny_unet(motion: MotionVersion | None = "v2", **overrides) -> UNetConfig:

@@ -52,6 +52,16 @@ class VAEConfig:
             kw["block_out_channels"] = tuple(kw["block_out_channels"])
         return cls(**kw)
 
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers `AutoencoderKL` config (for references, export and LDM conversion)."""
+        n = len(self.block_out_channels)
+        return dict(
+            dataclasses.asdict(self),
+            block_out_channels=list(self.block_out_channels),
+            down_block_types=["DownEncoderBlock2D"] * n,
+            up_block_types=["UpDecoderBlock2D"] * n,
+        )
+
     @property
     def downscale(self) -> int:
         """Pixels per latent along each side (8 for SD1.5)."""

@@ -8,15 +8,25 @@ A personalised model (CivitAI / DreamBooth) usually comes as one LDM file (`mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, StateDict, load_component, load_state_dict
+from animatediff_jax.checkpoints.torch_io import (
+    CheckpointError,
+    Params,
+    StateDict,
+    flax_to_torch_name,
+    load_component,
+    load_state_dict,
+    torch_to_flax,
+)
 from animatediff_jax.checkpoints.motion import convert_unet_state_dict
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, convert_clip_text
 from animatediff_jax.models.config import UNetConfig, sd15_unet
@@ -48,12 +58,15 @@ def clip_shapes(config: CLIPTextConfig) -> Params:
     return jax.eval_shape(CLIPTextModel(config).init, jax.random.key(0), ids)["params"]
 
 
-def _read_json(path: str) -> dict:
+def _read_config(path: str, parse: Callable[[dict], Any]) -> Any:
+    """A component's `config.json`, parsed; any problem is a `CheckpointError` naming the file."""
     try:
         with open(path) as f:
-            return json.load(f)
+            return parse(json.load(f))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (is this a diffusers Stable Diffusion folder?)") from None
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, unsupported or incomplete config
+        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from e
 
 
 def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", "text_encoder")) -> SD15:
@@ -61,50 +74,127 @@ def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")
-    unet_cfg = UNetConfig.from_diffusers(_read_json(os.path.join(folder, "unet", "config.json")))
-    vae_cfg = VAEConfig.from_diffusers(_read_json(os.path.join(folder, "vae", "config.json")))
-    text_cfg = CLIPTextConfig.from_transformers(_read_json(os.path.join(folder, "text_encoder", "config.json")))
+    sub = functools.partial(os.path.join, folder)
+    unet_cfg = _read_config(sub("unet", "config.json"), UNetConfig.from_diffusers)
+    vae_cfg = _read_config(sub("vae", "config.json"), VAEConfig.from_diffusers)
+    text_cfg = _read_config(sub("text_encoder", "config.json"), CLIPTextConfig.from_transformers)
     params = {}
     if "unet" in components:
         params["unet"] = convert_unet_state_dict(
-            load_component(os.path.join(folder, "unet")), unet_cfg, what=f"{folder}/unet (diffusers UNet)"
+            load_component(sub("unet")), unet_cfg, what=f"{sub('unet')} (diffusers UNet)"
         )
     if "vae" in components:
-        params["vae"] = _convert(load_component(os.path.join(folder, "vae")), vae_shapes(vae_cfg), f"{folder}/vae")
+        params["vae"] = torch_to_flax(
+            load_component(sub("vae")), vae_shapes(vae_cfg), what=f"{sub('vae')} (diffusers VAE)"
+        )
     if "text_encoder" in components:
         params["text_encoder"] = convert_clip_text(
-            load_component(os.path.join(folder, "text_encoder")), clip_shapes(text_cfg),
-            what=f"{folder}/text_encoder (transformers CLIPTextModel)",
+            load_component(sub("text_encoder")), clip_shapes(text_cfg),
+            what=f"{sub('text_encoder')} (transformers CLIPTextModel)",
         )
-    tok = os.path.join(folder, "tokenizer")
+    tok = sub("tokenizer")
     return SD15(unet_cfg, vae_cfg, text_cfg, params, tok if os.path.isdir(tok) else None)
-
-
-def _convert(sd: Mapping[str, np.ndarray], target: Params, what: str) -> Params:
-    from animatediff_jax.checkpoints.torch_io import torch_to_flax
-
-    return torch_to_flax(sd, target, what=what)
 
 
 def is_ldm_checkpoint(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith(LDM_UNET_PREFIX) for k in state_dict)
 
 
-def ldm_to_diffusers(state_dict: Mapping[str, Any], unet_config: UNetConfig, vae_config: VAEConfig) -> dict[str, StateDict]:
-    """Splits an LDM single-file state dict into diffusers-named unet / vae / text_encoder state dicts."""
+_LDM_PARTS = (("unet", LDM_UNET_PREFIX), ("vae", LDM_VAE_PREFIX), ("text_encoder", LDM_CLIP_PREFIX))
+
+
+def _torchable(v: np.ndarray) -> np.ndarray:
+    """torch.from_numpy rejects ml_dtypes' bfloat16 (what safetensors.numpy returns for bf16 files)."""
+    v = np.ascontiguousarray(v)
+    return v.astype(np.float32) if v.dtype.kind == "V" or v.dtype.name == "bfloat16" else v
+
+
+def _ldm_to_diffusers_traced(
+    state_dict: Mapping[str, Any], unet_config: UNetConfig, vae_config: VAEConfig, what: str
+) -> tuple[dict[str, StateDict], dict[str, dict[str, str]]]:
+    """`ldm_to_diffusers`, plus each converted key's LDM name in the file (`origins[part][key]`).
+
+    diffusers' converters only rename keys and drop the trailing 1x1 of conv-shaped attention
+    weights, so each output tensor shares memory with exactly one input tensor: that is how
+    the file's own names are recovered for error messages. A shape change other than that
+    squeeze would be diffusers silently reshaping a wrong-sized weight, and is an error here.
+    """
     import torch
     from diffusers.loaders import single_file_utils as sfu
 
     # diffusers' converters index and reshape torch tensors.
-    ckpt = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-    out = {}
-    if any(k.startswith(LDM_UNET_PREFIX) for k in ckpt):
-        out["unet"] = sfu.convert_ldm_unet_checkpoint(ckpt, unet_config.to_diffusers())
-    if any(k.startswith(LDM_VAE_PREFIX) for k in ckpt):
-        out["vae"] = sfu.convert_ldm_vae_checkpoint(ckpt, vae_config.to_diffusers())
-    if any(k.startswith(LDM_CLIP_PREFIX) for k in ckpt):
-        out["text_encoder"] = sfu.convert_ldm_clip_checkpoint(ckpt)
-    return {name: {k: v.numpy() for k, v in sd.items()} for name, sd in out.items()}
+    ckpt = {k: torch.from_numpy(_torchable(v)) for k, v in state_dict.items()}
+    by_address = {}
+    for k, t in ckpt.items():
+        if t.numel():
+            by_address.setdefault(t.data_ptr(), k)
+    converters = {
+        "unet": lambda: sfu.convert_ldm_unet_checkpoint(ckpt, unet_config.to_diffusers()),
+        "vae": lambda: sfu.convert_ldm_vae_checkpoint(ckpt, vae_config.to_diffusers()),
+        "text_encoder": lambda: sfu.convert_ldm_clip_checkpoint(ckpt),
+    }
+    out, origins = {}, {}
+    for name, prefix in _LDM_PARTS:
+        if not any(k.startswith(prefix) for k in ckpt):
+            continue
+        try:
+            converted = converters[name]()
+        except KeyError as e:  # diffusers looks some keys up unconditionally (e.g. an upsampler's bias)
+            raise CheckpointError(f"{what}: {name} key {prefix}{e.args[0]} is missing") from None
+        except Exception as e:
+            raise CheckpointError(f"{what}: diffusers cannot convert its {name} ({type(e).__name__}: {e})") from e
+        origin, bad = {}, []
+        for k, t in converted.items():
+            src = by_address.get(t.data_ptr()) if t.numel() else None
+            if src is None:
+                continue
+            origin[k] = src
+            shape, src_shape = tuple(t.shape), tuple(ckpt[src].shape)
+            if src_shape not in (shape, shape + (1,), shape + (1, 1)):
+                bad.append(f"{src} {src_shape} (read as {k} {shape})")
+        if bad:
+            raise CheckpointError(f"{what}: wrongly shaped {name} weights: {', '.join(sorted(bad))}")
+        out[name] = {k: v.numpy() for k, v in converted.items()}
+        origins[name] = origin
+    return out, origins
+
+
+def ldm_to_diffusers(
+    state_dict: Mapping[str, Any], unet_config: UNetConfig, vae_config: VAEConfig
+) -> dict[str, StateDict]:
+    """Splits an LDM single-file state dict into diffusers-named unet / vae / text_encoder state dicts."""
+    return _ldm_to_diffusers_traced(state_dict, unet_config, vae_config, "LDM checkpoint")[0]
+
+
+_FLAX_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def _with_file_names(error: CheckpointError, origin: Mapping[str, str]) -> CheckpointError:
+    """Adds the file's own (LDM) names of the keys a conversion error mentions by diffusers names.
+
+    Keys present in the file are found by provenance; a missing key is named after a sibling
+    that is present (`...in_layers.2.bias` is in the file, so `...in_layers.2.weight` is missing).
+    """
+    modules: dict[str, str] = {}  # diffusers module -> LDM module
+    for key, src in origin.items():
+        mod, leaf = key.rsplit(".", 1)
+        if src.endswith("." + leaf):
+            modules[mod] = src[: -len(leaf) - 1]
+    found: dict[str, str] = {}
+    for token in re.split(r"[\s,():]+", str(error)):
+        if token in origin:
+            found[token] = f"{origin[token]} (read as {token})"
+        elif "/" in token:  # a missing param, named by its Flax path
+            *path, leaf = token.split("/")
+            mod, leaf = flax_to_torch_name(tuple(path)), _FLAX_LEAVES.get(leaf, leaf)
+            key = f"{mod}.{leaf}"
+            if key in origin:
+                found.setdefault(key, f"{origin[key]} (read as {key})")
+            elif mod in modules:
+                found[key] = f"{modules[mod]}.{leaf} (missing)"
+    if not found:
+        return error
+    return CheckpointError(f"{error}\n  in the file: {', '.join(found.values())}")
 
 
 def load_single_file(
@@ -131,14 +221,19 @@ def load_single_file(
     unet_cfg = unet_config or (base.unet_config if base else sd15_unet())
     vae_cfg = vae_config or (base.vae_config if base else VAEConfig.sd15())
     text_cfg = text_config or (base.text_config if base else CLIPTextConfig.sd15())
-    parts = ldm_to_diffusers(sd, unet_cfg, vae_cfg)
     what = f"{path} (LDM single file)"
+    parts, origins = _ldm_to_diffusers_traced(sd, unet_cfg, vae_cfg, what)
+    converters = {
+        "unet": lambda part: convert_unet_state_dict(part, unet_cfg, what=f"{what}: UNet"),
+        "vae": lambda part: torch_to_flax(part, vae_shapes(vae_cfg), what=f"{what}: VAE"),
+        "text_encoder": lambda part: convert_clip_text(part, clip_shapes(text_cfg), what=f"{what}: text encoder"),
+    }
     params: dict[str, Params] = {}
-    params["unet"] = convert_unet_state_dict(parts["unet"], unet_cfg, what=f"{what}: UNet")
-    if "vae" in parts:
-        params["vae"] = _convert(parts["vae"], vae_shapes(vae_cfg), f"{what}: VAE")
-    if "text_encoder" in parts:
-        params["text_encoder"] = convert_clip_text(parts["text_encoder"], clip_shapes(text_cfg), what=f"{what}: text encoder")
+    for name, part in parts.items():
+        try:
+            params[name] = converters[name](part)
+        except CheckpointError as e:
+            raise _with_file_names(e, origins[name]) from None
     for name in ("vae", "text_encoder"):
         if name not in params:
             if base is None or name not in base.params:

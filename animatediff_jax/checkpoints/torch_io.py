@@ -83,7 +83,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
             try:
                 sd = dict(load_file(path))
-            except Exception:  # bf16 tensors are not numpy-representable: go through torch.
+            except Exception:  # dtypes numpy cannot hold (without ml_dtypes): go through torch.
                 from safetensors.torch import load_file as load_torch
 
                 sd = {k: _to_numpy(v) for k, v in load_torch(path).items()}
@@ -223,7 +223,7 @@ def torch_to_flax(
     """
     flat_target = flatten(target)
     out: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, seen = [], [], set()
     for key, value in state_dict.items():
         mod, leaf = torch_module_path(key)
         for cand in _leaf_candidates(leaf):
@@ -233,13 +233,14 @@ def torch_to_flax(
         else:
             unexpected.append(key)
             continue
+        seen.add(path)
         tshape = tuple(flat_target[path].shape)
         v = _torch_to_flax_value(leaf, path[-1], np.asarray(value), tshape)
         if tuple(v.shape) != tshape:
             mismatched.append(f"{key} {tuple(np.shape(value))} vs model {'/'.join(path)} {tshape}")
             continue
         out[path] = v.astype(dtype)
-    missing = ["/".join(p) for p in flat_target if p not in out] if strict else []
+    missing = ["/".join(p) for p in flat_target if p not in seen] if strict else []
     report_mismatch(what, missing=missing, unexpected=unexpected, mismatched=mismatched)
     return unflatten(out)
 

@@ -243,8 +243,12 @@ def load_single_file(
 
 
 def load_sd15(path: str | os.PathLike, *, base: SD15 | None = None, **configs) -> SD15:
-    """A diffusers folder or a single-file LDM checkpoint, whichever `path` is."""
+    """A converted folder (`animatediff-jax convert sd15`), a diffusers folder or an LDM single file."""
+    from animatediff_jax.checkpoints import params_io
+
     path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, params_io.PARAMS_FILE)):
+        return params_io.load_converted(path)
     if os.path.isdir(path):
         return load_diffusers_folder(path)
     return load_single_file(path, base=base, **configs)

@@ -7,6 +7,8 @@ import sys
 
 COMMANDS = {
     "convert": ("animatediff_jax.convert", "PyTorch weights (SD1.5, motion modules, LoRAs) -> params files"),
+    "prepare": ("animatediff_jax.prepare", "VAE/text-encode a WebVid-style dataset once into a latent cache"),
+    "train": ("animatediff_jax.train", "train a stage: domain adapter, motion module, MotionLoRA"),
 }
 
 

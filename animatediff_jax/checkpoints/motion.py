@@ -1,23 +1,69 @@
-"""Motion modules, MotionLoRAs and domain adapters: PyTorch files (original and diffusers) <-> params."""
+"""Motion modules: PyTorch files (original AnimateDiff and diffusers) <-> params.
+
+Our motion-module params are named after diffusers' `UNetMotionModel` / `MotionAdapter`
+(`down_blocks_0/motion_modules_1/transformer_blocks_0/attn1/to_q/kernel`). The original
+AnimateDiff checkpoints (`mm_sd_v15.ckpt`, `mm_sd_v15_v2.ckpt`, `v3_sd15_mm.ckpt`) name the
+same weights differently; the renaming is a handful of segment rules (`original_to_diffusers_key`,
+checked against diffusers' own `convert_animatediff_checkpoint_to_diffusers` in the tests):
+
+    ...motion_modules.J.temporal_transformer.X        -> ...motion_modules.J.X
+    transformer_blocks.K.attention_blocks.{0,1}        -> transformer_blocks.K.attn{1,2}
+    transformer_blocks.K.norms.{0,1} / .ff_norm        -> transformer_blocks.K.norm{1,2} / .norm3
+    attention_blocks.{0,1}.pos_encoder.pe [1, L, C]     -> (dropped: the fixed sinusoidal table,
+                                                          checked, its length L says the version)
+
+A motion module is held as a *partial* params tree with only the `motion_modules_*` subtrees;
+`merge_motion` inserts it into a base (SD1.5) UNet's params. LoRA files live in `lora_formats`.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+import json
+import os
+import re
+from typing import Any, Mapping
 
 import numpy as np
 
-from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, StateDict, torch_to_flax
-from animatediff_jax.models.config import UNetConfig
+from animatediff_jax.checkpoints.torch_io import (
+    CheckpointError,
+    Params,
+    StateDict,
+    find_weights_file,
+    flatten,
+    flax_to_torch,
+    load_state_dict,
+    report_mismatch,
+    torch_to_flax,
+    unflatten,
+)
+from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig, inflate, sd15_unet
 from animatediff_jax.models.layers import sinusoidal_table
 from animatediff_jax.models.unet import param_shapes
 
 PE_SUFFIXES = (".pos_embed.pe", ".pos_encoder.pe")
 
 
+def _sinusoid(length: int, dim: int) -> np.ndarray:
+    return np.asarray(sinusoidal_table(length, dim), np.float32)
+
+
+def _pe_tolerance(v: np.ndarray) -> float:
+    """A table stored in half precision carries its rounding error: allow it, nothing more."""
+    import ml_dtypes
+
+    if np.array_equal(v, v.astype(ml_dtypes.bfloat16).astype(np.float32)):  # bf16 values are fp16 ones too
+        return 8e-3
+    if np.array_equal(v, v.astype(np.float16).astype(np.float32)):
+        return 1e-3  # fp16: half an ulp near 1 is 2.4e-4; torch and we may round to neighbours
+    return 1e-4
+
+
 def split_position_tables(state_dict: Mapping[str, np.ndarray]) -> tuple[StateDict, int | None]:
     """Removes the (deterministic) sinusoidal `pe` buffers, checking they hold the standard table.
 
     Returns the remaining state dict and the table length (24 for v1, 32 for v2/v3), or None.
+    Tables stored in fp16/bf16 are compared with their rounding error allowed.
     """
     rest, lengths = {}, set()
     for k, v in state_dict.items():
@@ -25,8 +71,8 @@ def split_position_tables(state_dict: Mapping[str, np.ndarray]) -> tuple[StateDi
             rest[k] = v
             continue
         v = np.asarray(v, np.float32).reshape(v.shape[-2], v.shape[-1])
-        expected = np.asarray(sinusoidal_table(*v.shape))
-        if not np.allclose(v, expected, atol=1e-4):
+        expected = _sinusoid(*v.shape)
+        if not np.allclose(v, expected, rtol=0, atol=_pe_tolerance(v)):
             raise CheckpointError(f"{k}: position table is not the sinusoidal table AnimateDiff uses")
         lengths.add(v.shape[0])
     if len(lengths) > 1:
@@ -40,6 +86,384 @@ def convert_unet_state_dict(state_dict: Mapping, config: UNetConfig, *, what: st
     sd, length = split_position_tables(sd)
     if length is not None and config.motion is not None and length != config.motion.max_positions:
         raise CheckpointError(
-            f"{what}: position tables of length {length}, but the config's motion layout has {config.motion.max_positions}"
+            f"{what}: position tables of length {length}, "
+            f"but the config's motion layout has {config.motion.max_positions}"
         )
     return torch_to_flax(sd, param_shapes(config), what=what)
+
+
+# ------------------------------------------------------------------ key renaming
+
+_TO_DIFFUSERS = {
+    ("attention_blocks", "0"): "attn1",
+    ("attention_blocks", "1"): "attn2",
+    ("norms", "0"): "norm1",
+    ("norms", "1"): "norm2",
+}
+_TO_ORIGINAL = {v: k for k, v in _TO_DIFFUSERS.items()}
+
+
+def original_to_diffusers_key(key: str) -> str:
+    """An original AnimateDiff motion-module key (or module name) -> diffusers' name for it.
+
+    Works on dot segments, so only whole names are renamed; keys outside motion modules and
+    keys already in diffusers naming pass through unchanged.
+    """
+    parts, out, i = key.split("."), [], 0
+    while i < len(parts):
+        pair = tuple(parts[i : i + 2])
+        if parts[i] == "temporal_transformer":
+            i += 1
+        elif pair in _TO_DIFFUSERS:
+            out.append(_TO_DIFFUSERS[pair])
+            i += 2
+        else:
+            out.append("norm3" if parts[i] == "ff_norm" else parts[i])
+            i += 1
+    return ".".join(out)
+
+
+def diffusers_to_original_key(key: str) -> str:
+    """Inverse of `original_to_diffusers_key` for motion-module keys (others pass unchanged)."""
+    parts = key.split(".")
+    if "motion_modules" not in parts:
+        return key
+    j = parts.index("motion_modules") + 2
+    out = parts[:j] + ["temporal_transformer"]
+    for p in parts[j:]:
+        if p in _TO_ORIGINAL:
+            out.extend(_TO_ORIGINAL[p])
+        else:
+            out.append("ff_norm" if p == "norm3" else p)
+    return ".".join(out)
+
+
+def _is_motion_key(key: str) -> bool:
+    return "motion_modules" in key.split(".")
+
+
+def is_motion_path(path: tuple[str, ...]) -> bool:
+    return any(re.fullmatch(r"motion_modules_\d+", p) for p in path)
+
+
+def motion_subtree(params: Mapping[str, Any]) -> Params:
+    """The `motion_modules_*` subtrees of a UNet params tree (a partial tree)."""
+    return unflatten({p: v for p, v in flatten(params).items() if is_motion_path(p)})
+
+
+def motion_param_shapes(config: UNetConfig) -> Params:
+    if config.motion is None:
+        raise ValueError("the UNet config has no motion modules (config.motion is None)")
+    return motion_subtree(param_shapes(config))
+
+
+# ------------------------------------------------------------------ versions / configs
+
+
+def _describe(sd: Mapping[str, Any], n: int = 4) -> str:
+    keys = sorted(sd)
+    return f"{len(keys)} keys, e.g. {', '.join(keys[:n])}" if keys else "no tensors"
+
+
+def _pe_length(state_dict: Mapping[str, Any]) -> int | None:
+    lengths = {tuple(np.shape(v))[-2] for k, v in state_dict.items() if k.endswith(PE_SUFFIXES)}
+    if len(lengths) > 1:
+        raise CheckpointError(f"position tables of different lengths in one checkpoint: {sorted(lengths)}")
+    return lengths.pop() if lengths else None
+
+
+def detect_motion_version(state_dict: Mapping[str, Any], what: str = "state dict") -> MotionVersion:
+    """`"v2"` if there is a mid-block motion module; else `"v1"` for 24-frame position tables; else `"v3"`."""
+    motion = [k for k in state_dict if _is_motion_key(k)]
+    if not motion:
+        raise CheckpointError(f"{what}: not a motion module (no `motion_modules` keys; found {_describe(state_dict)})")
+    if any(k.startswith("mid_block.motion_modules.") for k in motion):
+        return "v2"
+    return "v1" if _pe_length(state_dict) == 24 else "v3"
+
+
+def _resolve_config(
+    config: UNetConfig | None, version: MotionVersion, length: int | None, what: str, motion: MotionConfig | None = None
+) -> UNetConfig:
+    """The UNet config with the file's motion layout; a given motion layout must agree with the file."""
+    config = sd15_unet() if config is None else config
+    if config.motion is None:
+        if motion is not None:
+            return config.replace(motion=motion, spatial_norm_per_frame=version != "v1")
+        # SD1.5's motion modules use the spatial layers' head count (8) and GroupNorm groups (32).
+        kw = dict(heads=config.attention_heads, norm_num_groups=config.norm_num_groups)
+        if length is not None:
+            kw["max_positions"] = length
+        return inflate(config, version, **kw)
+    mm = config.motion
+    found = motion or MotionConfig(max_positions=length or mm.max_positions, mid_block=version == "v2")
+    diffs = [
+        f"{name} {getattr(found, name)} (config: {getattr(mm, name)})"
+        for name in ("mid_block", "max_positions", "heads", "num_layers", "norm_num_groups")
+        if (motion is not None or name in ("mid_block", "max_positions")) and getattr(found, name) != getattr(mm, name)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{what}: a {version} motion module that does not fit the given config: {'; '.join(diffs)}"
+        )
+    return config
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: bool) -> tuple[StateDict, str]:
+    """The motion-module keys of a file in diffusers naming (pe tables kept), and the naming found."""
+    motion = {k: v for k, v in sd.items() if _is_motion_key(k)}
+    if not motion:
+        raise CheckpointError(f"{what}: not a motion module (no `motion_modules` keys; found {_describe(sd)})")
+    lora = [k for k in motion if "lora" in k]
+    if lora:
+        raise CheckpointError(
+            f"{what}: this is a MotionLoRA, not a motion module ({_describe(dict.fromkeys(lora))}); "
+            "read it with animatediff_jax.checkpoints.lora_formats.load_motion_lora"
+        )
+    other = [k for k in sd if k not in motion]
+    if other and not ignore_spatial:
+        raise CheckpointError(
+            f"{what}: holds {len(other)} keys besides the motion modules (e.g. {', '.join(sorted(other)[:4])}); "
+            "pass ignore_spatial=True to take only the motion modules of a whole-UNet checkpoint"
+        )
+    original = any("temporal_transformer" in k.split(".") for k in motion)
+    renamed = {original_to_diffusers_key(k): v for k, v in motion.items()} if original else motion
+    if len(renamed) != len(motion):
+        raise CheckpointError(f"{what}: mixes original and diffusers motion-module names")
+    return renamed, ("original AnimateDiff" if original else "diffusers")
+
+
+def _motion_params(sd: StateDict, config: UNetConfig, what: str) -> Params:
+    rest, _ = split_position_tables(sd)
+    return torch_to_flax(rest, motion_param_shapes(config), what=what)
+
+
+def load_motion_module(
+    path: str | os.PathLike, config: UNetConfig | None = None, *, ignore_spatial: bool = False
+) -> tuple[Params, UNetConfig]:
+    """A motion-module file or a diffusers `MotionAdapter` folder -> (motion params, UNet config).
+
+    Files: original AnimateDiff `.ckpt`/`.safetensors` (optionally in a `state_dict` wrapper)
+    or diffusers-named weights; the version is detected (`detect_motion_version`). `config`
+    is the base UNet (default SD1.5): without motion it is inflated with the file's layout
+    (and that release's GroupNorm semantics); with motion it must agree with the file.
+    The returned params hold only the `motion_modules_*` subtrees; see `merge_motion`.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _load_motion_adapter(path, config)
+    sd = load_state_dict(path)
+    motion, naming = _motion_state_dict(sd, path, ignore_spatial)
+    version = detect_motion_version(motion, path)
+    length = _pe_length(motion)
+    config = _resolve_config(config, version, length, path)
+    what = f"{path} ({naming} motion module, {version})"
+    return _motion_params(motion, config, what), config
+
+
+def _adapter_motion_config(cfg: Mapping[str, Any], what: str) -> tuple[MotionConfig, MotionVersion, tuple, int]:
+    def uniform(name: str, default):
+        v = cfg.get(name, default)
+        if isinstance(v, (list, tuple)):
+            flat = {x for item in v for x in (item if isinstance(item, (list, tuple)) else [item])}
+            if len(flat) != 1:
+                raise CheckpointError(f"{what}: per-block {name}={v} is not supported")
+            v = flat.pop()
+        return int(v)
+
+    if cfg.get("conv_in_channels"):
+        raise CheckpointError(f"{what}: MotionAdapters with their own conv_in (conv_in_channels) are not supported")
+    if uniform("motion_mid_block_layers_per_block", 1) != 1:
+        raise CheckpointError(f"{what}: only one mid-block motion module is supported")
+    layers = uniform("motion_transformer_layers_per_block", 1)
+    if cfg.get("use_motion_mid_block", True) and uniform("motion_transformer_layers_per_mid_block", 1) != layers:
+        raise CheckpointError(f"{what}: mid-block motion module depth differs from the others")
+    mid = bool(cfg.get("use_motion_mid_block", True))
+    length = int(cfg.get("motion_max_seq_length", 32))
+    version: MotionVersion = "v2" if mid else ("v1" if length == 24 else "v3")
+    mm = MotionConfig(
+        heads=uniform("motion_num_attention_heads", 8),
+        num_layers=layers,
+        max_positions=length,
+        mid_block=mid,
+        norm_num_groups=int(cfg.get("motion_norm_num_groups", 32)),
+    )
+    channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    return mm, version, channels, uniform("motion_layers_per_block", 2)
+
+
+def _load_motion_adapter(folder: str, config: UNetConfig | None) -> tuple[Params, UNetConfig]:
+    cfg_path = os.path.join(folder, "config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no config.json (expected a diffusers MotionAdapter folder)") from None
+    cls = cfg.get("_class_name", "MotionAdapter")
+    if cls != "MotionAdapter":
+        raise CheckpointError(f"{folder}: config.json describes a {cls}, not a MotionAdapter")
+    mm, version, channels, layers = _adapter_motion_config(cfg, folder)
+    base = sd15_unet() if config is None else config
+    if channels != tuple(base.block_out_channels) or layers != base.layers_per_block:
+        raise CheckpointError(
+            f"{folder}: MotionAdapter for blocks {channels} with {layers} layers each does not fit the base UNet "
+            f"({tuple(base.block_out_channels)}, {base.layers_per_block} layers)"
+        )
+    config = _resolve_config(base, version, mm.max_positions, folder, motion=mm)
+    weights = find_weights_file(folder)
+    motion, _ = _motion_state_dict(load_state_dict(weights), weights, ignore_spatial=False)
+    return _motion_params(motion, config, f"{weights} (diffusers MotionAdapter, {version})"), config
+
+
+# ------------------------------------------------------------------ merging
+
+
+def merge_motion(unet_params: Mapping[str, Any], motion_params: Mapping[str, Any], config: UNetConfig) -> Params:
+    """A base UNet's params with the motion modules inserted (replacing any it had).
+
+    The result must have exactly `param_shapes(config)`'s structure and shapes: a motion
+    module made for other channels, a missing/extra mid-block module or spatial weights
+    that do not fit are reported by name.
+    """
+    expected = flatten(param_shapes(config))
+    motion = flatten(motion_params)
+    stray = ["/".join(p) for p in motion if not is_motion_path(p)]
+    if stray:
+        raise CheckpointError(f"motion params hold non-motion entries: {', '.join(sorted(stray)[:5])}")
+    wrong = []
+    for p, v in motion.items():
+        if p[-2:] == ("norm", "scale") and p in expected and tuple(np.shape(v)) != tuple(expected[p].shape):
+            wrong.append(f"{'/'.join(p[:-2])} has {np.shape(v)[0]} channels, the base UNet {expected[p].shape[0]}")
+    if wrong:
+        raise CheckpointError(
+            "motion module made for a different base model: "
+            + "; ".join(sorted(wrong)[:4])
+            + f" ({len(wrong)} modules)"
+        )
+    merged = {p: v for p, v in flatten(unet_params).items() if not is_motion_path(p)}
+    merged.update(motion)
+    report_mismatch(
+        "UNet params with motion modules",
+        missing=["/".join(p) for p in expected if p not in merged],
+        unexpected=["/".join(p) for p in merged if p not in expected],
+        mismatched=[
+            f"{'/'.join(p)} {tuple(np.shape(v))} vs model {tuple(expected[p].shape)}"
+            for p, v in merged.items()
+            if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
+        ],
+    )
+    return unflatten(merged)
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _checked_motion_state_dict(motion_params: Mapping[str, Any], config: UNetConfig, dtype) -> StateDict:
+    """Diffusers-named motion state dict (no pe tables) after checking the params fit `config`."""
+    expected = flatten(motion_param_shapes(config))
+    got = flatten(motion_params)
+    report_mismatch(
+        "motion params to save",
+        missing=["/".join(p) for p in expected if p not in got],
+        unexpected=["/".join(p) for p in got if p not in expected],
+        mismatched=[
+            f"{'/'.join(p)} {tuple(np.shape(v))} vs {tuple(expected[p].shape)}"
+            for p, v in got.items()
+            if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
+        ],
+    )
+    return flax_to_torch(motion_params, dtype=dtype)
+
+
+def _blocks_with_pe(sd: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """`{"...motion_modules.J.transformer_blocks.K": channels}` for every temporal block."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(.*\.motion_modules\.\d+\.transformer_blocks\.\d+)\.norm1\.weight$", k)
+        if m:
+            out[m.group(1)] = int(np.shape(v)[0])
+    return out
+
+
+def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
+    """`.safetensors` (with optional string metadata) or a pickled `.ckpt`/`.pt`/`.pth`/`.bin` (torch.save)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sd = {k: np.asarray(v, order="C") for k, v in sd.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
+    lower = path.lower()
+    if lower.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(sd, path, metadata={"format": "pt", **(metadata or {})})
+    elif lower.endswith((".ckpt", ".pt", ".pth", ".bin")):
+        import torch
+
+        if metadata:
+            raise ValueError(f"{path}: metadata needs a .safetensors file")
+        torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+    else:
+        raise ValueError(f"{path}: unknown weight file extension (use .safetensors or .ckpt)")
+
+
+def save_motion_module_original(
+    path: str | os.PathLike, motion_params: Mapping[str, Any], config: UNetConfig, dtype: Any = np.float32
+) -> None:
+    """Writes motion params as an original AnimateDiff motion module (`mm_sd_v15*.ckpt` naming).
+
+    `.ckpt` is written with `torch.save` (a plain state dict, as the released files),
+    `.safetensors` without torch. Each temporal attention gets its `pos_encoder.pe` table
+    `[1, config.motion.max_positions, C]`, as the original model holds them.
+    """
+    sd = _checked_motion_state_dict(motion_params, config, dtype)
+    out = {diffusers_to_original_key(k): v for k, v in sd.items()}
+    for block, c in _blocks_with_pe(sd).items():
+        pe = _sinusoid(config.motion.max_positions, c)[None].astype(dtype)
+        for i in (0, 1):
+            out[f"{diffusers_to_original_key(block)}.attention_blocks.{i}.pos_encoder.pe"] = pe
+    save_state_dict(path, out)
+
+
+def motion_adapter_config(config: UNetConfig) -> dict:
+    """diffusers' `MotionAdapter` config for our motion layout (its `config.json`)."""
+    mm = config.motion
+    try:
+        import diffusers
+
+        version = diffusers.__version__
+    except ImportError:
+        version = "0.42.0"
+    return {
+        "_class_name": "MotionAdapter",
+        "_diffusers_version": version,
+        "block_out_channels": list(config.block_out_channels),
+        "motion_layers_per_block": config.layers_per_block,
+        "motion_transformer_layers_per_block": mm.num_layers,
+        "motion_mid_block_layers_per_block": 1,
+        "motion_transformer_layers_per_mid_block": mm.num_layers,
+        "motion_num_attention_heads": mm.heads,
+        "motion_norm_num_groups": mm.norm_num_groups,
+        "motion_max_seq_length": mm.max_positions,
+        "use_motion_mid_block": mm.mid_block,
+        "conv_in_channels": None,
+    }
+
+
+def save_motion_adapter(
+    folder: str | os.PathLike, motion_params: Mapping[str, Any], config: UNetConfig, dtype: Any = np.float32
+) -> None:
+    """Writes a diffusers `MotionAdapter` folder (`config.json` + `diffusion_pytorch_model.safetensors`).
+
+    The key set is exactly `MotionAdapter(**config).state_dict()`'s, `pos_embed.pe` buffers
+    included, so `MotionAdapter.from_pretrained(folder)` reports nothing missing or unexpected.
+    """
+    folder = os.fspath(folder)
+    sd = _checked_motion_state_dict(motion_params, config, dtype)
+    for block, c in _blocks_with_pe(sd).items():
+        sd[f"{block}.pos_embed.pe"] = _sinusoid(config.motion.max_positions, c)[None].astype(dtype)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(motion_adapter_config(config), f, indent=2)
+    save_state_dict(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)

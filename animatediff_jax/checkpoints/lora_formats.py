@@ -1,0 +1,424 @@
+"""LoRA files <-> LoRA trees (`animatediff_jax.lora`): original AnimateDiff, diffusers/PEFT, kohya.
+
+Three namings of the same thing, each read and written here (the writers are exact inverses):
+
+- original AnimateDiff (MotionLoRA `v2_lora_*.ckpt`, v3 domain adapter `v3_sd15_adapter.ckpt`):
+  `<module>.processor.to_q_lora.down.weight` / `.up.weight` (`to_out_lora` for `to_out.0`),
+  motion modules in the original naming (`temporal_transformer`, `attention_blocks.{0,1}`).
+  No alpha: the original merges `W += scale * up @ down`.
+- diffusers / PEFT (`AnimateDiffPipeline.load_lora_weights`): `unet.<module>.lora_A.weight`
+  (down) / `.lora_B.weight` (up), `text_encoder.<module>...`; also the older
+  `unet.<module>.processor.to_q_lora.down.weight` and `.lora.down.weight` spellings of the hub's
+  motion LoRAs. Alpha from `<module>.alpha` keys or the `lora_adapter_metadata` header
+  (`lora_alpha`, `alpha_pattern`), else alpha = rank: `W += scale * alpha / r * B @ A`.
+- kohya (`.safetensors` personalised LoRAs): `lora_unet_<module_with_underscores>.lora_down.weight`,
+  `.lora_up.weight`, `.alpha`; `lora_te_text_model_encoder_layers_0_self_attn_q_proj...` for the
+  text encoder. Underscore-joined names are resolved against the target params tree.
+  Conv LoRAs: 1x1 (`proj_in`/`proj_out`, Dense kernels here) and kxk (LoCon on resnets).
+
+Every key of a file must be understood and land on a kernel of the target tree: anything
+else raises `CheckpointError` naming the file, the format and the keys.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from animatediff_jax.checkpoints.motion import (
+    diffusers_to_original_key,
+    is_motion_path,
+    original_to_diffusers_key,
+    save_state_dict,
+)
+from animatediff_jax.checkpoints.torch_io import (
+    CheckpointError,
+    StateDict,
+    _few,
+    flax_to_torch_name,
+    load_state_dict,
+    torch_module_path,
+    unflatten,
+)
+from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
+
+Path = tuple[str, ...]
+ANIMATEDIFF, DIFFUSERS, KOHYA = "original AnimateDiff", "diffusers", "kohya"
+_ATTN_OUT = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out_0": "to_out"}
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry for LoraConfig kwargs
+
+
+@dataclasses.dataclass
+class LoraFile:
+    """A LoRA file's layers for the UNet and the text encoder, and the naming it used."""
+
+    unet: LoraTree
+    text_encoder: LoraTree
+    format: str
+
+
+def sd15_conv1x1(path: Path) -> bool:
+    """Layers that SD1.5 (`use_linear_projection=False`) holds as 1x1 convs and we as Dense kernels."""
+    return (
+        path[-1] in ("proj_in", "proj_out")
+        and not is_motion_path(path)
+        and any(p.startswith("attentions_") for p in path)
+    )
+
+
+# ------------------------------------------------------------------ layouts
+
+
+def _from_torch(down: np.ndarray, up: np.ndarray, target: tuple[int, ...]) -> dict[str, np.ndarray] | str:
+    """torch factors (`down` (r, in[, kh, kw]), `up` (out, r[, 1, 1])) -> ours, or why they do not fit."""
+    down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+    if up.ndim == 4:
+        if up.shape[2:] != (1, 1):
+            return f"up factor {up.shape} is not (out, r, 1, 1)"
+        up = up[:, :, 0, 0]
+    if up.ndim != 2 or down.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
+        return f"factors down {down.shape} / up {up.shape} are not a rank-r pair"
+    if len(target) == 2:
+        if down.ndim == 4:
+            if down.shape[2:] != (1, 1):
+                return f"conv down factor {down.shape} on a Dense kernel {target}"
+            down = down[:, :, 0, 0]
+        ours = {"down": down.T, "up": up.T}
+    elif len(target) == 4 and down.ndim == 4:
+        ours = {"down": down.transpose(2, 3, 1, 0), "up": up.T}
+    else:
+        return f"factors down {down.shape} / up {up.shape} do not fit kernel {target}"
+    shape = ours["down"].shape[:-1] + ours["up"].shape[-1:]
+    if shape != tuple(target):
+        return f"delta {shape} (down {down.shape}, up {up.shape}) vs kernel {tuple(target)}"
+    return ours
+
+
+def _to_torch(layer: Mapping[str, Any], conv1x1: bool, dtype) -> tuple[np.ndarray, np.ndarray]:
+    down, up = np.asarray(layer["down"]), np.asarray(layer["up"])
+    if down.ndim == 4:  # (kh, kw, in, r) -> (r, in, kh, kw)
+        d, u = down.transpose(3, 2, 0, 1), up.T[:, :, None, None]
+    else:
+        d, u = down.T, up.T
+        if conv1x1:
+            d, u = d[:, :, None, None], u[:, :, None, None]
+    return np.ascontiguousarray(d).astype(dtype), np.ascontiguousarray(u).astype(dtype)
+
+
+def _with_alpha(layer: dict[str, np.ndarray], alpha: float | None) -> dict[str, np.ndarray]:
+    """Adds `alpha` unless it equals the rank (the default: scale 1), so trees stay canonical."""
+    if alpha is not None and float(alpha) != float(lora_rank(layer)):
+        layer["alpha"] = np.asarray(alpha, np.float32)
+    return layer
+
+
+def _kernels(target: Mapping[str, Any] | None) -> dict[Path, tuple[int, ...]]:
+    return {p: tuple(k.shape) for p, k in kernel_paths(target)} if target else {}
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _file_metadata(path: str) -> dict:
+    if not path.lower().endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "np") as f:
+        return dict(f.metadata() or {})
+
+
+class _Builder:
+    """Collects down/up/alpha per (component, module path), then checks and assembles the trees."""
+
+    def __init__(self, path: str, fmt: str, targets: dict[str, Mapping[str, Any] | None]):
+        self.path, self.fmt = path, fmt
+        self.kernels = {name: _kernels(t) for name, t in targets.items()}
+        self.parts: dict[tuple[str, Path], dict[str, Any]] = collections.defaultdict(dict)
+        self.keys: dict[tuple[str, Path], list[str]] = collections.defaultdict(list)
+        self.unknown: list[str] = []
+        self.unmatched: list[str] = []
+
+    def add(self, key: str, component: str, path: Path | None, part: str, value) -> None:
+        if path is None or path not in self.kernels.get(component, {}):
+            self.unmatched.append(key)
+            return
+        self.parts[(component, path)][part] = value
+        self.keys[(component, path)].append(key)
+
+    def build(self, alphas: Callable[[str, Path, int], float | None] | None = None) -> LoraFile:
+        what = f"{self.path} ({self.fmt} LoRA)"
+        lines = []
+        if self.unknown:
+            lines.append(f"  keys of no LoRA layout this reader knows: {_few(self.unknown)}")
+        if self.unmatched:
+            lines.append(f"  keys naming no layer of the target model: {_few(self.unmatched)}")
+        trees: dict[str, dict[Path, dict]] = {"unet": {}, "text_encoder": {}}
+        bad = []
+        for (component, path), parts in self.parts.items():
+            keys = ", ".join(self.keys[(component, path)])
+            if "down" not in parts or "up" not in parts:
+                bad.append(f"{keys} (no {'up' if 'down' in parts else 'down'} factor)")
+                continue
+            layer = _from_torch(parts["down"], parts["up"], self.kernels[component][path])
+            if isinstance(layer, str):
+                bad.append(f"{keys}: {layer}")
+                continue
+            alpha = parts.get("alpha")
+            if alpha is not None and np.size(alpha) != 1:
+                bad.append(f"{keys}: alpha of shape {np.shape(alpha)}")
+                continue
+            if alpha is None and alphas is not None:
+                alpha = alphas(component, path, lora_rank(layer))
+            trees[component][path] = _with_alpha(layer, None if alpha is None else float(np.asarray(alpha).reshape(())))
+        if bad:
+            lines.append(f"  layers that do not fit: {_few(bad, 4)}")
+        if lines:
+            raise CheckpointError("\n".join([f"{what} does not fit the model:"] + lines))
+        if not trees["unet"] and not trees["text_encoder"]:
+            raise CheckpointError(f"{what}: no LoRA layers in the file")
+        return LoraFile(unflatten(trees["unet"]), unflatten(trees["text_encoder"]), self.fmt)
+
+
+def _detect_format(sd: Mapping[str, Any], path: str) -> str:
+    keys = list(sd)
+    if not keys:
+        raise CheckpointError(f"{path}: no tensors (not a LoRA file)")
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return KOHYA  # (any other key of such a file is reported as unknown)
+    if not any("lora" in k for k in keys):
+        raise CheckpointError(
+            f"{path}: not a LoRA file (no `lora` keys; found {len(keys)} keys, e.g. {', '.join(sorted(keys)[:4])})"
+        )
+    if any(k.startswith(("unet.", "text_encoder.")) or ".lora_A." in k for k in keys):
+        return DIFFUSERS
+    return ANIMATEDIFF
+
+
+def _read_kohya(sd: Mapping[str, np.ndarray], b: _Builder) -> None:
+    index: dict[str, dict[str, Path | None]] = {}
+    for component in ("unet", "text_encoder"):
+        names: dict[str, Path | None] = {}
+        for p in b.kernels.get(component, {}):
+            name = "_".join(p)
+            names[name] = None if name in names else p  # None: two layers join to one name
+        index[component] = names
+    prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+    parts = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+    for key, v in sd.items():
+        name, _, suffix = key.partition(".")
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None or suffix not in parts:
+            b.unknown.append(key)
+            continue
+        component = prefixes[prefix]
+        rest = name[len(prefix) :]
+        path = index[component].get(rest)
+        if rest in index[component] and path is None:
+            b.unknown.append(f"{key} (ambiguous: several layers join to this name)")
+            continue
+        if parts[suffix] == "alpha" and np.size(v) == 1 and float(np.asarray(v).reshape(())) == 0:
+            continue  # kohya: alpha 0 (or none) means alpha = rank
+        b.add(key, component, path, parts[suffix], v)
+
+
+_OLD_ATTN = re.compile(
+    r"^(?P<mod>.+?)\.(?:processor\.)?(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
+_LORA = re.compile(r"^(?P<mod>.+)\.lora(?:_linear_layer)?\.(?P<part>down|up)\.weight$")
+_PEFT = re.compile(r"^(?P<mod>.+)\.lora_(?P<part>A|B)\.weight$")
+_ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
+_TEXT_OLD = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out.0": "out_proj"}
+
+
+def _module_path(module: str) -> Path:
+    return torch_module_path(original_to_diffusers_key(module) + ".weight")[0]
+
+
+def _read_named(sd: Mapping[str, np.ndarray], b: _Builder) -> None:
+    """The original AnimateDiff and the diffusers spellings: module name + a LoRA suffix."""
+    for key, v in sd.items():
+        component, k = "unet", key
+        if key.startswith("unet."):
+            k = key[len("unet.") :]
+        elif key.startswith("text_encoder."):
+            component, k = "text_encoder", key[len("text_encoder.") :]
+        m = _OLD_ATTN.match(k)
+        if m:
+            proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+            if component == "text_encoder":
+                proj = _TEXT_OLD[proj]
+            module, part = f"{m['mod']}.{proj}", m["part"]
+        elif m := _LORA.match(k) or _PEFT.match(k):
+            module, part = m["mod"], {"A": "down", "B": "up"}.get(m["part"], m["part"])
+        elif m := _ALPHA.match(k):
+            module, part = m["mod"], "alpha"
+        else:
+            b.unknown.append(key)
+            continue
+        b.add(key, component, _module_path(module), part, v)
+
+
+def _metadata_alphas(meta: Mapping[str, str], path: str) -> Callable[[str, Path, int], float | None] | None:
+    """Per-layer alphas from diffusers' `lora_adapter_metadata` (PEFT `LoraConfig` kwargs per component)."""
+    raw = meta.get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable {METADATA_KEY} header ({e})") from e
+
+    flags = ("use_rslora", "use_dora", "lora_bias")
+    unsupported = [f for f in flags if any(key.endswith(f".{f}") and value for key, value in cfg.items())]
+    if unsupported:
+        raise CheckpointError(
+            f"{path}: {METADATA_KEY} asks for {', '.join(unsupported)}, which plain LoRA merging lacks"
+        )
+
+    def alpha(component: str, p: Path, rank: int) -> float | None:
+        get = lambda name, default=None: cfg.get(f"{component}.{name}", default)
+        module = flax_to_torch_name(p)
+        for pattern, value in (get("alpha_pattern") or {}).items():
+            pat = pattern.lstrip("^")
+            if module == pat or (not pattern.startswith("^") and module.endswith("." + pat)):
+                return float(value)
+        value = get("lora_alpha")
+        return None if value is None else float(value)
+
+    return alpha
+
+
+def load_lora(
+    path: str | os.PathLike,
+    unet_target: Mapping[str, Any] | None,
+    text_target: Mapping[str, Any] | None = None,
+) -> LoraFile:
+    """Reads a LoRA file of any of the three namings (detected from its keys) into LoRA trees.
+
+    `unet_target` / `text_target` are the models' params (arrays or `ShapeDtypeStruct`s):
+    every layer of the file must name one of their kernels, with fitting shapes.
+    """
+    path = os.fspath(path)
+    sd = load_state_dict(path)
+    fmt = _detect_format(sd, path)
+    b = _Builder(path, fmt, {"unet": unet_target, "text_encoder": text_target})
+    if fmt == KOHYA:
+        _read_kohya(sd, b)
+        return b.build()
+    _read_named(sd, b)
+    return b.build(_metadata_alphas(_file_metadata(path), path) if fmt == DIFFUSERS else None)
+
+
+def load_motion_lora(path: str | os.PathLike, unet_target: Mapping[str, Any]) -> LoraTree:
+    """A MotionLoRA (original `.ckpt` or diffusers/PEFT file): layers inside motion modules only."""
+    lf = load_lora(path, unet_target)
+    outside = ["/".join(p) for p in lora_layers(lf.unet) if not is_motion_path(p)]
+    if outside or lf.text_encoder:
+        raise CheckpointError(
+            f"{os.fspath(path)} ({lf.format} LoRA): not a MotionLoRA: it adapts layers outside the motion modules "
+            f"({_few(outside or ['text encoder'])})"
+        )
+    return lf.unet
+
+
+def load_domain_adapter(path: str | os.PathLike, unet_target: Mapping[str, Any]) -> LoraTree:
+    """The v3 domain adapter (`v3_sd15_adapter.ckpt`): spatial attention layers only; merge at scale ~0.5-1."""
+    lf = load_lora(path, unet_target)
+    inside = ["/".join(p) for p in lora_layers(lf.unet) if is_motion_path(p)]
+    if inside or lf.text_encoder:
+        raise CheckpointError(
+            f"{os.fspath(path)} ({lf.format} LoRA): not a domain adapter: it adapts "
+            f"{'motion modules' if inside else 'the text encoder'} ({_few(inside or ['text encoder'])})"
+        )
+    return lf.unet
+
+
+# ------------------------------------------------------------------ writing
+
+
+def save_lora_original(path: str | os.PathLike, lora: LoraTree, dtype: Any = np.float32) -> None:
+    """Writes a MotionLoRA / domain adapter in the original AnimateDiff naming (`.ckpt` or `.safetensors`).
+
+    The format has attention projections only and no alpha: a layer's `alpha / r` is folded
+    into its `up` factor (exact in value, so trees without alpha round-trip bit for bit).
+    """
+    sd: StateDict = {}
+    for p, layer in lora_layers(lora).items():
+        if p[-1] not in _ATTN_OUT or np.ndim(layer["down"]) != 2:
+            raise ValueError(f"{'/'.join(p)}: the original AnimateDiff LoRA format holds only attention to_q/k/v/out")
+        base = diffusers_to_original_key(flax_to_torch_name(p[:-1]))
+        if "alpha" in layer:
+            layer = {"down": layer["down"], "up": np.asarray(layer["up"]) * (float(layer["alpha"]) / lora_rank(layer))}
+        down, up = _to_torch(layer, False, dtype)
+        stem = f"{base}.processor.{_ATTN_OUT[p[-1]]}_lora"
+        sd[f"{stem}.down.weight"], sd[f"{stem}.up.weight"] = down, up
+    save_state_dict(path, sd)
+
+
+def _peft_metadata(component: str, layers: Mapping[Path, Mapping[str, Any]]) -> dict[str, Any]:
+    ranks = {flax_to_torch_name(p): lora_rank(layer) for p, layer in layers.items()}
+    alphas = {flax_to_torch_name(p): float(layer.get("alpha", lora_rank(layer))) for p, layer in layers.items()}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    a = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        f"{component}.r": r,
+        f"{component}.lora_alpha": a,
+        f"{component}.rank_pattern": {f"^{m}": v for m, v in ranks.items() if v != r},
+        f"{component}.alpha_pattern": {f"^{m}": v for m, v in alphas.items() if v != a},
+        f"{component}.target_modules": sorted(ranks),
+    }
+
+
+def save_lora_diffusers(
+    path: str | os.PathLike,
+    unet: LoraTree | None,
+    text_encoder: LoraTree | None = None,
+    dtype: Any = np.float32,
+    conv1x1: Callable[[Path], bool] = sd15_conv1x1,
+) -> None:
+    """Writes PEFT-named `.safetensors` that `AnimateDiffPipeline.load_lora_weights` reads.
+
+    Alphas (when any layer has one) go into the `lora_adapter_metadata` header as PEFT
+    `LoraConfig` kwargs per component (`r`, `lora_alpha`, `rank_pattern`, `alpha_pattern`).
+    """
+    sd: StateDict = {}
+    metadata: dict[str, Any] = {}
+    for component, tree in (("unet", unet), ("text_encoder", text_encoder)):
+        layers = lora_layers(tree or {})
+        for p, layer in layers.items():
+            down, up = _to_torch(layer, conv1x1(p) if component == "unet" else False, dtype)
+            stem = f"{component}.{flax_to_torch_name(p)}"
+            sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = down, up
+        if any("alpha" in layer for layer in layers.values()):
+            metadata.update(_peft_metadata(component, layers))
+    if not str(path).lower().endswith(".safetensors"):
+        raise ValueError(f"{path}: diffusers LoRA files are .safetensors")
+    save_state_dict(path, sd, {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None)
+
+
+def save_lora_kohya(
+    path: str | os.PathLike,
+    unet: LoraTree | None,
+    text_encoder: LoraTree | None = None,
+    dtype: Any = np.float32,
+    conv1x1: Callable[[Path], bool] = sd15_conv1x1,
+) -> None:
+    """Writes a kohya-named LoRA (`lora_unet_*` / `lora_te_*`, `lora_down`/`lora_up`/`alpha`).
+
+    Every layer gets an `.alpha` (float32; the rank when the tree has none, i.e. scale 1).
+    """
+    sd: StateDict = {}
+    for prefix, tree, conv in (("lora_unet_", unet, conv1x1), ("lora_te_", text_encoder, lambda p: False)):
+        for p, layer in lora_layers(tree or {}).items():
+            down, up = _to_torch(layer, conv(p), dtype)
+            name = prefix + "_".join(p)
+            sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+            sd[f"{name}.alpha"] = np.asarray(layer.get("alpha", lora_rank(layer)), np.float32)
+    save_state_dict(path, sd)

@@ -367,7 +367,7 @@ def test_kohya(tmp_path):
     print(f"kohya vs diffusers StableDiffusionPipeline.load_lora_weights: UNet {eu:.2e}, text encoder {ec:.2e}")
 
     # Round trip file -> tree -> file, bit for bit (fp16 file, as most are shipped).
-    half = {k: v.numpy().astype(np.float16) if "alpha" not in k else v.numpy() for k, v in sd.items()}
+    half = {k: v.numpy().astype(np.float16) for k, v in sd.items()}
     save_state_dict(tmp_path / "half.safetensors", half)
     lf16 = load_lora(tmp_path / "half.safetensors", param_shapes(base_cfg), clip_shapes(tcfg))
     save_lora_kohya(tmp_path / "back.safetensors", lf16.unet, lf16.text_encoder, dtype=np.float16)
@@ -422,6 +422,10 @@ def test_round_trips(ref_unet, tmp_path):
         assert_trees_equal(lf.unet, with_alpha)
         assert_trees_equal(lf.text_encoder, text)
     sd = load_state_dict(tmp_path / "d.safetensors")
+    short = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in sd.items()}
+    assert short.keys() != sd.keys()  # the transformers-5 spelling (no `text_model.`) reads the same
+    save_state_dict(tmp_path / "d5.safetensors", short)
+    assert_trees_equal(load_lora(tmp_path / "d5.safetensors", shapes, text_shapes).text_encoder, text)
     assert sd["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"].shape == (2, 32, 1, 1)
     assert sd["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"].shape == (2, 32, 3, 3)
 

@@ -152,7 +152,7 @@ class _Builder:
         self.parts[(component, path)][part] = value
         self.keys[(component, path)].append(key)
 
-    def build(self, alphas: Callable[[str, Path, int], float | None] | None = None) -> LoraFile:
+    def build(self, alphas: Callable[[str, Path], float | None] | None = None) -> LoraFile:
         what = f"{self.path} ({self.fmt} LoRA)"
         lines = []
         if self.unknown:
@@ -175,7 +175,7 @@ class _Builder:
                 bad.append(f"{keys}: alpha of shape {np.shape(alpha)}")
                 continue
             if alpha is None and alphas is not None:
-                alpha = alphas(component, path, lora_rank(layer))
+                alpha = alphas(component, path)
             trees[component][path] = _with_alpha(layer, None if alpha is None else float(np.asarray(alpha).reshape(())))
         if bad:
             lines.append(f"  layers that do not fit: {_few(bad, 4)}")
@@ -243,6 +243,8 @@ def _module_path(module: str) -> Path:
 
 def _read_named(sd: Mapping[str, np.ndarray], b: _Builder) -> None:
     """The original AnimateDiff and the diffusers spellings: module name + a LoRA suffix."""
+    # transformers 5 names CLIP's modules without `text_model.` in memory, so newer files may lack it.
+    text_root = any(p[0] == "text_model" for p in b.kernels.get("text_encoder", {}))
     for key, v in sd.items():
         component, k = "unet", key
         if key.startswith("unet."):
@@ -262,10 +264,12 @@ def _read_named(sd: Mapping[str, np.ndarray], b: _Builder) -> None:
         else:
             b.unknown.append(key)
             continue
+        if component == "text_encoder" and text_root and not module.startswith("text_model."):
+            module = f"text_model.{module}"
         b.add(key, component, _module_path(module), part, v)
 
 
-def _metadata_alphas(meta: Mapping[str, str], path: str) -> Callable[[str, Path, int], float | None] | None:
+def _metadata_alphas(meta: Mapping[str, str], path: str) -> Callable[[str, Path], float | None] | None:
     """Per-layer alphas from diffusers' `lora_adapter_metadata` (PEFT `LoraConfig` kwargs per component)."""
     raw = meta.get(METADATA_KEY)
     if not raw:
@@ -282,14 +286,14 @@ def _metadata_alphas(meta: Mapping[str, str], path: str) -> Callable[[str, Path,
             f"{path}: {METADATA_KEY} asks for {', '.join(unsupported)}, which plain LoRA merging lacks"
         )
 
-    def alpha(component: str, p: Path, rank: int) -> float | None:
-        get = lambda name, default=None: cfg.get(f"{component}.{name}", default)
+    def alpha(component: str, p: Path) -> float | None:
         module = flax_to_torch_name(p)
-        for pattern, value in (get("alpha_pattern") or {}).items():
+        names = {module, module.removeprefix("text_model.")}  # (transformers 5 in-memory CLIP names)
+        for pattern, value in (cfg.get(f"{component}.alpha_pattern") or {}).items():
             pat = pattern.lstrip("^")
-            if module == pat or (not pattern.startswith("^") and module.endswith("." + pat)):
+            if pat in names or (not pattern.startswith("^") and module.endswith("." + pat)):
                 return float(value)
-        value = get("lora_alpha")
+        value = cfg.get(f"{component}.lora_alpha")
         return None if value is None else float(value)
 
     return alpha
@@ -412,7 +416,8 @@ def save_lora_kohya(
 ) -> None:
     """Writes a kohya-named LoRA (`lora_unet_*` / `lora_te_*`, `lora_down`/`lora_up`/`alpha`).
 
-    Every layer gets an `.alpha` (float32; the rank when the tree has none, i.e. scale 1).
+    Every layer gets an `.alpha` (the rank when the tree has none, i.e. scale 1), stored in
+    `dtype` like the factors, as kohya's trainer saves it.
     """
     sd: StateDict = {}
     for prefix, tree, conv in (("lora_unet_", unet, conv1x1), ("lora_te_", text_encoder, lambda p: False)):
@@ -420,5 +425,5 @@ def save_lora_kohya(
             down, up = _to_torch(layer, conv(p), dtype)
             name = prefix + "_".join(p)
             sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
-            sd[f"{name}.alpha"] = np.asarray(layer.get("alpha", lora_rank(layer)), np.float32)
+            sd[f"{name}.alpha"] = np.asarray(layer.get("alpha", lora_rank(layer)), np.float32).astype(dtype)
     save_state_dict(path, sd)

@@ -27,7 +27,7 @@ setup(
         # converted checkpoints load without them.
         "torch": ["torch", "transformers", "diffusers"],
         "data": ["grain", "av"],
-        "test": ["torch", "transformers", "diffusers", "pytest", "grain", "av"],
+        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "grain", "av"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},
 )

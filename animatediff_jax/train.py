@@ -1,0 +1,60 @@
+"""`animatediff-jax train --config configs/train/<stage>.py [--config.<field>=<value> ...]`
+
+Runs one training stage from an `ml_collections` config file (a Python file with
+`get_config()`); every field can be overridden on the command line, e.g.
+
+    animatediff-jax train --config configs/train/stage2_motion_module.py \\
+        --config.model.pretrained=models/sd15 --config.data.csv=webvid.csv \\
+        --config.data.video_folder=videos --config.train.batch_size=64 \\
+        --config.parallel.mesh_shape.fsdp=4
+
+On a TPU pod slice run the same command on every host; `jax.distributed` is initialised from
+the environment (`--config.parallel.distributed=auto`). A run resumes from the latest
+checkpoint in `workdir/checkpoints` and exports its trained params to `workdir/`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def parse_config(argv: list[str]):
+    """The `ConfigDict` selected and overridden by `argv` (flags only, no command name)."""
+    full = ["animatediff-jax train"] + list(argv)
+    fv = flags.FlagValues()  # private: no global flag state, so main() can run more than once
+    # config_flags finds the `--config.x=...` override names in `sys_argv` (default: sys.argv).
+    config_flags.DEFINE_config_file("config", None, "training config file (get_config())", flag_values=fv,
+                                    lock_config=True, sys_argv=full)
+    flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
+    rest = fv(full)
+    if len(rest) > 1:
+        raise flags.Error(f"unexpected arguments: {rest[1:]}")
+    if fv.config is None:
+        raise flags.Error("--config is required (e.g. --config configs/train/stage2_motion_module.py)")
+    return fv.config, fv.print_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        config, print_only = parse_config(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if print_only:
+        print(config)
+        return 0
+    from animatediff_jax.training.loop import train
+
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The three AnimateDiff training stages (domain adapter, motion module, MotionLoRA), SPMD-sharded.
+
+`stages` says what trains in each stage, `step` is the loss and the jitted step, `loop` builds
+the models and runs them with `checkpointing`; `config.base_config()` holds every option.
+"""
+
+from animatediff_jax.training.config import base_config
+from animatediff_jax.training.loop import Models, Trainer, build_trainer, fast_random_params, load_models, run, train
+from animatediff_jax.training.stages import STAGES, Stage, get_stage
+from animatediff_jax.training.step import LossConfig, OptimConfig, StepSpec, TrainState, make_optimizer, make_train_step
+
+__all__ = [
+    "LossConfig",
+    "Models",
+    "OptimConfig",
+    "STAGES",
+    "Stage",
+    "StepSpec",
+    "TrainState",
+    "Trainer",
+    "base_config",
+    "build_trainer",
+    "fast_random_params",
+    "get_stage",
+    "load_models",
+    "make_optimizer",
+    "make_train_step",
+    "run",
+    "train",
+]

@@ -1,0 +1,119 @@
+"""Training configuration: every field with its default, shared by all stage configs.
+
+Stage files (`configs/train/*.py`) start from `base_config()` and change what differs; any
+field can be overridden on the command line (`--config.train.batch_size=8`).
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.stage = "motion_module"  # domain_adapter | motion_module | motion_lora (or 1 / 2 / 3)
+    c.workdir = "runs/train"  # checkpoints/, metrics.jsonl, TensorBoard events, exported params
+    c.seed = 0  # training randomness (noise, timesteps, LoRA init); data order uses data.seed
+
+    c.model = m = ConfigDict()
+    m.pretrained = ""  # converted SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`); "" = random
+    m.size = "sd15"  # random-init size when pretrained == "": "sd15" | "tiny"
+    m.random_init = "flax"  # "flax" (the modules' initialisers) | "fast" (host numpy; smoke runs)
+    m.init_seed = 0  # seed of random init (same for every stage, so tiny stages chain)
+    m.motion_version = "v2"  # motion-module layout of stages 2 and 3: v1 | v2 | v3
+    m.motion_module = ""  # params file of motion modules (stage 2: start from; stage 3: the frozen modules)
+    m.domain_adapter = ""  # params file of a domain adapter, attached in stages 2 and 3
+    m.domain_adapter_scale = 1.0
+    m.init_lora = ""  # params file of a LoRA to continue training (stages 1 and 3)
+    m.lora_rank = 64
+    m.lora_scale = 1.0  # scale of the trained LoRA in the forward pass (and stored in its export)
+    m.vae = True  # load the VAE (needed when batches hold pixels, not cached latents)
+    m.text_encoder = True  # load the text encoder (needed when batches hold token ids, not contexts)
+
+    c.train = t = ConfigDict()
+    t.steps = 100_000
+    t.batch_size = 4  # global (all processes); must divide by the mesh's data x fsdp size
+    t.num_frames = 16
+    t.resolution = 256
+    t.grad_accum_steps = 1  # the global batch is cut into this many micro-batches (lax.scan)
+
+    c.optim = o = ConfigDict()
+    o.learning_rate = 1e-4
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 1e-2
+    o.grad_clip = 1.0
+    o.warmup_steps = 0
+
+    c.loss = ls = ConfigDict()
+    ls.prediction_type = "epsilon"  # or "v_prediction"
+    ls.min_snr_gamma = 0.0  # > 0: min-SNR-gamma weighting (5.0 is the paper's choice)
+    ls.num_train_timesteps = 1000
+    ls.beta_start = 0.00085
+    ls.beta_end = 0.012
+    ls.beta_schedule = "linear"
+
+    c.parallel = p = ConfigDict()
+    p.mesh_shape = ConfigDict({"data": -1, "fsdp": 1})  # axis order = mesh order; one axis may be -1
+    p.batch_axes = ("data", "fsdp")
+    p.fsdp_axis = "fsdp"
+    p.min_fsdp_size = 4096  # arrays with fewer elements are replicated
+    p.compute_dtype = "bfloat16"  # activations / matmuls; trainable params and optimizer stay float32
+    p.frozen_dtype = "float32"  # storage of the frozen weights ("bfloat16" halves their memory)
+    p.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | ...
+    p.distributed = "auto"  # jax.distributed.initialize(): auto (pods / env vars) | true | false
+    p.coordinator = ""  # host:port, off-TPU multi-host only
+    p.num_processes = 0
+    p.process_id = -1
+
+    c.data = d = ConfigDict()
+    d.source = "webvid"  # webvid | tfds | cache | synthetic
+    d.csv = ""  # webvid: the CSV (videoid, name, page_dir)
+    d.video_folder = ""  # webvid: folder of {videoid}.mp4
+    d.tfds_name = ""  # tfds: dataset name or prepared builder dir
+    d.tfds_split = "train"
+    d.tfds_data_dir = ""
+    d.cache_dir = ""  # cache: output of `prepare` (VAE latents + text contexts)
+    d.synthetic_clips = 64  # synthetic: number of moving-square clips
+    d.stride = 4
+    d.flip = True
+    d.caption_dropout = 0.1  # captions replaced by "" for classifier-free guidance
+    d.tokenizer = ""  # CLIP tokenizer folder ("" = <pretrained>/tokenizer); "hash" = toy word hashing
+    d.seed = 0
+    d.shuffle = True
+    d.worker_count = 0
+    d.read_threads = 8
+    d.prefetch = 64
+
+    c.checkpoint = k = ConfigDict()
+    k.every = 1000  # save the train state every N steps (and at the end)
+    k.keep = 3  # keep the last K checkpoints
+    k.async_save = True
+    k.export_every = 0  # also export the trainable params every N steps (0: at the end only)
+
+    c.log = lg = ConfigDict()
+    lg.every = 50  # console + metric files every N steps
+    lg.tensorboard = True  # TensorBoard event files (tensorboardX) besides metrics.jsonl
+    lg.validate_every = 0  # call the validation hook (if any) every N steps
+    return c
+
+
+def tiny_overrides(c: ConfigDict) -> ConfigDict:
+    """CPU-sized runs: random tiny models, synthetic moving squares, toy tokenizer, fp32."""
+    c.model.pretrained = ""
+    c.model.size = "tiny"
+    c.model.random_init = "fast"
+    c.model.lora_rank = 4
+    c.train.resolution = 16  # the tiny VAE halves it: 8x8 latents
+    c.train.batch_size = 4
+    c.train.steps = 200
+    c.parallel.compute_dtype = "float32"
+    c.data.source = "synthetic"
+    c.data.synthetic_clips = 16
+    c.data.tokenizer = "hash"
+    c.data.read_threads = 1
+    c.data.prefetch = 4
+    c.checkpoint.every = 100
+    c.log.every = 20
+    return c

@@ -1,0 +1,501 @@
+"""The training run: models -> sharded train state -> steps with logging, checkpoints and exports.
+
+    trainer = build_trainer(config)            # loads / initialises models, mesh, jitted step
+    run(trainer, config, data_iterator)        # resumes from the latest checkpoint if any
+
+`train(config)` does both with the data pipeline of `animatediff_jax.data` (per process, its own
+rows of every global batch). Metrics go to the console (process 0), to `workdir/metrics.jsonl`
+(one JSON object per logged step) and, when `tensorboardX` is installed, to TensorBoard event
+files in `workdir/tensorboard`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from animatediff_jax import lora as lora_lib
+from animatediff_jax import parallel
+from animatediff_jax.checkpoints.torch_io import flatten, unflatten
+from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from animatediff_jax.models.config import UNetConfig, inflate, sd15_unet, tiny_unet
+from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
+from animatediff_jax.training import checkpointing, stages
+from animatediff_jax.training.step import (
+    LossConfig,
+    OptimConfig,
+    StepSpec,
+    TrainState,
+    init_state,
+    jit_train_step,
+    make_optimizer,
+    select_batch,
+    state_shardings,
+)
+
+Params = dict[str, Any]
+ValidateFn = Callable[[int, "Trainer"], Mapping[str, float] | None]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str):
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+# ------------------------------------------------------------------------- models
+
+
+def fast_random_params(shapes: Params, seed: int) -> Params:
+    """Random weights from a shape tree on the host, in a fraction of a second (Flax `init` of a
+    whole UNet takes a minute to compile on CPU). Kernels ~ N(0, 1/fan_in), embeddings
+    N(0, 0.02), norms' scales 1, biases 0; motion modules' `proj_out` is zero (as `init` makes it),
+    so fresh motion modules start as the identity.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, s in flatten(shapes).items():
+        shape, leaf = tuple(s.shape), path[-1]
+        if leaf == "kernel":
+            if stages.is_motion_module(path) and "proj_out" in path:
+                v = np.zeros(shape, np.float32)
+            else:
+                v = rng.standard_normal(shape, np.float32) / np.sqrt(max(1, math.prod(shape[:-1])))
+        elif leaf == "embedding":
+            v = 0.02 * rng.standard_normal(shape, np.float32)
+        elif leaf == "scale":
+            v = np.ones(shape, np.float32)
+        else:
+            v = np.zeros(shape, np.float32)
+        out[path] = v.astype(np.float32)
+    return unflatten(out)
+
+
+def _flax_init(module, seed: int, *args) -> Params:
+    params = jax.jit(module.init)(jax.random.key(seed), *args)["params"]
+    return jax.tree.map(np.asarray, params)
+
+
+@dataclasses.dataclass
+class Models:
+    """The stage's model configs and host params, before sharding.
+
+    `unet` is the full UNet of the stage (base + motion modules when the stage has them);
+    `attached` the adapters merged into the frozen base; `trainable_init` trained params to
+    continue from (None: fresh LoRA / the motion modules inside `unet`).
+    """
+
+    unet_config: UNetConfig
+    unet: Params
+    vae_config: VAEConfig | None = None
+    vae: Params | None = None
+    text_config: CLIPTextConfig | None = None
+    text_encoder: Params | None = None
+    attached: dict[str, tuple[Params, float]] = dataclasses.field(default_factory=dict)
+    trainable_init: Params | None = None
+    tokenizer_path: str | None = None
+
+
+def _random_base(config) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, Callable[[str], Params]]:
+    m = config.model
+    if m.size == "tiny":
+        text = CLIPTextConfig.tiny()
+        unet, vae = tiny_unet(None, cross_attention_dim=text.hidden_size), VAEConfig.tiny()
+    elif m.size == "sd15":
+        unet, vae, text = sd15_unet(), VAEConfig.sd15(), CLIPTextConfig.sd15()
+    else:
+        raise ValueError(f"model.size {m.size!r}: expected 'sd15' or 'tiny'")
+
+    def init(which: str) -> Params:
+        from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
+
+        seed = m.init_seed + {"unet": 0, "vae": 1, "text_encoder": 2}[which]
+        if m.random_init == "fast":
+            shapes = {"unet": lambda: param_shapes(unet), "vae": lambda: vae_shapes(vae),
+                      "text_encoder": lambda: clip_shapes(text)}[which]()
+            return fast_random_params(shapes, seed)
+        if which == "unet":
+            return _flax_init(UNet3D(unet), seed, jnp.zeros((1, 1, 8, 8, unet.in_channels)), jnp.zeros((1,)),
+                              jnp.zeros((1, 1, unet.cross_attention_dim)))
+        if which == "vae":
+            return _flax_init(AutoencoderKL(vae), seed, jnp.zeros((1, 16, 16, vae.in_channels)))
+        return _flax_init(CLIPTextModel(text), seed, jnp.zeros((1, text.max_positions), jnp.int32))
+
+    return unet, vae, text, init
+
+
+def _motion_init(config, unet_config: UNetConfig) -> Params:
+    """Fresh motion modules (the motion-module subtrees of a randomly initialised inflated UNet)."""
+    m = config.model
+    if m.random_init == "fast":
+        full = fast_random_params(param_shapes(unet_config), m.init_seed + 3)
+    else:
+        full = _flax_init(UNet3D(unet_config), m.init_seed + 3, jnp.zeros((1, 2, 8, 8, unet_config.in_channels)),
+                          jnp.zeros((1,)), jnp.zeros((1, 1, unet_config.cross_attention_dim)))
+    return stages.partition(full, stages.is_motion_module)[0]
+
+
+def load_models(config) -> Models:
+    """The stage's models from the config: a converted SD1.5 folder (or random weights), plus the
+    motion modules / adapters named by `config.model`.
+    """
+    stage = stages.get_stage(config.stage)
+    m = config.model
+    if m.pretrained:
+        from animatediff_jax.checkpoints.params_io import load_converted
+
+        sd = load_converted(m.pretrained)
+        unet_config, vae_config, text_config = sd.unet_config, sd.vae_config, sd.text_config
+        unet = stages.partition(sd.params["unet"], stages.is_motion_module)[1]
+        vae = sd.params.get("vae") if m.vae else None
+        text = sd.params.get("text_encoder") if m.text_encoder else None
+        tokenizer = sd.tokenizer_path
+    else:
+        unet_config, vae_config, text_config, init = _random_base(config)
+        unet = init("unet")
+        vae = init("vae") if m.vae else None
+        text = init("text_encoder") if m.text_encoder else None
+        tokenizer = None
+    unet_config = unet_config.replace(motion=None)
+    if stage.motion_modules:
+        unet_config = inflate(unet_config, m.motion_version)
+        if m.motion_module:
+            motion, _ = checkpointing.load_exported(m.motion_module)
+            motion = stages.partition(motion, stages.is_motion_module)[0]
+        else:
+            motion = _motion_init(config, unet_config)
+        unet = stages.union(unet, motion)
+    attached = {}
+    if m.domain_adapter and "domain_adapter" in stage.attach:
+        attached["domain_adapter"] = (checkpointing.load_exported(m.domain_adapter)[0], float(m.domain_adapter_scale))
+    trainable_init = checkpointing.load_exported(m.init_lora)[0] if m.init_lora and stage.kind == "lora" else None
+    return Models(unet_config, unet, vae_config if vae is not None else None, vae,
+                  text_config if text is not None else None, text, attached, trainable_init, tokenizer)
+
+
+# ------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs, laid out on the mesh. `state` is donated by every step."""
+
+    stage: stages.Stage
+    spec: StepSpec
+    models: Models
+    mesh: Mesh
+    rules: parallel.ShardingRules
+    state: TrainState
+    frozen: Params
+    state_sharding: TrainState
+    frozen_sharding: Params
+    optim: OptimConfig
+    global_batch: int
+    _steps: dict = dataclasses.field(default_factory=dict)
+
+    def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return {k: NamedSharding(self.mesh, self.rules.batch_spec(self.mesh, np.ndim(v))) for k, v in batch.items()}
+
+    def step_fn(self, batch: Mapping[str, Any]):
+        """The jitted step for this batch's entries (compiled once per set of keys)."""
+        key = tuple(sorted(batch))
+        if key not in self._steps:
+            tx, schedule = make_optimizer(self.optim)
+            self._steps[key] = jit_train_step(self.spec, tx, schedule, self.mesh, self.rules, self.state_sharding,
+                                              self.frozen_sharding, self.batch_sharding(batch))
+        return self._steps[key]
+
+    def put_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """This process's rows (numpy) -> the global batch, sharded over the batch axes."""
+        local = select_batch(local)
+        return parallel.global_batch_from_local(local, self.batch_sharding(local), self.global_batch)
+
+    def train_step(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        self.state, metrics = self.step_fn(batch)(self.state, self.frozen, batch)
+        return metrics
+
+    def full_params(self) -> Params:
+        """The UNet params the stage trains (frozen + trained), e.g. for validation samples."""
+        return stages.combine(self.stage, self.state.params, self.frozen["unet"], self.spec.lora_scale)
+
+    def export_meta(self) -> dict[str, Any]:
+        meta = {"stage": self.stage.name, "kind": "lora" if self.stage.kind == "lora" else "motion_module",
+                "step": int(parallel.fetch(self.state.step)), "unet_config": self.models.unet_config}
+        if self.stage.kind == "lora":
+            layers = lora_lib.lora_layers(self.state.params)
+            meta.update(rank=lora_lib.lora_rank(next(iter(layers.values()))), scale=self.spec.lora_scale)
+        return meta
+
+
+def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None) -> Trainer:
+    """Models (loaded from the config unless given), mesh, sharded state and frozen weights."""
+    stage = stages.get_stage(config.stage)
+    models = load_models(config) if models is None else models
+    p = config.parallel
+    mesh = parallel.make_mesh(dict(p.mesh_shape)) if mesh is None else mesh
+    rules = parallel.ShardingRules(tuple(p.batch_axes), p.fsdp_axis, int(p.min_fsdp_size))
+    global_batch = int(config.train.batch_size)
+    div = rules.batch_size_divisor(mesh) * int(config.train.grad_accum_steps)
+    if global_batch % div:
+        raise ValueError(f"train.batch_size={global_batch} must be a multiple of {div} "
+                         f"(mesh batch axes x grad_accum_steps)")
+    if global_batch % jax.process_count():
+        raise ValueError(f"train.batch_size={global_batch} must divide among {jax.process_count()} processes")
+
+    key = jax.random.key(int(config.seed))
+    k_init, k_train = jax.random.split(key)
+    trainable, frozen_unet = stages.init_stage(
+        stage, models.unet, k_init, lora_rank=int(config.model.lora_rank), attached=models.attached,
+        trainable_init=models.trainable_init)
+    trainable = jax.tree.map(lambda x: np.asarray(x, np.float32), trainable)
+    frozen_dtype = _dtype(p.frozen_dtype)
+    frozen = {"unet": frozen_unet}
+    if models.vae is not None:
+        frozen["vae"] = models.vae
+    if models.text_encoder is not None:
+        frozen["text_encoder"] = models.text_encoder
+    frozen = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), frozen)
+
+    compute = _dtype(p.compute_dtype)
+    o, ls = config.optim, config.loss
+    optim = OptimConfig(float(o.learning_rate), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
+                        float(o.grad_clip), int(o.warmup_steps))
+    spec = StepSpec(
+        stage=stage,
+        unet=UNet3D(models.unet_config, dtype=compute),
+        loss=LossConfig(ls.prediction_type, float(ls.min_snr_gamma), int(ls.num_train_timesteps),
+                        float(ls.beta_start), float(ls.beta_end), ls.beta_schedule),
+        vae=AutoencoderKL(models.vae_config, dtype=compute) if models.vae is not None else None,
+        text=CLIPTextModel(models.text_config) if models.text_encoder is not None else None,
+        lora_scale=float(config.model.lora_scale),
+        remat_policy=p.remat,
+        grad_accum_steps=int(config.train.grad_accum_steps),
+    )
+    tx, _ = make_optimizer(optim)
+    state_shapes = jax.eval_shape(lambda t: init_state(t, tx, k_train), trainable)
+    state_sh = state_shardings(state_shapes, mesh, rules)
+    frozen_sh = parallel.param_shardings(frozen, mesh, rules)
+    params = parallel.put_global(trainable, state_sh.params)
+    # The optimizer state is created on the mesh directly (never materialised on one device).
+    state = jax.jit(lambda t: init_state(t, tx, k_train), out_shardings=state_sh)(params)
+    frozen = parallel.put_global(frozen, frozen_sh)
+    return Trainer(stage, spec, models, mesh, rules, state, frozen, state_sh, frozen_sh, optim, global_batch)
+
+
+# ------------------------------------------------------------------------- logging
+
+
+class MetricsWriter:
+    """`workdir/metrics.jsonl` always; TensorBoard event files too when `tensorboardX` is importable."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                print("[train] tensorboardX not installed: metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"train/{k}", float(v), step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_progress(step: int, total: int, m: Mapping[str, float]) -> str:
+    return (f"step {step}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad {m['grad_norm']:.3f} | "
+            f"{m.get('clips_per_s', float('nan')):.2f} clips/s | ETA {_duration(m.get('eta_s', float('nan')))}")
+
+
+# ------------------------------------------------------------------------- the loop
+
+
+def run(
+    trainer: Trainer,
+    config,
+    data: Iterator[Mapping[str, Any]],
+    *,
+    validate: ValidateFn | None = None,
+    num_steps: int | None = None,
+    resume: bool = True,
+) -> dict[str, float]:
+    """Trains until `config.train.steps` (or `num_steps` more steps), resuming from the latest
+    checkpoint in `workdir/checkpoints` when `resume`. `data` yields this process's rows of each
+    global batch; if it has `get_state`/`set_state` its position is checkpointed and restored.
+    Returns the last logged metrics.
+    """
+    workdir = config.workdir
+    ck = config.checkpoint
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), ck.every, ck.keep, ck.async_save)
+    if resume:
+        restored = ckpt.restore(trainer.state)
+        if restored is not None:
+            trainer.state, data_state = restored
+            if data_state is not None and hasattr(data, "set_state"):
+                data.set_state(data_state)
+            _log(f"resumed from step {int(parallel.fetch(trainer.state.step))}")
+    start = int(parallel.fetch(trainer.state.step))
+    end = int(config.train.steps) if num_steps is None else start + int(num_steps)
+    writer = MetricsWriter(workdir, config.log.tensorboard)
+    every, pending, last = max(1, int(config.log.every)), [], {}
+    t_log, n_log = time.perf_counter(), start
+    export_path = os.path.join(workdir, trainer.stage.export)
+    cfg_dict = config.to_dict() if hasattr(config, "to_dict") else None
+    try:
+        for step in range(start + 1, end + 1):
+            batch = trainer.put_batch(next(data))
+            pending.append(trainer.train_step(batch))
+            data_state = data.get_state() if hasattr(data, "get_state") else None
+            if step == start + 1:  # rates count from the end of the first (compiling) step
+                jax.block_until_ready(pending[-1])
+                t_log, n_log = time.perf_counter(), step
+            if step % every == 0 or step == end:
+                last = _log_metrics(writer, trainer, step, end, pending, t_log, n_log)
+                pending, t_log, n_log = [], time.perf_counter(), step
+            if ckpt.save(step, trainer.state, data_state, cfg_dict, force=step == end):
+                _log(f"checkpoint at step {step}")
+            if ck.export_every and step % ck.export_every == 0 and step != end:
+                checkpointing.export_trainable(export_path, trainer.state.params, trainer.export_meta())
+            if validate is not None and config.log.validate_every and step % config.log.validate_every == 0:
+                extra = validate(step, trainer)
+                if extra:
+                    writer.write(step, {f"val/{k}": v for k, v in extra.items()})
+        if end > start:
+            checkpointing.export_trainable(export_path, trainer.state.params, trainer.export_meta())
+            _log(f"exported {trainer.stage.name} params to {export_path}")
+    finally:
+        ckpt.close()
+        writer.close()
+    return last
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[train] {msg}", flush=True)
+
+
+def _log_metrics(writer: MetricsWriter, trainer: Trainer, step: int, end: int, pending: list, t0: float,
+                 n0: int) -> dict[str, float]:
+    """Averages the steps since the last log (fetched only now, so the host never waits per step)."""
+    if not pending:
+        return {}
+    vals = parallel.fetch(pending)
+    m = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+    m["lr"] = float(vals[-1]["lr"])
+    dt = time.perf_counter() - t0
+    if step > n0 and dt > 0:
+        rate = (step - n0) / dt
+        m["clips_per_s"] = rate * trainer.global_batch
+        m["eta_s"] = (end - step) / rate
+    writer.write(step, m)
+    _log(format_progress(step, end, m))
+    return m
+
+
+# ------------------------------------------------------------------------- data
+
+
+def hash_tokenizer(vocab_size: int, length: int = 77) -> Callable[[list[str]], np.ndarray]:
+    """A toy word-hashing tokenizer (BOS, words, EOS, padding with EOS), for tiny runs without a
+    CLIP vocabulary on disk. Same word -> same id across runs (crc32, not Python's `hash`).
+    """
+    import zlib
+
+    bos, eos = vocab_size - 2, vocab_size - 1
+
+    def tokenize(texts) -> np.ndarray:
+        out = np.full((len(texts), length), eos, np.int32)
+        for i, t in enumerate(texts):
+            ids = [bos] + [zlib.crc32(w.encode()) % (vocab_size - 2) for w in t.lower().split()][: length - 2] + [eos]
+            out[i, : len(ids)] = ids
+        return out
+
+    return tokenize
+
+
+def make_data(config, trainer: Trainer):
+    """The grain pipeline of `config.data` for this process (its rows of every global batch)."""
+    from animatediff_jax import data as data_lib
+
+    d, t = config.data, config.train
+    stage = trainer.stage
+    n_frames = 1 if stage.single_frame else int(t.num_frames)
+    clip = dict(n_frames=n_frames, stride=int(d.stride), size=int(t.resolution), is_image=stage.single_frame,
+                flip=bool(d.flip), caption_dropout=float(d.caption_dropout), seed=int(d.seed))
+    if d.source == "synthetic":
+        source = data_lib.SyntheticVideoSource(int(d.synthetic_clips), n_frames=n_frames, size=int(t.resolution),
+                                               seed=int(d.seed), caption_dropout=float(d.caption_dropout),
+                                               is_image=stage.single_frame)
+    elif d.source == "webvid":
+        source = data_lib.WebVidSource(d.csv, d.video_folder, **clip)
+    elif d.source == "tfds":
+        source = data_lib.TFDSSource(d.tfds_name, d.tfds_split, data_dir=d.tfds_data_dir or None, **clip)
+    elif d.source == "cache":
+        source = data_lib.CachedLatentSource(d.cache_dir, caption_dropout=float(d.caption_dropout), seed=int(d.seed))
+    else:
+        raise ValueError(f"data.source {d.source!r}: expected webvid | tfds | cache | synthetic")
+    tokenizer = None
+    if d.source != "cache":
+        if d.tokenizer == "hash":
+            tokenizer = hash_tokenizer(trainer.models.text_config.vocab_size)
+        else:
+            from animatediff_jax.text import Tokenizer
+
+            folder = d.tokenizer or trainer.models.tokenizer_path
+            if not folder:
+                raise ValueError("data.tokenizer: no CLIP tokenizer folder (set it, or 'hash' for toy runs)")
+            tokenizer = Tokenizer(folder)
+    return data_lib.make_dataset(
+        source, global_batch_size=trainer.global_batch, seed=int(d.seed), shuffle=bool(d.shuffle),
+        worker_count=int(d.worker_count), read_threads=int(d.read_threads), prefetch=int(d.prefetch),
+        tokenizer=tokenizer)
+
+
+def train(config, *, validate: ValidateFn | None = None) -> dict[str, float]:
+    """The whole run of one stage from its config (what `animatediff-jax train` calls)."""
+    p = config.parallel
+    parallel.maybe_initialize_distributed(p.distributed, p.coordinator, int(p.num_processes), int(p.process_id))
+    trainer = build_trainer(config)
+    _log(f"stage {trainer.stage.name}: {stages.count_params(trainer.state.params):,} trainable / "
+         f"{stages.count_params(trainer.frozen):,} frozen params; mesh {dict(trainer.mesh.shape)}; "
+         f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+    pipeline = make_data(config, trainer)
+    return run(trainer, config, iter(pipeline), validate=validate)

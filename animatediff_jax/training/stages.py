@@ -1,0 +1,189 @@
+"""The three AnimateDiff training stages, as data: what trains, what is frozen, what is attached.
+
+A stage never copies the frozen base into the optimizer: `init_stage` splits the UNet params into
+a small *trainable* tree (a LoRA, or the motion-module subtrees) and a *frozen* tree (everything
+else, with the stage's attached adapters already merged), and `combine` rebuilds the full params
+inside the loss. Only the trainable tree gets gradients and optimizer state.
+
+1. `domain_adapter`: LoRA on the spatial self/cross attention (q/k/v/out) of the image UNet,
+   trained on single frames, so the adapter absorbs the look of video frames (v3's domain adapter).
+2. `motion_module`: the motion modules train; the base is frozen with the domain adapter merged
+   at its scale (if one is given).
+3. `motion_lora`: LoRA on the motion modules' temporal attention, on top of frozen motion modules
+   (and, if given, the domain adapter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Literal, Mapping
+
+import jax
+
+from animatediff_jax import lora as lora_lib
+
+Params = dict[str, Any]
+Path = tuple[str, ...]
+PathFilter = Callable[[Path], bool]
+
+_MOTION_MODULE = re.compile(r"^motion_modules_\d+$")
+
+
+def is_motion_module(path: Path) -> bool:
+    """Any param under a `motion_modules_J` subtree (down, mid and up blocks)."""
+    return any(_MOTION_MODULE.match(p) for p in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage.
+
+    `kind`: "lora" (a fresh LoRA on the kernels `targets` selects) or "subtree" (the params whose
+    path `targets` selects train as they are). `motion_modules`: the UNet has motion modules.
+    `single_frame`: clips are cut into single frames (image objective). `attach`: names of
+    pretrained adapters (config `model.<name>` / `model.<name>_scale`) merged into the frozen base.
+    `export`: file name of the trained params (read by the next stage and the sampler).
+    """
+
+    name: str
+    kind: Literal["lora", "subtree"]
+    targets: PathFilter
+    motion_modules: bool
+    single_frame: bool
+    attach: tuple[str, ...]
+    export: str
+
+
+STAGES: dict[str, Stage] = {
+    "domain_adapter": Stage(
+        name="domain_adapter",
+        kind="lora",
+        targets=lora_lib.domain_adapter_targets,
+        motion_modules=False,
+        single_frame=True,
+        attach=(),
+        export="domain_adapter.safetensors",
+    ),
+    "motion_module": Stage(
+        name="motion_module",
+        kind="subtree",
+        targets=is_motion_module,
+        motion_modules=True,
+        single_frame=False,
+        attach=("domain_adapter",),
+        export="motion_module.safetensors",
+    ),
+    "motion_lora": Stage(
+        name="motion_lora",
+        kind="lora",
+        targets=lora_lib.motion_lora_targets,
+        motion_modules=True,
+        single_frame=False,
+        attach=("domain_adapter",),
+        export="motion_lora.safetensors",
+    ),
+}
+_ALIASES = {"1": "domain_adapter", "2": "motion_module", "3": "motion_lora",
+            "stage1": "domain_adapter", "stage2": "motion_module", "stage3": "motion_lora"}
+
+
+def get_stage(name: str) -> Stage:
+    key = _ALIASES.get(str(name), str(name))
+    if key not in STAGES:
+        raise ValueError(f"unknown training stage {name!r}: expected one of {sorted(STAGES)} (or 1/2/3)")
+    return STAGES[key]
+
+
+# ------------------------------------------------------------------------- tree surgery
+
+
+def partition(params: Mapping[str, Any], keep: PathFilter, prefix: Path = ()) -> tuple[Params, Params]:
+    """`(selected, rest)`: two partial trees of `params`, split by the path of each leaf."""
+    sel: Params = {}
+    rest: Params = {}
+    for k, v in params.items():
+        path = prefix + (k,)
+        if isinstance(v, Mapping):
+            a, b = partition(v, keep, path)
+            if a:
+                sel[k] = a
+            if b:
+                rest[k] = b
+        elif keep(path):
+            sel[k] = v
+        else:
+            rest[k] = v
+    return sel, rest
+
+
+def union(a: Mapping[str, Any], b: Mapping[str, Any]) -> Params:
+    """The deep union of two partial trees that share no leaf (the inverse of `partition`)."""
+    out: Params = dict(a)
+    for k, v in b.items():
+        if k in out:
+            if not (isinstance(out[k], Mapping) and isinstance(v, Mapping)):
+                raise ValueError(f"trees overlap at {k!r}")
+            out[k] = union(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def combine(stage: Stage, trainable: Params, frozen: Params, lora_scale: Any = 1.0) -> Params:
+    """The full UNet params the loss runs: frozen + trainable (merged LoRA, or the subtrees put back)."""
+    if stage.kind == "lora":
+        return lora_lib.merge(frozen, trainable, lora_scale)
+    return union(frozen, trainable)
+
+
+def init_stage(
+    stage: Stage,
+    unet_params: Params,
+    key: jax.Array,
+    *,
+    lora_rank: int = 64,
+    attached: Mapping[str, tuple[Params, float]] | None = None,
+    trainable_init: Params | None = None,
+) -> tuple[Params, Params]:
+    """`(trainable, frozen)` for `stage` from the full UNet params.
+
+    `attached`: `{name: (lora_tree, scale)}` for the names in `stage.attach` (missing ones are
+    skipped): merged into the frozen base once, here. `trainable_init`: start from these trained
+    params (e.g. a pretrained motion module or LoRA) instead of a fresh initialisation.
+    """
+    unknown = set(attached or {}) - set(stage.attach)
+    if unknown:
+        raise ValueError(f"stage {stage.name} attaches {list(stage.attach)}, not {sorted(unknown)}")
+    if stage.kind == "lora":
+        trainable = trainable_init if trainable_init is not None else lora_lib.init_lora(
+            unet_params, stage.targets, lora_rank, key)
+        frozen = dict(unet_params)
+    else:
+        trainable, frozen = partition(unet_params, stage.targets)
+        if not trainable:
+            raise ValueError(f"stage {stage.name}: no params match its targets (does the UNet have motion modules?)")
+        if trainable_init is not None:
+            trainable = _replace_like(trainable, trainable_init, stage.name)
+    for name in stage.attach:
+        if attached and name in attached:
+            tree, scale = attached[name]
+            frozen = lora_lib.merge(frozen, tree, scale)
+    return trainable, frozen
+
+
+def _replace_like(target: Params, source: Mapping[str, Any], what: str) -> Params:
+    """`source`'s values in `target`'s structure; every leaf must exist with the same shape."""
+    flat_t = dict(jax.tree_util.tree_leaves_with_path(target))
+    flat_s = dict(jax.tree_util.tree_leaves_with_path(source))
+    missing = [jax.tree_util.keystr(k) for k in flat_t if k not in flat_s]
+    extra = [jax.tree_util.keystr(k) for k in flat_s if k not in flat_t]
+    bad = [jax.tree_util.keystr(k) for k, v in flat_t.items() if k in flat_s and tuple(flat_s[k].shape) != tuple(v.shape)]
+    if missing or extra or bad:
+        raise ValueError(f"{what}: initial params do not fit: missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"shape mismatch {bad[:3]}")
+    return jax.tree_util.tree_map_with_path(lambda k, _: flat_s[k], target)
+
+
+def count_params(tree: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,335 @@
+"""The train step: diffusion loss on (online- or pre-) encoded clips, AdamW on the trainable tree only.
+
+`make_train_step` returns a pure `(state, frozen, batch) -> (state, metrics)`; `jit_train_step`
+compiles it for a mesh with the shardings of `parallel` and donates the train state. The step
+draws every random number from `state.rng` (one split per step, then one key per clip of the
+global batch), so a run is a deterministic function of the seed and the data, whatever the
+mesh, the number of hosts or the gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+
+from animatediff_jax import parallel
+from animatediff_jax.models.vae import AutoencoderKL
+from animatediff_jax.schedulers import add_noise, make_alphas_cumprod, velocity
+from animatediff_jax.training.stages import Stage, combine
+
+Params = dict[str, Any]
+Batch = Mapping[str, jax.Array]
+
+# Batch entries the step reads; anything else (caption strings, ids of clips) stays on the host.
+BATCH_KEYS = ("latents", "video", "context", "input_ids")
+
+
+def select_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries the step uses: cached `latents` over `video`, cached `context` over `input_ids`."""
+    out = {}
+    for pair in (("latents", "video"), ("context", "input_ids")):
+        for k in pair:
+            if k in batch:
+                out[k] = batch[k]
+                break
+    return out
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the frozen weights and the data position.
+
+    `rng` holds raw `uint32` key data (not a typed key) so checkpoints store it as a plain array.
+    """
+
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_state(params: Params, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """Step 0 with fresh optimizer state; `key` is a typed PRNG key (`jax.random.key(seed)`)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(key),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AnimateDiff's defaults: AdamW lr 1e-4, betas (0.9, 0.999), wd 1e-2, eps 1e-8, clip 1.0, constant lr."""
+
+    learning_rate: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping then AdamW (decoupled decay, as torch's AdamW); constant lr after warm-up."""
+    if cfg.warmup_steps > 0:
+        schedule = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    else:
+        schedule = optax.constant_schedule(cfg.learning_rate)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """DDPM training objective. `min_snr_gamma` > 0 turns on min-SNR-gamma weighting (Hang et al. 2023)."""
+
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    min_snr_gamma: float = 0.0
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+
+
+def diffusion_loss(pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array,
+                   alphas_cumprod: jax.Array, cfg: LossConfig) -> jax.Array:
+    """Mean over clips of the (optionally SNR-weighted) per-clip MSE to the epsilon / v target."""
+    if cfg.prediction_type == "epsilon":
+        target = noise
+    elif cfg.prediction_type == "v_prediction":
+        target = velocity(alphas_cumprod, x0, noise, t)
+    else:
+        raise ValueError(f"prediction_type {cfg.prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+    per_clip = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
+    if cfg.min_snr_gamma > 0:
+        ac = alphas_cumprod[t]
+        snr = ac / (1.0 - ac)
+        w = jnp.minimum(snr, cfg.min_snr_gamma)
+        per_clip = per_clip * (w / snr if cfg.prediction_type == "epsilon" else w / (snr + 1.0))
+    return jnp.mean(per_clip)
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """`fn` under `jax.checkpoint` with a named policy ("none": untouched; "full": save nothing).
+
+    The whole UNet call is one checkpointed region: its backward pass recomputes what the policy
+    does not save (e.g. "dots_saveable" keeps matmul/conv outputs, recomputes norms/activations).
+    """
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
+    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the step computes (static under jit).
+
+    `unet` carries the compute dtype (bf16 for training at scale; trainable params stay fp32).
+    `vae` / `text` are needed only when batches hold pixels (`video`) / token ids (`input_ids`)
+    instead of cached `latents` / `context`. Caption dropout (CFG) is the data pipeline's: a
+    dropped caption arrives as the empty prompt's ids or cached context.
+    """
+
+    stage: Stage
+    unet: nn.Module
+    loss: LossConfig = LossConfig()
+    vae: AutoencoderKL | None = None
+    text: nn.Module | None = None
+    lora_scale: float = 1.0
+    remat_policy: str = "none"
+    grad_accum_steps: int = 1
+    vae_sample_posterior: bool = True
+
+
+def _encode_pixels(spec: StepSpec, params: Params, video: jax.Array, keys: jax.Array) -> jax.Array:
+    """Frames `[b, F, H, W, 3]` -> scaled latents; the posterior sample uses each clip's own key."""
+    b, f = video.shape[:2]
+    flat = video.reshape((b * f,) + video.shape[2:])
+    mean, logvar = spec.vae.apply({"params": params}, flat, method=AutoencoderKL.encode)
+    mean, logvar = (x.reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
+    z = mean
+    if spec.vae_sample_posterior:
+        eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+        z = mean + jnp.exp(0.5 * logvar) * eps
+    return z * spec.vae.config.scaling_factor
+
+
+def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scaled latents `[b, F, h, w, 4]` and text context `[b, L, D]`, encoding pixels / ids if needed."""
+    if "latents" in batch:
+        latents = batch["latents"].astype(jnp.float32)
+    elif "video" in batch:
+        if spec.vae is None:
+            raise ValueError("batch holds pixels ('video') but no VAE was given to encode them")
+        latents = _encode_pixels(spec, frozen["vae"], batch["video"], keys)
+    else:
+        raise ValueError(f"batch needs 'latents' or 'video', has {sorted(batch)}")
+    if "context" in batch:
+        context = batch["context"]
+    elif "input_ids" in batch:
+        if spec.text is None:
+            raise ValueError("batch holds token ids but no text encoder was given")
+        context = spec.text.apply({"params": frozen["text_encoder"]}, batch["input_ids"])
+    else:
+        raise ValueError(f"batch needs 'context' or 'input_ids', has {sorted(batch)}")
+    return jax.lax.stop_gradient(latents.astype(jnp.float32)), jax.lax.stop_gradient(context.astype(jnp.float32))
+
+
+def make_loss_fn(spec: StepSpec, gather: NamedSharding | None = None
+                 ) -> Callable[[Params, Params, Batch, jax.Array, jax.Array], jax.Array]:
+    """`loss(trainable, frozen, batch, key, rows)`: the scalar the step differentiates (w.r.t. `trainable`).
+
+    Every random draw of clip `i` (posterior sample, timestep, noise) comes from
+    `fold_in(key, rows[i])`, `rows` being the clips' indices in the global batch: the loss is
+    the same however the batch is cut into micro-batches or spread over devices and hosts.
+    `gather` (a replicated sharding) all-gathers the FSDP-sharded params before the forward
+    pass (their gradients are reduce-scattered back), so activations stay split by batch only.
+    """
+    acp = np.asarray(make_alphas_cumprod(spec.loss.num_train_timesteps, spec.loss.beta_start,
+                                         spec.loss.beta_end, spec.loss.beta_schedule))
+    n_t = spec.loss.num_train_timesteps
+
+    def unet_apply(params, x, t, ctx):
+        return spec.unet.apply({"params": params}, x, t, ctx)
+
+    unet_apply = remat(unet_apply, spec.remat_policy)
+
+    def loss_fn(trainable, frozen, batch, key, rows):
+        keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 3))(rows)
+        latents, context = _latents_and_context(spec, frozen, batch, keys[:, 0])
+        b, f = latents.shape[:2]
+        noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(keys[:, 1])
+        # One timestep per clip; for the image objective (stage 1) one per frame.
+        t_shape = (f,) if spec.stage.single_frame else ()
+        t = jax.vmap(lambda k: jax.random.randint(k, t_shape, 0, n_t))(keys[:, 2])
+        if spec.stage.single_frame:
+            # Every frame is its own image example, with its clip's caption (no-op for F = 1).
+            fold = lambda x: x.reshape((b * f, 1) + x.shape[2:])  # noqa: E731
+            latents, noise, t = fold(latents), fold(noise), t.reshape(b * f)
+            context = jnp.repeat(context, f, axis=0)
+        noisy = add_noise(acp, latents, noise, t)
+        params = combine(spec.stage, trainable, frozen["unet"], spec.lora_scale)
+        if gather is not None:
+            params = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, gather), params)
+        pred = unet_apply(params, noisy, t, context)
+        return diffusion_loss(pred, latents, noise, t, acp, spec.loss)
+
+    return loss_fn
+
+
+def _global_norm(tree) -> jax.Array:
+    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.4; global_norm is deprecated
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
+def _split_micro(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...] with micro-batch k = rows k, k+n, k+2n, ...
+
+    Interleaving keeps each device's rows on that device (a batch-sharded leading axis stays
+    sharded along B/n), so accumulation moves no data between devices.
+    """
+    b = x.shape[0]
+    if b % n:
+        raise ValueError(f"batch of {b} is not divisible by grad_accum_steps={n}")
+    return jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
+
+
+def make_train_step(
+    spec: StepSpec,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    batch_sharding: Callable[[int], NamedSharding] | None = None,
+    gather: NamedSharding | None = None,
+) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step. `batch_sharding(ndim)` pins per-clip arrays (micro-batches, clip
+    indices) to the batch sharding, so per-clip work stays on the clip's device; `gather`: see
+    `make_loss_fn`."""
+    loss_fn = make_loss_fn(spec, gather)
+    grad_fn = jax.value_and_grad(loss_fn)
+    n_acc = int(spec.grad_accum_steps)
+
+    def step_fn(state: TrainState, frozen: Params, batch: Batch):
+        batch = select_batch(batch)
+        rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        rows = jnp.arange(next(iter(batch.values())).shape[0], dtype=jnp.int32)
+        if batch_sharding is not None:
+            rows = jax.lax.with_sharding_constraint(rows, batch_sharding(1))
+        if n_acc <= 1:
+            loss, grads = grad_fn(state.params, frozen, batch, key, rows)
+        else:
+            micro = {k: _split_micro(v, n_acc) for k, v in batch.items()}
+
+            def body(carry, xs):
+                mb, mrows = xs
+                if batch_sharding is not None:
+                    mb = {k: jax.lax.with_sharding_constraint(v, batch_sharding(v.ndim)) for k, v in mb.items()}
+                loss, g = grad_fn(state.params, frozen, mb, key, mrows)
+                acc_loss, acc_g = carry
+                return (acc_loss + loss, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (jnp.zeros((), jnp.float32), zeros)
+            (loss, grads), _ = jax.lax.scan(body, init, (micro, _split_micro(rows, n_acc)))
+            loss, grads = loss / n_acc, jax.tree.map(lambda g: g / n_acc, grads)
+        grad_norm = _global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32)}
+        return new, metrics
+
+    return step_fn
+
+
+def state_shardings(state_shapes: TrainState, mesh: Mesh, rules: parallel.ShardingRules) -> TrainState:
+    """FSDP shardings for the trainable params and optimizer state; step and RNG replicated."""
+    return TrainState(
+        step=parallel.replicated(mesh),
+        params=parallel.param_shardings(state_shapes.params, mesh, rules),
+        opt_state=parallel.param_shardings(state_shapes.opt_state, mesh, rules),
+        rng=parallel.replicated(mesh),
+    )
+
+
+def jit_train_step(
+    spec: StepSpec,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    rules: parallel.ShardingRules,
+    state_sharding: TrainState,
+    frozen_sharding: Params,
+    batch_sharding: Mapping[str, NamedSharding],
+):
+    """`jax.jit` of the step with explicit in/out shardings; the train state is donated.
+
+    Batches passed to the result must hold exactly the keys of `batch_sharding`.
+    """
+    def sharding(ndim: int) -> NamedSharding:
+        return NamedSharding(mesh, rules.batch_spec(mesh, ndim))
+
+    return jax.jit(
+        make_train_step(spec, tx, schedule, sharding, parallel.replicated(mesh)),
+        in_shardings=(state_sharding, frozen_sharding, dict(batch_sharding)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,570 @@
+"""Prompts to videos: text encoding, one `lax.scan` of denoising steps, chunked VAE decode.
+
+The loop is AnimateDiff's (and diffusers' `AnimateDiffPipeline`'s): per step, the scheduler
+scales the latents, the UNet predicts noise for the unconditional and the conditional text
+in one batched call, classifier-free guidance mixes the two, and the scheduler steps. Here the
+whole loop is one `jax.lax.scan` inside `jax.jit` (no host round trip per step), compiled once
+per shape and sharding, and the samples (one per prompt/seed pair) are laid out over a
+`Mesh`'s "data" axis, so several devices each denoise their share of the batch.
+
+Videos longer than the motion module's position table are sampled with context windows
+(AnimateDiff-Evolved / FreeNoise style): each step runs the UNet on overlapping windows of
+frames and averages the predictions where windows overlap.
+
+Randomness is per sample: sample `b` starts from `normal(key(seed_b), (F, h, w, 4))` times
+the scheduler's `init_noise_sigma`, and stochastic samplers draw step `i`'s noise from
+`fold_in(key(seed_b), i)`, so a seed gives the same video whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from animatediff_jax import schedulers as S
+from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from animatediff_jax.models.config import UNetConfig
+from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
+
+Params = dict[str, Any]
+Windows = tuple[tuple[int, ...], ...]
+DATA = "data"
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline: three models, their params, a tokenizer.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AnimationPipeline:
+    """Configs + params of the UNet (with motion modules), VAE and CLIP text encoder.
+
+    `params` has "unet", "vae" and "text_encoder". `dtype` is the compute dtype of all three
+    models; latents and the scheduler update stay float32 whatever it is. Compiled
+    executables are cached on the instance (one per shape, sharding and static option).
+    """
+
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    text_config: CLIPTextConfig
+    params: Params
+    tokenizer: Any = None
+    dtype: Any = jnp.float32
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _on_step: list = dataclasses.field(default_factory=lambda: [None], init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32) -> "AnimationPipeline":
+        """From a loaded `checkpoints.sd15.SD15`; the tokenizer defaults to its `tokenizer_path`.
+
+        For a half-precision `dtype` the floating params are cast once here, so the compiled
+        loop does not re-cast a gigabyte of weights every step.
+        """
+        if tokenizer is None and sd15.tokenizer_path:
+            from animatediff_jax.text import Tokenizer
+
+            tokenizer = Tokenizer(sd15.tokenizer_path)
+        params = sd15.params
+        if jnp.dtype(dtype) != jnp.float32:
+            params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+        return cls(sd15.unet_config, sd15.vae_config, sd15.text_config, params, tokenizer, dtype)
+
+    @property
+    def unet(self) -> UNet3D:
+        return UNet3D(self.unet_config, dtype=self.dtype)
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return AutoencoderKL(self.vae_config, dtype=self.dtype)
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return CLIPTextModel(self.text_config, dtype=self.dtype)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: VAE downscale x UNet downsampling."""
+        return self.vae_config.downscale * 2 ** (len(self.unet_config.block_out_channels) - 1)
+
+    def _compiled(self, name: str, fn: Callable, static: tuple, args: tuple, out_shardings=None) -> tuple[Any, float]:
+        """`jit(fn)` compiled ahead of time for `args`' shapes and shardings (cached); also the compile seconds."""
+        leaves, tree = jax.tree.flatten(args)
+        sig = tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves)
+        key = (name, static, tree, sig)
+        if key in self._cache:
+            return self._cache[key], 0.0
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
+        self._cache[key] = compiled
+        return compiled, time.perf_counter() - t0
+
+    def _emit(self, step: int) -> None:
+        """The progress hook compiled into the loop; forwards to this call's callback, if any."""
+        cb = self._on_step[0]
+        if cb is not None:
+            cb(int(step))
+
+    def replicated(self, mesh: Mesh, name: str) -> Params:
+        """`params[name]` replicated over `mesh`; kept while `params[name]` is the same object."""
+        src = self.params[name]
+        key = ("params", name, mesh)
+        held = self._placed.get(key)
+        if held is None or held[0] is not src:
+            self._placed[key] = (src, jax.device_put(src, NamedSharding(mesh, P())))
+        return self._placed[key][1]
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """`frames` uint8 `[N, F, H, W, 3]`; `latents` the final latents float32 `[N, F, h, w, 4]`;
+    `timings` in seconds (`compile_s` apart from `run_s`, plus per stage)."""
+
+    frames: np.ndarray
+    latents: np.ndarray
+    timings: dict[str, float]
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A one-axis ("data") mesh over the first `num_devices` devices (all when None)."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else int(num_devices)
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"num_devices={n}: there are {len(devices)} devices")
+    return Mesh(np.asarray(devices[:n]), (DATA,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Context windows.
+# ----------------------------------------------------------------------------------------------
+
+
+def context_windows(num_frames: int, length: int, overlap: int = 4) -> Windows:
+    """Overlapping windows of `length` frames covering `0..num_frames-1`, the last one flush with the end.
+
+    Windows start every `length - overlap` frames (AnimateDiff-Evolved's "uniform" schedule
+    without looping); one window of all frames when `length >= num_frames`.
+    """
+    if length < 1 or not 0 <= overlap < length:
+        raise ValueError(f"context windows need length >= 1 and 0 <= overlap < length, got {length}, {overlap}")
+    if length >= num_frames:
+        return (tuple(range(num_frames)),)
+    starts = list(range(0, num_frames - length + 1, length - overlap))
+    if starts[-1] + length < num_frames:
+        starts.append(num_frames - length)
+    return tuple(tuple(range(s, s + length)) for s in starts)
+
+
+def _windowed(fn: Callable[[jax.Array], jax.Array], x: jax.Array, windows: Windows) -> jax.Array:
+    """`fn` (frames -> per-frame prediction) on each window of `x`'s frame axis, overlaps averaged.
+
+    Windows run one after another (`lax.map`), so memory is one window's worth of activations.
+    """
+    idx = np.asarray(windows, np.int32)  # [W, L], static
+    w, length = idx.shape
+    counts = np.bincount(idx.reshape(-1), minlength=x.shape[1])
+    if (counts == 0).any():
+        raise ValueError(f"context windows leave frames {np.flatnonzero(counts == 0).tolist()} uncovered")
+    preds = jax.lax.map(lambda ix: fn(jnp.take(x, ix, axis=1)), jnp.asarray(idx))  # [W, B, L, ...]
+    preds = jnp.moveaxis(preds, 0, 1).reshape((x.shape[0], w * length) + preds.shape[3:])
+    total = jnp.zeros(preds.shape[:1] + x.shape[1:2] + preds.shape[2:], preds.dtype)
+    total = total.at[:, idx.reshape(-1)].add(preds)
+    return total / jnp.asarray(counts, preds.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The denoising loop (pure, jittable).
+# ----------------------------------------------------------------------------------------------
+
+
+def _cfg_enabled(guidance_scale: Any) -> bool:
+    """diffusers guides only when the scale exceeds 1; a traced scale means guidance is on."""
+    try:
+        return float(guidance_scale) > 1.0
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return True
+
+
+def predict_noise(
+    unet: UNet3D,
+    unet_params: Params,
+    x: jax.Array,
+    t: jax.Array,
+    cond: jax.Array,
+    uncond: jax.Array | None,
+    guidance_scale: Any,
+    windows: Windows | None = None,
+) -> jax.Array:
+    """Guided float32 noise prediction for the (already scaled) model input `x` `[B, F, h, w, C]`.
+
+    With `uncond`, one UNet call on 2B videos: sample b's unconditional and conditional copies
+    are adjacent (a per-sample `concat([uncond, cond])`), so a batch sharded over devices stays
+    local; then `uncond + g * (cond - uncond)`. Without `uncond`, or with a concrete scale <= 1,
+    the conditional prediction alone.
+    """
+    apply = functools.partial(unet.apply, {"params": unet_params})
+    if not _cfg_enabled(guidance_scale):
+        uncond = None
+
+    def run(xw: jax.Array) -> jax.Array:
+        b = xw.shape[0]
+        if uncond is None:
+            return apply(xw, t, cond).astype(jnp.float32)
+        x2 = jnp.stack([xw, xw], axis=1).reshape((2 * b,) + xw.shape[1:])
+        ctx = jnp.stack([uncond, cond], axis=1).reshape((2 * b,) + cond.shape[1:])
+        out = apply(x2, t, ctx).astype(jnp.float32).reshape((b, 2) + xw.shape[1:])
+        eps_u, eps_c = out[:, 0], out[:, 1]
+        return eps_u + guidance_scale * (eps_c - eps_u)
+
+    return run(x) if windows is None else _windowed(run, x, windows)
+
+
+def _sample_keys(key: jax.Array, batch: int) -> jax.Array:
+    """One typed key per sample: `key` itself when it is already `[B]`, else `fold_in(key, b)`."""
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.ndim == 1:
+        if key.shape[0] != batch:
+            raise ValueError(f"{key.shape[0]} keys for a batch of {batch}")
+        return key
+    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+
+
+def denoise(
+    unet: UNet3D,
+    unet_params: Params,
+    sched: S.Scheduler,
+    latents: jax.Array,
+    cond: jax.Array,
+    uncond: jax.Array | None,
+    guidance_scale: Any,
+    key: jax.Array,
+    progress_cb: Callable[[int], None] | None = None,
+    windows: Windows | None = None,
+) -> jax.Array:
+    """Runs every step of `sched` from `latents` (already times `init_noise_sigma`) in one `lax.scan`.
+
+    `cond`/`uncond`: text embeddings `[B, L, D]`; guidance is on when `uncond` is given and
+    `guidance_scale > 1` (or traced). `key`: one key, or one per sample (typed or raw key
+    data); step `i` of sample `b` uses `fold_in(key_b, i)`. `progress_cb(i)` is called from the
+    compiled loop after step `i` (via `jax.debug.callback`). `windows`: frame windows from
+    `context_windows`, or None to run the UNet on all frames at once. Returns float32 latents.
+    """
+    latents = latents.astype(jnp.float32)
+    b = latents.shape[0]
+    if not _cfg_enabled(guidance_scale):
+        uncond = None
+    keys = _sample_keys(key, b)
+    # Per-sample scheduler state and noise: vmap the (elementwise) update over the batch.
+    carry0 = jax.vmap(functools.partial(S.init_carry, sched))(latents)
+
+    def body(state, i):
+        x, carry = state
+        x_in = S.scale_model_input(sched, i, x)
+        eps = predict_noise(unet, unet_params, x_in, sched.timesteps[i], cond, uncond, guidance_scale, windows)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+        update = lambda c, e, s, k: S.step(sched, c, i, e, s, k)
+        x, carry = jax.vmap(update)(carry, eps, x, step_keys)
+        if progress_cb is not None:
+            # Depend on the new latents so the callback fires when the step is done.
+            jax.debug.callback(lambda s, _: progress_cb(int(s)), i, x[0, 0, 0, 0, 0], ordered=False)
+        return (x, carry), None
+
+    (x, _), _ = jax.lax.scan(body, (latents, carry0), jnp.arange(sched.num_inference_steps))
+    return x
+
+
+def decode_latents(vae: AutoencoderKL, vae_params: Params, latents: jax.Array, chunk: int | None = 4) -> jax.Array:
+    """Latents `[B, F, h, w, 4]` -> float32 frames in [0, 1] `[B, F, H, W, 3]`, as diffusers post-processes.
+
+    Decodes `chunk` frames of every sample per `lax.map` step (memory bounded by
+    `B * chunk` frames); the batch axis stays whole, so a batch-sharded input stays sharded.
+    """
+    b, f = latents.shape[:2]
+    z = (1.0 / vae.config.scaling_factor) * latents.astype(jnp.float32)
+
+    def dec(zc: jax.Array) -> jax.Array:
+        bb, c = zc.shape[:2]
+        out = vae.apply({"params": vae_params}, zc.reshape((bb * c,) + zc.shape[2:]), method=AutoencoderKL.decode)
+        return out.astype(jnp.float32).reshape((bb, c) + out.shape[1:])
+
+    if chunk is None or chunk >= f:
+        images = dec(z)
+    else:
+        full = (f // chunk) * chunk
+        head = z[:, :full].reshape((b, f // chunk, chunk) + z.shape[2:]).swapaxes(0, 1)
+        out = jax.lax.map(dec, head).swapaxes(0, 1)
+        images = out.reshape((b, full) + out.shape[3:])
+        if full < f:
+            images = jnp.concatenate([images, dec(z[:, full:])], axis=1)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def to_uint8(frames: jax.Array) -> jax.Array:
+    """[0, 1] floats -> uint8, rounding as diffusers' `numpy_to_pil` does."""
+    return jnp.round(frames * 255).astype(jnp.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text.
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_text(
+    pipe: AnimationPipeline,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str] | None,
+    clip_skip: int = 0,
+) -> tuple[jax.Array, jax.Array | None, float]:
+    """(cond, uncond or None, compile seconds): CLIP embeddings `[N, 77, D]`.
+
+    `clip_skip` applies to the prompts only; negatives use the last layer, as diffusers'
+    `encode_prompt` does.
+    """
+    if pipe.tokenizer is None:
+        raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
+    model = pipe.text_encoder
+    params = pipe.params["text_encoder"]
+    ids = jnp.asarray(pipe.tokenizer(list(prompts)))
+    neg = None if negative_prompts is None else jnp.asarray(pipe.tokenizer(list(negative_prompts)))
+
+    def fn(params, ids, neg):
+        cond = model.apply({"params": params}, ids, clip_skip)
+        uncond = None if neg is None else model.apply({"params": params}, neg, 0)
+        return cond, uncond
+
+    compiled, compile_s = pipe._compiled("text", fn, (model, clip_skip), (params, ids, neg))
+    cond, uncond = compiled(params, ids, neg)
+    return cond, uncond, compile_s
+
+
+# ----------------------------------------------------------------------------------------------
+# generate: validation, placement, compile, run.
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_list(name: str, value: Any) -> list:
+    if isinstance(value, (str, int)) or value is None:
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
+def _check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] | None:
+    if context_windows is None:
+        return None
+    unknown = sorted(set(context_windows) - {"length", "overlap"})
+    if unknown or "length" not in context_windows:
+        raise ValueError(f"context_windows takes length (required) and overlap; got {dict(context_windows)}")
+    length = int(context_windows["length"])
+    overlap = int(context_windows.get("overlap", length // 4))
+    if length < 1 or not 0 <= overlap < length:
+        raise ValueError(f"context_windows needs length >= 1 and 0 <= overlap < length, got {length}, {overlap}")
+    return length, overlap
+
+
+def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
+              scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows):
+    """Every check that can fail, before anything is compiled; returns the resolved pieces."""
+    prompts = _as_list("prompts", prompts)
+    seeds = _as_list("seeds", seeds)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    n = len(prompts)
+    if len(seeds) != n:
+        raise ValueError(f"{n} prompts but {len(seeds)} seeds: give one seed per prompt")
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seeds must be integers, got {seeds!r}")
+    if negative_prompts is not None:
+        negative_prompts = _as_list("negative_prompts", negative_prompts)
+        if len(negative_prompts) == 1:
+            negative_prompts = negative_prompts * n
+        if len(negative_prompts) != n:
+            raise ValueError(f"{n} prompts but {len(negative_prompts)} negative prompts: give 1 or {n}")
+    if pipe.tokenizer is None:
+        raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
+    m = pipe.size_multiple
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, (int, np.integer)) or v <= 0 or v % m:
+            raise ValueError(f"{name}={v} must be a positive multiple of {m} (VAE factor x UNet downsampling)")
+    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if not 0 <= int(clip_skip) <= pipe.text_config.num_layers:
+        raise ValueError(f"clip_skip must be in [0, {pipe.text_config.num_layers}], got {clip_skip}")
+    if decode_chunk is not None and (not isinstance(decode_chunk, (int, np.integer)) or decode_chunk < 1):
+        raise ValueError(f"decode_chunk must be a positive integer or None, got {decode_chunk!r}")
+    if mesh is not None and DATA not in mesh.axis_names:
+        raise ValueError(f"mesh must have a {DATA!r} axis, has {mesh.axis_names}")
+    sched = S.make_scheduler(scheduler, steps, **dict(scheduler_options or {}))
+
+    win = _check_windows(context_windows)
+    motion = pipe.unet_config.motion
+    limit = motion.max_positions if motion is not None else None
+    if win is None and limit is not None and num_frames > limit:
+        raise ValueError(
+            f"num_frames={num_frames} exceeds the motion module's position table ({limit}); "
+            f"pass context_windows=dict(length={limit}, overlap=4) to sample longer videos"
+        )
+    if win is not None and limit is not None and win[0] > limit:
+        raise ValueError(f"context window length {win[0]} exceeds the motion module's position table ({limit})")
+    windows = None if win is None else context_windows_or_none(num_frames, *win)
+
+    h, w = height // pipe.vae_config.downscale, width // pipe.vae_config.downscale
+    shape = (n, num_frames, h, w, pipe.unet_config.in_channels)
+    if init_latents is not None and tuple(np.shape(init_latents)) != shape:
+        raise ValueError(f"init_latents must have shape {shape} (N, F, h, w, C), got {tuple(np.shape(init_latents))}")
+    return prompts, negative_prompts, [int(s) for s in seeds], sched, windows, shape
+
+
+def context_windows_or_none(num_frames: int, length: int, overlap: int) -> Windows | None:
+    """`context_windows(...)`, or None when one window holds every frame (the plain path)."""
+    windows = context_windows(num_frames, length, overlap)
+    return None if len(windows) == 1 else windows
+
+
+class _Progress:
+    """Per-step progress: a tqdm bar, or a user callable; repeated or out-of-order steps are ignored."""
+
+    def __init__(self, total: int, progress: bool | Callable[[int], None]):
+        self.done, self.total = 0, total
+        self.fn = progress if callable(progress) else None
+        self.bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+
+    def __call__(self, step: int) -> None:
+        if step + 1 <= self.done:
+            return
+        if self.bar is not None:
+            self.bar.update(step + 1 - self.done)
+        self.done = step + 1
+        if self.fn is not None:
+            self.fn(step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def generate(
+    pipe: AnimationPipeline,
+    prompts: list[str],
+    negative_prompts: list[str] | None,
+    seeds: list[int],
+    *,
+    num_frames: int = 16,
+    height: int = 512,
+    width: int = 512,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    scheduler: str = "ddim",
+    scheduler_options: Mapping[str, Any] | None = None,
+    clip_skip: int = 0,
+    decode_chunk: int | None = 4,
+    mesh: Mesh | None = None,
+    progress: bool | Callable[[int], None] = True,
+    init_latents: np.ndarray | None = None,
+    context_windows: Mapping[str, int] | None = None,
+) -> GenerateResult:
+    """One video per (prompt, seed) pair: text -> scan of `steps` denoising steps -> VAE decode.
+
+    `negative_prompts`: None (empty strings), one (broadcast) or one per prompt. `mesh`: a
+    Mesh with a "data" axis to spread the samples over (default: the first device); the batch
+    is padded to a multiple of that axis and the padding dropped. `init_latents`: standard
+    normal noise `[N, F, h, w, C]` to start from instead of the seeds' (still multiplied by
+    `init_noise_sigma`, as diffusers does with `latents=`). `context_windows`:
+    `dict(length=16, overlap=4)` to denoise in overlapping frame windows (needed beyond the
+    motion module's position table; overlap defaults to length // 4). `progress`: a tqdm bar (True), nothing (False) or a
+    callable given each finished step index.
+    """
+    t_start = time.perf_counter()
+    prompts, negative_prompts, seeds, sched, windows, shape = _validate(
+        pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
+        scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows,
+    )
+    n = shape[0]
+    use_cfg = guidance_scale > 1.0
+    if use_cfg and negative_prompts is None:
+        negative_prompts = [""] * n
+    mesh = mesh if mesh is not None else make_mesh(1)
+    timings: dict[str, float] = {}
+
+    # Text embeddings, before the loop.
+    t0 = time.perf_counter()
+    cond, uncond, c_text = encode_text(pipe, prompts, negative_prompts if use_cfg else None, clip_skip)
+    jax.block_until_ready(cond)
+    timings["compile_text_s"] = c_text
+    timings["text_s"] = time.perf_counter() - t0 - c_text
+
+    # Per-sample noise and keys, padded to the mesh and laid out over its data axis.
+    keys = [jax.random.key(s) for s in seeds]
+    if init_latents is None:
+        noise = jnp.stack([jax.random.normal(k, shape[1:], jnp.float32) for k in keys])
+    else:
+        noise = jnp.asarray(init_latents, jnp.float32)
+    key_data = jnp.stack([jax.random.key_data(k) for k in keys])
+    pad = -n % mesh.shape[DATA]
+
+    def place(x):
+        if x is None:
+            return None
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+        return jax.device_put(x, NamedSharding(mesh, P(DATA)))
+
+    noise, key_data, cond, uncond = place(noise), place(key_data), place(cond), place(uncond)
+    batch_sharding = NamedSharding(mesh, P(DATA))
+    sched = jax.device_put(sched, NamedSharding(mesh, P()))
+    unet_params = pipe.replicated(mesh, "unet")
+    vae_params = pipe.replicated(mesh, "vae")
+    g = jax.device_put(jnp.asarray(guidance_scale if use_cfg else 1.0, jnp.float32), NamedSharding(mesh, P()))
+    unet, vae = pipe.unet, pipe.vae
+    emit = pipe._emit if progress else None
+
+    def sample_fn(params, sched, noise, cond, uncond, g, key_data):
+        x = noise * sched.init_noise_sigma
+        return denoise(unet, params, sched, x, cond, uncond, g, key_data, emit, windows)
+
+    def decode_fn(params, latents):
+        return to_uint8(decode_latents(vae, params, latents, decode_chunk))
+
+    args = (unet_params, sched, noise, cond, uncond, g, key_data)
+    static = (unet, windows, progress is not False)
+    sample_c, c_denoise = pipe._compiled("denoise", sample_fn, static, args, out_shardings=batch_sharding)
+    timings["compile_denoise_s"] = c_denoise
+
+    bar = _Progress(sched.num_inference_steps, progress) if progress else None
+    pipe._on_step[0] = bar
+    try:
+        t0 = time.perf_counter()
+        latents = jax.block_until_ready(sample_c(*args))
+        jax.effects_barrier()
+        timings["denoise_s"] = time.perf_counter() - t0
+    finally:
+        pipe._on_step[0] = None
+        if bar is not None:
+            bar.close()
+
+    decode_c, c_decode = pipe._compiled("decode", decode_fn, (vae, decode_chunk), (vae_params, latents),
+                                        out_shardings=batch_sharding)
+    timings["compile_decode_s"] = c_decode
+    t0 = time.perf_counter()
+    frames = jax.block_until_ready(decode_c(vae_params, latents))
+    timings["decode_s"] = time.perf_counter() - t0
+
+    frames_np = np.asarray(frames)[:n]
+    latents_np = np.asarray(latents, np.float32)[:n]
+    timings["compile_s"] = c_text + c_denoise + c_decode
+    timings["run_s"] = timings["text_s"] + timings["denoise_s"] + timings["decode_s"]
+    timings["total_s"] = time.perf_counter() - t_start
+    return GenerateResult(frames=frames_np, latents=latents_np, timings=timings)

@@ -135,6 +135,20 @@ class GenerateResult:
     timings: dict[str, float]
 
 
+def seed_key(seed: int) -> jax.Array:
+    """`jax.random.key(seed)`, also for the 64-bit seeds of AnimateDiff's configs.
+
+    Seeds below 2**32 give exactly `jax.random.key(seed)`; larger ones the threefry key that
+    `jax.random.key` gives with x64 enabled (high and low 32-bit words).
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} is outside [0, 2**64)")
+    if seed < 2**31:
+        return jax.random.key(seed)
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A one-axis ("data") mesh over the first `num_devices` devices (all when None)."""
     devices = jax.devices()
@@ -382,8 +396,8 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
     n = len(prompts)
     if len(seeds) != n:
         raise ValueError(f"{n} prompts but {len(seeds)} seeds: give one seed per prompt")
-    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be integers, got {seeds!r}")
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < 2**64 for s in seeds):
+        raise ValueError(f"seeds must be integers in [0, 2**64), got {seeds!r}")
     if negative_prompts is not None:
         negative_prompts = _as_list("negative_prompts", negative_prompts)
         if len(negative_prompts) == 1:
@@ -508,7 +522,7 @@ def generate(
     timings["text_s"] = time.perf_counter() - t0 - c_text
 
     # Per-sample noise and keys, padded to the mesh and laid out over its data axis.
-    keys = [jax.random.key(s) for s in seeds]
+    keys = [seed_key(s) for s in seeds]
     if init_latents is None:
         noise = jnp.stack([jax.random.normal(k, shape[1:], jnp.float32) for k in keys])
     else:

@@ -30,6 +30,7 @@ from animatediff_jax.sampling import (
     encode_text,
     generate,
     predict_noise,
+    seed_key,
 )
 
 F, H, W = 4, 16, 16  # tiny VAE: latents 8x8
@@ -128,6 +129,15 @@ def test_generate_compiles_once_and_matches_its_parts(pipe):
     assert np.abs(r1.frames.astype(np.int32) - want).max() <= 1
 
 
+def test_seed_keys():
+    """Seeds below 2**32 are `jax.random.key(seed)`; AnimateDiff's 64-bit seeds get their own keys."""
+    for s in (0, 5, 2**31 + 3, 2**32 - 1):
+        np.testing.assert_array_equal(jax.random.key_data(seed_key(s)), jax.random.key_data(jax.random.key(s)))
+    big = 10788741199826055526
+    np.testing.assert_array_equal(jax.random.key_data(seed_key(big)), [big >> 32, big & 0xFFFFFFFF])
+    assert not np.array_equal(jax.random.key_data(seed_key(big)), jax.random.key_data(seed_key(big + 1)))
+
+
 def test_context_windows_layout():
     assert context_windows(4, 16) == (tuple(range(4)),)
     wins = context_windows(20, 8, 2)
@@ -183,6 +193,7 @@ def test_long_video_needs_and_uses_windows(pipe):
         (dict(init_latents=np.zeros((2, F, 4, 4, 4))), r"init_latents must have shape"),
         (dict(prompts="the cat"), r"prompts must be a list"),
         (dict(decode_chunk=0), r"decode_chunk"),
+        (dict(seeds=[-1, 2]), r"seeds must be integers in \[0, 2\*\*64\)"),
     ],
 )
 def test_validation_fails_before_compiling(pipe, kwargs, match):

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config, print_only = parse_config(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError, ValueError, FileNotFoundError) as e:
+        # Unknown `--config.x` fields surface as AttributeError/KeyError from ml_collections.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if print_only:
         print(config)

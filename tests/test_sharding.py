@@ -1,4 +1,4 @@
-"""SPMD: the train step on 8 fake CPU devices (meshes data x fsdp = 2x4 and 8x1, the latter with
+"""SPMD: the train step on 8 fake CPU devices (meshes data x fsdp = 2x4, with remat, and 8x1, with
 gradient accumulation) equals the single-device step, and FSDP really shards params and Adam state.
 
 Runs in a subprocess: the device count is fixed when JAX starts.
@@ -31,13 +31,14 @@ SCRIPT = textwrap.dedent(
     batch = {"latents": rng.standard_normal((16, 4, 8, 8, 4)).astype(np.float32),
              "context": rng.standard_normal((16, 8, 32)).astype(np.float32)}
 
-    def run(mesh_shape, devices, accum):
+    def run(mesh_shape, devices, accum, remat="none"):
         c = tiny_overrides(base_config())
         c.stage = "motion_module"
         c.model.vae = c.model.text_encoder = False
         c.train.batch_size = 16
         c.train.grad_accum_steps = accum
         c.parallel.min_fsdp_size = 256
+        c.parallel.remat = remat
         c.optim.learning_rate = 1e-3
         # Fresh motion modules end in a zero proj_out, so early gradients inside them are ~1e-9:
         # with eps=1e-8 Adam would blow float rounding there up to +-lr steps. A larger eps keeps
@@ -59,8 +60,9 @@ SCRIPT = textwrap.dedent(
 
     ref, ref_mu, ref_info = run({"data": 1, "fsdp": 1}, jax.devices()[:1], 1)
     out = {"single": ref_info}
-    for name, mesh, accum in (("2x4", {"data": 2, "fsdp": 4}, 1), ("8x1_accum2", {"data": 8, "fsdp": 1}, 2)):
-        params, mu, info = run(mesh, jax.devices(), accum)
+    for name, mesh, accum, remat in (("2x4_remat", {"data": 2, "fsdp": 4}, 1, "dots_saveable"),
+                                     ("8x1_accum2", {"data": 8, "fsdp": 1}, 2, "none")):
+        params, mu, info = run(mesh, jax.devices(), accum, remat)
         scale = max(np.abs(v).max() for v in ref.values())
         info["max_abs_diff"] = float(max(np.abs(params[k] - ref[k]).max() for k in ref))
         info["param_scale"] = float(scale)
@@ -82,7 +84,7 @@ def test_sharded_step_equals_single_device():
     assert proc.returncode == 0 and line, proc.stderr[-4000:]
     out = json.loads(line[-1][len("RESULT "):])
     ref = out["single"]
-    for name in ("2x4", "8x1_accum2"):
+    for name in ("2x4_remat", "8x1_accum2"):
         r = out[name]
         print(name, {k: r[k] for k in ("max_abs_diff", "param_scale", "max_mu_diff", "mu_scale", "losses")})
         assert r["same_keys"]
@@ -91,7 +93,7 @@ def test_sharded_step_equals_single_device():
         assert r["max_mu_diff"] <= 1e-5 * r["mu_scale"], name
         assert r["batch_shard"][0] == 2  # 16 clips over 8 devices
     # FSDP over 4 devices: most params, their Adam moments and the frozen weights are split 4 ways.
-    r = out["2x4"]
+    r = out["2x4_remat"]
     assert r["n_fsdp"] >= r["n_leaves"] // 2, r
     assert r["big_shard"] != r["big_shape"] and np.prod(r["big_shard"]) * 4 == np.prod(r["big_shape"]), r
     assert r["n_frozen_fsdp"] > 0

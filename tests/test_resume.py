@@ -1,6 +1,7 @@
 """Resume is exact: N steps, stop, resume for N more == 2N steps straight, bit for bit (params,
 Adam state, RNG, data position), through the real CLI and data pipeline (tiny stage 2 with online
-VAE and text encoder on synthetic clips). An interrupted save is ignored on restore.
+VAE and text encoder on synthetic clips). Also: checkpoints kept, metrics and sample GIFs written,
+an interrupted save ignored on restore, the CLI's arguments and the stage configs.
 """
 
 import json
@@ -31,18 +32,13 @@ def args(workdir, steps: int, keep: int = 3):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    calls = []
-
-    def validate(step, trainer):
-        calls.append(step)
-        return {"calls": float(len(calls))}
-
     config, _ = parse_config(args(straight, 2 * N, keep=1))
-    config.log.validate_every = 2
-    train(config, validate=validate)  # what `main` runs, plus a validation hook
+    config.log.validate_every = 2  # sample GIFs with the current params every 2 steps
+    config.log.sample_steps = 2
+    train(config)  # what `main` runs
     assert main(args(resumed, N)) == 0
     assert main(args(resumed, 2 * N)) == 0  # finds step N and continues
-    return straight, resumed, calls, config
+    return straight, resumed, config
 
 
 def restore_all(workdir, config):
@@ -54,7 +50,7 @@ def restore_all(workdir, config):
 
 
 def test_resume_is_bit_exact(runs):
-    straight, resumed, _, config = runs
+    straight, resumed, config = runs
     a, meta_a = load_params(os.path.join(straight, "motion_module.safetensors"))
     b, meta_b = load_params(os.path.join(resumed, "motion_module.safetensors"))
     fa, fb = flatten(a), flatten(b)
@@ -74,7 +70,7 @@ def test_resume_is_bit_exact(runs):
 
 
 def test_checkpoints_kept_logged_and_validated(runs):
-    straight, resumed, calls, _ = runs
+    straight, resumed, config = runs
     assert Checkpointer(os.path.join(straight, "checkpoints")).all_steps() == [2 * N]  # keep=1
     assert Checkpointer(os.path.join(resumed, "checkpoints")).all_steps() == [N, 2 * N]
     rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
@@ -82,13 +78,21 @@ def test_checkpoints_kept_logged_and_validated(runs):
     assert [r["step"] for r in train_rows] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) and abs(r["lr"] - 1e-4) < 1e-9 and r["grad_norm"] > 0 for r in train_rows)
     assert all("clips_per_s" in r and "eta_s" in r for r in train_rows)
-    assert calls == [2, 4, 6] and [r["val/calls"] for r in rows if "val/calls" in r] == [1.0, 2.0, 3.0]
+    assert [r["step"] for r in rows if "val/sample_s" in r] == [2, 4, 6]
+    gifs = sorted(os.listdir(os.path.join(straight, "samples")))
+    n_prompts = len(config.log.sample_prompts)
+    assert gifs == [f"step_{s:07d}_{i}.gif" for s in (2, 4, 6) for i in range(n_prompts)]
+    from PIL import Image
+
+    with Image.open(os.path.join(straight, "samples", gifs[-1])) as im:
+        assert im.size == (config.train.resolution,) * 2 and im.n_frames >= 1
+    assert not os.path.exists(os.path.join(resumed, "samples"))  # validate_every = 0 there
     events = os.listdir(os.path.join(straight, "tensorboard"))
     assert any(e.startswith("events.out.tfevents") for e in events)
 
 
 def test_interrupted_save_is_ignored(runs, tmp_path):
-    _, resumed, _, config = runs
+    _, resumed, config = runs
     ckdir = os.path.join(resumed, "checkpoints")
     # What a run killed during an async save leaves behind: an uncommitted temporary step dir.
     tmp = os.path.join(ckdir, f"{3 * N}.orbax-checkpoint-tmp-1234567")

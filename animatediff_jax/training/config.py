@@ -95,7 +95,14 @@ def base_config() -> ConfigDict:
     c.log = lg = ConfigDict()
     lg.every = 50  # console + metric files every N steps
     lg.tensorboard = True  # TensorBoard event files (tensorboardX) besides metrics.jsonl
-    lg.validate_every = 0  # call the validation hook (if any) every N steps
+    lg.validate_every = 0  # validation samples (GIFs in workdir/samples) every N steps; 0 = never
+    lg.sample_prompts = ()  # prompts of the validation samples (one GIF each); empty = no samples
+    lg.sample_steps = 25
+    lg.sample_guidance = 7.5
+    lg.sample_scheduler = "ddim"
+    lg.sample_frames = 0  # 0: train.num_frames
+    lg.sample_size = 0  # 0: train.resolution
+    lg.sample_seed = 42  # prompt i uses seed sample_seed + i
     return c
 
 
@@ -116,4 +123,6 @@ def tiny_overrides(c: ConfigDict) -> ConfigDict:
     c.data.prefetch = 4
     c.checkpoint.every = 100
     c.log.every = 20
+    c.log.sample_prompts = ("a red square moving left", "a blue square moving up")
+    c.log.sample_steps = 10
     return c

@@ -451,6 +451,20 @@ def hash_tokenizer(vocab_size: int, length: int = 77) -> Callable[[list[str]], n
     return tokenize
 
 
+def make_tokenizer(config, trainer: Trainer) -> Callable[[list[str]], np.ndarray]:
+    """`data.tokenizer`: "hash" (toy), a CLIP tokenizer folder, or "" for the pretrained folder's."""
+    if config.data.tokenizer == "hash":
+        if trainer.models.text_config is None:
+            raise ValueError("data.tokenizer='hash' needs the text encoder's config (model.text_encoder=True)")
+        return hash_tokenizer(trainer.models.text_config.vocab_size)
+    from animatediff_jax.text import Tokenizer
+
+    folder = config.data.tokenizer or trainer.models.tokenizer_path
+    if not folder:
+        raise ValueError("data.tokenizer: no CLIP tokenizer folder (set it, or 'hash' for toy runs)")
+    return Tokenizer(folder)
+
+
 def make_data(config, trainer: Trainer):
     """The grain pipeline of `config.data` for this process (its rows of every global batch)."""
     from animatediff_jax import data as data_lib
@@ -472,28 +486,59 @@ def make_data(config, trainer: Trainer):
         source = data_lib.CachedLatentSource(d.cache_dir, caption_dropout=float(d.caption_dropout), seed=int(d.seed))
     else:
         raise ValueError(f"data.source {d.source!r}: expected webvid | tfds | cache | synthetic")
-    tokenizer = None
-    if d.source != "cache":
-        if d.tokenizer == "hash":
-            tokenizer = hash_tokenizer(trainer.models.text_config.vocab_size)
-        else:
-            from animatediff_jax.text import Tokenizer
-
-            folder = d.tokenizer or trainer.models.tokenizer_path
-            if not folder:
-                raise ValueError("data.tokenizer: no CLIP tokenizer folder (set it, or 'hash' for toy runs)")
-            tokenizer = Tokenizer(folder)
+    tokenizer = make_tokenizer(config, trainer) if d.source != "cache" else None
     return data_lib.make_dataset(
         source, global_batch_size=trainer.global_batch, seed=int(d.seed), shuffle=bool(d.shuffle),
         worker_count=int(d.worker_count), read_threads=int(d.read_threads), prefetch=int(d.prefetch),
         tokenizer=tokenizer)
 
 
+def make_sample_hook(config, trainer: Trainer, tokenizer: Callable | None = None) -> ValidateFn:
+    """A validation hook that samples `config.log.sample_prompts` with the current params (the
+    sampler of `animatediff_jax.sampling`, CFG, `sample_steps` steps) and writes one GIF per
+    prompt to `workdir/samples/step_<step>_<i>.gif`. Every process must call it (the params are
+    gathered); process 0 samples.
+    """
+    from animatediff_jax.io.video import write_gif
+    from animatediff_jax.sampling import AnimationPipeline, generate
+
+    m, lg = trainer.models, config.log
+    if m.vae is None or m.text_encoder is None:
+        raise ValueError("validation samples need the VAE and the text encoder (model.vae / model.text_encoder)")
+    tokenizer = make_tokenizer(config, trainer) if tokenizer is None else tokenizer
+    prompts = [str(p) for p in lg.sample_prompts]
+    frames = 1 if trainer.stage.single_frame else int(lg.sample_frames or config.train.num_frames)
+    size = int(lg.sample_size or config.train.resolution)
+    pipe = AnimationPipeline(m.unet_config, m.vae_config, m.text_config,
+                             {"unet": None, "vae": m.vae, "text_encoder": m.text_encoder}, tokenizer)
+    folder = os.path.join(config.workdir, "samples")
+
+    def validate(step: int, trainer: Trainer) -> dict[str, float] | None:
+        unet = parallel.fetch(trainer.full_params())
+        if jax.process_index() != 0:
+            return None
+        pipe.params["unet"] = unet
+        res = generate(pipe, prompts, None, [int(lg.sample_seed) + i for i in range(len(prompts))],
+                       num_frames=frames, height=size, width=size, steps=int(lg.sample_steps),
+                       guidance_scale=float(lg.sample_guidance), scheduler=lg.sample_scheduler, progress=False)
+        for i, video in enumerate(res.frames):
+            write_gif(os.path.join(folder, f"step_{step:07d}_{i}.gif"), video)
+        return {"sample_s": res.timings["run_s"], "sample_compile_s": res.timings["compile_s"]}
+
+    return validate
+
+
 def train(config, *, validate: ValidateFn | None = None) -> dict[str, float]:
-    """The whole run of one stage from its config (what `animatediff-jax train` calls)."""
+    """The whole run of one stage from its config (what `animatediff-jax train` calls).
+
+    Without a `validate` hook, one that writes sample GIFs is made when `log.validate_every`
+    and `log.sample_prompts` are set.
+    """
     p = config.parallel
     parallel.maybe_initialize_distributed(p.distributed, p.coordinator, int(p.num_processes), int(p.process_id))
     trainer = build_trainer(config)
+    if validate is None and config.log.validate_every and config.log.sample_prompts:
+        validate = make_sample_hook(config, trainer)
     _log(f"stage {trainer.stage.name}: {stages.count_params(trainer.state.params):,} trainable / "
          f"{stages.count_params(trainer.frozen):,} frozen params; mesh {dict(trainer.mesh.shape)}; "
          f"{jax.process_count()} process(es), {jax.device_count()} device(s)")

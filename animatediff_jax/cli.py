@@ -10,6 +10,7 @@ COMMANDS = {
     "export": ("animatediff_jax.export", "motion modules, MotionLoRAs, domain adapters -> PyTorch files"),
     "prepare": ("animatediff_jax.prepare", "VAE/text-encode a WebVid-style dataset once into a latent cache"),
     "parity": ("animatediff_jax.parity", "compare each sampling stage with diffusers' AnimateDiffPipeline"),
+    "sample": ("animatediff_jax.sample", "text to video from a prompt config (GIF/MP4/PNG, grid)"),
     "train": ("animatediff_jax.train", "train a stage: domain adapter, motion module, MotionLoRA"),
 }
 

@@ -3,16 +3,73 @@
   animatediff-jax convert sd15 PATH --out DIR [--base SD15_FOLDER]
       PATH: a diffusers SD1.5 folder or a single-file LDM checkpoint (.safetensors/.ckpt).
       Writes DIR/params.safetensors (unet, vae, text_encoder + configs) and DIR/tokenizer/.
+  animatediff-jax convert motion PATH --out FILE [--base-config sd15]
+      PATH: an original AnimateDiff motion module (mm_sd_v15*.ckpt, v3_sd15_mm.ckpt, .safetensors)
+      or a diffusers MotionAdapter folder; the version (v1/v2/v3) is detected.
+      Writes a motion file: {"unet": motion modules}, meta kind "motion_module" + the UNet config.
+  animatediff-jax convert lora PATH --kind motion_lora|domain_adapter|lora --out FILE [--base-config sd15]
+      PATH: a MotionLoRA, the v3 domain adapter, or a personalised LoRA (original AnimateDiff,
+      diffusers/PEFT or kohya naming). Writes a LoRA file: {"unet": LoRA[, "text_encoder": LoRA]}.
+
+--base-config names the base UNet (and text encoder) the file is for: `sd15` (default), a converted
+or diffusers SD folder, an animatediff-jax params file, or a .json UNet config (our fields or a
+diffusers UNet2DConditionModel config.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 from animatediff_jax.checkpoints.torch_io import CheckpointError
+
+
+def resolve_base(spec: str | None):
+    """`(UNetConfig, CLIPTextConfig | None)` named by a `--base-config` value (see the module doc)."""
+    from animatediff_jax.checkpoints import params_io
+    from animatediff_jax.checkpoints.bundles import params_file
+    from animatediff_jax.models.clip_text import CLIPTextConfig
+    from animatediff_jax.models.config import UNetConfig, sd15_unet
+
+    if spec in (None, "sd15"):
+        return sd15_unet(), CLIPTextConfig.sd15()
+
+    def from_json(path: str):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            if "_class_name" in d or "down_block_types" in d:
+                return UNetConfig.from_diffusers(d)
+            return params_io.config_from_dict(UNetConfig, d.get("unet_config", d))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a UNet config ({type(e).__name__}: {e})") from e
+
+    p = params_file(spec)
+    if p is not None:
+        _, meta = params_io.load_params(p)
+        if "unet_config" not in meta:
+            raise CheckpointError(f"{p}: the params file names no unet_config")
+        text = meta.get("text_config")
+        return (params_io.config_from_dict(UNetConfig, meta["unet_config"]),
+                params_io.config_from_dict(CLIPTextConfig, text) if text else None)
+    if os.path.isdir(spec):
+        unet_json = os.path.join(spec, "unet", "config.json")
+        if os.path.isfile(unet_json):  # a diffusers SD folder
+            text_json = os.path.join(spec, "text_encoder", "config.json")
+            text = None
+            if os.path.isfile(text_json):
+                with open(text_json) as f:
+                    text = CLIPTextConfig.from_transformers(json.load(f))
+            return from_json(unet_json), text
+        if os.path.isfile(os.path.join(spec, "config.json")):
+            return from_json(os.path.join(spec, "config.json")), None
+        raise CheckpointError(f"{spec}: no unet/config.json, config.json or params file: not a base model folder")
+    if spec.lower().endswith(".json"):
+        return from_json(spec), None
+    raise CheckpointError(f"--base-config {spec!r}: expected sd15, a folder, a params file or a .json config")
 
 
 def _sd15(args) -> None:
@@ -27,6 +84,28 @@ def _sd15(args) -> None:
     print(f"wrote {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
+def _motion(args) -> None:
+    from animatediff_jax.checkpoints.bundles import load_any_motion, save_motion_bundle
+
+    base, _ = resolve_base(args.base_config)
+    params, config = load_any_motion(args.path, base)
+    save_motion_bundle(args.out, params, config)
+    mm = config.motion
+    version = "v2" if mm.mid_block else ("v1" if mm.max_positions == 24 else "v3")
+    print(f"wrote {args.out}: {version} motion module ({mm.max_positions} positions)", file=sys.stderr)
+
+
+def _lora(args) -> None:
+    from animatediff_jax.checkpoints.bundles import KIND_NAMES, read_lora, save_lora_bundle
+    from animatediff_jax.lora import lora_layers
+
+    base, text_config = resolve_base(args.base_config)
+    b = read_lora(args.path, args.lora_kind, base, text_config, args.motion_version)
+    save_lora_bundle(args.out, b.unet, b.kind, b.unet_config, b.text_encoder, text_config=b.text_config)
+    text = f" + {len(lora_layers(b.text_encoder))} text-encoder layers" if b.text_encoder else ""
+    print(f"wrote {args.out}: {KIND_NAMES[b.kind]}, {len(lora_layers(b.unet))} UNet layers{text}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="animatediff-jax convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,10 +115,27 @@ def main(argv: list[str]) -> int:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--base", help="diffusers SD1.5 folder supplying parts a single file lacks (and the tokenizer)")
     s.set_defaults(run=_sd15)
+    base_help = "the base model: sd15 (default), a converted or diffusers SD folder, a params file, a .json config"
+    s = sub.add_parser("motion", help="AnimateDiff motion module (original .ckpt/.safetensors or MotionAdapter folder)")
+    s.add_argument("path")
+    s.add_argument("--out", required=True, help="output params file (.safetensors)")
+    s.add_argument("--base-config", default="sd15", help=base_help)
+    s.set_defaults(run=_motion)
+    s = sub.add_parser("lora", help="MotionLoRA, v3 domain adapter or personalised LoRA")
+    s.add_argument("path")
+    s.add_argument("--kind", dest="lora_kind", required=True, choices=("motion_lora", "domain_adapter", "lora"))
+    s.add_argument("--out", required=True, help="output params file (.safetensors)")
+    s.add_argument("--base-config", default="sd15", help=base_help)
+    s.add_argument("--motion-version", choices=("v1", "v2", "v3"),
+                   help="MotionLoRA layout (default: v2 if the file adapts the mid-block motion module, else v3)")
+    s.set_defaults(run=_lora)
     args = p.parse_args(argv)
+    if args.kind != "sd15" and not args.out.lower().endswith(".safetensors"):
+        print(f"error: {args.out}: params files are .safetensors", file=sys.stderr)
+        return 1
     try:
         args.run(args)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,6 @@
 """`animatediff-jax convert sd15`: PyTorch files in, a params folder out that loads without torch, same values."""
 
-import os
+import re
 import subprocess
 import sys
 
@@ -85,3 +85,141 @@ def test_params_file_rejects_foreign_safetensors(tmp_path):
     tree, meta = load_params(p)
     np.testing.assert_array_equal(tree["a"]["b"], np.arange(3))
     assert meta == {"note": {"k": 1}}
+
+
+# ----------------------------------------------------------------- motion modules and LoRAs
+
+
+def _tree_equal(a, b) -> bool:
+    fa, fb = flatten(a), flatten(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+@pytest.fixture(scope="module")
+def torch_files(tmp_path_factory):
+    """An original v2 motion module, a v1 MotionAdapter folder, an original MotionLoRA, a kohya LoRA."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    from animatediff_jax.models.config import tiny_unet
+    from test_lora import MOTION_ATTN, kohya_file, modules, original_file, random_factors
+    from test_motion_formats import fake_original
+    from torch_refs import motion_adapter_kwargs, randomize, unet2d_kwargs
+
+    d = tmp_path_factory.mktemp("torch_files")
+    adapter = randomize(MotionAdapter(**motion_adapter_kwargs(tiny_unet("v2"))), seed=1)
+    torch.save(fake_original(adapter.state_dict()), d / "mm_v2.ckpt")
+    randomize(MotionAdapter(**motion_adapter_kwargs(tiny_unet("v1"))), seed=2).save_pretrained(d / "adapter_v1")
+    unet2d = UNet2DConditionModel(**unet2d_kwargs(tiny_unet(None)))
+    motion_unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    torch.save(original_file(random_factors(modules(motion_unet, MOTION_ATTN), 2, seed=3)), d / "motion_lora.ckpt")
+    return d, unet2d, kohya_file
+
+
+def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
+    """`convert motion|lora` bundles hold exactly what the PyTorch readers give; `load_any_*` take both."""
+    from transformers import CLIPTextModel as TCLIP
+
+    from animatediff_jax.checkpoints.bundles import (
+        load_any_lora,
+        load_any_lora_file,
+        load_any_motion,
+        load_lora_bundle,
+        load_motion_bundle,
+        read_lora_bundle,
+    )
+    from animatediff_jax.checkpoints.lora_formats import load_lora, load_motion_lora
+    from animatediff_jax.checkpoints.motion import load_motion_module, save_state_dict
+    from animatediff_jax.checkpoints.sd15 import clip_shapes
+    from animatediff_jax.models.clip_text import CLIPTextConfig
+    from animatediff_jax.models.config import tiny_unet
+    from animatediff_jax.models.unet import param_shapes
+
+    d, unet2d, kohya_file = torch_files
+    base = tiny_unet(None)
+    for src, version in ((d / "mm_v2.ckpt", "v2"), (d / "adapter_v1", "v1")):
+        out = tmp_path / f"{version}.safetensors"
+        assert cli_main(["convert", "motion", str(src), "--out", str(out), "--base-config", str(sd_folder)]) == 0
+        assert f"{version} motion module" in capsys.readouterr().err
+        ref, ref_cfg = load_motion_module(src, base)
+        params, cfg = load_motion_bundle(out)
+        assert cfg == ref_cfg == tiny_unet(version) and _tree_equal(params, ref)
+        again, cfg2 = load_any_motion(out, base)
+        assert cfg2 == cfg and _tree_equal(again, ref)
+        assert _tree_equal(load_any_motion(src, base)[0], ref)
+
+    out = tmp_path / "ml.safetensors"
+    assert cli_main(["convert", "lora", str(d / "motion_lora.ckpt"), "--kind", "motion_lora", "--out", str(out),
+                     "--base-config", str(sd_folder)]) == 0
+    shapes = param_shapes(tiny_unet("v2"))
+    ref = load_motion_lora(d / "motion_lora.ckpt", shapes)
+    tree, kind, cfg = load_lora_bundle(out)
+    assert kind == "motion_lora" and cfg == tiny_unet("v2") and _tree_equal(tree, ref)
+    assert _tree_equal(load_any_lora(out, "motion_lora", shapes), ref)
+    assert _tree_equal(load_any_lora(d / "motion_lora.ckpt", "motion_lora", shapes), ref)
+
+    # A kohya LoRA with text-encoder layers: the base folder's text config gives its target.
+    clip = TCLIP.from_pretrained(sd_folder / "text_encoder")
+    sd, _ = kohya_file(unet2d, clip)
+    save_state_dict(tmp_path / "kohya.safetensors", {k: v.numpy() for k, v in sd.items()})
+    out = tmp_path / "kohya_bundle.safetensors"
+    assert cli_main(["convert", "lora", str(tmp_path / "kohya.safetensors"), "--kind", "lora", "--out", str(out),
+                     "--base-config", str(sd_folder)]) == 0
+    text_shapes = clip_shapes(CLIPTextConfig.tiny())
+    ref = load_lora(tmp_path / "kohya.safetensors", param_shapes(base), text_shapes)
+    b = read_lora_bundle(out)
+    assert b.kind == "lora" and b.text_config == CLIPTextConfig.tiny()
+    assert _tree_equal(b.unet, ref.unet) and _tree_equal(b.text_encoder, ref.text_encoder)
+    lf = load_any_lora_file(out, "lora", param_shapes(base), text_shapes)
+    assert _tree_equal(lf.unet, ref.unet) and _tree_equal(lf.text_encoder, ref.text_encoder)
+    with pytest.raises(CheckpointError, match="text-encoder layers"):
+        load_any_lora(out, "lora", param_shapes(base))
+
+
+def test_bundles_load_without_torch(sd_folder, torch_files, tmp_path):
+    d, _, _ = torch_files
+    out = tmp_path / "mm.safetensors"
+    assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(out), "--base-config", str(sd_folder)]) == 0
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from animatediff_jax.checkpoints.bundles import load_any_motion\n"
+        f"p, c = load_any_motion({str(out)!r})\n"
+        "print(c.motion.mid_block, float(abs(p['mid_block']['motion_modules_0']['proj_out']['kernel']).sum()))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from animatediff_jax.checkpoints.motion import load_motion_module
+    from animatediff_jax.convert import resolve_base
+
+    ref = load_motion_module(d / "mm_v2.ckpt", resolve_base(str(sd_folder))[0])[0]
+    mid, total = r.stdout.split()
+    assert mid == "True" and float(total) == pytest.approx(
+        float(np.abs(ref["mid_block"]["motion_modules_0"]["proj_out"]["kernel"]).sum()), rel=1e-6)
+
+
+def test_convert_motion_lora_errors(sd_folder, torch_files, tmp_path, capsys):
+    """The wrong kind of file, a wrong output name, a bad base: exit 1 and one line."""
+    d, _, _ = torch_files
+    base = ["--base-config", str(sd_folder)]
+    cases = [
+        (["motion", str(d / "motion_lora.ckpt"), "--out", str(tmp_path / "o.safetensors")],
+         r"motion_lora\.ckpt: no motion module in it: it holds a MotionLoRA \(original AnimateDiff naming"),
+        (["lora", str(d / "motion_lora.ckpt"), "--kind", "domain_adapter", "--out", str(tmp_path / "o.safetensors")],
+         r"no domain adapter in it: it holds a MotionLoRA"),
+        (["lora", str(d / "mm_v2.ckpt"), "--kind", "motion_lora", "--out", str(tmp_path / "o.safetensors")],
+         r"mm_v2\.ckpt: no MotionLoRA in it: it holds a motion module \(original AnimateDiff naming, v2 layout"),
+        (["motion", str(d / "mm_v2.ckpt"), "--out", str(tmp_path / "o.ckpt")], r"params files are \.safetensors"),
+        (["motion", str(d / "missing.ckpt"), "--out", str(tmp_path / "o.safetensors")], r"missing\.ckpt: no such file"),
+    ]
+    for argv, pattern in cases:
+        capsys.readouterr()
+        assert cli_main(["convert", *argv, *base]) == 1, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
+    capsys.readouterr()
+    assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(tmp_path / "o.safetensors"),
+                     "--base-config", str(tmp_path)]) == 1
+    assert "not a base model folder" in capsys.readouterr().err
+    # A motion module for other channels than the base: the mismatch, in one line.
+    assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "shape mismatches" in err

@@ -1,0 +1,197 @@
+"""`animatediff-jax export`: trained (or converted) motion modules and LoRAs -> the files PyTorch users load.
+
+  animatediff-jax export motion INPUT --out PATH [--format original|diffusers] [--dtype fp32|fp16]
+      original:  PATH.ckpt or PATH.safetensors in the original AnimateDiff layout, key for key
+                 what mm_sd_v15.ckpt (v1) / mm_sd_v15_v2.ckpt (v2) / v3_sd15_mm.ckpt (v3) hold,
+                 `pos_encoder.pe` tables [1, 24 or 32, C] included (original scripts, ComfyUI,
+                 diffusers' MotionAdapter.from_single_file).
+      diffusers: a MotionAdapter folder PATH/ (config.json + diffusion_pytorch_model.safetensors)
+                 for MotionAdapter.from_pretrained.
+  animatediff-jax export motion-lora INPUT --out FILE [--format original|diffusers] [--dtype ...]
+      original: `...attention_blocks.0.processor.to_q_lora.down.weight` (.ckpt/.safetensors);
+      diffusers: PEFT `unet....lora_A.weight` .safetensors for AnimateDiffPipeline.load_lora_weights.
+  animatediff-jax export domain-adapter INPUT --out FILE [--format original|diffusers] [--dtype ...]
+      original: the v3 adapter layout (v3_sd15_adapter.ckpt: `...attn1.processor.to_q_lora.down.weight`).
+  animatediff-jax export lora INPUT --out FILE [--format diffusers|kohya] [--dtype ...]
+
+INPUT is an animatediff-jax params file (what training writes per stage, or `animatediff-jax
+convert motion|lora` made) or any PyTorch file of that kind (then `--base-config`, as in
+`convert`, says which UNet it is for). A file that lacks the requested part is an error that
+says what the file holds instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+from animatediff_jax.checkpoints.bundles import KIND_NAMES, LoraBundle, load_any_motion, read_lora
+from animatediff_jax.checkpoints.motion import (
+    _blocks_with_pe,
+    _checked_motion_state_dict,
+    diffusers_to_original_key,
+    motion_adapter_config,
+    save_state_dict,
+)
+from animatediff_jax.checkpoints.torch_io import CheckpointError, StateDict
+from animatediff_jax.models.config import UNetConfig
+
+DTYPES = {"fp32": np.float32, "fp16": np.float16}
+WEIGHT_EXTENSIONS = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+def position_table(length: int, dim: int) -> np.ndarray:
+    """The `[length, dim]` sinusoidal table as PyTorch computes it (the original's `PositionalEncoding`,
+    diffusers' `SinusoidalPositionalEmbedding`), so exported `pe` buffers match theirs bit for bit.
+
+    XLA's and torch's exp/sin/cos differ by an ulp here and there (up to ~2e-6); without torch
+    the table is computed with ours (`layers.sinusoidal_table`).
+    """
+    try:
+        import torch
+    except ImportError:
+        from animatediff_jax.models.layers import sinusoidal_table
+
+        return np.asarray(sinusoidal_table(length, dim), np.float32)
+    position = torch.arange(length).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)
+    return pe.numpy()
+
+
+def motion_state_dict(
+    motion_params: Mapping[str, Any], config: UNetConfig, layout: str = "original", dtype: Any = np.float32
+) -> StateDict:
+    """Motion params as a PyTorch state dict: `layout="original"` (AnimateDiff's naming, two
+    `pos_encoder.pe` per temporal block) or `"diffusers"` (MotionAdapter's, one `pos_embed.pe`)."""
+    if layout not in ("original", "diffusers"):
+        raise ValueError(f"unknown motion-module layout {layout!r}")
+    sd = _checked_motion_state_dict(motion_params, config, dtype)
+    tables: StateDict = {}
+    for block, channels in _blocks_with_pe(sd).items():
+        pe = position_table(config.motion.max_positions, channels)[None].astype(dtype)
+        if layout == "diffusers":
+            tables[f"{block}.pos_embed.pe"] = pe
+        else:
+            for i in (0, 1):
+                tables[f"{diffusers_to_original_key(block)}.attention_blocks.{i}.pos_encoder.pe"] = pe
+    if layout == "original":
+        sd = {diffusers_to_original_key(k): v for k, v in sd.items()}
+    return {**sd, **tables}
+
+
+def write_motion_original(path: str | os.PathLike, motion_params, config: UNetConfig, dtype: Any = np.float32) -> None:
+    """An original AnimateDiff motion module (`.ckpt` via torch.save, or `.safetensors`)."""
+    save_state_dict(path, motion_state_dict(motion_params, config, "original", dtype))
+
+
+def write_motion_adapter(folder: str | os.PathLike, motion_params, config: UNetConfig, dtype: Any = np.float32) -> None:
+    """A diffusers `MotionAdapter` folder whose state dict is exactly `MotionAdapter(**config)`'s."""
+    folder = os.fspath(folder)
+    sd = motion_state_dict(motion_params, config, "diffusers", dtype)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(motion_adapter_config(config), f, indent=2, sort_keys=True)
+    save_state_dict(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+
+
+def write_lora(path: str | os.PathLike, bundle: LoraBundle, fmt: str, dtype: Any = np.float32) -> None:
+    """A LoRA in the `original` AnimateDiff, `diffusers` (PEFT) or `kohya` naming."""
+    from animatediff_jax.checkpoints import lora_formats as lf
+
+    def conv1x1(p):
+        return not bundle.unet_config.use_linear_projection and lf.sd15_conv1x1(p)
+
+    if fmt == "original":
+        if bundle.text_encoder:
+            raise CheckpointError("the original AnimateDiff LoRA format has no text encoder; use --format diffusers")
+        lf.save_lora_original(path, bundle.unet, dtype)
+    elif fmt == "diffusers":
+        lf.save_lora_diffusers(path, bundle.unet, bundle.text_encoder, dtype, conv1x1=conv1x1)
+    elif fmt == "kohya":
+        lf.save_lora_kohya(path, bundle.unet, bundle.text_encoder, dtype, conv1x1=conv1x1)
+    else:
+        raise ValueError(f"unknown LoRA format {fmt!r}")
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _check_out(out: str, fmt: str, part: str) -> None:
+    lower = out.lower()
+    if part == "motion_module" and fmt == "diffusers":
+        if lower.endswith(WEIGHT_EXTENSIONS):
+            raise CheckpointError(f"{out}: --format diffusers writes a MotionAdapter folder; give a folder path")
+        return
+    allowed = (".safetensors",) if fmt in ("diffusers", "kohya") else WEIGHT_EXTENSIONS
+    if not lower.endswith(allowed):
+        raise CheckpointError(f"{out}: a {fmt} {KIND_NAMES[part]} file ends with {' or '.join(allowed)}")
+
+
+def _motion(args) -> str:
+    from animatediff_jax.convert import resolve_base
+
+    _check_out(args.out, args.format, "motion_module")
+    base = resolve_base(args.base_config)[0] if args.base_config else None
+    params, config = load_any_motion(args.input, base)
+    dtype = DTYPES[args.dtype]
+    if args.format == "original":
+        write_motion_original(args.out, params, config, dtype)
+    else:
+        write_motion_adapter(args.out, params, config, dtype)
+    mm = config.motion
+    version = "v2" if mm.mid_block else ("v1" if mm.max_positions == 24 else "v3")
+    return f"motion module ({version} layout, {mm.max_positions} positions)"
+
+
+def _lora(args) -> str:
+    from animatediff_jax.convert import resolve_base
+
+    _check_out(args.out, args.format, args.part)
+    base, text_config = resolve_base(args.base_config)  # (used for PyTorch inputs only)
+    bundle = read_lora(args.input, args.part, base, text_config, args.motion_version)
+    try:
+        write_lora(args.out, bundle, args.format, DTYPES[args.dtype])
+    except ValueError as e:  # a layer the format cannot hold
+        raise CheckpointError(f"{args.input}: cannot be written as a {args.format} {KIND_NAMES[args.part]}: {e}") from e
+    return KIND_NAMES[bundle.kind]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="animatediff-jax export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="part_name", required=True)
+    parts = [
+        ("motion", ["motion_module", "motion-module"], "motion_module", ("original", "diffusers"), _motion),
+        ("motion-lora", ["motion_lora"], "motion_lora", ("original", "diffusers"), _lora),
+        ("domain-adapter", ["domain_adapter"], "domain_adapter", ("original", "diffusers"), _lora),
+        ("lora", [], "lora", ("diffusers", "kohya"), _lora),
+    ]
+    for name, aliases, part, formats, run in parts:
+        s = sub.add_parser(name, aliases=aliases, help=f"export a {KIND_NAMES[part]}")
+        s.add_argument("input", help="animatediff-jax params file, or a PyTorch file of this kind")
+        s.add_argument("--out", required=True, help="output file (folder for a diffusers MotionAdapter)")
+        s.add_argument("--format", choices=formats, default=formats[0])
+        s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+        s.add_argument("--base-config", help="for PyTorch inputs: sd15 (default), a converted or diffusers SD "
+                                             "folder, a params file or a UNet config .json")
+        if part == "motion_lora":
+            s.add_argument("--motion-version", choices=("v1", "v2", "v3"),
+                           help="for PyTorch MotionLoRAs: the motion layout (default: v2 if it adapts the mid block)")
+        s.set_defaults(run=run, part=part, motion_version=None)
+    args = p.parse_args(argv)
+    try:
+        what = args.run(args)
+    except CheckpointError as e:
+        print(f"error: {' '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {what}, {args.format} format, {args.dtype}", file=sys.stderr)
+    return 0

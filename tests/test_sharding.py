@@ -102,9 +102,8 @@ def test_sharded_step_equals_single_device():
 
 def test_sharding_rules():
     """Shape-only rules: the largest dim divisible by the fsdp size (last on ties); small arrays replicate."""
-    from jax.sharding import Mesh
-
     import jax
+    from jax.sharding import Mesh
 
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
     rules = ShardingRules(min_fsdp_size=16)

@@ -6,15 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from animatediff_jax import parallel
-from animatediff_jax.lora import lora_layers
 from animatediff_jax.checkpoints.torch_io import flatten, unflatten
+from animatediff_jax.lora import lora_layers
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod
 from animatediff_jax.training import base_config, build_trainer, load_models, stages
 from animatediff_jax.training.config import tiny_overrides
 from animatediff_jax.training.step import LossConfig, OptimConfig, diffusion_loss, make_optimizer
-from conftest import assert_close
 
 B = 4
 

@@ -10,10 +10,10 @@ from animatediff_jax.training.stages import STAGES, Stage, get_stage
 from animatediff_jax.training.step import LossConfig, OptimConfig, StepSpec, TrainState, make_optimizer, make_train_step
 
 __all__ = [
+    "STAGES",
     "LossConfig",
     "Models",
     "OptimConfig",
-    "STAGES",
     "Stage",
     "StepSpec",
     "TrainState",

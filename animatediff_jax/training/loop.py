@@ -148,6 +148,37 @@ def _motion_init(config, unet_config: UNetConfig) -> Params:
     return stages.partition(full, stages.is_motion_module)[0]
 
 
+def _is_params_file(path: str) -> bool:
+    from animatediff_jax.checkpoints.params_io import FORMAT
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not safetensors (a .ckpt), or unreadable: the PyTorch readers will say why
+        return False
+
+
+def _read_motion(path: str, unet_config: UNetConfig) -> Params:
+    """Motion modules from a stage-2 export, or from a PyTorch motion checkpoint (e.g. the original
+    `mm_sd_v15_v2.ckpt`, read by `checkpoints.bundles`; its layout must be `model.motion_version`'s)."""
+    if _is_params_file(path):
+        return stages.partition(checkpointing.load_exported(path)[0], stages.is_motion_module)[0]
+    from animatediff_jax.checkpoints.bundles import load_any_motion
+
+    return load_any_motion(path, unet_config)[0]
+
+
+def _read_lora(path: str, kind: str, unet_config: UNetConfig) -> Params:
+    """A LoRA tree from a stage export, or a PyTorch file of `kind` (e.g. `v3_sd15_adapter.ckpt`)."""
+    if _is_params_file(path):
+        return checkpointing.load_exported(path)[0]
+    from animatediff_jax.checkpoints.bundles import read_lora
+
+    return read_lora(path, kind, unet_config).unet
+
+
 def load_models(config) -> Models:
     """The stage's models from the config: a converted SD1.5 folder (or random weights), plus the
     motion modules / adapters named by `config.model`.
@@ -173,15 +204,15 @@ def load_models(config) -> Models:
     if stage.motion_modules:
         unet_config = inflate(unet_config, m.motion_version)
         if m.motion_module:
-            motion, _ = checkpointing.load_exported(m.motion_module)
-            motion = stages.partition(motion, stages.is_motion_module)[0]
+            motion = _read_motion(m.motion_module, unet_config)
         else:
             motion = _motion_init(config, unet_config)
         unet = stages.union(unet, motion)
     attached = {}
     if m.domain_adapter and "domain_adapter" in stage.attach:
-        attached["domain_adapter"] = (checkpointing.load_exported(m.domain_adapter)[0], float(m.domain_adapter_scale))
-    trainable_init = checkpointing.load_exported(m.init_lora)[0] if m.init_lora and stage.kind == "lora" else None
+        adapter = _read_lora(m.domain_adapter, "domain_adapter", unet_config)
+        attached["domain_adapter"] = (adapter, float(m.domain_adapter_scale))
+    trainable_init = _read_lora(m.init_lora, stage.name, unet_config) if m.init_lora and stage.kind == "lora" else None
     return Models(unet_config, unet, vae_config if vae is not None else None, vae,
                   text_config if text is not None else None, text, attached, trainable_init, tokenizer)
 
@@ -232,7 +263,8 @@ class Trainer:
         return stages.combine(self.stage, self.state.params, self.frozen["unet"], self.spec.lora_scale)
 
     def export_meta(self) -> dict[str, Any]:
-        meta = {"stage": self.stage.name, "kind": "lora" if self.stage.kind == "lora" else "motion_module",
+        """What `checkpoints.bundles` reads: kind (motion_module | domain_adapter | motion_lora), UNet config."""
+        meta = {"stage": self.stage.name, "kind": self.stage.name,
                 "step": int(parallel.fetch(self.state.step)), "unet_config": self.models.unet_config}
         if self.stage.kind == "lora":
             layers = lora_lib.lora_layers(self.state.params)

@@ -223,8 +223,8 @@ def make_loss_fn(spec: StepSpec, gather: NamedSharding | None = None
         t = jax.vmap(lambda k: jax.random.randint(k, t_shape, 0, n_t))(keys[:, 2])
         if spec.stage.single_frame:
             # Every frame is its own image example, with its clip's caption (no-op for F = 1).
-            fold = lambda x: x.reshape((b * f, 1) + x.shape[2:])  # noqa: E731
-            latents, noise, t = fold(latents), fold(noise), t.reshape(b * f)
+            latents, noise = (x.reshape((b * f, 1) + x.shape[2:]) for x in (latents, noise))
+            t = t.reshape(b * f)
             context = jnp.repeat(context, f, axis=0)
         noisy = add_noise(acp, latents, noise, t)
         params = combine(spec.stage, trainable, frozen["unet"], spec.lora_scale)

@@ -36,9 +36,11 @@ def maybe_initialize_distributed(mode: str | bool = "auto", coordinator: str = "
                                  process_id: int = -1) -> bool:
     """Calls `jax.distributed.initialize` when asked to (or, for "auto", when the environment says so).
 
-    `mode`: True/"true" always, False/"false" never, "auto" when a coordinator variable is set or
-    we run on a TPU VM of more than one host (`TPU_WORKER_HOSTNAMES` lists several workers).
-    Explicit `coordinator` / `num_processes` / `process_id` are passed through (needed off-TPU).
+    `mode`: True/"true" always, False/"false" never, "auto" when a coordinator is given or set in
+    the environment, when `TPU_WORKER_HOSTNAMES` lists several workers (GKE), or on any Cloud TPU
+    VM (libtpu and TPU chips present: JAX then finds the slice's hosts from the TPU metadata, and
+    a single-host VM simply becomes process 0 of 1). Explicit `coordinator` / `num_processes` /
+    `process_id` are passed through (needed off-TPU, e.g. GPU clusters or the CPU tests).
     Returns whether this call initialised the distributed runtime.
     """
     mode = str(mode).lower()
@@ -46,7 +48,8 @@ def maybe_initialize_distributed(mode: str | bool = "auto", coordinator: str = "
         return False
     if mode == "auto":
         hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-        if not (coordinator or any(os.environ.get(k) for k in _MULTIHOST_ENV) or len(hosts) > 1):
+        env = coordinator or any(os.environ.get(k) for k in _MULTIHOST_ENV) or len(hosts) > 1
+        if not (env or _on_cloud_tpu_vm()):
             return False
     if jax.distributed.is_initialized():
         return False
@@ -59,6 +62,14 @@ def maybe_initialize_distributed(mode: str | bool = "auto", coordinator: str = "
         kw["process_id"] = process_id
     jax.distributed.initialize(**kw)
     return True
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """libtpu installed and TPU chips attached (checked without initialising any JAX backend)."""
+    import glob
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[str, int]:

@@ -129,6 +129,9 @@ def remat(fn: Callable, policy: str) -> Callable:
 
     The whole UNet call is one checkpointed region: its backward pass recomputes what the policy
     does not save (e.g. "dots_saveable" keeps matmul/conv outputs, recomputes norms/activations).
+    As one region it trades FLOPs for little memory (XLA's estimate for SD1.5+v2, one 16x256x256
+    clip, bf16: 25.8 GiB temporaries with "none" or "full", 24.0 with
+    "dots_with_no_batch_dims_saveable"); a real peak reduction needs per-block remat inside the UNet.
     """
     if policy == "none":
         return fn

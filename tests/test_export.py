@@ -338,6 +338,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
     params = convert_unet_state_dict(ref_unet.state_dict(), CFG)
     x, t, ctx = inputs(CFG)
     base_out = torch_out(ref_unet, CFG, x, t, ctx)
+    report = []  # (printed at the end: `run` reads and drops captured output)
     for weight in (1.0, 0.6):
         mine = ours(CFG, merge(params, tree, weight), x, t, ctx)
         pipe = diffusers_pipeline(ref_unet)
@@ -348,7 +349,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
         err = assert_close(mine, theirs, rtol=1e-5, what=f"PEFT export at {weight}")
         hand = torch_out(merge_original_by_hand(ref_unet, tmp_path / "ml_orig.ckpt", weight), CFG, x, t, ctx)
         err_o = assert_close(mine, hand, rtol=1e-5, what=f"original export at {weight}")
-        print(f"MotionLoRA export at {weight}: vs diffusers load_lora_weights {err:.2e}, original rule {err_o:.2e}")
+        report.append(f"MotionLoRA export at {weight}: vs diffusers load_lora_weights {err:.2e}, original rule {err_o:.2e}")
 
     # Domain adapter (spatial attention), original v3 layout, at the usual run-time scale.
     da = random_lora(domain_adapter_targets, rank=4, seed=2)
@@ -359,7 +360,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
     assert all(re.search(r"\.attentions\.\d+\.transformer_blocks\.0\.attn[12]\.processor\.to_", k) for k in keys)
     hand = torch_out(merge_original_by_hand(ref_unet, tmp_path / "da.ckpt", 0.8), CFG, x, t, ctx)
     err = assert_close(ours(CFG, merge(params, da, 0.8), x, t, ctx), hand, rtol=1e-5, what="domain adapter")
-    print(f"domain adapter export at 0.8 vs original rule: max abs err {err:.2e}")
+    print("\n".join([*report, f"domain adapter export at 0.8 vs original rule: max abs err {err:.2e}"]))
 
 
 # ----------------------------------------------------------------- fp16, errors

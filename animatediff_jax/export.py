@@ -23,84 +23,18 @@ says what the file holds instead.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from animatediff_jax.checkpoints.bundles import KIND_NAMES, LoraBundle, load_any_motion, read_lora
-from animatediff_jax.checkpoints.motion import (
-    _blocks_with_pe,
-    _checked_motion_state_dict,
-    diffusers_to_original_key,
-    motion_adapter_config,
-    save_state_dict,
-)
-from animatediff_jax.checkpoints.torch_io import CheckpointError, StateDict
-from animatediff_jax.models.config import UNetConfig
+from animatediff_jax.checkpoints.motion import save_motion_adapter, save_motion_module_original
+from animatediff_jax.checkpoints.torch_io import CheckpointError
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 WEIGHT_EXTENSIONS = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
-
-
-def position_table(length: int, dim: int) -> np.ndarray:
-    """The `[length, dim]` sinusoidal table as PyTorch computes it (the original's `PositionalEncoding`,
-    diffusers' `SinusoidalPositionalEmbedding`), so exported `pe` buffers match theirs bit for bit.
-
-    XLA's and torch's exp/sin/cos differ by an ulp here and there (up to ~2e-6); without torch
-    the table is computed with ours (`layers.sinusoidal_table`).
-    """
-    try:
-        import torch
-    except ImportError:
-        from animatediff_jax.models.layers import sinusoidal_table
-
-        return np.asarray(sinusoidal_table(length, dim), np.float32)
-    position = torch.arange(length).unsqueeze(1)
-    div = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(length, dim)
-    pe[:, 0::2] = torch.sin(position * div)
-    pe[:, 1::2] = torch.cos(position * div)
-    return pe.numpy()
-
-
-def motion_state_dict(
-    motion_params: Mapping[str, Any], config: UNetConfig, layout: str = "original", dtype: Any = np.float32
-) -> StateDict:
-    """Motion params as a PyTorch state dict: `layout="original"` (AnimateDiff's naming, two
-    `pos_encoder.pe` per temporal block) or `"diffusers"` (MotionAdapter's, one `pos_embed.pe`)."""
-    if layout not in ("original", "diffusers"):
-        raise ValueError(f"unknown motion-module layout {layout!r}")
-    sd = _checked_motion_state_dict(motion_params, config, dtype)
-    tables: StateDict = {}
-    for block, channels in _blocks_with_pe(sd).items():
-        pe = position_table(config.motion.max_positions, channels)[None].astype(dtype)
-        if layout == "diffusers":
-            tables[f"{block}.pos_embed.pe"] = pe
-        else:
-            for i in (0, 1):
-                tables[f"{diffusers_to_original_key(block)}.attention_blocks.{i}.pos_encoder.pe"] = pe
-    if layout == "original":
-        sd = {diffusers_to_original_key(k): v for k, v in sd.items()}
-    return {**sd, **tables}
-
-
-def write_motion_original(path: str | os.PathLike, motion_params, config: UNetConfig, dtype: Any = np.float32) -> None:
-    """An original AnimateDiff motion module (`.ckpt` via torch.save, or `.safetensors`)."""
-    save_state_dict(path, motion_state_dict(motion_params, config, "original", dtype))
-
-
-def write_motion_adapter(folder: str | os.PathLike, motion_params, config: UNetConfig, dtype: Any = np.float32) -> None:
-    """A diffusers `MotionAdapter` folder whose state dict is exactly `MotionAdapter(**config)`'s."""
-    folder = os.fspath(folder)
-    sd = motion_state_dict(motion_params, config, "diffusers", dtype)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(motion_adapter_config(config), f, indent=2, sort_keys=True)
-    save_state_dict(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
 
 
 def write_lora(path: str | os.PathLike, bundle: LoraBundle, fmt: str, dtype: Any = np.float32) -> None:
@@ -144,9 +78,9 @@ def _motion(args) -> str:
     params, config = load_any_motion(args.input, base)
     dtype = DTYPES[args.dtype]
     if args.format == "original":
-        write_motion_original(args.out, params, config, dtype)
+        save_motion_module_original(args.out, params, config, dtype)
     else:
-        write_motion_adapter(args.out, params, config, dtype)
+        save_motion_adapter(args.out, params, config, dtype)
     mm = config.motion
     version = "v2" if mm.mid_block else ("v1" if mm.max_positions == 24 else "v3")
     return f"motion module ({version} layout, {mm.max_positions} positions)"

@@ -43,7 +43,7 @@ from animatediff_jax.checkpoints.motion import (
 )
 from animatediff_jax.checkpoints.torch_io import flatten, unflatten
 from animatediff_jax.cli import main as cli
-from animatediff_jax.export import position_table
+from animatediff_jax.checkpoints.motion import position_table
 from animatediff_jax.lora import domain_adapter_targets, init_lora, lora_layers, merge, motion_lora_targets
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.unet import UNet3D, param_shapes

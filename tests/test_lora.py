@@ -128,8 +128,9 @@ def run_ours(params, x, t, ctx) -> np.ndarray:
 
 def original_name(name: str) -> str:
     """A diffusers module name -> original AnimateDiff LoRA stem (plain string rules)."""
-    name = re.sub(r"(motion_modules\.\d+)\.", r"\1.temporal_transformer.", name)
-    name = name.replace(".attn1.", ".attention_blocks.0.").replace(".attn2.", ".attention_blocks.1.")
+    if "motion_modules" in name:  # spatial layers keep attn1/attn2 (the v3 domain adapter's naming)
+        name = re.sub(r"(motion_modules\.\d+)\.", r"\1.temporal_transformer.", name)
+        name = name.replace(".attn1.", ".attention_blocks.0.").replace(".attn2.", ".attention_blocks.1.")
     stem, proj = name.rsplit(".to_", 1)
     return f"{stem}.processor.to_{'out' if proj == 'out.0' else proj}_lora"
 

@@ -19,6 +19,7 @@ A motion module is held as a *partial* params tree with only the `motion_modules
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Mapping
@@ -46,6 +47,25 @@ PE_SUFFIXES = (".pos_embed.pe", ".pos_encoder.pe")
 
 def _sinusoid(length: int, dim: int) -> np.ndarray:
     return np.asarray(sinusoidal_table(length, dim), np.float32)
+
+
+def position_table(length: int, dim: int) -> np.ndarray:
+    """The `[length, dim]` sinusoidal table as PyTorch computes it (the original's `PositionalEncoding`,
+    diffusers' `SinusoidalPositionalEmbedding`), so written `pe` buffers match theirs bit for bit.
+
+    XLA's and torch's exp/sin/cos differ by an ulp here and there (up to ~2e-6); without torch
+    the table is computed with ours (`layers.sinusoidal_table`).
+    """
+    try:
+        import torch
+    except ImportError:
+        return _sinusoid(length, dim)
+    position = torch.arange(length).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)
+    return pe.numpy()
 
 
 def _pe_tolerance(v: np.ndarray) -> float:
@@ -408,6 +428,27 @@ def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray], metad
         raise ValueError(f"{path}: unknown weight file extension (use .safetensors or .ckpt)")
 
 
+def motion_state_dict(
+    motion_params: Mapping[str, Any], config: UNetConfig, layout: str = "original", dtype: Any = np.float32
+) -> StateDict:
+    """Motion params as a PyTorch state dict: `layout="original"` (AnimateDiff's naming, two
+    `pos_encoder.pe` per temporal block) or `"diffusers"` (MotionAdapter's, one `pos_embed.pe`)."""
+    if layout not in ("original", "diffusers"):
+        raise ValueError(f"unknown motion-module layout {layout!r}")
+    sd = _checked_motion_state_dict(motion_params, config, dtype)
+    tables: StateDict = {}
+    for block, channels in _blocks_with_pe(sd).items():
+        pe = position_table(config.motion.max_positions, channels)[None].astype(dtype)
+        if layout == "diffusers":
+            tables[f"{block}.pos_embed.pe"] = pe
+        else:
+            for i in (0, 1):
+                tables[f"{diffusers_to_original_key(block)}.attention_blocks.{i}.pos_encoder.pe"] = pe
+    if layout == "original":
+        sd = {diffusers_to_original_key(k): v for k, v in sd.items()}
+    return {**sd, **tables}
+
+
 def save_motion_module_original(
     path: str | os.PathLike, motion_params: Mapping[str, Any], config: UNetConfig, dtype: Any = np.float32
 ) -> None:
@@ -417,13 +458,7 @@ def save_motion_module_original(
     `.safetensors` without torch. Each temporal attention gets its `pos_encoder.pe` table
     `[1, config.motion.max_positions, C]`, as the original model holds them.
     """
-    sd = _checked_motion_state_dict(motion_params, config, dtype)
-    out = {diffusers_to_original_key(k): v for k, v in sd.items()}
-    for block, c in _blocks_with_pe(sd).items():
-        pe = _sinusoid(config.motion.max_positions, c)[None].astype(dtype)
-        for i in (0, 1):
-            out[f"{diffusers_to_original_key(block)}.attention_blocks.{i}.pos_encoder.pe"] = pe
-    save_state_dict(path, out)
+    save_state_dict(path, motion_state_dict(motion_params, config, "original", dtype))
 
 
 def motion_adapter_config(config: UNetConfig) -> dict:
@@ -460,9 +495,7 @@ def save_motion_adapter(
     included, so `MotionAdapter.from_pretrained(folder)` reports nothing missing or unexpected.
     """
     folder = os.fspath(folder)
-    sd = _checked_motion_state_dict(motion_params, config, dtype)
-    for block, c in _blocks_with_pe(sd).items():
-        sd[f"{block}.pos_embed.pe"] = _sinusoid(config.motion.max_positions, c)[None].astype(dtype)
+    sd = motion_state_dict(motion_params, config, "diffusers", dtype)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(motion_adapter_config(config), f, indent=2)

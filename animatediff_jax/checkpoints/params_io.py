@@ -36,7 +36,7 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Params], meta: Mappi
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
-    flat = {SEP.join(k): np.ascontiguousarray(_to_numpy(v)) for k, v in flatten(tree).items()}
+    flat = {SEP.join(k): np.asarray(_to_numpy(v), order="C") for k, v in flatten(tree).items()}  # keeps 0-d
     bad = [k for k in flat if "." in k]
     if bad:
         raise ValueError(f"param names must not contain '.': {bad[:3]}")

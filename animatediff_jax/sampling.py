@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from animatediff_jax import schedulers as S
+from animatediff_jax.io.video import to_uint8
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.models.config import UNetConfig
 from animatediff_jax.models.unet import UNet3D
@@ -299,7 +300,12 @@ def denoise(
 
 
 def decode_latents(vae: AutoencoderKL, vae_params: Params, latents: jax.Array, chunk: int | None = 4) -> jax.Array:
-    """Latents `[B, F, h, w, 4]` -> float32 frames in [0, 1] `[B, F, H, W, 3]`, as diffusers post-processes.
+    """Latents `[B, F, h, w, 4]` -> float32 frames in [0, 1] `[B, F, H, W, 3]`, as diffusers post-processes."""
+    return jnp.clip(decode_raw(vae, vae_params, latents, chunk) / 2 + 0.5, 0.0, 1.0)
+
+
+def decode_raw(vae: AutoencoderKL, vae_params: Params, latents: jax.Array, chunk: int | None = 4) -> jax.Array:
+    """Latents `[B, F, h, w, 4]` -> the VAE's float32 output in about [-1, 1] `[B, F, H, W, 3]` (unclipped).
 
     Decodes `chunk` frames of every sample per `lax.map` step (memory bounded by
     `B * chunk` frames); the batch axis stays whole, so a batch-sharded input stays sharded.
@@ -313,20 +319,14 @@ def decode_latents(vae: AutoencoderKL, vae_params: Params, latents: jax.Array, c
         return out.astype(jnp.float32).reshape((bb, c) + out.shape[1:])
 
     if chunk is None or chunk >= f:
-        images = dec(z)
-    else:
-        full = (f // chunk) * chunk
-        head = z[:, :full].reshape((b, f // chunk, chunk) + z.shape[2:]).swapaxes(0, 1)
-        out = jax.lax.map(dec, head).swapaxes(0, 1)
-        images = out.reshape((b, full) + out.shape[3:])
-        if full < f:
-            images = jnp.concatenate([images, dec(z[:, full:])], axis=1)
-    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
-
-
-def to_uint8(frames: jax.Array) -> jax.Array:
-    """[0, 1] floats -> uint8, rounding as diffusers' `numpy_to_pil` does."""
-    return jnp.round(frames * 255).astype(jnp.uint8)
+        return dec(z)
+    full = (f // chunk) * chunk
+    head = z[:, :full].reshape((b, f // chunk, chunk) + z.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(dec, head).swapaxes(0, 1)
+    images = out.reshape((b, full) + out.shape[3:])
+    if full < f:
+        images = jnp.concatenate([images, dec(z[:, full:])], axis=1)
+    return images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,7 +550,7 @@ def generate(
         return denoise(unet, params, sched, x, cond, uncond, g, key_data, emit, windows)
 
     def decode_fn(params, latents):
-        return to_uint8(decode_latents(vae, params, latents, decode_chunk))
+        return to_uint8(decode_raw(vae, params, latents, decode_chunk))
 
     args = (unet_params, sched, noise, cond, uncond, g, key_data)
     static = (unet, windows, progress is not False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from fractions import Fraction
 from typing import Iterable, Sequence
 
@@ -21,10 +22,25 @@ class VideoReadError(RuntimeError):
     """A video could not be opened or decoded (or has fewer frames than asked for)."""
 
 
-def to_uint8(frames) -> np.ndarray:
-    """Model outputs in [-1, 1] -> uint8 (clipped, rounded as diffusers' `numpy_to_pil`)."""
-    x = np.asarray(frames, dtype=np.float32)
-    return np.round(np.clip(x / 2.0 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
+def _array_module(x):
+    """`jax.numpy` for JAX arrays (traced ones too), else numpy; jax is never imported here."""
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        import jax.numpy as jnp
+
+        return jnp
+    return np
+
+
+def to_uint8(frames):
+    """Model outputs in [-1, 1] -> uint8 (clipped, rounded as diffusers' `numpy_to_pil`).
+
+    numpy in, numpy out; a JAX array (also inside `jit`) stays a JAX array, so the sampler's
+    compiled decode ends with this very function and only uint8 frames leave the device.
+    """
+    xp = _array_module(frames)
+    x = xp.asarray(frames, dtype=xp.float32)
+    return xp.round(xp.clip(x / 2.0 + 0.5, 0.0, 1.0) * 255.0).astype(xp.uint8)
 
 
 def _check_frames(frames) -> np.ndarray:

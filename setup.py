@@ -27,7 +27,8 @@ setup(
         # converted checkpoints load without them.
         "torch": ["torch", "transformers", "diffusers"],
         "data": ["grain", "av"],
-        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "grain", "av"],
+        "train": ["grain", "av", "tensorboardX"],
+        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "grain", "av", "tensorboardX"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},
 )

@@ -8,7 +8,7 @@ read (or paste) exactly what would happen. Multi-host: the same command runs on 
   python launch/tpu.py create --name ad-v5p --zone us-east5-a --accelerator-type v5p-64 --dry-run
   python launch/tpu.py setup  --name ad-v5p --zone us-east5-a
   python launch/tpu.py run    --name ad-v5p --zone us-east5-a \
-      --config configs/train/stage2_motion_module.py -- --config.data.csv_path=gs://bucket/webvid.csv
+      --config configs/train/stage2_motion_module.py -- --config.data.csv=gs://bucket/webvid.csv
   python launch/tpu.py logs   --name ad-v5p --zone us-east5-a
   python launch/tpu.py delete --name ad-v5p --zone us-east5-a
 """

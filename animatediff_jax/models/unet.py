@@ -97,25 +97,43 @@ class Upsample(nn.Module):
         return conv(self.out_channels, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
+
+def _remat(cls: type, policy: str, static_argnums: tuple[int, ...] = ()) -> type:
+    """`cls` rematerialised per call (each block is its own checkpoint region) under a named policy."""
+    if policy == "none":
+        return cls
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
+    named = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    return nn.remat(cls, policy=named, static_argnums=static_argnums)
+
+
 class _Layers:
     """The per-call context every block needs: config, time embedding, text context, frames."""
 
-    def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict):
+    def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict, remat: str = "none"):
         self.cfg, self.temb, self.context, self.f, self.kw = cfg, temb, context, num_frames, kw
+        # argnums count `self`: num_frames is static for resnets (3) and motion modules (2).
+        self.Resnet = _remat(ResnetBlock, remat, (3,))
+        self.Transformer = _remat(Transformer2D, remat)
+        self.Motion = _remat(MotionModule, remat, (2,))
 
     def resnet(self, x, out: int, name: str):
         c = self.cfg
-        block = ResnetBlock(out, c.norm_num_groups, c.norm_eps, c.spatial_norm_per_frame, name=name, **self.kw)
+        block = self.Resnet(out, c.norm_num_groups, c.norm_eps, c.spatial_norm_per_frame, name=name, **self.kw)
         return block(x, self.temb, self.f)
 
     def attention(self, x, name: str):
         c = self.cfg
-        block = Transformer2D(c.attention_heads, c.transformer_layers, c.norm_num_groups, name=name, **self.kw)
+        block = self.Transformer(c.attention_heads, c.transformer_layers, c.norm_num_groups, name=name, **self.kw)
         return block(x, self.context)
 
     def motion(self, x, name: str):
         mm = self.cfg.motion
-        return MotionModule(mm, name=name, **self.kw)(x, self.f) if mm else x
+        return self.Motion(mm, name=name, **self.kw)(x, self.f) if mm else x
 
 
 class DownBlock(nn.Module):
@@ -179,11 +197,14 @@ class UNet3D(nn.Module):
     """`__call__(sample[B,F,H,W,C], timesteps[B] or scalar, context[B,L,D]) -> noise[B,F,H,W,C]`.
 
     Without a motion config it is the image UNet run per frame (the base SD1.5 model).
+    `remat` names a `jax.checkpoint` policy applied to every resnet, spatial transformer and
+    motion module on its own (training memory: activations inside a block are recomputed).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
@@ -196,7 +217,8 @@ class UNet3D(nn.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(timestep_embedding(timesteps, chans[0]))
         # Spatial layers see frames as batch: one time embedding and one text context per frame.
-        ctx = _Layers(cfg, jnp.repeat(temb, f, axis=0), jnp.repeat(context.astype(self.dtype), f, axis=0), f, kw)
+        ctx = _Layers(cfg, jnp.repeat(temb, f, axis=0), jnp.repeat(context.astype(self.dtype), f, axis=0), f, kw,
+                      self.remat)
 
         x = conv(chans[0], "conv_in", **kw)(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
         skips = [x]

@@ -61,7 +61,7 @@ def base_config() -> ConfigDict:
     p.min_fsdp_size = 4096  # arrays with fewer elements are replicated
     p.compute_dtype = "bfloat16"  # activations / matmuls; trainable params and optimizer stay float32
     p.frozen_dtype = "float32"  # storage of the frozen weights ("bfloat16" halves their memory)
-    p.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | ...
+    p.remat = "none"  # per-block jax.checkpoint policy: none | full | dots_saveable | ... (models.unet.REMAT_POLICIES)
     p.distributed = "auto"  # jax.distributed.initialize(): auto (pods / env vars) | true | false
     p.coordinator = ""  # host:port, off-TPU multi-host only
     p.num_processes = 0

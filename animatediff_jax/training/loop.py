@@ -307,13 +307,12 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
                         float(o.grad_clip), int(o.warmup_steps))
     spec = StepSpec(
         stage=stage,
-        unet=UNet3D(models.unet_config, dtype=compute),
+        unet=UNet3D(models.unet_config, dtype=compute, remat=p.remat),
         loss=LossConfig(ls.prediction_type, float(ls.min_snr_gamma), int(ls.num_train_timesteps),
                         float(ls.beta_start), float(ls.beta_end), ls.beta_schedule),
         vae=AutoencoderKL(models.vae_config, dtype=compute) if models.vae is not None else None,
         text=CLIPTextModel(models.text_config) if models.text_encoder is not None else None,
         lora_scale=float(config.model.lora_scale),
-        remat_policy=p.remat,
         grad_accum_steps=int(config.train.grad_accum_steps),
     )
     tx, _ = make_optimizer(optim)

@@ -120,28 +120,6 @@ def diffusion_loss(pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Arra
     return jnp.mean(per_clip)
 
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
-                  "everything_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
-
-
-def remat(fn: Callable, policy: str) -> Callable:
-    """`fn` under `jax.checkpoint` with a named policy ("none": untouched; "full": save nothing).
-
-    The whole UNet call is one checkpointed region: its backward pass recomputes what the policy
-    does not save (e.g. "dots_saveable" keeps matmul/conv outputs, recomputes norms/activations).
-    As one region it trades FLOPs for little memory (XLA's estimate for SD1.5+v2, one 16x256x256
-    clip, bf16: 25.8 GiB temporaries with "none" or "full", 24.0 with
-    "dots_with_no_batch_dims_saveable"); a real peak reduction needs per-block remat inside the UNet.
-    """
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn)
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
-    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
-
-
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """What the step computes (static under jit).
@@ -158,7 +136,6 @@ class StepSpec:
     vae: AutoencoderKL | None = None
     text: nn.Module | None = None
     lora_scale: float = 1.0
-    remat_policy: str = "none"
     grad_accum_steps: int = 1
     vae_sample_posterior: bool = True
 
@@ -211,10 +188,8 @@ def make_loss_fn(spec: StepSpec, gather: NamedSharding | None = None
                                          spec.loss.beta_end, spec.loss.beta_schedule))
     n_t = spec.loss.num_train_timesteps
 
-    def unet_apply(params, x, t, ctx):
+    def unet_apply(params, x, t, ctx):  # rematerialisation, if any, is per block inside the UNet
         return spec.unet.apply({"params": params}, x, t, ctx)
-
-    unet_apply = remat(unet_apply, spec.remat_policy)
 
     def loss_fn(trainable, frozen, batch, key, rows):
         keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 3))(rows)

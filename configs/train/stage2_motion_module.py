@@ -15,8 +15,8 @@ def get_config():
     c.train.resolution = 256
     c.train.batch_size = 4  # the original: 4 per GPU; scale with the number of devices
     c.train.steps = 100_000
-    # Remat wraps the whole UNet call, which recomputes but barely lowers the peak (XLA CPU estimate,
-    # 1 clip 16x256x256 bf16: 25.8 GiB none / 24.0 GiB dots_with_no_batch_dims_saveable / 25.8 GiB full).
+    # Per-block remat (each resnet / transformer / motion module recomputed in the backward pass);
+    # "dots_with_no_batch_dims_saveable" keeps weight matmuls. Turn on when a chip's memory is short.
     c.parallel.remat = "none"
     c.data.source = "webvid"
     c.data.csv = "data/webvid/results_2M_train.csv"

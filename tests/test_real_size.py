@@ -43,4 +43,5 @@ def test_sd15_v2_real_architecture():
     ours = UNet3D(cfg).apply(
         {"params": params}, jnp.asarray(x.permute(0, 2, 3, 4, 1).numpy()), jnp.array([500]), jnp.asarray(ctx.numpy())
     )
-    assert_close(np.asarray(ours).transpose(0, 4, 1, 2, 3), ref, rtol=2e-5, what="SD1.5+v2 UNet3D")
+    err = assert_close(np.asarray(ours).transpose(0, 4, 1, 2, 3), ref, rtol=2e-5, what="SD1.5+v2 UNet3D")
+    print(f"SD1.5+v2 UNet3D vs UNetMotionModel: max abs err {err:.3g} (ref max {np.abs(ref).max():.3g})")

@@ -34,6 +34,7 @@ from animatediff_jax import schedulers as S
 from animatediff_jax.models.clip_text import CLIPTextConfig, convert_clip_text
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
 from animatediff_jax.models.vae import VAEConfig
+from animatediff_jax.text import write_tiny_tokenizer  # noqa: F401  (parity.write_tiny_tokenizer)
 from animatediff_jax.sampling import (
     AnimationPipeline,
     decode_latents,
@@ -59,30 +60,6 @@ REFERENCE_SCHEDULERS = {
 # ----------------------------------------------------------------------------------------------
 # Building the diffusers pipeline (tiny / full-size random weights, or from files).
 # ----------------------------------------------------------------------------------------------
-
-
-def write_tiny_tokenizer(folder: str) -> dict[str, int]:
-    """A small CLIP BPE vocabulary (`</w>` word ends, a few merges) that transformers' CLIPTokenizer reads."""
-    os.makedirs(folder, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!")
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>", "a n", "an d</w>"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # Without model_max_length the tokenizer would pad "to max length" 1e30 tokens.
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
-    return vocab
 
 
 def randomize(module, seed: int = 0, scale: float = 0.2):

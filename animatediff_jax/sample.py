@@ -689,7 +689,7 @@ def write_tiny_models(folder: str | os.PathLike, seed: int = 0) -> dict[str, str
     from animatediff_jax.models.config import tiny_unet
     from animatediff_jax.models.unet import param_shapes
     from animatediff_jax.models.vae import VAEConfig
-    from animatediff_jax.parity import write_tiny_tokenizer
+    from animatediff_jax.text import write_tiny_tokenizer
 
     folder = os.fspath(folder)
     paths = {k: os.path.join(folder, v) for k, v in TINY_FILES.items()}

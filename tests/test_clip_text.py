@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import types
 
 import jax
@@ -14,7 +13,7 @@ from conftest import assert_close
 
 from animatediff_jax.checkpoints.torch_io import CheckpointError
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, convert_clip_text
-from animatediff_jax.text import Tokenizer, encode_prompts
+from animatediff_jax.text import Tokenizer, write_tiny_tokenizer, encode_prompts
 
 TINY = CLIPTextConfig.tiny()
 BOS, EOS = TINY.vocab_size - 2, TINY.vocab_size - 1  # CLIP's real ids are the last two of the vocab too
@@ -166,24 +165,6 @@ def test_sd15_forward_matches_transformers():
 
 
 # ------------------------------------------------------------------------ tokenizer
-
-
-def write_tiny_tokenizer(folder) -> dict[str, int]:
-    """A CLIP-style BPE vocabulary (`</w>` word ends) with a few merges, as vocab.json + merges.txt."""
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!")
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>", "a n", "an d</w>"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return vocab
 
 
 PROMPTS = ["the cat", "A dog, and THE cat!", "", "cat " * 100, "x9 y"]

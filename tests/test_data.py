@@ -406,18 +406,9 @@ def test_pipeline_tokenizes_captions():
 
 
 def _tiny_tokenizer(folder):
-    from animatediff_jax.text import Tokenizer
+    from animatediff_jax.text import Tokenizer, write_tiny_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    write_tiny_tokenizer(folder)
     return Tokenizer(folder)
 
 

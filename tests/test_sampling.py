@@ -210,14 +210,13 @@ CHILD = textwrap.dedent(
     import json, os, sys, tempfile
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from animatediff_jax import parity
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import MotionConfig, UNetConfig
     from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
     from animatediff_jax.models.unet import param_shapes
     from animatediff_jax.models.vae import VAEConfig
     from animatediff_jax.sampling import AnimationPipeline, generate, make_mesh
-    from animatediff_jax.text import Tokenizer
+    from animatediff_jax.text import Tokenizer, write_tiny_tokenizer
 
     assert jax.device_count() == 8, jax.devices()
     text_cfg, vae_cfg = CLIPTextConfig.tiny(), VAEConfig.tiny()
@@ -233,7 +232,7 @@ CHILD = textwrap.dedent(
         return jax.tree_util.tree_map_with_path(leaf, shapes)
     params = dict(unet=rand(param_shapes(cfg)), vae=rand(vae_shapes(vae_cfg)), text_encoder=rand(clip_shapes(text_cfg)))
     tok = tempfile.mkdtemp()
-    parity.write_tiny_tokenizer(tok)
+    write_tiny_tokenizer(tok)
     pipe = AnimationPipeline(cfg, vae_cfg, text_cfg, params, Tokenizer(tok))
     prompts, seeds = ["the cat", "a dog", "the dog and the cat"], [5, 6, 7]
     kw = dict(num_frames=4, height=16, width=16, steps=3, scheduler="euler_ancestral", decode_chunk=2)

@@ -13,7 +13,7 @@ import torch
 
 from animatediff_jax.checkpoints.motion import convert_unet_state_dict
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.models.unet import UNet3D
 from conftest import assert_close
 from torch_refs import patch_to_original, torch_motion_unet
 

@@ -8,10 +8,10 @@ The wrappers below reshape around the very same `nn.GroupNorm` so the weights ar
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from animatediff_jax.models.config import UNetConfig
+from animatediff_jax.parity import randomize  # noqa: F401  (seeded random torch weights, one definition)
 
 
 class PerFrameNorm(nn.Module):
@@ -73,19 +73,6 @@ def motion_adapter_kwargs(cfg: UNetConfig) -> dict:
         motion_max_seq_length=mm.max_positions,
         use_motion_mid_block=mm.mid_block,
     )
-
-
-def randomize(module: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
-    """Seeded random weights everywhere, zero-initialised projections too, so every path is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and ("norm" in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p[0].numel() if p.ndim > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=g) * (scale if p.ndim == 1 else fan_in**-0.5))
-    return module.eval()
 
 
 def torch_motion_unet(cfg: UNetConfig, seed: int = 0):

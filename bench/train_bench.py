@@ -2,7 +2,7 @@
 
     python bench/train_bench.py                  # SD1.5 + AnimateDiff v2, 16 frames 256x256, batch 4 per device
     python bench/train_bench.py --small          # same architecture, 2 frames 64x64, batch 1 (a CPU check)
-    python bench/train_bench.py --small --tiny   # tiny models: checks the script itself in seconds
+    python bench/train_bench.py --small --tiny   # tiny models: checks the script (compile-bound, < 1 min on CPU)
 
 Two variants of the step, both sides: `cached` (the batch holds VAE latents and text contexts, as
 after `animatediff-jax prepare`) and `online` (the batch holds pixels; the frozen VAE encodes them
@@ -10,7 +10,9 @@ inside the step, under no_grad on the torch side). Text contexts are cached in b
 
 Ours: the trainer of `animatediff_jax.training` (`build_trainer`, stage `motion_module`, random
 SD1.5 + v2 weights from `fast_random_params`) on a 1x1 mesh of one device, `--ours-dtype` compute
-(bfloat16), float32 trainable params, AdamW, one jitted step with the train state donated.
+(auto: bfloat16 on GPU/TPU, float32 on CPU like torch), float32 trainable params, AdamW, one
+jitted step with the train state donated. On a shared CPU machine set OMP_WAIT_POLICY=PASSIVE:
+torch's spinning OpenMP threads otherwise stall for seconds per step (see BENCHMARKS.md).
 Reference: diffusers' `UNetMotionModel.from_unet2d` with random weights (`tests/torch_refs.py`),
 only the motion modules trainable, AdamW(lr 1e-4, wd 1e-2), grad-norm clip 1.0, bf16 autocast on
 CUDA (fp32 on CPU), SDPA attention (`AttnProcessor2_0`), DDPM noising and epsilon MSE. Both sides
@@ -338,6 +340,10 @@ def main(argv=None) -> int:
     if torch is not None:
         torch_device = args.torch_device if args.torch_device != "auto" else (
             "cuda" if torch.cuda.is_available() else "cpu")
+        if args.torch_device == "auto" and torch_device == "cpu" and jax.default_backend() != "cpu":
+            print(f"no CUDA for torch while JAX runs on {jax.default_backend()}: reference skipped "
+                  "(--torch-device cpu forces it onto the host)")
+            args.skip_torch = True
     if args.ours_dtype == "auto":
         args.ours_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     unet_cfg, vae_cfg = model_configs(args.tiny)

@@ -21,9 +21,9 @@ def _positive(x) -> bool:
 def test_train_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
     # Speed is not what is checked: level-0 XLA backend optimisation halves the CPU compile time,
-    # and one OpenMP thread keeps torch from stalling (seconds per tiny step) on a loaded machine.
+    # and passive OpenMP waiting keeps torch from stalling (seconds per tiny step) on a loaded machine.
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
-               JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+               JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, os.path.join(ROOT, "bench", "train_bench.py"), "--small", "--tiny", "--warmup", "0",
            "--repeats", "2", "--torch-device", "cpu", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["animatediff_jax", "animatediff_jax.*"]),
+    # The toy world's pretrained checkpoint (`animatediff-jax demo --pretrained`) ships with the package.
+    package_data={"animatediff_jax.toy": ["README.md", "assets/*/*", "assets/*/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

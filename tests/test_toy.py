@@ -87,10 +87,14 @@ def test_metrics_script(tmp_path, capsys):
 
     write_gif(tmp_path / "red_circle_moving_up_s0.gif", disc_video(linear((8.0, 12.0), (0.0, -1.0)), [3.0] * 8))
     write_gif(tmp_path / "red_circle_moving_left_s1.gif", disc_video(linear((4.0, 8.0), (1.0, 0.0)), [3.0] * 8))
+    # A still video: Pillow stores identical frames as one, which reads back as a still image.
+    write_gif(tmp_path / "red_circle_moving_down_s2.gif", disc_video([(8.0, 8.0)] * 8, [3.0] * 8))
+    write_gif(tmp_path / "grid.gif", disc_video(linear((4.0, 8.0), (1.0, 0.0)), [3.0] * 8))  # skipped in folders
     assert metrics.main([str(tmp_path), "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
-    assert summary["n"] == 2 and summary["accuracy"] == 0.5 and summary["predicted"] == {"right": 1, "up": 1}
+    assert summary["n"] == 3 and summary["accuracy"] == round(1 / 3, 4), summary
+    assert summary["predicted"] == {"right": 1, "static": 1, "up": 1}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,8 +101,10 @@ def measure(video: np.ndarray) -> Motion:
     tr = track(video)
     f = tr.shape[0]
     found = float(np.isfinite(tr[:, 0]).mean())
-    if found < 1.0 or f < 2:
+    if found < 1.0:
         return Motion(np.nan, np.nan, np.nan, "none", np.nan, found)
+    if f < 2:  # a still image (a GIF of identical frames reads back as one frame)
+        return Motion(0.0, 0.0, 0.0, "static", 0.0, found)
     t = np.arange(f, dtype=np.float64)
     t -= t.mean()
     den = float((t * t).sum())
@@ -197,7 +199,8 @@ def _files(paths: Iterable[str]) -> list[str]:
     out = []
     for p in paths:
         if os.path.isdir(p):
-            out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(_EXTS))
+            out += sorted(os.path.join(p, f) for f in os.listdir(p)
+                          if f.lower().endswith(_EXTS) and not f.lower().startswith("grid."))  # the demo's tiling
         else:
             out.append(p)
     return out

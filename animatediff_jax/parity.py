@@ -107,6 +107,8 @@ def build_random_pipeline(size: str = "tiny", seed: int = 0, workdir: str | None
     from transformers import CLIPTextModel as HFCLIPTextModel
     from transformers import CLIPTokenizer
 
+    from animatediff_jax.checkpoints.motion import motion_adapter_kwargs
+
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
     text_cfg = CLIPTextConfig.tiny() if size == "tiny" else CLIPTextConfig.sd15()
@@ -117,18 +119,8 @@ def build_random_pipeline(size: str = "tiny", seed: int = 0, workdir: str | None
     vocab = write_tiny_tokenizer(folder)
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     torch.manual_seed(seed)
-    mm = unet_cfg.motion
     unet2d = UNet2DConditionModel(**unet_cfg.to_diffusers(), sample_size=8)
-    adapter = MotionAdapter(
-        block_out_channels=unet_cfg.block_out_channels,
-        motion_layers_per_block=unet_cfg.layers_per_block,
-        motion_transformer_layers_per_block=mm.num_layers,
-        motion_mid_block_layers_per_block=1,
-        motion_num_attention_heads=mm.heads,
-        motion_norm_num_groups=mm.norm_num_groups,
-        motion_max_seq_length=mm.max_positions,
-        use_motion_mid_block=mm.mid_block,
-    )
+    adapter = MotionAdapter(**motion_adapter_kwargs(unet_cfg))
     unet = randomize(UNetMotionModel.from_unet2d(unet2d, adapter), seed)
     del unet2d
     vae = randomize(AutoencoderKL(**vae_cfg.to_diffusers()), seed + 1)

@@ -16,6 +16,7 @@ checkpoint in `workdir/checkpoints` and exports its trained params to `workdir/`
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -37,7 +38,9 @@ def parse_config(argv: list[str]):
     return fv.config, fv.print_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run: Callable[[Any], Any] | None = None) -> int:
+    """The `train` command; `run(config)` (default `training.loop.train`) does the work, so other
+    trainers (the toy base model) share its config flags and error handling."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -51,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if print_only:
         print(config)
         return 0
-    from animatediff_jax.training.loop import train
+    if run is None:
+        from animatediff_jax.training.loop import train as run
 
-    train(config)
+    run(config)
     return 0
 
 

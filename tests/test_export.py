@@ -22,7 +22,6 @@ import json
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -46,11 +45,11 @@ from animatediff_jax.cli import main as cli
 from animatediff_jax.checkpoints.motion import position_table
 from animatediff_jax.lora import domain_adapter_targets, init_lora, lora_layers, merge, motion_lora_targets
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.models.unet import param_shapes
 from conftest import assert_close
 from test_lora import MOTION_ATTN, SPATIAL_ATTN, diffusers_pipeline, modules, random_factors
 from test_motion_formats import fake_original
-from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, unet2d_kwargs
+from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, unet2d_kwargs
 
 FRAMES = 4
 BASE = tiny_unet(None)
@@ -92,16 +91,6 @@ def run(argv, capsys=None) -> tuple[int, str]:
         capsys.readouterr()
     rc = cli([str(a) for a in argv])
     return rc, capsys.readouterr().err if capsys is not None else ""
-
-
-_apply = {}
-
-
-def ours(cfg, params, x, t, ctx) -> np.ndarray:
-    if cfg not in _apply:
-        _apply[cfg] = jax.jit(UNet3D(cfg).apply)
-    out = _apply[cfg]({"params": params}, jnp.asarray(x.permute(0, 2, 3, 4, 1).numpy()), t.numpy(), ctx.numpy())
-    return np.asarray(out).transpose(0, 4, 1, 2, 3)
 
 
 def torch_out(model, cfg, x, t, ctx, original: bool = True) -> np.ndarray:
@@ -233,11 +222,11 @@ def test_motion_export_loads_in_diffusers(version, tmp_path, capsys):
     tm = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
     params = merge_motion(convert_unet_state_dict(unet2d.state_dict(), BASE), motion, cfg)
     x, t, ctx = inputs(cfg)
-    err = assert_close(ours(cfg, params, x, t, ctx), torch_out(tm, cfg, x, t, ctx), rtol=1e-5, what=version)
+    err = assert_close(run_unet3d(cfg, params, x, t, ctx), torch_out(tm, cfg, x, t, ctx), rtol=1e-5, what=version)
     # diffusers' own numerics (motion GroupNorm across frames, spatial per frame) are a config away.
     dcfg = cfg.replace(spatial_norm_per_frame=True, motion=dataclasses.replace(cfg.motion, norm_per_frame=False))
     err_d = assert_close(
-        ours(dcfg, params, x, t, ctx), torch_out(tm, cfg, x, t, ctx, original=False), rtol=1e-5, what="diffusers"
+        run_unet3d(dcfg, params, x, t, ctx), torch_out(tm, cfg, x, t, ctx, original=False), rtol=1e-5, what="diffusers"
     )
     print(f"{version} export -> UNetMotionModel: max abs err {err:.2e} (original norms), {err_d:.2e} (diffusers')")
 
@@ -340,7 +329,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
     base_out = torch_out(ref_unet, CFG, x, t, ctx)
     report = []  # (printed at the end: `run` reads and drops captured output)
     for weight in (1.0, 0.6):
-        mine = ours(CFG, merge(params, tree, weight), x, t, ctx)
+        mine = run_unet3d(CFG, merge(params, tree, weight), x, t, ctx)
         pipe = diffusers_pipeline(ref_unet)
         pipe.load_lora_weights(str(tmp_path / "ml_peft.safetensors"), adapter_name="motion")
         pipe.set_adapters(["motion"], [weight])
@@ -359,7 +348,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
     keys = torch_sd(tmp_path / "da.ckpt")
     assert all(re.search(r"\.attentions\.\d+\.transformer_blocks\.0\.attn[12]\.processor\.to_", k) for k in keys)
     hand = torch_out(merge_original_by_hand(ref_unet, tmp_path / "da.ckpt", 0.8), CFG, x, t, ctx)
-    err = assert_close(ours(CFG, merge(params, da, 0.8), x, t, ctx), hand, rtol=1e-5, what="domain adapter")
+    err = assert_close(run_unet3d(CFG, merge(params, da, 0.8), x, t, ctx), hand, rtol=1e-5, what="domain adapter")
     print("\n".join([*report, f"domain adapter export at 0.8 vs original rule: max abs err {err:.2e}"]))
 
 

@@ -40,7 +40,7 @@ from animatediff_jax.lora import (
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.unet import UNet3D, param_shapes
 from conftest import assert_close
-from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, unet2d_kwargs
+from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, unet2d_kwargs
 
 FRAMES = 4
 CFG = tiny_unet("v2")
@@ -118,12 +118,8 @@ def inputs():
     return torch.randn(1, 4, FRAMES, 8, 8, generator=g), torch.tensor([500]), torch.randn(1, 5, 16, generator=g)
 
 
-_unet_apply = jax.jit(UNet3D(CFG).apply)
-
-
 def run_ours(params, x, t, ctx) -> np.ndarray:
-    out = _unet_apply({"params": params}, jnp.asarray(x.permute(0, 2, 3, 4, 1).numpy()), t.numpy(), ctx.numpy())
-    return np.asarray(out).transpose(0, 4, 1, 2, 3)
+    return run_unet3d(CFG, params, x, t, ctx)
 
 
 def original_name(name: str) -> str:

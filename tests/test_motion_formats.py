@@ -13,7 +13,6 @@ import json
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -31,9 +30,9 @@ from animatediff_jax.checkpoints.motion import (
 )
 from animatediff_jax.checkpoints.torch_io import CheckpointError, flatten, load_state_dict
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.models.unet import param_shapes
 from conftest import assert_close
-from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, torch_motion_unet
+from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, torch_motion_unet
 
 FRAMES = 4
 BASE = tiny_unet(None)
@@ -66,16 +65,6 @@ def split(tm) -> tuple[dict, dict]:
     sd = {k: v.detach().clone() for k, v in tm.state_dict().items()}
     motion = {k: v for k, v in sd.items() if ".motion_modules." in k}
     return {k: v for k, v in sd.items() if k not in motion}, motion
-
-
-_apply = {}
-
-
-def ours(cfg, params, x, t, ctx) -> np.ndarray:
-    if cfg not in _apply:
-        _apply[cfg] = jax.jit(UNet3D(cfg).apply)
-    out = _apply[cfg]({"params": params}, jnp.asarray(x.permute(0, 2, 3, 4, 1).numpy()), t.numpy(), ctx.numpy())
-    return np.asarray(out).transpose(0, 4, 1, 2, 3)
 
 
 def reference(tm, cfg, x, t, ctx) -> np.ndarray:
@@ -132,7 +121,7 @@ def test_original_file_parity(version, tmp_path):
     assert loaded == cfg
     params = merge_motion(convert_unet_state_dict(spatial, BASE), motion_params, loaded)
     x, t, ctx = inputs(cfg)
-    err = assert_close(ours(cfg, params, x, t, ctx), reference(tm, cfg, x, t, ctx), rtol=1e-5, what=version)
+    err = assert_close(run_unet3d(cfg, params, x, t, ctx), reference(tm, cfg, x, t, ctx), rtol=1e-5, what=version)
     print(f"{version} original file: max abs err {err:.2e}")
 
 
@@ -153,7 +142,7 @@ def test_motion_adapter_folder(tmp_path):
     params = merge_motion(base, motion_params, loaded)
     assert_trees_equal(params, convert_unet_state_dict(tm.state_dict(), cfg))
     x, t, ctx = inputs(cfg)
-    err = assert_close(ours(cfg, params, x, t, ctx), reference(tm, cfg, x, t, ctx), rtol=1e-5, what="v1 folder")
+    err = assert_close(run_unet3d(cfg, params, x, t, ctx), reference(tm, cfg, x, t, ctx), rtol=1e-5, what="v1 folder")
     print(f"MotionAdapter folder: max abs err {err:.2e}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from animatediff_jax.checkpoints.motion import motion_adapter_kwargs  # noqa: F401  (one definition, also export's)
 from animatediff_jax.models.config import UNetConfig
 from animatediff_jax.parity import randomize  # noqa: F401  (seeded random torch weights, one definition)
 
@@ -61,20 +62,6 @@ def unet2d_kwargs(cfg: UNetConfig) -> dict:
     return dict(cfg.to_diffusers(), sample_size=8)
 
 
-def motion_adapter_kwargs(cfg: UNetConfig) -> dict:
-    mm = cfg.motion
-    return dict(
-        block_out_channels=cfg.block_out_channels,
-        motion_layers_per_block=cfg.layers_per_block,
-        motion_transformer_layers_per_block=mm.num_layers,
-        motion_mid_block_layers_per_block=1,
-        motion_num_attention_heads=mm.heads,
-        motion_norm_num_groups=mm.norm_num_groups,
-        motion_max_seq_length=mm.max_positions,
-        use_motion_mid_block=mm.mid_block,
-    )
-
-
 def torch_motion_unet(cfg: UNetConfig, seed: int = 0):
     """diffusers' `UNetMotionModel.from_unet2d(UNet2DConditionModel, MotionAdapter)` for `cfg`, random weights."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
@@ -83,3 +70,21 @@ def torch_motion_unet(cfg: UNetConfig, seed: int = 0):
     adapter = MotionAdapter(**motion_adapter_kwargs(cfg))
     model = UNetMotionModel.from_unet2d(unet2d, adapter)
     return randomize(model, seed)
+
+
+_unet_apply: dict = {}
+
+
+def run_unet3d(cfg: UNetConfig, params, x, t, ctx):
+    """Our UNet3D on torch-layout tensors (`x` `[B, C, F, H, W]`), output in torch layout (numpy);
+    one jitted apply per config."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from animatediff_jax.models.unet import UNet3D
+
+    if cfg not in _unet_apply:
+        _unet_apply[cfg] = jax.jit(UNet3D(cfg).apply)
+    out = _unet_apply[cfg]({"params": params}, jnp.asarray(x.permute(0, 2, 3, 4, 1).numpy()), t.numpy(), ctx.numpy())
+    return np.asarray(out).transpose(0, 4, 1, 2, 3)

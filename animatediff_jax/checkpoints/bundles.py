@@ -33,13 +33,13 @@ import numpy as np
 from animatediff_jax.checkpoints import params_io
 from animatediff_jax.checkpoints.lora_formats import LoraFile, load_domain_adapter, load_lora, load_motion_lora
 from animatediff_jax.checkpoints.motion import (
+    check_motion_params,
     detect_motion_version,
     is_motion_path,
     load_motion_module,
-    motion_param_shapes,
     motion_subtree,
 )
-from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, flatten, load_state_dict, report_mismatch
+from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, flatten, load_state_dict
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
 from animatediff_jax.models.config import MotionVersion, UNetConfig, inflate, sd15_unet
 
@@ -198,28 +198,13 @@ def missing_part(path: str | os.PathLike, part: str, holds: str) -> CheckpointEr
 # ------------------------------------------------------------------ motion bundles
 
 
-def _check_motion(motion_params: Mapping[str, Any], config: UNetConfig, what: str) -> None:
-    expected = flatten(motion_param_shapes(config))
-    got = flatten(motion_params)
-    report_mismatch(
-        what,
-        missing=["/".join(p) for p in expected if p not in got],
-        unexpected=["/".join(p) for p in got if p not in expected],
-        mismatched=[
-            f"{'/'.join(p)} {tuple(np.shape(v))} vs {tuple(expected[p].shape)}"
-            for p, v in got.items()
-            if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
-        ],
-    )
-
-
 def save_motion_bundle(
     path: str | os.PathLike, motion_params: Mapping[str, Any], unet_config: UNetConfig, meta: Mapping | None = None
 ) -> None:
     """Writes a motion file (checked against `unet_config`'s motion layout); `meta` adds entries."""
     if unet_config.motion is None:
         raise ValueError("save_motion_bundle: unet_config has no motion layout (config.motion is None)")
-    _check_motion(motion_params, unet_config, "motion params to save")
+    check_motion_params(motion_params, unet_config, "motion params to save")
     params_io.save_params(
         path, {"unet": motion_params}, {**(meta or {}), "kind": MOTION_MODULE, "unet_config": unet_config}
     )
@@ -239,14 +224,14 @@ def load_motion_bundle(path: str | os.PathLike) -> tuple[Params, UNetConfig]:
         config = _unet_config(meta, path)
         if config.motion is not None:
             motion = motion_subtree(unet)
-            _check_motion(motion, config, f"{path} (motion modules of a converted model)")
+            check_motion_params(motion, config, f"{path} (motion modules of a converted model)")
             return motion, config
     if kind != MOTION_MODULE or unet is None:
         raise missing_part(path, "motion module", _describe_bundle(tree, meta))
     config = _unet_config(meta, path)
     if config.motion is None:
         raise CheckpointError(f"{path}: a motion file whose unet_config has no motion layout")
-    _check_motion(unet, config, f"{path} (animatediff-jax motion module)")
+    check_motion_params(unet, config, f"{path} (animatediff-jax motion module)")
     return unet, config
 
 

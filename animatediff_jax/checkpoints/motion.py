@@ -34,7 +34,7 @@ from animatediff_jax.checkpoints.torch_io import (
     flatten,
     flax_to_torch,
     load_state_dict,
-    report_mismatch,
+    check_tree,
     torch_to_flax,
     unflatten,
 )
@@ -365,36 +365,21 @@ def merge_motion(unet_params: Mapping[str, Any], motion_params: Mapping[str, Any
         )
     merged = {p: v for p, v in flatten(unet_params).items() if not is_motion_path(p)}
     merged.update(motion)
-    report_mismatch(
-        "UNet params with motion modules",
-        missing=["/".join(p) for p in expected if p not in merged],
-        unexpected=["/".join(p) for p in merged if p not in expected],
-        mismatched=[
-            f"{'/'.join(p)} {tuple(np.shape(v))} vs model {tuple(expected[p].shape)}"
-            for p, v in merged.items()
-            if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
-        ],
-    )
+    check_tree("UNet params with motion modules", merged, expected)
     return unflatten(merged)
 
 
 # ------------------------------------------------------------------ writing
 
 
+def check_motion_params(motion_params: Mapping[str, Any], config: UNetConfig, what: str) -> None:
+    """Raises a `CheckpointError` naming the keys where `motion_params` does not fit `config`'s motion modules."""
+    check_tree(what, flatten(motion_params), flatten(motion_param_shapes(config)))
+
+
 def _checked_motion_state_dict(motion_params: Mapping[str, Any], config: UNetConfig, dtype) -> StateDict:
     """Diffusers-named motion state dict (no pe tables) after checking the params fit `config`."""
-    expected = flatten(motion_param_shapes(config))
-    got = flatten(motion_params)
-    report_mismatch(
-        "motion params to save",
-        missing=["/".join(p) for p in expected if p not in got],
-        unexpected=["/".join(p) for p in got if p not in expected],
-        mismatched=[
-            f"{'/'.join(p)} {tuple(np.shape(v))} vs {tuple(expected[p].shape)}"
-            for p, v in got.items()
-            if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
-        ],
-    )
+    check_motion_params(motion_params, config, "motion params to save")
     return flax_to_torch(motion_params, dtype=dtype)
 
 
@@ -461,18 +446,10 @@ def save_motion_module_original(
     save_state_dict(path, motion_state_dict(motion_params, config, "original", dtype))
 
 
-def motion_adapter_config(config: UNetConfig) -> dict:
-    """diffusers' `MotionAdapter` config for our motion layout (its `config.json`)."""
+def motion_adapter_kwargs(config: UNetConfig) -> dict:
+    """`MotionAdapter(**kwargs)` for our motion layout (what its `config.json` holds)."""
     mm = config.motion
-    try:
-        import diffusers
-
-        version = diffusers.__version__
-    except ImportError:
-        version = "0.42.0"
     return {
-        "_class_name": "MotionAdapter",
-        "_diffusers_version": version,
         "block_out_channels": list(config.block_out_channels),
         "motion_layers_per_block": config.layers_per_block,
         "motion_transformer_layers_per_block": mm.num_layers,
@@ -484,6 +461,17 @@ def motion_adapter_config(config: UNetConfig) -> dict:
         "use_motion_mid_block": mm.mid_block,
         "conv_in_channels": None,
     }
+
+
+def motion_adapter_config(config: UNetConfig) -> dict:
+    """diffusers' `MotionAdapter` `config.json` for our motion layout."""
+    try:
+        import diffusers
+
+        version = diffusers.__version__
+    except ImportError:
+        version = "0.42.0"
+    return {"_class_name": "MotionAdapter", "_diffusers_version": version, **motion_adapter_kwargs(config)}
 
 
 def save_motion_adapter(

@@ -56,6 +56,20 @@ def report_mismatch(
     raise CheckpointError("\n".join(lines))
 
 
+def check_tree(what: str, got: Mapping[tuple, Any], expected: Mapping[tuple, Any]) -> None:
+    """`report_mismatch` for flat `{path: array}` params against flat `{path: shape-carrier}` expectations."""
+    report_mismatch(
+        what,
+        missing=["/".join(p) for p in expected if p not in got],
+        unexpected=["/".join(p) for p in got if p not in expected],
+        mismatched=[
+            f"{'/'.join(p)} {tuple(np.shape(v))} vs model {tuple(expected[p].shape)}"
+            for p, v in got.items()
+            if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
+        ],
+    )
+
+
 # --------------------------------------------------------------------------- files
 
 

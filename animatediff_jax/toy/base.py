@@ -223,15 +223,9 @@ def train_base(config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from animatediff_jax.train import parse_config
+    from animatediff_jax.train import main as train_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config, print_only = parse_config(argv)
-    if print_only:
-        print(config)
-        return 0
-    train_base(config)
-    return 0
+    return train_main(argv, run=train_base)
 
 
 if __name__ == "__main__":

@@ -78,12 +78,12 @@ def randomize(module, seed: int = 0, scale: float = 0.2):
 
 
 def diffusers_scheduler(name: str, options: dict | None = None):
-    """The diffusers scheduler with our defaults (AnimateDiff's config) overlaid by `options`."""
+    """The diffusers scheduler with our defaults (the original AnimateDiff's) overlaid by `options`."""
     import diffusers
 
     if name not in REFERENCE_SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(REFERENCE_SCHEDULERS)}")
-    config = {**S._COMMON, **S._SPECIFIC[name], **(options or {})}
+    config = S.scheduler_config(name, **(options or {}))
     config.pop("eta", None)  # DDIM's eta is a call argument in diffusers
     return getattr(diffusers, REFERENCE_SCHEDULERS[name])(**config)
 

@@ -86,7 +86,9 @@ def base_config():
     c.H = 512
     c.L = 16  # frames
     c.scheduler = "ddim"  # ddim | euler | euler_ancestral | dpmpp_2m | pndm | lcm
-    c.scheduler_options = {}  # diffusers config names, e.g. {"use_karras_sigmas": True}, {"eta": 0.0}
+    # diffusers config names, e.g. {"use_karras_sigmas": True}, {"eta": 0.0}; the defaults are the original
+    # AnimateDiff's DDIM (set_alpha_to_one True); {"preset": "diffusers_sd15"} is SD1.5's scheduler_config.json.
+    c.scheduler_options = {}
     c.clip_skip = 0  # diffusers' clip_skip (prompts only)
     c.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 | float16 (latents stay float32)
     c.context_windows = None  # None, or {"length": 16, "overlap": 4} for videos longer than the motion module's table

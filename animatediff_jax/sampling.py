@@ -18,6 +18,7 @@ the scheduler's `init_noise_sigma`, and stochastic samplers draw step `i`'s nois
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -51,8 +52,11 @@ class AnimationPipeline:
     """Configs + params of the UNet (with motion modules), VAE and CLIP text encoder.
 
     `params` has "unet", "vae" and "text_encoder". `dtype` is the compute dtype of all three
-    models; latents and the scheduler update stay float32 whatever it is. Compiled
-    executables are cached on the instance (one per shape, sharding and static option).
+    models; latents and the scheduler update stay float32 whatever it is. `attention` is the
+    UNet's `models.attention` implementation ("auto": flash kernels on GPU/TPU, blockwise on
+    CPU); the VAE and text encoder keep "auto" (one 512-wide head and 77 tokens, which no
+    flash kernel takes). Compiled executables are cached on the instance (one per shape,
+    sharding and static option).
     """
 
     unet_config: UNetConfig
@@ -61,12 +65,13 @@ class AnimationPipeline:
     params: Params
     tokenizer: Any = None
     dtype: Any = jnp.float32
+    attention: str = "auto"
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     _on_step: list = dataclasses.field(default_factory=lambda: [None], init=False, repr=False, compare=False)
 
     @classmethod
-    def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32) -> "AnimationPipeline":
+    def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32, attention: str = "auto") -> "AnimationPipeline":
         """From a loaded `checkpoints.sd15.SD15`; the tokenizer defaults to its `tokenizer_path`.
 
         For a half-precision `dtype` the floating params are cast once here, so the compiled
@@ -79,11 +84,11 @@ class AnimationPipeline:
         params = sd15.params
         if jnp.dtype(dtype) != jnp.float32:
             params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        return cls(sd15.unet_config, sd15.vae_config, sd15.text_config, params, tokenizer, dtype)
+        return cls(sd15.unet_config, sd15.vae_config, sd15.text_config, params, tokenizer, dtype, attention)
 
     @property
     def unet(self) -> UNet3D:
-        return UNet3D(self.unet_config, dtype=self.dtype)
+        return UNet3D(self.unet_config, dtype=self.dtype, attention=self.attention)
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -106,7 +111,11 @@ class AnimationPipeline:
         if key in self._cache:
             return self._cache[key], 0.0
         t0 = time.perf_counter()
-        compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
+        meshes = {s.mesh for s in jax.tree.leaves([getattr(x, "sharding", None) for x in leaves])
+                  if isinstance(s, NamedSharding)}
+        # Under the args' mesh, so kernels that need it (splash attention's shard_map) see it.
+        with meshes.pop() if len(meshes) == 1 else contextlib.nullcontext():
+            compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
         self._cache[key] = compiled
         return compiled, time.perf_counter() - t0
 
@@ -291,8 +300,10 @@ def denoise(
         update = lambda c, e, s, k: S.step(sched, c, i, e, s, k)
         x, carry = jax.vmap(update)(carry, eps, x, step_keys)
         if progress_cb is not None:
-            # Depend on the new latents so the callback fires when the step is done.
-            jax.debug.callback(lambda s, _: progress_cb(int(s)), i, x[0, 0, 0, 0, 0], ordered=False)
+            # The step index, tied to the new latents by a barrier (not by reading them: an element of a
+            # batch-sharded array would cost a cross-device op per step), fires once the step is done.
+            done, x = jax.lax.optimization_barrier((i, x))
+            jax.debug.callback(lambda s: progress_cb(int(s)), done, ordered=False)
         return (x, carry), None
 
     (x, _), _ = jax.lax.scan(body, (latents, carry0), jnp.arange(sched.num_inference_steps))

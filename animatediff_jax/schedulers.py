@@ -20,9 +20,16 @@ float32 (diffusers interpolates fractional timesteps there). The update runs in 
 the sample dtype and returns the sample's dtype. Stochastic samplers (DDIM with eta > 0, Euler
 ancestral, LCM) draw standard normal noise from `key`, so pass a fresh key per step.
 
-Defaults are AnimateDiff's inference config (beta_schedule "linear" from 0.00085 to 0.012,
-1000 train steps, steps_offset 1, "leading" spacing, no clipping, set_alpha_to_one False), which
-is also what diffusers gives every scheduler created `from_config` of AnimateDiff's DDIM.
+Defaults are the original AnimateDiff's scheduler: its `scripts/animate.py` builds
+`DDIMScheduler(**noise_scheduler_kwargs)` from `configs/inference/inference-v{1,2,3}.yaml`
+(beta_schedule "linear" from 0.00085 to 0.012, steps_offset 1, clip_sample False) and leaves every
+other field at diffusers' class default: 1000 train steps, "leading" spacing and
+**set_alpha_to_one True** (the last DDIM step lands on alpha = 1). That is the `"animatediff"`
+preset. SD1.5's own `scheduler/scheduler_config.json`, which diffusers' AnimateDiff docs load with
+`from_pretrained`, says set_alpha_to_one False: the `"diffusers_sd15"` preset
+(`make_scheduler("ddim", 25, preset="diffusers_sd15")`, or `scheduler_options={"preset":
+"diffusers_sd15"}` in a sample config). A preset sets the fields it names on every sampler that
+has them (DDIM, PNDM, LCM); explicit options override it.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ _COMMON = dict(
     steps_offset=1,
 )
 _SPECIFIC: dict[str, dict[str, Any]] = {
-    "ddim": dict(eta=0.0, clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=False),
+    "ddim": dict(eta=0.0, clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True),
     "euler": dict(use_karras_sigmas=False),
     "euler_ancestral": dict(),
     "dpmpp_2m": dict(
@@ -57,14 +64,19 @@ _SPECIFIC: dict[str, dict[str, Any]] = {
         euler_at_final=False,
         final_sigmas_type="zero",
     ),
-    "pndm": dict(skip_prk_steps=True, set_alpha_to_one=False),
+    "pndm": dict(skip_prk_steps=True, set_alpha_to_one=True),
     "lcm": dict(
         original_inference_steps=50,
         timestep_scaling=10.0,
         clip_sample=False,
         clip_sample_range=1.0,
-        set_alpha_to_one=False,
+        set_alpha_to_one=True,
     ),
+}
+# Named defaults (see the module docstring): the original AnimateDiff's, and SD1.5's scheduler_config.json.
+PRESETS: dict[str, dict[str, Any]] = {
+    "animatediff": dict(set_alpha_to_one=True),
+    "diffusers_sd15": dict(set_alpha_to_one=False),
 }
 _CHOICES = dict(
     beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -350,18 +362,37 @@ _BUILDERS = dict(
 )
 
 
-def make_scheduler(name: str, num_inference_steps: int, **options: Any) -> Scheduler:
-    """Builds sampler `name` for `num_inference_steps` steps; options are diffusers' config names."""
+def scheduler_config(name: str, *, preset: str = "animatediff", **options: Any) -> dict[str, Any]:
+    """The full diffusers config of sampler `name`: defaults, then `PRESETS[preset]`, then `options`.
+
+    Every key is a diffusers constructor argument of that scheduler (DDIM's `eta` aside, a step
+    argument there), so `diffusers.DDIMScheduler(**cfg)` is the reference the tests compare with.
+    """
     if name not in _SPECIFIC:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown scheduler preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     cfg = {**_COMMON, **_SPECIFIC[name]}
     unknown = sorted(set(options) - set(cfg))
     if unknown:
-        raise ValueError(f"scheduler {name!r} has no option {', '.join(unknown)}; valid options: {sorted(cfg)}")
+        raise ValueError(
+            f"scheduler {name!r} has no option {', '.join(unknown)}; valid options: {sorted(cfg) + ['preset']}"
+        )
+    cfg.update({k: v for k, v in PRESETS[preset].items() if k in cfg})
     cfg.update(options)
     for key, choices in _CHOICES.items():
         if key in cfg and cfg[key] not in choices:
             raise ValueError(f"{key}={cfg[key]!r} is not supported; choose from {choices}")
+    return cfg
+
+
+def make_scheduler(name: str, num_inference_steps: int, **options: Any) -> Scheduler:
+    """Builds sampler `name` for `num_inference_steps` steps.
+
+    `options` are diffusers' config names, plus `preset` ("animatediff", the default, or
+    "diffusers_sd15"): see `scheduler_config`.
+    """
+    cfg = scheduler_config(name, **options)
     if not 1 <= num_inference_steps <= cfg["num_train_timesteps"]:
         raise ValueError(f"num_inference_steps must be in [1, {cfg['num_train_timesteps']}]")
     ac = make_alphas_cumprod(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"])

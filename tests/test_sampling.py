@@ -248,6 +248,11 @@ CHILD = textwrap.dedent(
         shape=list(sharded.frames.shape),
         steps=sorted(steps),
         recompiled=alone.timings["compile_denoise_s"] > 0,
+        # The compiled loop (with its progress callback) holds no cross-device op: the params are
+        # replicated and every sample's work stays on its device.
+        collectives=sorted({op for c in pipe._cache.values() for op in
+                            ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
+                            if op in c.as_text()}),
     )))
     """
 )
@@ -265,6 +270,7 @@ def test_sharded_over_8_devices_equals_single_device():
     print(res)
     assert res["shape"] == [3, 4, 16, 16, 3]
     assert res["steps"] == [0, 0, 1, 1, 2, 2] and not res["recompiled"]
+    assert res["collectives"] == [], res
     assert res["scale"] > 0.1
     # A stochastic sampler: per-sample noise keys make results independent of layout and batch.
     assert res["latents"] <= 1e-5 * res["scale"], res

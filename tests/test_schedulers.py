@@ -28,6 +28,7 @@ V, LIN, TRAIL, SCALED = (
 )
 CASES = [
     ("ddim", 25, {}),
+    ("ddim", 25, {"preset": "diffusers_sd15"}),
     ("ddim", 7, {**TRAIL, **V, **SCALED}),
     ("ddim", 7, {**LIN, "clip_sample": True, "set_alpha_to_one": True}),
     ("ddim", 25, {"eta": 1.0}),
@@ -53,7 +54,7 @@ SHAPE = (2, 4, 5, 6)
 
 def _reference(name, n, options):
     """The diffusers scheduler with our defaults overlaid by `options` (DDIM's eta is a step argument)."""
-    config = {**S._COMMON, **S._SPECIFIC[name], **options}
+    config = S.scheduler_config(name, **options)
     eta = config.pop("eta", 0.0)
     ref = REFERENCE[name](**config)
     ref.set_timesteps(n)
@@ -68,12 +69,80 @@ def _fake_model(x, i, table):
 @pytest.mark.parametrize("name,n,options", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
 def test_sampling_loop_matches_diffusers(name, n, options, monkeypatch):
     ref, eta = _reference(name, n, options)
-    ours = S.make_scheduler(name, n, **options)
+    _compare_loops(name, ref, eta, S.make_scheduler(name, n, **options), monkeypatch)
+    print(f"  options {options}")
 
+
+# The original AnimateDiff's scheduler, constructed as its scripts/animate.py does:
+# `DDIMScheduler(**noise_scheduler_kwargs)` of configs/inference/inference-v{1,2,3}.yaml.
+ORIGINAL_NOISE_SCHEDULER_KWARGS = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False
+)
+# Its inference-v1/v2.yaml from 2023-07-18 to 2023-12-15 (commits 4f0efbe..63bb388^), which the
+# v1 `1-ToonYou.yaml` and v2 `5-RealisticVision-MotionLoRA.yaml` prompt configs ran with: no
+# steps_offset / clip_sample, so DDIM's class defaults 0 / True. configs/sample/v1_toonyou.py and
+# v2_motion_lora_zoom_in.py set the matching scheduler_options.
+ORIGINAL_2023_NOISE_SCHEDULER_KWARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="linear")
+ORIGINAL_2023_OPTIONS = {"steps_offset": 0, "clip_sample": True}
+# SD1.5's scheduler/scheduler_config.json (a PNDM config), as DDIMScheduler.from_config reads it.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+
+
+@pytest.mark.parametrize("n", [25, 3])
+@pytest.mark.parametrize("era", ["current", "2023"])
+def test_default_ddim_is_the_original_animatediff_scheduler(n, era, monkeypatch):
+    """`make_scheduler("ddim", n)` with no options is the original's DDIM, step by step (and with the
+    2023 configs' options, the original's DDIM of that time)."""
+    kwargs, options = {
+        "current": (ORIGINAL_NOISE_SCHEDULER_KWARGS, {}),
+        "2023": (ORIGINAL_2023_NOISE_SCHEDULER_KWARGS, ORIGINAL_2023_OPTIONS),
+    }[era]
+    ref = diffusers.DDIMScheduler(**kwargs)
+    assert ref.config.set_alpha_to_one is True  # the class default the original keeps
+    ref.set_timesteps(n)
+    ours = S.make_scheduler("ddim", n, **options)
+    # The last step lands on alpha = 1: this is where it differs from SD1.5's config.
+    np.testing.assert_allclose(float(ours.coefs["sqrt_a_prev"][-1]), 1.0)
+    _compare_loops("ddim", ref, 0.0, ours, monkeypatch)
+
+
+def test_sample_configs_use_the_scheduler_of_the_original_config_they_reproduce():
+    from pathlib import Path
+
+    from animatediff_jax.sample import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "sample"
+    want = {"v1_toonyou": ORIGINAL_2023_OPTIONS, "v2_motion_lora_zoom_in": ORIGINAL_2023_OPTIONS, "v3_domain_adapter": {}}
+    for name, options in want.items():
+        c = load_config(str(configs / f"{name}.py"))
+        assert (c["scheduler"], c["scheduler_options"]) == ("ddim", options), name
+
+
+def test_diffusers_sd15_preset_is_sd15_scheduler_config(monkeypatch):
+    """preset="diffusers_sd15": SD1.5's scheduler_config.json (final alpha = alphas_cumprod[0]) with the
+    original's linear betas, as diffusers' AnimateDiff docs build it."""
+    ref = diffusers.DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG, beta_schedule="linear")
+    assert ref.config.set_alpha_to_one is False
+    ref.set_timesteps(25)
+    ours = S.make_scheduler("ddim", 25, preset="diffusers_sd15")
+    assert float(ours.coefs["sqrt_a_prev"][-1]) < 0.9996
+    _compare_loops("ddim", ref, 0.0, ours, monkeypatch)
+    default = S.make_scheduler("ddim", 25)
+    assert abs(float(default.coefs["sqrt_a_prev"][-1]) - float(ours.coefs["sqrt_a_prev"][-1])) > 4e-4
+    with pytest.raises(ValueError, match="unknown scheduler preset 'sd15'.*animatediff.*diffusers_sd15"):
+        S.make_scheduler("ddim", 25, preset="sd15")
+
+
+def _compare_loops(name, ref, eta, ours, monkeypatch):
+    """Our whole loop in one jitted scan against `ref` (a diffusers scheduler with timesteps set), step by step."""
     ref_ts = ref.timesteps.numpy()
     ts = np.asarray(ours.timesteps)
     assert ts.dtype == (np.float32 if name.startswith("euler") else np.int32)
-    if options.get("use_karras_sigmas") and name == "euler":  # fractional t from a float32 table
+    if name == "euler" and ref.config.use_karras_sigmas:  # fractional t from a float32 table
         np.testing.assert_allclose(ts, ref_ts, rtol=0, atol=1e-3)
     else:
         np.testing.assert_array_equal(ts, ref_ts.astype(ts.dtype))
@@ -115,7 +184,7 @@ def test_sampling_loop_matches_diffusers(name, n, options, monkeypatch):
         x = ref.step(out, t, x, **kwargs).prev_sample
         err = assert_close(ours_xs[i], x.numpy(), rtol=1e-5, atol=1e-5, what=f"{name} step {i} (t={int(t)})")
         worst = max(worst, err / max(1.0, float(x.abs().max())))
-    print(f"{name} n={n} {options}: max error {worst:.2e} (relative to max(1, |x|))")
+    print(f"{name} n={len(ref.timesteps)}: max error {worst:.2e} (relative to max(1, |x|))")
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])

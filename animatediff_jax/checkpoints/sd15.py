@@ -22,8 +22,8 @@ from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Params,
     StateDict,
+    find_weights_file,
     flax_to_torch_name,
-    load_component,
     load_state_dict,
     torch_to_flax,
 )
@@ -69,8 +69,46 @@ def _read_config(path: str, parse: Callable[[dict], Any]) -> Any:
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from e
 
 
+# The VAE mid-block attention as diffusers named it before 0.14 (and as SD1.5's `vae/` files still
+# hold it); diffusers renames these on load (`ModelMixin._fix_state_dict_keys_on_load`).
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_VAE_ATTENTION_KEY = re.compile(
+    r"^((?:encoder|decoder)\.mid_block\.attentions\.\d+)\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$"
+)
+
+
+def convert_vae(state_dict: Mapping[str, Any], config: VAEConfig, *, what: str = "diffusers VAE") -> Params:
+    """A diffusers `AutoencoderKL` state dict -> our params, in either attention naming diffusers reads.
+
+    Old names (`query`/`key`/`value`/`proj_attn`) are renamed to the current ones; a state dict
+    that holds both namings (a half-converted file) is an error naming the keys of each, since
+    diffusers would silently keep one of two different weights.
+    """
+    old, new = [], []
+    for k in state_dict:
+        m = _VAE_ATTENTION_KEY.match(k)
+        if m:
+            (old if m.group(2) in _OLD_VAE_ATTENTION else new).append(k)
+    if old and new:
+        raise CheckpointError(
+            f"{what}: mixes the old VAE attention names (query/key/value/proj_attn: {', '.join(sorted(old)[:4])}"
+            f"{', ...' if len(old) > 4 else ''}) with the new ones (to_q/to_k/to_v/to_out.0: "
+            f"{', '.join(sorted(new)[:4])}{', ...' if len(new) > 4 else ''})"
+        )
+    sd = dict(state_dict)
+    for k in old:
+        m = _VAE_ATTENTION_KEY.match(k)
+        sd[f"{m.group(1)}.{_OLD_VAE_ATTENTION[m.group(2)]}.{m.group(3)}"] = sd.pop(k)
+    return torch_to_flax(sd, vae_shapes(config), what=what)
+
+
 def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", "text_encoder")) -> SD15:
-    """A diffusers SD folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`), safetensors or .bin."""
+    """A diffusers SD folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`), as published or saved.
+
+    Weights in safetensors or `.bin`, full precision or only the `fp16` variant; the VAE in
+    either attention naming, the text encoder with or without `text_model.` and `position_ids`
+    (every naming `from_pretrained` reads for SD1.5).
+    """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")
@@ -79,18 +117,17 @@ def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", 
     vae_cfg = _read_config(sub("vae", "config.json"), VAEConfig.from_diffusers)
     text_cfg = _read_config(sub("text_encoder", "config.json"), CLIPTextConfig.from_transformers)
     params = {}
+    weights = {name: find_weights_file(sub(name)) for name in components}  # error messages name the file
     if "unet" in components:
         params["unet"] = convert_unet_state_dict(
-            load_component(sub("unet")), unet_cfg, what=f"{sub('unet')} (diffusers UNet)"
+            load_state_dict(weights["unet"]), unet_cfg, what=f"{weights['unet']} (diffusers UNet)"
         )
     if "vae" in components:
-        params["vae"] = torch_to_flax(
-            load_component(sub("vae")), vae_shapes(vae_cfg), what=f"{sub('vae')} (diffusers VAE)"
-        )
+        params["vae"] = convert_vae(load_state_dict(weights["vae"]), vae_cfg, what=f"{weights['vae']} (diffusers VAE)")
     if "text_encoder" in components:
         params["text_encoder"] = convert_clip_text(
-            load_component(sub("text_encoder")), clip_shapes(text_cfg),
-            what=f"{sub('text_encoder')} (transformers CLIPTextModel)",
+            load_state_dict(weights["text_encoder"]), clip_shapes(text_cfg),
+            what=f"{weights['text_encoder']} (transformers CLIPTextModel)",
         )
     tok = sub("tokenizer")
     return SD15(unet_cfg, vae_cfg, text_cfg, params, tok if os.path.isdir(tok) else None)
@@ -225,7 +262,7 @@ def load_single_file(
     parts, origins = _ldm_to_diffusers_traced(sd, unet_cfg, vae_cfg, what)
     converters = {
         "unet": lambda part: convert_unet_state_dict(part, unet_cfg, what=f"{what}: UNet"),
-        "vae": lambda part: torch_to_flax(part, vae_shapes(vae_cfg), what=f"{what}: VAE"),
+        "vae": lambda part: convert_vae(part, vae_cfg, what=f"{what}: VAE"),
         "text_encoder": lambda part: convert_clip_text(part, clip_shapes(text_cfg), what=f"{what}: text encoder"),
     }
     params: dict[str, Params] = {}

@@ -126,11 +126,20 @@ _DIFFUSERS_WEIGHT_NAMES = (
     "model.safetensors",
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
+    # The fp16 variant (`from_pretrained(..., variant="fp16")`), for folders that hold only it.
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.bin",
+    "pytorch_model.fp16.bin",
 )
 
 
 def find_weights_file(folder: str | os.PathLike) -> str:
-    """The weight file of one diffusers/transformers component folder (safetensors first)."""
+    """The weight file of one diffusers/transformers component folder.
+
+    Full precision before the fp16 variant (as `from_pretrained` without `variant`), safetensors
+    before `.bin`; an fp16-only folder loads its fp16 file (weights are upcast on conversion).
+    """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from animatediff_jax.checkpoints.torch_io import Params, torch_to_flax
+from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, torch_to_flax
+from animatediff_jax.models import attention
 from animatediff_jax.models.layers import dense
 
 Dtype = Any
@@ -98,7 +99,7 @@ class CLIPAttention(nn.Module):
         q = split(dense(d, "q_proj", **kw)(x))
         k = split(dense(d, "k_proj", **kw)(x))
         v = split(dense(d, "v_proj", **kw)(x))
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        o = attention.dot_product_attention(q, k, v, is_causal=True)
         return dense(d, "out_proj", **kw)(o.reshape(x.shape))
 
 
@@ -188,6 +189,7 @@ class CLIPTextModel(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # models.attention implementation (77 tokens: "auto" is XLA)
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, clip_skip: int | None = 0) -> jax.Array:
@@ -200,9 +202,10 @@ class CLIPTextModel(nn.Module):
         length = np.shape(input_ids)[-1]
         if length > c.max_positions:
             raise ValueError(f"{length} tokens exceed the {c.max_positions} positions of the text encoder")
-        return CLIPTextTransformer(c, self.dtype, self.param_dtype, name="text_model")(
-            jnp.asarray(input_ids, jnp.int32), clip_skip
-        )
+        with attention.using(self.attention):
+            return CLIPTextTransformer(c, self.dtype, self.param_dtype, name="text_model")(
+                jnp.asarray(input_ids, jnp.int32), clip_skip
+            )
 
 
 def convert_clip_text(
@@ -211,10 +214,19 @@ def convert_clip_text(
     """Maps a transformers `CLIPTextModel` state dict onto our params (shaped like `target`).
 
     Two normalisations, nothing else: `*.position_ids` buffers (saved by older transformers)
-    are dropped, and a state dict without the `text_model.` prefix (transformers 5 keeps
-    it only on disk) gets it added. Any other difference raises `CheckpointError`.
+    are dropped once checked to be `arange(max_positions)`, which is what the model computes,
+    and a state dict without the `text_model.` prefix (transformers 5 keeps it only on disk)
+    gets it added. Any other difference raises `CheckpointError`.
     """
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    positions = np.shape(target["text_model"]["embeddings"]["position_embedding"]["embedding"])[0]
+    for k, v in state_dict.items():
+        if k.endswith("embeddings.position_ids") and not np.array_equal(
+            np.reshape(v, -1), np.arange(positions)
+        ):
+            raise CheckpointError(
+                f"{what}: {k} {tuple(np.shape(v))} is not arange({positions}), the positions the model uses"
+            )
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
     if sd and not any(k.startswith(_PREFIX) for k in sd):
         sd = {_PREFIX + k: v for k, v in sd.items()}
     return torch_to_flax(sd, target, what=what)

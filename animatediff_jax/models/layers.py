@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from animatediff_jax.models import attention
+
 Dtype = Any
 
 
@@ -73,8 +75,8 @@ def conv(features: int, name: str, *, kernel: int = 3, stride: int = 1, dtype: D
 class Attention(nn.Module):
     """Multi-head attention with diffusers' parameter names (`to_q/k/v`, `to_out_0`).
 
-    Self-attention when `context` is None. Uses `jax.nn.dot_product_attention`, which XLA
-    lowers to a fused kernel on GPU/TPU where one exists.
+    Self-attention when `context` is None. The kernel is `models.attention`'s choice for this
+    shape (the model's `attention` field, "auto" by default: see that module's table).
     """
 
     heads: int
@@ -93,7 +95,7 @@ class Attention(nn.Module):
         k = dense(inner, "to_k", **kw)(ctx)
         v = dense(inner, "to_v", **kw)(ctx)
         split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
-        o = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        o = attention.dot_product_attention(split(q), split(k), split(v))
         o = o.reshape(o.shape[:-2] + (inner,))
         return dense(self.out_features or x.shape[-1], "to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)(o)
 

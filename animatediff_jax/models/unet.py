@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from animatediff_jax.models import attention
 from animatediff_jax.models.config import UNetConfig
 from animatediff_jax.models.layers import (
     BasicTransformerBlock,
@@ -199,15 +200,22 @@ class UNet3D(nn.Module):
     Without a motion config it is the image UNet run per frame (the base SD1.5 model).
     `remat` names a `jax.checkpoint` policy applied to every resnet, spatial transformer and
     motion module on its own (training memory: activations inside a block are recomputed).
+    `attention` picks the kernel of every attention inside (`models.attention`: "auto" is a
+    flash kernel for long sequences on GPU/TPU, blockwise attention on CPU, XLA for short ones).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+        with attention.using(self.attention):
+            return self._forward(sample, timesteps, context)
+
+    def _forward(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, f, hh, ww, _ = sample.shape

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from animatediff_jax.models import attention
 from animatediff_jax.models.layers import Dtype, GroupNorm, conv, dense
 
 _EPS = 1e-6  # every norm in diffusers' VAE
@@ -105,7 +106,7 @@ class AttentionBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = GroupNorm(self.groups, _EPS, name="group_norm", **kw)(x).reshape(n, hgt * wid, 1, c)
         q, k, v = (dense(c, name, **kw)(h) for name in ("to_q", "to_k", "to_v"))
-        o = jax.nn.dot_product_attention(q, k, v).reshape(n, hgt * wid, c)
+        o = attention.dot_product_attention(q, k, v).reshape(n, hgt * wid, c)
         return x + dense(c, "to_out_0", **kw)(o).reshape(x.shape)
 
 
@@ -247,6 +248,7 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # models.attention implementation of the mid-block attention
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -258,13 +260,15 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images in [-1, 1] -> float32 `(mean, logvar)`, logvar clamped to [-30, 20] as diffusers does."""
-        moments = self.quant_conv(self.encoder(x)).astype(jnp.float32)
+        with attention.using(self.attention):
+            moments = self.quant_conv(self.encoder(x)).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Unscaled latents -> images (roughly [-1, 1], not clipped)."""
-        return self.decoder(self.post_quant_conv(z.astype(self.dtype)))
+        with attention.using(self.attention):
+            return self.decoder(self.post_quant_conv(z.astype(self.dtype)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.decode(self.encode(x)[0])

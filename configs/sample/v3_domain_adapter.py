@@ -1,5 +1,10 @@
 """AnimateDiff v3: motion module + domain adapter (LoRA on the spatial attention), text to video
-(after the original's `configs/prompts/v3/v3-1-T2V.yaml`, without its SparseCtrl image input).
+(after the original's `configs/prompts/v3/v3-1-T2V.yaml` of 2023-12-15..2024-07-17, its first
+entry without the SparseCtrl image input; the second prompt is ours, as that entry repeats its first).
+
+Scheduler: the original's `DDIMScheduler(**noise_scheduler_kwargs)` of `inference-v3.yaml`
+(linear betas, `steps_offset: 1`, `clip_sample: false`, `set_alpha_to_one` True by class
+default), which is our default: no `scheduler_options`.
 
     animatediff-jax sample --config configs/sample/v3_domain_adapter.py
 

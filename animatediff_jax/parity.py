@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from animatediff_jax import schedulers as S
+from animatediff_jax.models.attention import IMPLEMENTATIONS
 from animatediff_jax.models.clip_text import CLIPTextConfig, convert_clip_text
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
 from animatediff_jax.models.vae import VAEConfig
@@ -206,11 +207,11 @@ def _to_device_inplace(tree: dict) -> None:
             tree[k] = jnp.asarray(v)
 
 
-def ours_from_diffusers(pipe, tokenizer_folder: str, dtype=jnp.float32) -> AnimationPipeline:
-    """Our pipeline holding the weights of a diffusers `AnimateDiffPipeline` (converted on the host)."""
+def ours_from_diffusers(pipe, tokenizer_folder: str, dtype=jnp.float32, attention: str = "auto") -> AnimationPipeline:
+    """Our pipeline holding the weights of a diffusers `AnimateDiffPipeline` (converted on the host);
+    `attention`: the UNet's `models.attention` implementation."""
     from animatediff_jax.checkpoints.motion import convert_unet_state_dict
-    from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
-    from animatediff_jax.checkpoints.torch_io import torch_to_flax
+    from animatediff_jax.checkpoints.sd15 import clip_shapes, convert_vae
     from animatediff_jax.text import Tokenizer
 
     def host(module) -> dict[str, np.ndarray]:
@@ -221,11 +222,11 @@ def ours_from_diffusers(pipe, tokenizer_folder: str, dtype=jnp.float32) -> Anima
     text_cfg = CLIPTextConfig.from_transformers(pipe.text_encoder.config.to_dict())
     params = {
         "unet": convert_unet_state_dict(host(pipe.unet), unet_cfg, what="diffusers UNetMotionModel"),
-        "vae": torch_to_flax(host(pipe.vae), vae_shapes(vae_cfg), what="diffusers AutoencoderKL"),
+        "vae": convert_vae(host(pipe.vae), vae_cfg, what="diffusers AutoencoderKL"),
         "text_encoder": convert_clip_text(host(pipe.text_encoder), clip_shapes(text_cfg)),
     }
     _to_device_inplace(params)
-    return AnimationPipeline(unet_cfg, vae_cfg, text_cfg, params, Tokenizer(tokenizer_folder), dtype)
+    return AnimationPipeline(unet_cfg, vae_cfg, text_cfg, params, Tokenizer(tokenizer_folder), dtype, attention)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scheduler", default="ddim", choices=sorted(REFERENCE_SCHEDULERS))
     p.add_argument("--scheduler-options", default="{}", help="JSON dict of scheduler options")
     p.add_argument("--clip-skip", type=int, default=0)
+    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="our UNet's attention kernel")
     p.add_argument("--decode-chunk", type=int, default=4)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="torch device")
     p.add_argument("--tolerance", type=float, help="exit 1 when a float stage's max abs diff exceeds this")
@@ -442,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             size = "full" if args.full_size else "tiny"
             pipe, tok = build_random_pipeline(size)
-        ours = ours_from_diffusers(pipe, tok)
+        ours = ours_from_diffusers(pipe, tok, attention=args.attention)
         pipe.to(device)
         d = DEFAULTS[size]
         prompts = args.prompt or (PROMPTS if size == "tiny" else PROMPTS[:1])
@@ -458,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(stages, _note=NORM_NOTE, _device=device, _backend=jax.default_backend()), f, indent=2)
+            json.dump(dict(stages, _note=NORM_NOTE, _device=device, _backend=jax.default_backend(),
+                           _attention=args.attention), f, indent=2)
     if args.tolerance is not None:
         bad = [k for k, v in stages.items() if not k.startswith("_") and k != "frames uint8" and v["max_abs"] > args.tolerance]
         if bad:

@@ -91,6 +91,9 @@ def base_config():
     c.scheduler_options = {}
     c.clip_skip = 0  # diffusers' clip_skip (prompts only)
     c.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 | float16 (latents stay float32)
+    # UNet attention kernel (models.attention): auto (cuDNN flash on GPU, Pallas splash on TPU, blockwise
+    # on CPU, for long sequences; XLA for short ones) | xla | chunked | cudnn | splash
+    c.attention = "auto"
     c.context_windows = None  # None, or {"length": 16, "overlap": 4} for videos longer than the motion module's table
     c.devices = -1  # devices to spread the videos over; -1 = all
     c.batch_size = 0  # videos per compiled call; 0 = one per device
@@ -313,6 +316,31 @@ def _size_multiple(base_model: str) -> int:
     return 2 ** (vae_blocks - 1) * 2 ** (blocks - 1)
 
 
+def _check_attention(c: Mapping) -> None:
+    """A forced attention kernel must run here: checked on the first UNet level's self-attention."""
+    import jax.numpy as jnp
+
+    from animatediff_jax.models import attention
+
+    try:
+        attention.check_implementation(c["attention"])
+        h, w = -(-int(c["H"]) // 8), -(-int(c["W"]) // 8)
+        attention.resolve(c["attention"], (1, h * w, 8, 40), (1, h * w, 8, 40), jnp.dtype(c["dtype"]))
+    except attention.AttentionError as e:
+        raise ConfigError(f"attention={c['attention']!r}: {e}") from None
+
+
+def _attention_note(c: Mapping) -> str:
+    """`auto (chunked at 4096 tokens)`: what runs the first UNet level's self-attention."""
+    import jax.numpy as jnp
+
+    from animatediff_jax.models import attention
+
+    tokens = -(-int(c["H"]) // 8) * -(-int(c["W"]) // 8)
+    kernel = attention.resolve(c["attention"], (1, tokens, 8, 40), (1, tokens, 8, 40), jnp.dtype(c["dtype"]))
+    return f"{c['attention']} ({kernel} at {tokens} tokens)"
+
+
 def validate(config: Mapping) -> dict:
     """The config checked field by field (types, ranges, paths, scheduler); returns it with
     `prompt`, `n_prompt` and `seed` as per-prompt lists (random seeds drawn)."""
@@ -357,6 +385,7 @@ def validate(config: Mapping) -> dict:
         _number(c, name)
     if c["dtype"] not in DTYPES:
         raise ConfigError(f"dtype={c['dtype']!r}: expected one of {', '.join(DTYPES)}")
+    _check_attention(c)
     if not isinstance(c["scheduler_options"], Mapping):
         raise ConfigError(f"scheduler_options={c['scheduler_options']!r}: expected a dict")
     try:
@@ -475,7 +504,8 @@ def load_pipeline(config: Any):
         raise ConfigError(f"tokenizer: {c['base_model']} has no tokenizer/ folder; set tokenizer to a CLIP tokenizer folder")
     merged = SD15(unet_config, model.vae_config, model.text_config,
                   dict(model.params, unet=unet, text_encoder=text), tok_path)
-    return AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=jnp.dtype(c["dtype"]))
+    return AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=jnp.dtype(c["dtype"]),
+                                       attention=c["attention"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,7 +610,8 @@ def sample(config: Any, pipeline: Any = None) -> SampleResult:
     n = len(c["prompt"])
     batches = _batches(n, size)
     _log(f"sampling {n} video(s) of {c['L']} frames {c['H']}x{c['W']}, {c['scheduler']} {c['steps']} steps, "
-         f"guidance {c['guidance_scale']}, {c['dtype']}, on {mesh.shape['data']} device(s), "
+         f"guidance {c['guidance_scale']}, {c['dtype']}, attention {_attention_note(c)}, "
+         f"on {mesh.shape['data']} device(s), "
          f"{len(batches)} batch(es) of {size}")
     frames = []
     for b, idx in enumerate(batches):

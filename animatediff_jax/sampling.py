@@ -114,7 +114,7 @@ class AnimationPipeline:
         meshes = {s.mesh for s in jax.tree.leaves([getattr(x, "sharding", None) for x in leaves])
                   if isinstance(s, NamedSharding)}
         # Under the args' mesh, so kernels that need it (splash attention's shard_map) see it.
-        with meshes.pop() if len(meshes) == 1 else contextlib.nullcontext():
+        with jax.set_mesh(meshes.pop()) if len(meshes) == 1 else contextlib.nullcontext():
             compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
         self._cache[key] = compiled
         return compiled, time.perf_counter() - t0

@@ -108,7 +108,7 @@ def bench_diffusers(size: str, args, torch_device: str, tok_dir: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def random_pipeline(size: str, dtype: str, tok_dir: str):
+def random_pipeline(size: str, dtype: str, tok_dir: str, attention: str = "auto"):
     """Our pipeline with random weights drawn on the host straight in `dtype` (no float32 copy)."""
     import jax.numpy as jnp
 
@@ -133,16 +133,19 @@ def random_pipeline(size: str, dtype: str, tok_dir: str):
     }
     folder = os.path.join(tok_dir, "tokenizer_ours")
     write_tiny_tokenizer(folder)
-    return AnimationPipeline(unet, vae, text, params, Tokenizer(folder), dtype=np_dtype)
+    return AnimationPipeline(unet, vae, text, params, Tokenizer(folder), dtype=np_dtype, attention=attention)
 
 
-def bench_ours(size: str, args, tok_dir: str) -> dict:
+def bench_ours(size: str, args, tok_dir: str, attention: str = "auto") -> dict:
     import jax
 
+    from animatediff_jax.models import attention as attention_lib
     from animatediff_jax.sampling import generate
 
     t0 = time.perf_counter()
-    pipe = random_pipeline(size, args.ours_dtype, tok_dir)
+    pipe = random_pipeline(size, args.ours_dtype, tok_dir, attention)
+    tokens = (args.height // 8) * (args.width // 8)
+    kernel = attention_lib.resolve(attention, (1, tokens, 8, 40), (1, tokens, 8, 40), jax.numpy.dtype(args.ours_dtype))
     build_s = time.perf_counter() - t0
     kw = dict(num_frames=args.frames, height=args.height, width=args.width, steps=args.steps, guidance_scale=7.5,
               decode_chunk=args.decode_chunk, progress=False)
@@ -154,7 +157,8 @@ def bench_ours(size: str, args, tok_dir: str) -> dict:
     times = timed(run, max(0, args.warmup - 1), args.repeats)
     stats = jax.local_devices()[0].memory_stats() or {}
     last = run().timings
-    return dict(name=f"ours (JAX {jax.__version__}, {args.ours_dtype}, jit, {jax.default_backend()})", times=times,
+    return dict(name=f"ours (JAX {jax.__version__}, {args.ours_dtype}, jit, {jax.default_backend()}, attention "
+                     f"{attention} = {kernel} at {tokens} tokens)", attention=attention, times=times,
                 peak_bytes=stats.get("peak_bytes_in_use"), build_s=build_s, compile_s=first.timings["compile_s"],
                 stages={k: last[k] for k in ("text_s", "denoise_s", "decode_s")})
 
@@ -180,10 +184,12 @@ def report(results: list[dict], flop: float | None) -> None:
         print(f"{r['name']}:\n    {t:.3f} s/video (median of {len(r['times'])}; min {min(r['times']):.3f}, "
               f"max {max(r['times']):.3f}){extra}; compile {r['compile_s']:.1f} s (excluded); "
               f"peak device memory {_gib(r['peak_bytes'])}; {rate}; model build {r['build_s']:.1f} s")
-    if len(results) == 2:
-        ours, ref = results
+    ref = next((r for r in results if "attention" not in r), None)
+    for ours in (r for r in results if "attention" in r and ref is not None):
         ratio = ref["s_per_video"] / ours["s_per_video"]
-        print(f"ratio diffusers/ours: {ratio:.2f}x ({'ours faster' if ratio > 1 else 'diffusers faster'})")
+        ours["ratio_vs_diffusers"] = ratio
+        print(f"ratio diffusers/ours (attention {ours['attention']}): {ratio:.2f}x "
+              f"({'ours faster' if ratio > 1 else 'diffusers faster'})")
 
 
 def main(argv=None) -> int:
@@ -200,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--ours-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--attention", default="auto",
+                   help="comma-separated models.attention implementations to run ours with (e.g. xla,chunked,cudnn)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     small = dict(frames=2, height=64, width=64, steps=2) if not args.tiny else dict(frames=4, height=32, width=32, steps=2)
@@ -226,7 +234,7 @@ def main(argv=None) -> int:
     if flop is not None:
         print(f"estimated compute: {flop / 1e12:.2f} TFLOP per video")
     with tempfile.TemporaryDirectory() as tok_dir:
-        results = [bench_ours(size, args, tok_dir)]
+        results = [bench_ours(size, args, tok_dir, a) for a in args.attention.split(",")]
         if not args.skip_diffusers:
             results.append(bench_diffusers(size, args, torch_device, tok_dir))
     report(results, flop)

@@ -25,6 +25,18 @@ def assert_close(ours, ref, rtol: float = 1e-5, atol: float = 1e-5, what: str = 
     return err
 
 
+@pytest.fixture
+def small_attention_blocks(monkeypatch):
+    """`attention="chunked"` in blocks of 16 queries x 24 keys, so the tiny models' 64-token
+    sequences span several uneven blocks (padding and masking exercised)."""
+    import functools
+
+    from animatediff_jax.models import attention
+
+    monkeypatch.setattr(attention, "chunked_attention",
+                        functools.partial(attention.chunked_attention, block_q=16, block_k=24))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

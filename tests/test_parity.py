@@ -50,6 +50,17 @@ def test_tiny_parity_with_animatediff_pipeline(pipes, options):
     check(stages)
 
 
+def test_tiny_parity_with_chunked_attention(pipes, small_attention_blocks):
+    """The whole sampler with the blockwise attention kernel in our UNet, against diffusers (SDPA)."""
+    import dataclasses
+
+    torch_pipe, ours = pipes
+    chunked = dataclasses.replace(ours, attention="chunked")
+    stages = parity.run_parity(torch_pipe, chunked, ["a cat and the dog"], ["dog"], [3], num_frames=4, height=16,
+                               width=16, steps=3, guidance_scale=7.5, log=None)
+    check(stages)
+
+
 def test_cli_tiny(capsys, tmp_path):
     """`python -m animatediff_jax.parity --tiny` end to end (1 prompt, 2 steps), with a tolerance gate."""
     out = tmp_path / "parity.json"

@@ -269,6 +269,8 @@ BEFORE_LOADING = [
     (["--config.output.formats=('webm',)"], "output.formats"),
     (["--config.context_windows={'length': 4, 'overlap': 4}"], "context_windows needs length >= 1 and 0 <= overlap"),
     (["--config.devices=9"], "devices: num_devices=9: there are 1 devices"),
+    (["--config.attention=flash"], "attention='flash': unknown attention implementation 'flash'; valid: auto, xla"),
+    (["--config.attention=cudnn"], "attention='cudnn': attention \"cudnn\" needs a GPU (platform cpu); q [1, 16, 8, 40]"),
 ]
 AFTER_LOADING = [
     ("other_mm", "motion_module: "),
@@ -324,7 +326,7 @@ def test_cli_help_and_print_config(models, capsys):
 def test_bench_small_tiny_runs():
     """`bench/sample_bench.py --small --tiny` runs both sides and reports (so the script cannot rot)."""
     t0 = time.perf_counter()
-    argv = ["--small", "--tiny", "--repeats", "1", "--warmup", "0", "--ours-dtype", "float32"]
+    argv = ["--small", "--tiny", "--repeats", "1", "--warmup", "0", "--ours-dtype", "float32", "--attention", "xla,chunked"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sample_bench.py")] + argv, cwd=ROOT,
@@ -332,7 +334,8 @@ def test_bench_small_tiny_runs():
     elapsed = time.perf_counter() - t0
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ours (JAX" in out.stdout and "diffusers AnimateDiffPipeline" in out.stdout, out.stdout
-    assert "s/video" in out.stdout and "ratio diffusers/ours" in out.stdout, out.stdout
+    assert "s/video" in out.stdout and "ratio diffusers/ours (attention chunked)" in out.stdout, out.stdout
+    assert "attention xla = xla" in out.stdout and "attention chunked = chunked" in out.stdout, out.stdout
     print(out.stdout)
     print(f"bench --small --tiny: {elapsed:.1f}s")
 

@@ -209,3 +209,25 @@ def test_wrong_position_ids_and_mixed_prefixes_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected keys: final_layer_norm\.weight"):
         load_sd15(tmp_path)
     json.loads((tmp_path / "text_encoder" / "config.json").read_text())  # the config was left intact
+
+
+def test_vae_and_text_encoder_with_chunked_attention(small_attention_blocks):
+    """The VAE mid-block and CLIP (causal) attention through the blockwise kernel: same outputs as PyTorch."""
+    from test_sd15 import Refs, _vae_fn  # noqa: F401
+
+    import jax.numpy as jnp
+
+    from animatediff_jax.models.clip_text import CLIPTextModel
+
+    refs = Refs()
+    params = refs.direct_params()
+    vae = AutoencoderKL(VCFG, attention="chunked")
+    image = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)  # 16x16 = 256 tokens
+    with torch.no_grad():
+        want = refs.vae.decode(refs.vae.encode(torch.from_numpy(image.transpose(0, 3, 1, 2))).latent_dist.mean).sample
+    got = jax.jit(lambda p, x: vae.apply({"params": p}, x))(params["vae"], image)
+    e_vae = assert_close(got, want.numpy().transpose(0, 2, 3, 1), what="VAE (chunked attention)")
+    clip = CLIPTextModel(TCFG, attention="chunked")
+    got = jax.jit(lambda p, ids: clip.apply({"params": p}, ids))(params["text_encoder"], jnp.asarray(refs.ids))
+    e_clip = assert_close(got, refs.want_clip, what="CLIP text (chunked causal attention)")
+    print(f"chunked attention: VAE {e_vae:.2e}, CLIP {e_clip:.2e}")

@@ -20,7 +20,7 @@ from torch_refs import patch_to_original, torch_motion_unet
 FRAMES = 4
 
 
-def run_both(cfg, patch: bool = True):
+def run_both(cfg, patch: bool = True, attention: str = "auto"):
     tm = torch_motion_unet(cfg)
     params = convert_unet_state_dict(tm.state_dict(), cfg)
     if patch:
@@ -30,7 +30,7 @@ def run_both(cfg, patch: bool = True):
     ctx = torch.randn(2, 5, cfg.cross_attention_dim)
     with torch.no_grad():
         ref = tm(x, t, ctx.repeat_interleave(FRAMES, 0)).sample.numpy()
-    ours = UNet3D(cfg).apply(
+    ours = UNet3D(cfg, attention=attention).apply(
         {"params": params},
         jnp.asarray(x.permute(0, 2, 3, 4, 1).numpy()),
         jnp.asarray(t.numpy()),
@@ -45,6 +45,15 @@ def test_original_numerics(version):
     cfg = tiny_unet(version)
     ours, ref = run_both(cfg)
     assert_close(ours, ref, rtol=1e-5, what=f"UNet3D {version} vs patched UNetMotionModel")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_original_numerics_with_chunked_attention(version, small_attention_blocks):
+    """The blockwise (memory-efficient) attention in every spatial and temporal layer: same outputs."""
+    cfg = tiny_unet(version)
+    ours, ref = run_both(cfg, attention="chunked")
+    err = assert_close(ours, ref, rtol=1e-5, what=f"UNet3D {version} (chunked attention) vs patched UNetMotionModel")
+    print(f"chunked attention UNet3D {version}: max abs err {err:.2e}")
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])

@@ -231,3 +231,23 @@ def test_vae_and_text_encoder_with_chunked_attention(small_attention_blocks):
     got = jax.jit(lambda p, ids: clip.apply({"params": p}, ids))(params["text_encoder"], jnp.asarray(refs.ids))
     e_clip = assert_close(got, refs.want_clip, what="CLIP text (chunked causal attention)")
     print(f"chunked attention: VAE {e_vae:.2e}, CLIP {e_clip:.2e}")
+
+
+def test_readme_convert_example_on_a_published_folder(tmp_path, capsys):
+    """`animatediff-jax convert sd15 path/to/stable-diffusion-v1-5 --out models/sd15` (the README's first
+    example) on a folder laid out as published, then the converted folder holds the same weights."""
+    from animatediff_jax import cli
+
+    vae, clip = torch_vae(VCFG, 2), torch_clip(TCFG, 3)
+    src = tmp_path / "stable-diffusion-v1-5"
+    write_released_folder(src, vae, clip, vae_old=True, prefix=True, position_ids=True, files="fp16.safetensors")
+    (src / "tokenizer").mkdir()
+    from animatediff_jax.text import write_tiny_tokenizer
+
+    write_tiny_tokenizer(str(src / "tokenizer"))
+    rc = cli.main(["convert", "sd15", str(src), "--out", str(tmp_path / "sd15")])
+    assert rc in (0, None), capsys.readouterr().err
+    converted, direct = load_sd15(tmp_path / "sd15"), load_sd15(src)
+    jax.tree.map(np.testing.assert_array_equal, converted.params, direct.params)
+    want = vae.state_dict()["decoder.mid_block.attentions.0.to_k.weight"].half().float().numpy().T
+    np.testing.assert_array_equal(converted.params["vae"]["decoder"]["mid_block"]["attentions_0"]["to_k"]["kernel"], want)

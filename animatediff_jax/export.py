@@ -14,6 +14,9 @@
       original: the v3 adapter layout (v3_sd15_adapter.ckpt: `...attn1.processor.to_q_lora.down.weight`).
   animatediff-jax export lora INPUT --out FILE [--format diffusers|kohya] [--dtype ...]
 
+Every output is written atomically (the previous file, if any, stays intact when a write fails); an
+existing `--out` is replaced only with `--overwrite`, and never the input itself.
+
 INPUT is an animatediff-jax params file (what training writes per stage, or `animatediff-jax
 convert motion|lora` made) or any PyTorch file of that kind (then `--base-config`, as in
 `convert`, says which UNet it is for). A file that lacks the requested part is an error that
@@ -32,6 +35,7 @@ import numpy as np
 from animatediff_jax.checkpoints.bundles import KIND_NAMES, LoraBundle, load_any_motion, read_lora
 from animatediff_jax.checkpoints.motion import save_motion_adapter, save_motion_module_original
 from animatediff_jax.checkpoints.torch_io import CheckpointError
+from animatediff_jax.io.fs import check_output
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 WEIGHT_EXTENSIONS = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
@@ -74,6 +78,7 @@ def _motion(args) -> str:
     from animatediff_jax.convert import resolve_base
 
     _check_out(args.out, args.format, "motion_module")
+    check_output(args.out, (args.input,), overwrite=args.overwrite)
     base = resolve_base(args.base_config)[0] if args.base_config else None
     params, config = load_any_motion(args.input, base)
     dtype = DTYPES[args.dtype]
@@ -90,6 +95,7 @@ def _lora(args) -> str:
     from animatediff_jax.convert import resolve_base
 
     _check_out(args.out, args.format, args.part)
+    check_output(args.out, (args.input,), overwrite=args.overwrite)
     base, text_config = resolve_base(args.base_config)  # (used for PyTorch inputs only)
     bundle = read_lora(args.input, args.part, base, text_config, args.motion_version)
     try:
@@ -115,6 +121,7 @@ def main(argv: list[str]) -> int:
         s.add_argument("--out", required=True, help="output file (folder for a diffusers MotionAdapter)")
         s.add_argument("--format", choices=formats, default=formats[0])
         s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
         s.add_argument("--base-config", help="for PyTorch inputs: sd15 (default), a converted or diffusers SD "
                                              "folder, a params file or a UNet config .json")
         if part == "motion_lora":
@@ -124,8 +131,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         what = args.run(args)
-    except CheckpointError as e:
+    except (CheckpointError, FileExistsError) as e:
         print(f"error: {' '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, file size limit, permissions: the previous file is untouched
+        print(f"error: cannot write {args.out}: {e.strerror or e} (nothing was replaced)", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {what}, {args.format} format, {args.dtype}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ A motion module is held as a *partial* params tree with only the `motion_modules
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -394,23 +395,33 @@ def _blocks_with_pe(sd: Mapping[str, np.ndarray]) -> dict[str, int]:
 
 
 def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
-    """`.safetensors` (with optional string metadata) or a pickled `.ckpt`/`.pt`/`.pth`/`.bin` (torch.save)."""
+    """`.safetensors` (with optional string metadata) or a pickled `.ckpt`/`.pt`/`.pth`/`.bin` (torch.save).
+
+    Written atomically (`io.fs.atomic_file`): a failed write leaves any previous file untouched.
+    """
+    from animatediff_jax.io.fs import atomic_file
+
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sd = {k: np.asarray(v, order="C") for k, v in sd.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
     lower = path.lower()
-    if lower.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        save_file(sd, path, metadata={"format": "pt", **(metadata or {})})
-    elif lower.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        import torch
-
-        if metadata:
-            raise ValueError(f"{path}: metadata needs a .safetensors file")
-        torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
-    else:
+    if not lower.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
         raise ValueError(f"{path}: unknown weight file extension (use .safetensors or .ckpt)")
+    if metadata and not lower.endswith(".safetensors"):
+        raise ValueError(f"{path}: metadata needs a .safetensors file")
+    with atomic_file(path) as tmp:
+        try:
+            if lower.endswith(".safetensors"):
+                from safetensors.numpy import save_file
+
+                save_file(sd, tmp, metadata={"format": "pt", **(metadata or {})})
+            else:
+                import torch
+
+                torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
+        except OSError:
+            raise
+        except Exception as e:  # torch / safetensors report a failed write (disk full, file size limit) so
+            raise OSError(errno.EIO, f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def motion_state_dict(
@@ -481,10 +492,12 @@ def save_motion_adapter(
 
     The key set is exactly `MotionAdapter(**config).state_dict()`'s, `pos_embed.pe` buffers
     included, so `MotionAdapter.from_pretrained(folder)` reports nothing missing or unexpected.
+    The folder is written whole or not at all (`io.fs.atomic_folder`).
     """
-    folder = os.fspath(folder)
+    from animatediff_jax.io.fs import atomic_folder
+
     sd = motion_state_dict(motion_params, config, "diffusers", dtype)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(motion_adapter_config(config), f, indent=2)
-    save_state_dict(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+    with atomic_folder(folder) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(motion_adapter_config(config), f, indent=2)
+        save_state_dict(os.path.join(tmp, "diffusion_pytorch_model.safetensors"), sd)

@@ -43,9 +43,10 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Params], meta: Mappi
     md = {"format": FORMAT}
     for k, v in (meta or {}).items():
         md[k] = json.dumps(dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(flat, tmp, metadata=md)
-    os.replace(tmp, path)
+    from animatediff_jax.io.fs import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file(flat, tmp, metadata=md)
 
 
 def load_params(path: str | os.PathLike) -> tuple[Params, dict[str, Any]]:

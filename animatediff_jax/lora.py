@@ -3,22 +3,38 @@
 A LoRA is a *partial params tree*: at the path of each adapted layer (a Dense, or a conv),
 instead of `{"kernel": ...}` it holds `{"down": kernel.shape[:-1] + (r,), "up": (r, out)}`,
 optionally with a scalar `"alpha"` (kohya / PEFT files: the delta is scaled by `alpha / r`).
-The weight change is `scale * (alpha / r) * down @ up`, added to the kernel:
+The weight change is `scale * (alpha / r) * down @ up`. It is used in one of two ways, both
+built on the same factors (`_factors`):
 
-    params = merge(params, lora_tree, scale)
+* **merged** (inference, export, frozen adapters attached to a training base):
 
-`merge` is pure `jnp` and jittable, so "run-time LoRA with a scale" is `merge` called inside
-the jitted function with a traced `scale` (changing the scale does not recompile), and
-"merged into the weights" is the same `merge` called once outside: same function, same
-output. File formats (original AnimateDiff, diffusers/PEFT, kohya) are read and written by
+      params = merge(params, lora_tree, scale)
+
+  adds the delta to the kernel (formed in float32, cast back to the kernel's dtype). `merge` is
+  pure `jnp` and jittable, so a traced `scale` does not recompile.
+
+* **unmerged, at run time** (training a LoRA on a bf16 base):
+
+      with at_runtime(lora_tree, scale):
+          y = unet.apply({"params": base}, ...)
+
+  every adapted `nn.Dense` / `nn.Conv` computes `layer(x) + scale * (alpha / r) * (x · down) · up`,
+  the low-rank term in float32 and added to the layer's output. The base kernel is never
+  rewritten: a small delta merged into a bf16 kernel would be rounded away (bf16 keeps 8 bits),
+  while here only the sum of the two outputs is rounded to the compute dtype. In float32 both
+  ways give the same outputs and gradients (`tests/test_train_memory.py`).
+
+File formats (original AnimateDiff, diffusers/PEFT, kohya) are read and written by
 `checkpoints.lora_formats`; `init_lora` creates a fresh LoRA for training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -53,14 +69,18 @@ def lora_rank(layer: Mapping[str, Any]) -> int:
     return int(layer["up"].shape[0])
 
 
-def lora_delta(layer: Mapping[str, Any]) -> jax.Array:
-    """The kernel change of one layer, `(alpha / r) * down @ up` (contracting the rank), in float32."""
+def _factors(layer: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(down, up, coef)` in float32 with `coef = alpha / r` (1 without alpha): the delta is `coef * down @ up`."""
     down = jnp.asarray(layer["down"], jnp.float32)
     up = jnp.asarray(layer["up"], jnp.float32)
-    delta = jnp.tensordot(down, up, axes=1)
-    if "alpha" in layer:
-        delta = delta * (jnp.asarray(layer["alpha"], jnp.float32) / up.shape[0])
-    return delta
+    coef = jnp.asarray(layer["alpha"], jnp.float32) / up.shape[0] if "alpha" in layer else jnp.ones((), jnp.float32)
+    return down, up, coef
+
+
+def lora_delta(layer: Mapping[str, Any]) -> jax.Array:
+    """The kernel change of one layer, `(alpha / r) * down @ up` (contracting the rank), in float32."""
+    down, up, coef = _factors(layer)
+    return coef * jnp.tensordot(down, up, axes=1)
 
 
 def _set_path(tree: Params, path: Path, kernel: jax.Array) -> Params:
@@ -80,6 +100,22 @@ def _get_kernel(params: Mapping[str, Any], path: Path):
     return node.get("kernel") if isinstance(node, Mapping) else None
 
 
+def _misfit(path: Path, layer: Mapping[str, Any], kernel_shape) -> str | None:
+    """Why `layer` cannot adapt a kernel of `kernel_shape` (None if it fits)."""
+    if kernel_shape is None:
+        return f"{'/'.join(path)} (no kernel in params)"
+    delta_shape = tuple(layer["down"].shape[:-1]) + (layer["up"].shape[-1],)
+    if tuple(kernel_shape) != delta_shape or layer["down"].shape[-1] != layer["up"].shape[0]:
+        return (f"{'/'.join(path)} (down {tuple(layer['down'].shape)} @ up {tuple(layer['up'].shape)} "
+                f"vs kernel {tuple(kernel_shape)})")
+    return None
+
+
+def _raise_misfits(bad: list[str]) -> None:
+    if bad:
+        raise ValueError(f"LoRA does not fit the params: {', '.join(sorted(bad)[:8])} ({len(bad)} in all)")
+
+
 def merge(params: Params, lora: LoraTree, scale: Any = 1.0) -> Params:
     """`params` with `scale * (alpha / r) * down @ up` added to every adapted kernel.
 
@@ -91,22 +127,81 @@ def merge(params: Params, lora: LoraTree, scale: Any = 1.0) -> Params:
     bad = []
     for path, layer in layers.items():
         kernel = _get_kernel(params, path)
-        delta_shape = tuple(layer["down"].shape[:-1]) + (layer["up"].shape[-1],)
-        if kernel is None:
-            bad.append(f"{'/'.join(path)} (no kernel in params)")
-        elif tuple(kernel.shape) != delta_shape or layer["down"].shape[-1] != layer["up"].shape[0]:
-            bad.append(
-                f"{'/'.join(path)} (down {tuple(layer['down'].shape)} @ up {tuple(layer['up'].shape)} "
-                f"vs kernel {tuple(kernel.shape)})"
-            )
-    if bad:
-        raise ValueError(f"LoRA does not fit the params: {', '.join(sorted(bad)[:8])} ({len(bad)} in all)")
+        problem = _misfit(path, layer, None if kernel is None else kernel.shape)
+        if problem:
+            bad.append(problem)
+    _raise_misfits(bad)
     scale = jnp.asarray(scale, jnp.float32)
     for path, layer in layers.items():
         kernel = _get_kernel(params, path)
         new = jnp.asarray(kernel, jnp.float32) + scale * lora_delta(layer)
         params = _set_path(params, path, new.astype(kernel.dtype))
     return params
+
+
+def low_rank_term(module: nn.Module, x: jax.Array, layer: Mapping[str, Any], scale: Any = 1.0) -> jax.Array:
+    """`scale * (alpha / r) * (x · down) · up` of one adapted layer, in float32: what `merge` adds
+    to `module(x)` (module an `nn.Dense`, or an `nn.Conv`, whose window / strides / padding the
+    `down` factor is applied with)."""
+    down, up, coef = _factors(layer)
+    x = jnp.asarray(x, jnp.float32)
+    if isinstance(module, nn.Dense):
+        h = jnp.tensordot(x, down, axes=1)
+    elif isinstance(module, nn.Conv):
+        if module.feature_group_count != 1:
+            raise ValueError(f"LoRA on a grouped conv ({'/'.join(module.path)}) is not supported")
+        # The same conv with `r` output channels and no bias: flax does the padding / strides.
+        narrow = module.clone(parent=None, features=down.shape[-1], use_bias=False, dtype=jnp.float32,
+                              param_dtype=jnp.float32, precision=None)
+        h = narrow.apply({"params": {"kernel": down}}, x)
+    else:
+        raise ValueError(f"LoRA at {'/'.join(module.path)}: a {type(module).__name__}, not an nn.Dense / nn.Conv")
+    return (jnp.asarray(scale, jnp.float32) * coef) * jnp.tensordot(h, up, axes=1)
+
+
+@contextlib.contextmanager
+def at_runtime(lora: LoraTree, scale: Any = 1.0, gather: Callable[[jax.Array], jax.Array] | None = None):
+    """Inside this context, Flax models apply `lora` unmerged: each `nn.Dense` / `nn.Conv` whose
+    module path (relative to the applied root module, i.e. the params path) has a LoRA layer
+    returns `module(x) + low_rank_term(...)`, summed in float32 and cast to the layer's output
+    dtype. The base kernels are used as stored; gradients reach the factors through the low-rank
+    term. Use it around the `apply` of the model the LoRA was made for, at trace time (inside the
+    jitted function). A LoRA layer whose kernel does not fit is an error, and so is one that no
+    call reached by the end of the context (never silently skipped). `gather` (optional) is
+    applied to each factor where it is used (the train step's per-layer FSDP all-gather). Enter it
+    outside any context that replaces the layers' calls (`parallel.gather_per_layer`): Flax runs
+    interceptors in the order their contexts were entered.
+    """
+    layers = {tuple(p): layer for p, layer in lora_layers(lora).items()}
+    used: set[Path] = set()
+    bad: list[str] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv)):
+            return next_fun(*args, **kwargs)
+        path = tuple(module.path)
+        layer = layers.get(path)
+        if layer is None:
+            return next_fun(*args, **kwargs)
+        kernel = module.variables.get("params", {}).get("kernel")
+        problem = _misfit(path, layer, None if kernel is None else kernel.shape)
+        if problem:
+            bad.append(problem)
+            _raise_misfits(bad)
+        used.add(path)
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        if gather is not None:
+            layer = {k: gather(v) for k, v in layer.items()}
+        return (y.astype(jnp.float32) + low_rank_term(module, x, layer, scale)).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield
+    missing = sorted("/".join(p) for p in set(layers) - used)
+    if missing:
+        raise ValueError(f"LoRA layers never reached by the model: {', '.join(missing[:8])} "
+                         f"({len(missing)} of {len(layers)})")
 
 
 def merge_many(params: Params, loras: Sequence[tuple[LoraTree, Any]]) -> Params:

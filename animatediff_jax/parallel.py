@@ -9,18 +9,27 @@ One rule places every array, so params and their optimizer moments always agree:
   is small or has no such dimension (biases, norms, scalars).
 
 Because the param rule looks only at shapes, it needs no per-layer annotations and applies
-unchanged to the optimizer state (whose moments have the params' shapes). `jit` with these
-shardings lets XLA insert the all-gathers (forward) and reduce-scatters (gradients) of FSDP.
+unchanged to the optimizer state (whose moments have the params' shapes).
+
+Inside the forward pass, `gather_per_layer` makes every layer all-gather its own weights (cast
+to the compute dtype first) where it is called, instead of gathering the whole params tree up
+front: with per-block rematerialisation the gathered copies live only inside one block, and the
+backward pass gathers them again (FSDP / ZeRO-3; the gradients of trainable weights are
+summed back onto their shards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import threading
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -153,6 +162,51 @@ def param_shardings(tree: PyTree, mesh: Mesh, rules: ShardingRules) -> PyTree:
 
 def batch_shardings(tree: PyTree, mesh: Mesh, rules: ShardingRules) -> PyTree:
     return jax.tree.map(lambda x: NamedSharding(mesh, rules.batch_spec(mesh, np.ndim(x))), tree)
+
+
+_GATHER_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def gather_per_layer(mesh: Mesh, rules: ShardingRules):
+    """Inside this context every Flax module that owns params and no submodules (`nn.Dense`,
+    `nn.Conv`, norms, embeddings), when called, all-gathers its own params (laid out by `rules`)
+    right there and runs on the gathered copies.
+
+    `nn.Dense` / `nn.Conv` params are cast to the module's compute `dtype` on their shards, before
+    the gather (the layer casts them anyway, so the numbers are the same): a bf16 model gathers
+    bf16, whatever the storage dtype. Other params keep their dtype (norm scales are small and
+    replicated anyway). Trace the model's `apply` inside the context. With per-block `nn.remat`
+    the gather happens inside each block's checkpoint region, so no gathered weight outlives its
+    block: the backward pass gathers again (unless the remat policy saves it; the dot policies do
+    not). Without remat, XLA keeps the forward's gathered weights for the backward.
+    """
+    full = replicated(mesh)
+
+    def gather(x, dtype):
+        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+            # Pin the cast to the shard layout, or XLA may gather first and cast after.
+            x = jax.lax.with_sharding_constraint(x.astype(dtype), NamedSharding(mesh, rules.param_spec(mesh, x.shape)))
+        return jax.lax.with_sharding_constraint(x, full)
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or getattr(_GATHER_STATE, "inside", False) or module.scope is None:
+            return next_fun(*args, **kwargs)
+        variables = module.variables
+        own = variables.get("params", {})
+        if not own or any(isinstance(v, Mapping) for v in own.values()):
+            return next_fun(*args, **kwargs)  # no params, or a module with submodules: its layers gather
+        dtype = getattr(module, "dtype", None) if isinstance(module, (nn.Dense, nn.Conv)) else None
+        gathered = {**variables, "params": {k: gather(v, dtype) for k, v in own.items()}}
+        _GATHER_STATE.inside = True  # the clone's own call must not be intercepted again
+        try:
+            return module.clone(parent=None).apply(gathered, *args, **kwargs)
+        finally:
+            _GATHER_STATE.inside = False
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def put_global(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -587,6 +587,26 @@ def timing_summary(t: Mapping[str, float], n: int) -> str:
     )
 
 
+def output_folder(folder: str) -> str:
+    """The folder this run writes, checked before anything loads: never a file, never an unwritable
+    place, and never an existing non-empty folder (old videos beside a new config.yaml): then the first
+    free `<folder>-2`, `-3`, ... is used, and said."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"output.dir={folder!r}: is a file, not a folder")
+    chosen, i = folder, 1
+    while os.path.isdir(chosen) and os.listdir(chosen):
+        i += 1
+        chosen = f"{folder.rstrip(os.sep)}-{i}"
+    if chosen != folder:
+        _log(f"output.dir {folder} is not empty: writing {chosen} instead")
+    parent = os.path.abspath(chosen)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir={folder!r}: cannot be created ({parent} is not a writable folder)")
+    return chosen
+
+
 def sample(config: Any, pipeline: Any = None) -> SampleResult:
     """Validates `config`, loads the pipeline (unless given), generates every prompt's video on
     all devices (batches of one compiled shape), writes the outputs and the timing summary."""
@@ -597,6 +617,7 @@ def sample(config: Any, pipeline: Any = None) -> SampleResult:
         mesh = make_mesh(None if c["devices"] == -1 else c["devices"])
     except ValueError as e:
         raise ConfigError(f"devices: {e}") from None
+    folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
     t0 = time.perf_counter()
     pipe = pipeline if pipeline is not None else load_pipeline(c)
     timings = {"load_s": time.perf_counter() - t0}
@@ -630,7 +651,6 @@ def sample(config: Any, pipeline: Any = None) -> SampleResult:
     frames_np = np.concatenate(frames)
 
     t0 = time.perf_counter()
-    folder = c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S"))
     os.makedirs(folder, exist_ok=True)
     files = write_outputs(folder, frames_np, c["prompt"], c)
     timings["write_s"] = time.perf_counter() - t0

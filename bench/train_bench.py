@@ -3,6 +3,8 @@
     python bench/train_bench.py                  # SD1.5 + AnimateDiff v2, 16 frames 256x256, batch 4 per device
     python bench/train_bench.py --small          # same architecture, 2 frames 64x64, batch 1 (a CPU check)
     python bench/train_bench.py --small --tiny   # tiny models: checks the script (compile-bound, < 1 min on CPU)
+    python bench/train_bench.py --remat-sweep none,full,dots_with_no_batch_dims_saveable,dots_saveable
+                                                 # compile only: FLOPs / XLA temp bytes of the stage-2 gradient per remat policy
 
 Two variants of the step, both sides: `cached` (the batch holds VAE latents and text contexts, as
 after `animatediff-jax prepare`) and `online` (the batch holds pixels; the frozen VAE encodes them
@@ -18,6 +20,12 @@ only the motion modules trainable, AdamW(lr 1e-4, wd 1e-2), grad-norm clip 1.0, 
 CUDA (fp32 on CPU), SDPA attention (`AttnProcessor2_0`), DDPM noising and epsilon MSE. Both sides
 draw fresh noise and one timestep per clip every step. diffusers' motion modules normalise across
 frames (the original: per frame); the difference is one reshape, irrelevant to speed.
+
+`--remat-sweep` runs nothing: it compiles the stage-2 gradient (loss of `training.step`, motion
+modules trainable, frozen base in `--frozen-dtype`, cached latents) from `ShapeDtypeStruct`s for
+each listed policy and prints XLA's `cost_analysis` FLOPs and `memory_analysis` temp bytes. On CPU
+the temp bytes do not show what remat saves (shared/README.md): judge remat there by the FLOP
+overhead, and by memory on a device only.
 
 Compile time is reported apart and excluded; after `--warmup` steps, the median of `--repeats`
 synchronised steps is reported. TFLOP/s uses the budget of shared/README.md: ~9.4 TFLOP forward +
@@ -207,7 +215,49 @@ def ours_config(args):
     c.parallel.compute_dtype = args.ours_dtype
     c.parallel.frozen_dtype = args.frozen_dtype
     c.parallel.remat = args.remat
+    c.parallel.attention = args.attention
     return c
+
+
+def remat_sweep(args, unet_cfg, policies) -> dict:
+    """Compile-only FLOPs and XLA temp bytes of the stage-2 gradient for each remat policy."""
+    import jax
+    import jax.numpy as jnp
+
+    from animatediff_jax.models.unet import UNet3D, param_shapes
+    from animatediff_jax.training import stages
+    from animatediff_jax.training.step import StepSpec, make_loss_fn
+
+    compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.ours_dtype]
+    frozen_dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.frozen_dtype]
+    shapes = param_shapes(unet_cfg)
+    trainable, frozen = stages.partition(shapes, stages.is_motion_module)
+    trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), trainable)
+    frozen = {"unet": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, frozen_dt), frozen)}
+    h = args.resolution // 8
+    batch = {"latents": jax.ShapeDtypeStruct((args.batch, args.frames, h, h, unet_cfg.in_channels), jnp.float32),
+             "context": jax.ShapeDtypeStruct((args.batch, 77, unet_cfg.cross_attention_dim), jnp.float32)}
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    rows = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
+    out = {}
+    for policy in policies:
+        spec = StepSpec(stage=stages.get_stage("motion_module"),
+                        unet=UNet3D(unet_cfg, dtype=compute, remat=policy, attention=args.attention))
+        grad = jax.jit(jax.value_and_grad(make_loss_fn(spec)))
+        t0 = time.perf_counter()
+        compiled = grad.lower(trainable, frozen, batch, key, rows).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        mem = compiled.memory_analysis()
+        out[policy] = dict(flops=float(cost.get("flops", float("nan"))),
+                           temp_bytes=getattr(mem, "temp_size_in_bytes", None),
+                           compile_s=time.perf_counter() - t0)
+        base = out.get("none", out[policies[0]])["flops"]
+        r = out[policy]
+        print(f"remat {policy:34s}: {r['flops'] / 1e12:.3f} TFLOP ({100 * (r['flops'] / base - 1):+.1f}% vs "
+              f"{'none' if 'none' in out else policies[0]}), XLA temp {_gib(r['temp_bytes'])}, "
+              f"compile {r['compile_s']:.0f} s", flush=True)
+    return out
 
 
 def bench_ours(args, unet_cfg, vae_cfg) -> dict:
@@ -229,7 +279,7 @@ def bench_ours(args, unet_cfg, vae_cfg) -> dict:
     n_train = stages.count_params(trainer.state.params)
     frozen_unet = stages.count_params(trainer.frozen["unet"])
     result = dict(name=f"ours (JAX {jax.__version__}, {args.ours_dtype} compute, frozen {args.frozen_dtype}, "
-                       f"remat {args.remat}, jit, {jax.default_backend()})",
+                       f"remat {args.remat}, attention {args.attention}, jit, {jax.default_backend()})",
                   device=device.device_kind if device.platform != "cpu" else device_name("cpu"),
                   trainable_params=n_train, frozen_params=frozen_unet, build_s=build_s, variants={})
 
@@ -306,6 +356,10 @@ def main(argv=None) -> int:
                    help="storage of our frozen weights (torch keeps fp32 weights under autocast)")
     p.add_argument("--remat", default="none",
                    help="our per-block remat policy; anything but 'none' also turns on torch's gradient checkpointing")
+    p.add_argument("--attention", default="auto",
+                   help="our UNet's attention kernel (models.attention.IMPLEMENTATIONS: auto, xla, chunked, cudnn, splash)")
+    p.add_argument("--remat-sweep", default="",
+                   help="comma list of remat policies: compile only (nothing runs) and print FLOPs / temp bytes of each")
     p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
@@ -313,6 +367,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up when redirected to a file
     args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    from animatediff_jax.models.attention import IMPLEMENTATIONS
+
+    if args.attention not in IMPLEMENTATIONS:
+        p.error(f"--attention {args.attention!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
     if not args.variants or any(v not in VARIANTS for v in args.variants):
         p.error(f"--variants: expected a comma list of {VARIANTS}")
     if args.tiny:
@@ -347,6 +405,16 @@ def main(argv=None) -> int:
     if args.ours_dtype == "auto":
         args.ours_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     unet_cfg, vae_cfg = model_configs(args.tiny)
+    if args.remat_sweep:
+        policies = [x.strip() for x in args.remat_sweep.split(",") if x.strip()]
+        print(f"remat sweep (compile only): stage-2 gradient, {'tiny' if args.tiny else 'SD1.5 + v2'}, "
+              f"{args.batch} x {args.frames} frames {args.resolution}x{args.resolution}, {args.ours_dtype} compute, "
+              f"frozen {args.frozen_dtype}, attention {args.attention}, {jax.default_backend()}")
+        sweep = remat_sweep(args, unet_cfg, policies)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(args=vars(args), remat_sweep=sweep), f, indent=2, default=str)
+        return 0
     arch = "tiny random models" if args.tiny else "SD1.5 + AnimateDiff v2 (random weights)"
     print(f"JAX on {jax.default_backend()} ({jax.devices()[0].device_kind}); torch on {torch_device}")
     print(f"workload: stage-2 train step, {arch}, {args.batch} clip(s) x {args.frames} frames "

@@ -269,6 +269,8 @@ BEFORE_LOADING = [
     (["--config.output.formats=('webm',)"], "output.formats"),
     (["--config.context_windows={'length': 4, 'overlap': 4}"], "context_windows needs length >= 1 and 0 <= overlap"),
     (["--config.devices=9"], "devices: num_devices=9: there are 1 devices"),
+    (["--config.output.dir=/proc/version"], "output.dir='/proc/version': is a file, not a folder"),
+    (["--config.output.dir=/proc/version/samples"], "output.dir='/proc/version/samples': cannot be created"),
     (["--config.attention=flash"], "attention='flash': unknown attention implementation 'flash'; valid: auto, xla"),
     (["--config.attention=cudnn"], "attention='cudnn': attention \"cudnn\" needs a GPU (platform cpu); q [1, 16, 8, 40]"),
 ]
@@ -351,3 +353,17 @@ def test_to_uint8_is_one_function_for_numpy_and_jit():
     assert isinstance(host, np.ndarray) and isinstance(dev, jax.Array) and dev.dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(dev), host)
     np.testing.assert_array_equal(host, np.round(np.clip(x / 2 + 0.5, 0, 1) * 255).astype(np.uint8))
+
+
+def test_a_non_empty_output_dir_is_never_mixed_with_a_new_run(tmp_path, capfd):
+    from animatediff_jax.sample import output_folder
+
+    (tmp_path / "run").mkdir()
+    assert output_folder(str(tmp_path / "run")) == str(tmp_path / "run")  # empty: used as is
+    (tmp_path / "run" / "sample.gif").write_bytes(b"old")
+    (tmp_path / "run-2").mkdir()
+    (tmp_path / "run-2" / "config.yaml").write_text("old")
+    assert output_folder(str(tmp_path / "run")) == str(tmp_path / "run-3")
+    assert "is not empty: writing" in capfd.readouterr().err
+    assert output_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()  # nothing is created before the videos exist

@@ -4,7 +4,7 @@
 the models and runs them with `checkpointing`; `config.base_config()` holds every option.
 """
 
-from animatediff_jax.training.config import base_config
+from animatediff_jax.training.config import base_config, check_config
 from animatediff_jax.training.loop import Models, Trainer, build_trainer, fast_random_params, load_models, run, train
 from animatediff_jax.training.stages import STAGES, Stage, get_stage
 from animatediff_jax.training.step import LossConfig, OptimConfig, StepSpec, TrainState, make_optimizer, make_train_step
@@ -20,6 +20,7 @@ __all__ = [
     "Trainer",
     "base_config",
     "build_trainer",
+    "check_config",
     "fast_random_params",
     "get_stage",
     "load_models",

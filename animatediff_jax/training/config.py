@@ -60,8 +60,15 @@ def base_config() -> ConfigDict:
     p.fsdp_axis = "fsdp"
     p.min_fsdp_size = 4096  # arrays with fewer elements are replicated
     p.compute_dtype = "bfloat16"  # activations / matmuls; trainable params and optimizer stay float32
-    p.frozen_dtype = "float32"  # storage of the frozen weights ("bfloat16" halves their memory)
+    # Storage of the frozen weights (UNet base, VAE, text encoder; never the trainable params or the
+    # optimizer state, which stay float32): "bfloat16" halves their memory. LoRA stages add their
+    # factors unmerged at run time, so a bf16 base does not round the trained delta away.
+    p.frozen_dtype = "float32"
     p.remat = "none"  # per-block jax.checkpoint policy: none | full | dots_saveable | ... (models.unet.REMAT_POLICIES)
+    # The UNet's attention kernel (models.attention.IMPLEMENTATIONS): auto | xla | chunked | cudnn | splash.
+    # "auto": cuDNN flash (GPU) / splash (TPU) / blockwise (CPU) for long sequences, XLA for short ones.
+    # The VAE encoder and text encoder of the step always use "auto".
+    p.attention = "auto"
     p.distributed = "auto"  # jax.distributed.initialize(): auto (pods / env vars) | true | false
     p.coordinator = ""  # host:port, off-TPU multi-host only
     p.num_processes = 0
@@ -103,6 +110,25 @@ def base_config() -> ConfigDict:
     lg.sample_frames = 0  # 0: train.num_frames
     lg.sample_size = 0  # 0: train.resolution
     lg.sample_seed = 42  # prompt i uses seed sample_seed + i
+    return c
+
+
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def check_config(c: ConfigDict) -> ConfigDict:
+    """Rejects bad choice fields before anything loads or compiles: one line naming the field and
+    the valid values."""
+    from animatediff_jax.models.attention import IMPLEMENTATIONS
+    from animatediff_jax.models.unet import REMAT_POLICIES
+
+    p = c.parallel
+    for field, value, valid in (("parallel.attention", p.get("attention", "auto"), IMPLEMENTATIONS),
+                                ("parallel.remat", p.remat, REMAT_POLICIES),
+                                ("parallel.compute_dtype", p.compute_dtype, _DTYPE_NAMES),
+                                ("parallel.frozen_dtype", p.frozen_dtype, _DTYPE_NAMES)):
+        if value not in valid:
+            raise ValueError(f"{field}={value!r} is not one of: {', '.join(valid)}")
     return c
 
 

@@ -32,6 +32,7 @@ from animatediff_jax.models.config import UNetConfig, inflate, sd15_unet, tiny_u
 from animatediff_jax.models.unet import UNet3D, param_shapes
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 from animatediff_jax.training import checkpointing, stages
+from animatediff_jax.training.config import check_config
 from animatediff_jax.training.step import (
     LossConfig,
     OptimConfig,
@@ -274,6 +275,7 @@ class Trainer:
 
 def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None) -> Trainer:
     """Models (loaded from the config unless given), mesh, sharded state and frozen weights."""
+    check_config(config)
     stage = stages.get_stage(config.stage)
     models = load_models(config) if models is None else models
     p = config.parallel
@@ -299,6 +301,8 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
         frozen["vae"] = models.vae
     if models.text_encoder is not None:
         frozen["text_encoder"] = models.text_encoder
+    # frozen_dtype applies to the frozen weights only: the trainable tree (above) and the optimizer
+    # state made from it stay float32.
     frozen = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), frozen)
 
     compute = _dtype(p.compute_dtype)
@@ -307,7 +311,7 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
                         float(o.grad_clip), int(o.warmup_steps))
     spec = StepSpec(
         stage=stage,
-        unet=UNet3D(models.unet_config, dtype=compute, remat=p.remat),
+        unet=UNet3D(models.unet_config, dtype=compute, remat=p.remat, attention=p.get("attention", "auto")),
         loss=LossConfig(ls.prediction_type, float(ls.min_snr_gamma), int(ls.num_train_timesteps),
                         float(ls.beta_start), float(ls.beta_end), ls.beta_schedule),
         vae=AutoencoderKL(models.vae_config, dtype=compute) if models.vae is not None else None,
@@ -565,6 +569,7 @@ def train(config, *, validate: ValidateFn | None = None) -> dict[str, float]:
     Without a `validate` hook, one that writes sample GIFs is made when `log.validate_every`
     and `log.sample_prompts` are set.
     """
+    check_config(config)
     p = config.parallel
     parallel.maybe_initialize_distributed(p.distributed, p.coordinator, int(p.num_processes), int(p.process_id))
     trainer = build_trainer(config)

@@ -2,8 +2,11 @@
 
 A stage never copies the frozen base into the optimizer: `init_stage` splits the UNet params into
 a small *trainable* tree (a LoRA, or the motion-module subtrees) and a *frozen* tree (everything
-else, with the stage's attached adapters already merged), and `combine` rebuilds the full params
-inside the loss. Only the trainable tree gets gradients and optimizer state.
+else, with the stage's attached adapters already merged), and `apply_unet` runs the UNet on the
+two inside the loss: the motion-module subtrees are put back into the tree; a trained LoRA is
+applied unmerged at run time (`lora.at_runtime`), so its small delta is never rounded into a bf16
+base kernel. `combine` (merged) builds the full params for sampling and export. Only the
+trainable tree gets gradients and optimizer state.
 
 1. `domain_adapter`: LoRA on the spatial self/cross attention (q/k/v/out) of the image UNet,
    trained on single frames, so the adapter absorbs the look of video frames (v3's domain adapter).
@@ -15,11 +18,13 @@ inside the loss. Only the trainable tree gets gradients and optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, ContextManager, Literal, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from animatediff_jax import lora as lora_lib
 
@@ -131,10 +136,47 @@ def union(a: Mapping[str, Any], b: Mapping[str, Any]) -> Params:
 
 
 def combine(stage: Stage, trainable: Params, frozen: Params, lora_scale: Any = 1.0) -> Params:
-    """The full UNet params the loss runs: frozen + trainable (merged LoRA, or the subtrees put back)."""
+    """The full UNet params (sampling, export): frozen + trainable (LoRA merged, or the subtrees put back).
+
+    A LoRA is merged in float32; the adapted kernels keep that precision when the frozen base is
+    stored in a narrower dtype (merging into bf16 would round the delta away).
+    """
     if stage.kind == "lora":
+        wide = {path: None for path in lora_lib.lora_layers(trainable)}
+        frozen = _upcast_kernels(frozen, wide)
         return lora_lib.merge(frozen, trainable, lora_scale)
     return union(frozen, trainable)
+
+
+def _upcast_kernels(params: Mapping[str, Any], paths: Mapping[Path, Any], prefix: Path = ()) -> Params:
+    """`params` with the kernel under each of `paths` in float32 (at least); the rest untouched."""
+    out: Params = {}
+    for k, v in params.items():
+        path = prefix + (k,)
+        if isinstance(v, Mapping):
+            out[k] = _upcast_kernels(v, paths, path)
+        elif k == "kernel" and prefix in paths:
+            out[k] = jnp.asarray(v, jnp.promote_types(v.dtype, jnp.float32))
+        else:
+            out[k] = v
+    return out
+
+
+def apply_unet(stage: Stage, unet: Any, trainable: Params, frozen: Params, lora_scale: Any, *args,
+               layers: Callable[[], ContextManager] = contextlib.nullcontext,
+               gather: Callable[[jax.Array], jax.Array] | None = None, **kwargs):
+    """`unet.apply` with the stage's params: the subtrees put back into the frozen tree, or the
+    frozen base run as stored with the LoRA added unmerged at run time (`lora.at_runtime`, float32
+    low-rank term). In float32 both equal applying `combine(...)`.
+
+    `layers`: a context entered around the apply, inside the LoRA's (e.g.
+    `parallel.gather_per_layer`, which replaces the layers' calls and so must come after the LoRA
+    has seen them). `gather`: applied to the LoRA factors where they are used."""
+    if stage.kind == "lora":
+        with lora_lib.at_runtime(trainable, lora_scale, gather=gather), layers():
+            return unet.apply({"params": frozen}, *args, **kwargs)
+    with layers():
+        return unet.apply({"params": union(frozen, trainable)}, *args, **kwargs)
 
 
 def init_stage(

@@ -9,6 +9,7 @@ mesh, the number of hosts or the gradient accumulation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Mapping
 
@@ -23,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from animatediff_jax import parallel
 from animatediff_jax.models.vae import AutoencoderKL
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod, velocity
-from animatediff_jax.training.stages import Stage, combine
+from animatediff_jax.training.stages import Stage, apply_unet
 
 Params = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -174,26 +175,41 @@ def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax
     return jax.lax.stop_gradient(latents.astype(jnp.float32)), jax.lax.stop_gradient(context.astype(jnp.float32))
 
 
-def make_loss_fn(spec: StepSpec, gather: NamedSharding | None = None
+def _gathering(gather: tuple[Mesh, parallel.ShardingRules] | None):
+    return parallel.gather_per_layer(*gather) if gather is not None else contextlib.nullcontext()
+
+
+def make_loss_fn(spec: StepSpec, gather: tuple[Mesh, parallel.ShardingRules] | None = None
                  ) -> Callable[[Params, Params, Batch, jax.Array, jax.Array], jax.Array]:
     """`loss(trainable, frozen, batch, key, rows)`: the scalar the step differentiates (w.r.t. `trainable`).
 
     Every random draw of clip `i` (posterior sample, timestep, noise) comes from
     `fold_in(key, rows[i])`, `rows` being the clips' indices in the global batch: the loss is
     the same however the batch is cut into micro-batches or spread over devices and hosts.
-    `gather` (a replicated sharding) all-gathers the FSDP-sharded params before the forward
-    pass (their gradients are reduce-scattered back), so activations stay split by batch only.
+
+    `gather` (`(mesh, rules)` of FSDP-sharded params): FSDP per layer. The models run inside
+    `parallel.gather_per_layer(gather)`: each layer all-gathers its own (FSDP-sharded) weights,
+    cast to the compute dtype, where it is called (a LoRA's factors likewise), and the gradients
+    of trainable weights are summed back onto their shards (XLA's reduce-scatter where the backend
+    forms one; in the dtype of the weight-gradient matmul, as before). No step holds the whole
+    gathered params tree: with per-block remat (`parallel.remat`) a gathered weight lives only
+    inside its block and the backward pass gathers it again; without remat XLA keeps the forward
+    gathers alive for the backward. Activations stay split by batch only.
     """
     acp = np.asarray(make_alphas_cumprod(spec.loss.num_train_timesteps, spec.loss.beta_start,
                                          spec.loss.beta_end, spec.loss.beta_schedule))
     n_t = spec.loss.num_train_timesteps
+    factor_gather = None if gather is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, parallel.replicated(gather[0])))
 
-    def unet_apply(params, x, t, ctx):  # rematerialisation, if any, is per block inside the UNet
-        return spec.unet.apply({"params": params}, x, t, ctx)
+    def unet_apply(trainable, frozen_unet, x, t, ctx):  # rematerialisation, if any, is per block inside the UNet
+        return apply_unet(spec.stage, spec.unet, trainable, frozen_unet, spec.lora_scale, x, t, ctx,
+                          layers=lambda: _gathering(gather), gather=factor_gather)
 
     def loss_fn(trainable, frozen, batch, key, rows):
         keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 3))(rows)
-        latents, context = _latents_and_context(spec, frozen, batch, keys[:, 0])
+        with _gathering(gather):
+            latents, context = _latents_and_context(spec, frozen, batch, keys[:, 0])
         b, f = latents.shape[:2]
         noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(keys[:, 1])
         # One timestep per clip; for the image objective (stage 1) one per frame.
@@ -205,10 +221,7 @@ def make_loss_fn(spec: StepSpec, gather: NamedSharding | None = None
             t = t.reshape(b * f)
             context = jnp.repeat(context, f, axis=0)
         noisy = add_noise(acp, latents, noise, t)
-        params = combine(spec.stage, trainable, frozen["unet"], spec.lora_scale)
-        if gather is not None:
-            params = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, gather), params)
-        pred = unet_apply(params, noisy, t, context)
+        pred = unet_apply(trainable, frozen["unet"], noisy, t, context)
         return diffusion_loss(pred, latents, noise, t, acp, spec.loss)
 
     return loss_fn
@@ -236,7 +249,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     batch_sharding: Callable[[int], NamedSharding] | None = None,
-    gather: NamedSharding | None = None,
+    gather: tuple[Mesh, parallel.ShardingRules] | None = None,
 ) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure train step. `batch_sharding(ndim)` pins per-clip arrays (micro-batches, clip
     indices) to the batch sharding, so per-clip work stays on the clip's device; `gather`: see
@@ -305,8 +318,11 @@ def jit_train_step(
     def sharding(ndim: int) -> NamedSharding:
         return NamedSharding(mesh, rules.batch_spec(mesh, ndim))
 
+    # FSDP per layer (see `make_loss_fn`) when params are sharded; on a pure data-parallel mesh they
+    # are replicated already and nothing needs gathering.
+    gather = (mesh, rules) if mesh.shape.get(rules.fsdp_axis, 1) > 1 else None
     return jax.jit(
-        make_train_step(spec, tx, schedule, sharding, parallel.replicated(mesh)),
+        make_train_step(spec, tx, schedule, sharding, gather),
         in_shardings=(state_sharding, frozen_sharding, dict(batch_sharding)),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=(0,),

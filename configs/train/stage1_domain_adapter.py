@@ -11,6 +11,9 @@ def get_config():
     c.model.lora_rank = 64
     c.model.vae = True
     c.model.text_encoder = True
+    # Frozen base in bf16 (half the weight memory); the LoRA is applied unmerged at run time in
+    # float32, so the bf16 base does not round its delta away; LoRA and AdamW state stay float32.
+    c.parallel.frozen_dtype = "bfloat16"
     c.train.num_frames = 1  # image objective: one frame per clip
     c.train.resolution = 512
     c.train.batch_size = 32

@@ -19,12 +19,13 @@ diffusers UNet2DConditionModel config.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
-from animatediff_jax.checkpoints.torch_io import CheckpointError
+from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
 
 
 def resolve_base(spec: str | None):
@@ -129,12 +130,15 @@ def main(argv: list[str]) -> int:
     s.add_argument("--motion-version", choices=("v1", "v2", "v3"),
                    help="MotionLoRA layout (default: v2 if the file adapts the mid-block motion module, else v3)")
     s.set_defaults(run=_lora)
+    for s in sub.choices.values():
+        s.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/Inf (warns)")
     args = p.parse_args(argv)
     if args.kind != "sd15" and not args.out.lower().endswith(".safetensors"):
         print(f"error: {args.out}: params files are .safetensors", file=sys.stderr)
         return 1
     try:
-        args.run(args)
+        with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():
+            args.run(args)
     except CheckpointError as e:
         print(f"error: {' '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
         return 1

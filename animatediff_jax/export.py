@@ -26,6 +26,7 @@ says what the file holds instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 
 from animatediff_jax.checkpoints.bundles import KIND_NAMES, LoraBundle, load_any_motion, read_lora
 from animatediff_jax.checkpoints.motion import save_motion_adapter, save_motion_module_original
-from animatediff_jax.checkpoints.torch_io import CheckpointError
+from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
 from animatediff_jax.io.fs import check_output
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -122,6 +123,7 @@ def main(argv: list[str]) -> int:
         s.add_argument("--format", choices=formats, default=formats[0])
         s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
+        s.add_argument("--allow-nonfinite", action="store_true", help="export weights holding NaN/Inf (warns)")
         s.add_argument("--base-config", help="for PyTorch inputs: sd15 (default), a converted or diffusers SD "
                                              "folder, a params file or a UNet config .json")
         if part == "motion_lora":
@@ -130,7 +132,8 @@ def main(argv: list[str]) -> int:
         s.set_defaults(run=run, part=part, motion_version=None)
     args = p.parse_args(argv)
     try:
-        what = args.run(args)
+        with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():
+            what = args.run(args)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {' '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
         return 1

@@ -94,6 +94,7 @@ def base_config():
     # UNet attention kernel (models.attention): auto (cuDNN flash on GPU, Pallas splash on TPU, blockwise
     # on CPU, for long sequences; XLA for short ones) | xla | chunked | cudnn | splash
     c.attention = "auto"
+    c.allow_nonfinite = False  # load weight files holding NaN/Inf (with a warning) instead of refusing them
     c.context_windows = None  # None, or {"length": 16, "overlap": 4} for videos longer than the motion module's table
     c.devices = -1  # devices to spread the videos over; -1 = all
     c.batch_size = 0  # videos per compiled call; 0 = one per device
@@ -293,12 +294,14 @@ def _existing(name: str, path: Any, required: bool = False) -> str:
 
 def _size_multiple(base_model: str) -> int:
     """What H and W must divide by for this base model (VAE factor x UNet downsampling), read
-    from its configs without loading weights (converted and diffusers folders; 64 otherwise)."""
+    from its configs without loading weights (converted and diffusers folders; 64 for a single
+    file). A folder whose configs cannot be read is the error here, not a wrong multiple later."""
     from animatediff_jax.checkpoints import params_io
 
     blocks, vae_blocks = 4, 4
+    converted = os.path.join(base_model, params_io.PARAMS_FILE)
+    source = converted
     try:
-        converted = os.path.join(base_model, params_io.PARAMS_FILE)
         if os.path.isfile(converted):
             from safetensors import safe_open
 
@@ -307,12 +310,15 @@ def _size_multiple(base_model: str) -> int:
             blocks = len(json.loads(meta["unet_config"])["block_out_channels"])
             vae_blocks = len(json.loads(meta["vae_config"])["block_out_channels"])
         elif os.path.isdir(base_model):
-            with open(os.path.join(base_model, "unet", "config.json")) as f:
-                blocks = len(json.load(f)["block_out_channels"])
-            with open(os.path.join(base_model, "vae", "config.json")) as f:
-                vae_blocks = len(json.load(f)["block_out_channels"])
-    except (OSError, KeyError, ValueError):
-        pass  # unreadable here: the loader reports it
+            for name in ("unet", "vae"):
+                source = os.path.join(base_model, name, "config.json")
+                with open(source) as f:
+                    n = len(json.load(f)["block_out_channels"])
+                blocks, vae_blocks = (n, vae_blocks) if name == "unet" else (blocks, n)
+    except FileNotFoundError:
+        raise ConfigError(f"base_model: {source}: missing (not a converted or diffusers SD1.5 folder)") from None
+    except Exception as e:  # truncated / not safetensors / bad JSON / no such field
+        raise ConfigError(f"base_model: {source}: cannot be read ({type(e).__name__}: {e})") from None
     return 2 ** (vae_blocks - 1) * 2 ** (blocks - 1)
 
 
@@ -328,6 +334,40 @@ def _check_attention(c: Mapping) -> None:
         attention.resolve(c["attention"], (1, h * w, 8, 40), (1, h * w, 8, 40), jnp.dtype(c["dtype"]))
     except attention.AttentionError as e:
         raise ConfigError(f"attention={c['attention']!r}: {e}") from None
+
+
+# Measured with bench/memory_bench.py (BENCHMARKS.md), bf16, SD1.5 + v2 at 512x512: one CFG UNet
+# call holds ~7.9 GiB of temporaries for 2 x 16 frames (blockwise attention), the VAE decode ~0.8 GiB
+# per frame of a chunk; both scale about linearly with the pixels. An order-of-magnitude guard.
+_UNET_BYTES_PER_FRAME_512 = 0.25 * 2**30
+_VAE_BYTES_PER_FRAME_512 = 0.8 * 2**30
+
+
+def _available_bytes() -> int | None:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(c: Mapping) -> None:
+    """Refuses sizes whose activations cannot fit one device (e.g. W=H=100000), before anything loads."""
+    scale = int(c["W"]) * int(c["H"]) / 512**2 * (2 if c["dtype"] == "float32" else 1)
+    videos = int(c["batch_size"]) or 1
+    frames = min(int(c["L"]), (c["context_windows"] or {}).get("length", int(c["L"])) if isinstance(
+        c["context_windows"], Mapping) else int(c["L"]))
+    need = scale * (_UNET_BYTES_PER_FRAME_512 * 2 * videos * frames + _VAE_BYTES_PER_FRAME_512 * int(c["decode_chunk"]))
+    have = _available_bytes()
+    if have is not None and need > have:
+        raise ConfigError(
+            f"W={c['W']}, H={c['H']}, L={c['L']}: needs about {need / 2**30:.0f} GiB of device memory, "
+            f"{have / 2**30:.0f} GiB available; lower W/H/L, decode_chunk or batch_size"
+        )
 
 
 def _attention_note(c: Mapping) -> str:
@@ -386,6 +426,9 @@ def validate(config: Mapping) -> dict:
     if c["dtype"] not in DTYPES:
         raise ConfigError(f"dtype={c['dtype']!r}: expected one of {', '.join(DTYPES)}")
     _check_attention(c)
+    if not isinstance(c["allow_nonfinite"], bool):
+        raise ConfigError(f"allow_nonfinite={c['allow_nonfinite']!r}: expected True or False")
+    _check_memory(c)
     if not isinstance(c["scheduler_options"], Mapping):
         raise ConfigError(f"scheduler_options={c['scheduler_options']!r}: expected a dict")
     try:
@@ -619,9 +662,18 @@ def sample(config: Any, pipeline: Any = None) -> SampleResult:
         raise ConfigError(f"devices: {e}") from None
     folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
     t0 = time.perf_counter()
-    pipe = pipeline if pipeline is not None else load_pipeline(c)
+    from animatediff_jax.checkpoints.torch_io import nonfinite_allowed
+
+    with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
+        pipe = pipeline if pipeline is not None else load_pipeline(c)
     timings = {"load_s": time.perf_counter() - t0}
+    if c["clip_skip"] > pipe.text_config.num_layers:
+        raise ConfigError(f"clip_skip={c['clip_skip']}: the text encoder has {pipe.text_config.num_layers} layers")
     motion = pipe.unet_config.motion
+    windows = c["context_windows"]
+    if motion is not None and windows is not None and int(windows["length"]) > motion.max_positions:
+        raise ConfigError(f"context_windows.length={windows['length']} exceeds the motion module's position table "
+                          f"({motion.max_positions} frames)")
     if motion is not None and c["L"] > motion.max_positions and c["context_windows"] is None:
         raise ConfigError(
             f"L={c['L']} exceeds the motion module's position table ({motion.max_positions} frames); sample it "

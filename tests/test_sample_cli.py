@@ -271,6 +271,8 @@ BEFORE_LOADING = [
     (["--config.devices=9"], "devices: num_devices=9: there are 1 devices"),
     (["--config.output.dir=/proc/version"], "output.dir='/proc/version': is a file, not a folder"),
     (["--config.output.dir=/proc/version/samples"], "output.dir='/proc/version/samples': cannot be created"),
+    (["--config.W=100000", "--config.H=100000"], "W=100000, H=100000, L=6: needs about"),
+    (["--config.allow_nonfinite='yes'"], "allow_nonfinite='yes'"),
     (["--config.attention=flash"], "attention='flash': unknown attention implementation 'flash'; valid: auto, xla"),
     (["--config.attention=cudnn"], "attention='cudnn': attention \"cudnn\" needs a GPU (platform cpu); q [1, 16, 8, 40]"),
 ]
@@ -278,11 +280,14 @@ AFTER_LOADING = [
     ("other_mm", "motion_module: "),
     (["--config.L=40"], "L=40 exceeds the motion module's position table (32 frames)"),
     ("mlora_as_adapter", "adapter_lora_path: "),
+    (["--config.clip_skip=9"], "clip_skip=9: the text encoder has"),
+    (["--config.context_windows={'length': 40, 'overlap': 4}"], "context_windows.length=40 exceeds"),
 ]
 
 
 @pytest.mark.parametrize("overrides,msg", BEFORE_LOADING + AFTER_LOADING,
-                         ids=[f"pre{i}" for i in range(len(BEFORE_LOADING))] + ["motion_fit", "frames", "kind"])
+                         ids=[f"pre{i}" for i in range(len(BEFORE_LOADING))] + ["motion_fit", "frames", "kind",
+                                                                               "clip_skip", "windows"])
 def test_bad_input_one_line_error_before_compiling(models, overrides, msg, capfd, monkeypatch):
     folder, paths = models
     if overrides == "other_mm":
@@ -367,3 +372,25 @@ def test_a_non_empty_output_dir_is_never_mixed_with_a_new_run(tmp_path, capfd):
     assert "is not empty: writing" in capfd.readouterr().err
     assert output_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
     assert not (tmp_path / "new").exists()  # nothing is created before the videos exist
+
+
+def test_an_unreadable_base_model_is_named_not_a_wrong_multiple(models, tmp_path, capfd):
+    """A truncated converted base: one line naming its file, before anything loads (not "multiple of 64")."""
+    folder, paths = models
+    bad = tmp_path / "sd15_truncated"
+    bad.mkdir()
+    data = open(os.path.join(paths["base_model"], "params.safetensors"), "rb").read()
+    (bad / "params.safetensors").write_bytes(data[: len(data) // 3])
+    for sub in ("tokenizer",):
+        import shutil
+
+        shutil.copytree(os.path.join(paths["base_model"], sub), bad / sub)
+    rc = cli.main(["sample", "--config", spec(models)] + FAST + [f"--config.base_model={bad}", "--config.W=40"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err[-1].startswith(f"error: base_model: {bad}/params.safetensors: cannot be read"), err
+    (bad / "params.safetensors").unlink()
+    (bad / "unet").mkdir()
+    rc = cli.main(["sample", "--config", spec(models)] + FAST + [f"--config.base_model={bad}"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err[-1] == f"error: base_model: {bad}/unet/config.json: missing (not a converted or " \
+                                  "diffusers SD1.5 folder)", err

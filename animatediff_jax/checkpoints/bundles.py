@@ -337,7 +337,12 @@ def _lora_bundle(path: str, kind: str | None) -> LoraBundle:
     if found not in LORA_KINDS or "unet" not in tree or (kind and not _accepts(kind, found)):
         raise missing_part(path, wanted, _describe_bundle(tree, meta))
     unet, text = _scalar_alphas(tree["unet"]), _scalar_alphas(tree.get("text_encoder")) or None
-    check_lora_kind(unet, kind or found, f"{path} (animatediff-jax {KIND_NAMES[found]})", text)
+    try:
+        check_lora_kind(unet, kind or found, f"{path} (animatediff-jax {KIND_NAMES[found]})", text)
+    except ValueError as e:  # not a tree of {down, up} pairs (a tensor missing, an unknown entry)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} (animatediff-jax {KIND_NAMES[found]}): {e}") from None
     text_config = None
     if text is not None and "text_config" in meta:
         from animatediff_jax.models.clip_text import CLIPTextConfig
@@ -370,7 +375,9 @@ def _check_fits(tree: LoraTree, target: Mapping[str, Any] | None, what: str) -> 
     bad = []
     for p, layer in lora_layers(tree).items():
         delta = tuple(np.shape(layer["down"])[:-1]) + (np.shape(layer["up"])[-1],)
-        if p not in kernels:
+        if np.shape(layer["down"])[-1] != np.shape(layer["up"])[0]:
+            bad.append(f"{'/'.join(p)} rank of down {np.shape(layer['down'])} vs up {np.shape(layer['up'])}")
+        elif p not in kernels:
             bad.append(f"{'/'.join(p)} (no such layer)")
         elif delta != kernels[p]:
             bad.append(f"{'/'.join(p)} delta {delta} vs kernel {kernels[p]}")
@@ -454,8 +461,15 @@ def read_lora(
     from animatediff_jax.models.unet import param_shapes
 
     p = params_file(path)
-    if p is not None:
-        return _lora_bundle(p, kind)
+    if p is not None:  # every layer's pair checked against the config the file names
+        b = _lora_bundle(p, kind)
+        what = f"{p} (animatediff-jax {KIND_NAMES[b.kind]})"
+        _check_fits(b.unet, param_shapes(b.unet_config), what)
+        if b.text_encoder and b.text_config is not None:
+            from animatediff_jax.checkpoints.sd15 import clip_shapes
+
+            _check_fits(b.text_encoder, clip_shapes(b.text_config), what)
+        return b
     config = lora_config(path, kind, base, motion_version)
     text_target = None
     if kind == "lora" and text_config is not None:

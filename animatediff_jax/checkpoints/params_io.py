@@ -67,6 +67,9 @@ def load_params(path: str | os.PathLike) -> tuple[Params, dict[str, Any]]:
             f"{path}: not an animatediff-jax params file (no '{FORMAT}' marker); "
             "convert PyTorch files with `animatediff-jax convert` first"
         )
+    from animatediff_jax.checkpoints.torch_io import check_finite
+
+    check_finite(flat, path)
     return unflatten(flat), {k: json.loads(v) for k, v in md.items()}
 
 

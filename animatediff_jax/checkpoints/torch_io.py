@@ -11,9 +11,12 @@ checkpoint that does not fit is reported key by key instead of being silently sk
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+import sys
+import threading
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -70,6 +73,41 @@ def check_tree(what: str, got: Mapping[tuple, Any], expected: Mapping[tuple, Any
     )
 
 
+_NONFINITE = threading.local()
+
+
+@contextlib.contextmanager
+def nonfinite_allowed() -> Iterator[None]:
+    """Inside, weight files holding NaN/Inf load with a warning instead of a `CheckpointError`
+    (the `--allow-nonfinite` flags of `convert` / `export`, `allow_nonfinite` of a sample config)."""
+    prev = getattr(_NONFINITE, "allowed", False)
+    _NONFINITE.allowed = True
+    try:
+        yield
+    finally:
+        _NONFINITE.allowed = prev
+
+
+def check_finite(arrays: Mapping[Any, Any], what: str) -> None:
+    """Refuses weights holding NaN/Inf (they give black videos, or a diverged run's export): names a
+    few tensors and the count; inside `nonfinite_allowed()` it only warns."""
+    bad = []
+    for k, v in arrays.items():
+        a = np.asarray(v)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad.append("/".join(k) if isinstance(k, tuple) else str(k))
+        elif a.dtype.kind == "V" or a.dtype.name == "bfloat16":
+            if not np.isfinite(a.astype(np.float32)).all():
+                bad.append("/".join(k) if isinstance(k, tuple) else str(k))
+    if not bad:
+        return
+    msg = f"{what}: holds NaN/Inf in {_few(bad)} (a diverged or damaged model)"
+    if getattr(_NONFINITE, "allowed", False):
+        print(f"warning: {msg}; loading it anyway (allowed)", file=sys.stderr)
+        return
+    raise CheckpointError(f"{msg}; pass --allow-nonfinite (sample: allow_nonfinite=True) to load it anyway")
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -104,7 +142,15 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         elif lower.endswith(_PICKLES):
             import torch
 
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            import pickle
+
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"{path}: refused: unsafe or not a checkpoint (a pickle holding more than tensors; "
+                    "only weights-only loading is allowed)"
+                ) from None
             if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
                 obj = obj["state_dict"]
             if not isinstance(obj, Mapping):
@@ -118,6 +164,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         raise
     except Exception as e:  # truncated / corrupt / not a checkpoint at all
         raise CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: {e})") from e
+    check_finite(sd, path)
     return sd
 
 
@@ -258,6 +305,9 @@ def torch_to_flax(
             continue
         seen.add(path)
         tshape = tuple(flat_target[path].shape)
+        if np.asarray(value).dtype.kind in "biu" and np.dtype(getattr(flat_target[path], "dtype", np.float32)).kind == "f":
+            mismatched.append(f"{key} is an integer tensor ({np.asarray(value).dtype}) vs model {'/'.join(path)} (float)")
+            continue
         v = _torch_to_flax_value(leaf, path[-1], np.asarray(value), tshape)
         if tuple(v.shape) != tshape:
             mismatched.append(f"{key} {tuple(np.shape(value))} vs model {'/'.join(path)} {tshape}")

@@ -1,0 +1,119 @@
+"""Weight files that would silently give wrong results are refused in one line: NaN/Inf weights (a
+diverged run: black videos), integer tensors where the model has float weights, pickles that hold
+more than tensors (never executed, and no "weights_only=False" advice)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from animatediff_jax.checkpoints.bundles import save_motion_bundle
+from animatediff_jax.checkpoints.motion import motion_param_shapes, save_motion_module_original
+from animatediff_jax.checkpoints.torch_io import (
+    CheckpointError,
+    flatten,
+    load_state_dict,
+    nonfinite_allowed,
+    torch_to_flax,
+    unflatten,
+)
+from animatediff_jax.cli import main as cli
+from animatediff_jax.models.config import tiny_unet
+
+CFG = tiny_unet("v2")
+
+
+def motion(seed: int = 0, poison: float | None = None):
+    rng = np.random.default_rng(seed)
+    flat = {p: rng.standard_normal(s.shape).astype(np.float32) for p, s in flatten(motion_param_shapes(CFG)).items()}
+    if poison is not None:
+        first = sorted(flat)[0]
+        flat[first].flat[0] = poison
+    return unflatten(flat)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, capsys, poison):
+    ckpt = tmp_path / "mm_nan.ckpt"
+    save_motion_module_original(ckpt, motion(0, poison), CFG)
+    rc = cli(["convert", "motion", str(ckpt), "--out", str(tmp_path / "mm.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "holds NaN/Inf in" in err[-1] and "--allow-nonfinite" in err[-1], err
+    assert not (tmp_path / "mm.safetensors").exists()
+    # Our own params files too (e.g. what a diverged training run exported), in `export`.
+    params = tmp_path / "nan_params.safetensors"
+    save_motion_bundle(params, motion(1, poison), CFG)
+    rc = cli(["export", "motion", str(params), "--out", str(tmp_path / "out.ckpt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and f"{params}: holds NaN/Inf in" in err[-1], err
+    rc = cli(["export", "motion", str(params), "--out", str(tmp_path / "out.ckpt"), "--allow-nonfinite"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "warning:" in err and "loading it anyway" in err, err
+    with nonfinite_allowed():
+        sd = load_state_dict(tmp_path / "out.ckpt")
+    assert sum(not np.isfinite(v).all() for v in sd.values()) == 1
+
+
+def test_integer_tensors_are_not_cast_to_weights():
+    target = {"proj": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+    sd = {"proj.weight": np.ones((2, 3), np.int64), "proj.bias": np.zeros(2, np.float32)}
+    with pytest.raises(CheckpointError, match=r"proj\.weight is an integer tensor \(int64\) vs model proj/kernel"):
+        torch_to_flax(sd, target, what="file.ckpt")
+    sd["proj.weight"] = sd["proj.weight"].astype(np.float16)
+    out = torch_to_flax(sd, target)
+    np.testing.assert_array_equal(out["proj"]["kernel"], np.ones((3, 2), np.float32))
+
+
+class Payload:
+    def __reduce__(self):  # would run a command if unpickled without weights_only
+        import os
+
+        return (os.system, ("touch /tmp/animatediff_jax_pwned",))
+
+
+def test_pickles_with_code_are_refused_without_running(tmp_path):
+    import os
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": Payload()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict(path)
+    msg = str(info.value)
+    assert msg == f"{path}: refused: unsafe or not a checkpoint (a pickle holding more than tensors; " \
+                  "only weights-only loading is allowed)", msg
+    assert "weights_only=False" not in msg and not os.path.exists("/tmp/animatediff_jax_pwned")
+
+
+def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
+    """A converted MotionLoRA with a wrong-shaped `up`, or a layer missing a tensor: one error line, no file."""
+    from animatediff_jax.checkpoints import params_io
+    from animatediff_jax.checkpoints.bundles import save_lora_bundle
+    from animatediff_jax.lora import init_lora, lora_layers, motion_lora_targets
+    from animatediff_jax.models.unet import param_shapes
+
+    import jax
+
+    tree = init_lora(param_shapes(CFG), motion_lora_targets, 2, jax.random.key(0))
+    tree = jax.tree.map(lambda x: np.asarray(x) + 0.1, tree)
+    good = tmp_path / "ml.safetensors"
+    save_lora_bundle(good, tree, "motion_lora", CFG)
+    flat, meta = params_io.load_params(good)
+    first = sorted(lora_layers(flat["unet"]))[0]
+    for case in ("wrong_up", "missing_up"):
+        bad = jax.tree.map(np.asarray, flat)
+        node = bad["unet"]
+        for k in first:
+            node = node[k]
+        if case == "wrong_up":
+            node["up"] = np.zeros((2, node["up"].shape[-1] + 3), np.float32)
+        else:
+            del node["up"]
+        path = tmp_path / f"{case}.safetensors"
+        params_io.save_params(path, bad, {k: v for k, v in meta.items()})
+        rc = cli(["export", "motion-lora", str(path), "--out", str(tmp_path / f"{case}.ckpt")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and err[0].startswith(f"error: {path}"), err
+        assert "/".join(first) in err[0], err
+        assert not (tmp_path / f"{case}.ckpt").exists()
+        print(err[0])

@@ -117,3 +117,17 @@ def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
         assert "/".join(first) in err[0], err
         assert not (tmp_path / f"{case}.ckpt").exists()
         print(err[0])
+
+
+def test_a_damaged_converted_base_is_named_as_the_base(tmp_path):
+    """A converted SD1.5 folder whose params do not fit its own configs: the error names that file."""
+    from animatediff_jax.checkpoints import params_io
+    from animatediff_jax.sample import write_tiny_models
+
+    paths = write_tiny_models(str(tmp_path / "models"))
+    base = paths["base_model"]
+    tree, meta = params_io.load_params(f"{base}/{params_io.PARAMS_FILE}")
+    tree["unet"]["conv_in"]["kernel"] = np.zeros((3, 3, 4, 7), np.float32)
+    params_io.save_params(f"{base}/{params_io.PARAMS_FILE}", tree, meta)
+    with pytest.raises(CheckpointError, match=r"(?s)params\.safetensors \(unet\) does not fit the model:.*conv_in/kernel"):
+        params_io.load_converted(base)

@@ -117,11 +117,22 @@ def load_converted(folder: str | os.PathLike):
     missing = [k for k in ("unet_config", "vae_config", "text_config") if k not in meta]
     if missing:
         raise CheckpointError(f"{folder}/{PARAMS_FILE}: lacks {missing}: not a converted SD1.5 model")
+    from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
+    from animatediff_jax.checkpoints.torch_io import check_tree
+    from animatediff_jax.models.unet import param_shapes
+
     tok = os.path.join(folder, "tokenizer")
-    return SD15(
+    model = SD15(
         config_from_dict(UNetConfig, meta["unet_config"]),
         config_from_dict(VAEConfig, meta["vae_config"]),
         config_from_dict(CLIPTextConfig, meta["text_config"]),
         params,
         tok if os.path.isdir(tok) else None,
     )
+    # The params against the configs the file names (a damaged base is reported here, by name,
+    # not later as a misfit of whatever is merged into it).
+    shapes = {"unet": param_shapes(model.unet_config), "vae": vae_shapes(model.vae_config),
+              "text_encoder": clip_shapes(model.text_config)}
+    for name, want in shapes.items():
+        check_tree(f"{folder}/{PARAMS_FILE} ({name})", flatten(params.get(name, {})), flatten(want))
+    return model

@@ -338,3 +338,16 @@ def test_chunked_gradient_memory():
     print(f"grad temp bytes: xla {xla / 2**20:.1f} MiB, chunked {chunked / 2**20:.1f} MiB")
     assert xla > 8 * 4096 * 4096 * 4  # sanity: XLA holds at least the fp32 score matrix
     assert chunked < xla / 4
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("h", [40, 80, 160])
+def test_cudnn_for_real_on_gpu(h):
+    """On a GPU: "auto" picks cuDNN for a long bf16 self-attention, and it matches XLA within bf16 rounding."""
+    q, k, v, ct = _inputs(2, 1024, 1024, 8, h, dtype=jnp.bfloat16)
+    assert resolve("auto", q.shape, k.shape, q.dtype) == "cudnn"
+    o_ref, g_ref = _value_and_grads(_xla(False), q, k, v, ct)
+    o, g = _value_and_grads(lambda q, k, v: dot_product_attention(q, k, v, implementation="cudnn"), q, k, v, ct)
+    errs = [_max_err(a, b) for a, b in zip([o, *g], [o_ref, *g_ref])]
+    print(f"cudnn H={h}: max abs err out/dq/dk/dv = {errs}")
+    assert max(errs) < 0.1, errs

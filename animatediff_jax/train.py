@@ -9,8 +9,13 @@ Runs one training stage from an `ml_collections` config file (a Python file with
         --config.parallel.mesh_shape.fsdp=4
 
 On a TPU pod slice run the same command on every host; `jax.distributed` is initialised from
-the environment (`--config.parallel.distributed=auto`). A run resumes from the latest
+the environment (`--config.parallel.distributed=auto`). A run resumes from the latest intact
 checkpoint in `workdir/checkpoints` and exports its trained params to `workdir/`.
+
+SIGTERM / SIGINT: the step in progress finishes, a checkpoint is saved at it, exit 0 (rerun the
+same command to resume). Exit codes: 0 done or stopped by a signal; 2 a bad config (one line,
+before anything loads) or no readable data; 3 diverged (`train.max_nonfinite_steps` non-finite
+steps in a row) or refused to save non-finite params.
 """
 
 from __future__ import annotations
@@ -47,18 +52,65 @@ def main(argv: list[str] | None = None, run: Callable[[Any], Any] | None = None)
         return 0
     try:
         config, print_only = parse_config(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, FileNotFoundError) as e:
+    except (AttributeError, KeyError) as e:
         # Unknown `--config.x` fields surface as AttributeError/KeyError from ml_collections.
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {_unknown_field(argv) or _one_line(e).strip(chr(39))}", file=sys.stderr)
+        return 2
+    except (flags.Error, ValueError, FileNotFoundError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     if print_only:
         print(config)
         return 0
+    from animatediff_jax.training.config import ConfigError, TrainingError
+
     if run is None:
+        from animatediff_jax.training.config import validate_config
         from animatediff_jax.training.loop import train as run
 
-    run(config)
+        try:  # before anything loads, compiles or creates the workdir
+            validate_config(config)
+        except ConfigError as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+    try:
+        run(config)
+    except ConfigError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+    """Which `--config.<field>` override names no field of the config file (one line), if any."""
+    from animatediff_jax.training.config import unknown_field
+
+    names, plain, skip = [], [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--config."):
+            names.append(a[len("--config."):].split("=", 1)[0])
+            skip = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        else:
+            plain.append(a)
+    try:
+        config, _ = parse_config(plain)
+    except Exception:
+        return None
+    for name in names:
+        msg = unknown_field(config, name)
+        if msg:
+            return msg
+    return None
 
 
 if __name__ == "__main__":

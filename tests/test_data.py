@@ -481,3 +481,19 @@ def test_cache_roundtrip_matches_direct_encoding(tmp_path):
 def test_cache_without_info_file_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_cache"):
         CachedLatentSource(tmp_path)
+
+
+def test_pipeline_with_nothing_readable_raises_instead_of_spinning(webvid, tmp_path):
+    from animatediff_jax.data import NoReadableData
+
+    csv_path, _ = webvid
+    src = WebVidSource(csv_path, tmp_path / "wrong_folder", n_frames=4, stride=3, size=16)
+    with pytest.raises(NoReadableData, match="wrong_folder") as e:
+        next(iter(make_dataset(src, global_batch_size=2, seed=0, shard_index=0, shard_count=1, read_threads=1)))
+    assert "tried" in str(e.value) and ".mp4" in str(e.value)
+    # A limit below two passes: 3 bad records in a row are enough to stop.
+    src = WebVidSource(csv_path, tmp_path / "wrong_folder", n_frames=4, stride=3, size=16)
+    pipe = make_dataset(src, global_batch_size=2, seed=0, shard_index=0, shard_count=1, max_skips_in_a_row=3)
+    with pytest.raises(NoReadableData, match="last 3 records"):
+        next(iter(pipe))
+    assert pipe.skipped == 3

@@ -49,24 +49,30 @@ def restore_all(workdir, config):
     return parallel.fetch(state), data
 
 
-def test_resume_is_bit_exact(runs):
-    straight, resumed, config = runs
+def assert_same_run(straight, resumed, config, steps: int) -> None:
+    """Two workdirs ended in the same place, bit for bit: the exported params and the whole latest
+    train state (Adam moments, RNG, step) and data-iterator position. (Also used by
+    test_fault_tolerance for runs stopped by SIGTERM or resumed past a damaged checkpoint.)"""
     a, meta_a = load_params(os.path.join(straight, "motion_module.safetensors"))
     b, meta_b = load_params(os.path.join(resumed, "motion_module.safetensors"))
     fa, fb = flatten(a), flatten(b)
     assert set(fa) == set(fb) and len(fa) > 10
     for k in fa:
         assert np.array_equal(fa[k], fb[k]), f"{'/'.join(k)}: max diff {np.abs(fa[k] - fb[k]).max()}"
-    assert meta_a["step"] == meta_b["step"] == 2 * N
-    # The whole train state (Adam moments, RNG, step) and the data-iterator position too.
+    assert meta_a["step"] == meta_b["step"] == steps
     (sa, da), (sb, db) = restore_all(straight, config), restore_all(resumed, config)
     la, lb = jax.tree_util.tree_leaves_with_path(sa), jax.tree_util.tree_leaves_with_path(sb)
     assert [p for p, _ in la] == [p for p, _ in lb]
     for (p, x), (_, y) in zip(la, lb):
         assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(p)
-    assert int(sa.step) == 2 * N and da == db and da is not None
+    assert int(sa.step) == steps and da == db and da is not None
     # Trained: the motion modules moved away from their (zero) initial proj_out.
     assert any(np.abs(v).max() > 0 for k, v in fa.items() if "proj_out" in k)
+
+
+def test_resume_is_bit_exact(runs):
+    straight, resumed, config = runs
+    assert_same_run(straight, resumed, config, 2 * N)
 
 
 def test_checkpoints_kept_logged_and_validated(runs):

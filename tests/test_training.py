@@ -233,3 +233,20 @@ def test_stage_wiring(tmp_path):
     layers = lora.lora_layers(trainable3)
     assert layers and all(stages.is_motion_module(p) and p[-2] in ("attn1", "attn2") for p in layers)
     assert all(float(np.abs(v["up"]).max()) == 0 for v in layers.values())  # starts as the identity
+
+
+def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
+    trainer = build_trainer(tiny_config("motion_module"))
+    good = learnable_batch(2)
+    bad = dict(good, latents=np.where(np.arange(8)[None, None, :, None, None] == 3, np.nan, good["latents"]))
+    trainer.train_step(trainer.put_batch(good))  # nonzero Adam moments
+    before = host(trainer.state)
+    m = host(trainer.train_step(trainer.put_batch(bad)))
+    after = host(trainer.state)
+    assert int(m["nonfinite"]) == 1 and not np.isfinite(m["loss"])
+    for x, y in zip(jax.tree.leaves((before.params, before.opt_state)), jax.tree.leaves((after.params, after.opt_state))):
+        np.testing.assert_array_equal(x, y)
+    assert int(after.step) == int(before.step) + 1  # the step (and the data position) still advance
+    assert not np.array_equal(before.rng, after.rng)
+    m = host(trainer.train_step(trainer.put_batch(good)))
+    assert int(m["nonfinite"]) == 0 and np.isfinite(m["loss"])

@@ -8,7 +8,7 @@ The cache module (which imports JAX and the models) loads on first use, so data-
 worker processes, which import this package to unpickle their work, stay light.
 """
 
-from animatediff_jax.data.pipeline import DataPipeline, make_dataset
+from animatediff_jax.data.pipeline import DataPipeline, NoReadableData, make_dataset
 from animatediff_jax.data.synthetic import SyntheticVideoSource
 from animatediff_jax.data.tfds_source import TFDSSource
 from animatediff_jax.data.webvid import ClipOptions, ClipSource, Skipped, WebVidSource
@@ -18,6 +18,7 @@ __all__ = [
     "ClipOptions",
     "ClipSource",
     "DataPipeline",
+    "NoReadableData",
     "Skipped",
     "SyntheticVideoSource",
     "TFDSSource",

@@ -64,18 +64,38 @@ class _Load:
         return record
 
 
-class SkipCounter:
-    """grain filter: drops `Skipped` markers, counts them, and logs the first few then every 100th."""
+class NoReadableData(RuntimeError):
+    """Every record tried in a row was skipped: the data cannot feed a single batch."""
 
-    def __init__(self) -> None:
+
+class SkipCounter:
+    """grain filter: drops `Skipped` markers, counts them, and logs the first few then every 100th.
+
+    `limit` skips in a row (none readable in between) raise `NoReadableData`, naming `where` and a
+    few of the reasons (e.g. the paths tried), instead of spinning forever on a wrong folder.
+    """
+
+    def __init__(self, limit: int = 0, where: str = "the data source") -> None:
         self.count = 0
+        self.in_a_row = 0
+        self.limit = int(limit)
+        self.where = where
+        self._reasons: list[str] = []
 
     def __call__(self, element: Any) -> bool:
         if not isinstance(element, Skipped):
+            self.in_a_row, self._reasons = 0, []
             return True
         self.count += 1
+        self.in_a_row += 1
+        if len(self._reasons) < 3:
+            self._reasons.append(element.reason)
         if self.count <= _LOG_FIRST or self.count % _LOG_EVERY == 0:
             log.warning("skipped record %d (%s); %d skipped so far", element.index, element.reason, self.count)
+        if self.limit and self.in_a_row >= self.limit:
+            raise NoReadableData(
+                f"no readable record in {self.where}: the last {self.in_a_row} records tried were all skipped "
+                f"(data.max_skips_in_a_row, or two passes over the data), e.g. {'; '.join(self._reasons)}")
         return False
 
 
@@ -97,6 +117,13 @@ def _absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _describe(source) -> str:
+    folder = getattr(source, "video_folder", None)
+    if folder is not None:
+        return f"{type(source).__name__} (video folder {folder}, {len(source)} rows)"
+    return f"{type(source).__name__} ({len(source)} records)"
 
 
 @dataclasses.dataclass
@@ -136,6 +163,7 @@ def make_dataset(
     shard_count: int | None = None,
     drop_remainder: bool = True,
     tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None,
+    max_skips_in_a_row: int = 1000,
 ) -> DataPipeline:
     """A batched, sharded pipeline over `source` (a `ClipSource` or any grain random-access source).
 
@@ -145,6 +173,8 @@ def make_dataset(
     `prefetch` is the read-ahead in elements per reader; `worker_count > 0` decodes in
     that many processes (`read_threads` threads each). An iterator state restores only into a
     pipeline made with the same arguments (grain's state layout depends on `worker_count`).
+    `max_skips_in_a_row` skipped records in a row (at most two passes over the source: nothing
+    readable) raise `NoReadableData` from the iterator; 0: never.
     """
     if shard_index is None or shard_count is None:
         import jax
@@ -173,6 +203,7 @@ def make_dataset(
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
         )
-    counter = SkipCounter()
+    limit = min(int(max_skips_in_a_row), 2 * n) if max_skips_in_a_row > 0 else 0
+    counter = SkipCounter(limit, _describe(source))
     it = it.filter(counter).batch(per_process, drop_remainder=drop_remainder, batch_fn=collate)
     return DataPipeline(it, counter, per_process, shard_index, shard_count)

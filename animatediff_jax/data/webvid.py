@@ -230,9 +230,12 @@ class WebVidSource(ClipSource):
         a, b = self._caption_offsets[index], self._caption_offsets[index + 1]
         return self._caption_blob[a:b].decode("utf-8")
 
-    def _find(self, videoid: str, page_dir: str) -> str | None:
+    def _candidates(self, videoid: str, page_dir: str) -> tuple[str, str]:
         name = videoid + self.extension
-        for path in (os.path.join(self.video_folder, name), os.path.join(self.video_folder, page_dir, name)):
+        return os.path.join(self.video_folder, name), os.path.join(self.video_folder, page_dir, name)
+
+    def _find(self, videoid: str, page_dir: str) -> str | None:
+        for path in self._candidates(videoid, page_dir):
             if os.path.isfile(path):
                 return path
         return None
@@ -243,7 +246,8 @@ class WebVidSource(ClipSource):
     def _load(self, index: int, epoch: int, seed: int) -> Record:
         path = self.video_path(index)
         if path is None:
-            raise FileNotFoundError(f"no video for videoid {self._ids[index]} under {self.video_folder}")
+            tried = dict.fromkeys(self._candidates(str(self._ids[index]), str(self._dirs[index])))
+            raise FileNotFoundError(f"no video for videoid {self._ids[index]} (tried {', '.join(tried)})")
         num = count_frames(path)
         if num < self.opts.required_frames:
             raise VideoReadError(f"{path}: {num} frames, need at least {self.opts.required_frames}")

@@ -4,13 +4,24 @@
 the models and runs them with `checkpointing`; `config.base_config()` holds every option.
 """
 
-from animatediff_jax.training.config import base_config, check_config
+from animatediff_jax.training.config import (
+    ConfigError,
+    TrainingDiverged,
+    TrainingError,
+    base_config,
+    check_config,
+    validate_config,
+)
 from animatediff_jax.training.loop import Models, Trainer, build_trainer, fast_random_params, load_models, run, train
 from animatediff_jax.training.stages import STAGES, Stage, get_stage
 from animatediff_jax.training.step import LossConfig, OptimConfig, StepSpec, TrainState, make_optimizer, make_train_step
 
 __all__ = [
+    "ConfigError",
     "STAGES",
+    "TrainingDiverged",
+    "TrainingError",
+    "validate_config",
     "LossConfig",
     "Models",
     "OptimConfig",

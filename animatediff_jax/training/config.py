@@ -36,6 +36,9 @@ def base_config() -> ConfigDict:
     t.num_frames = 16
     t.resolution = 256
     t.grad_accum_steps = 1  # the global batch is cut into this many micro-batches (lax.scan)
+    # A step whose loss or gradients are NaN/inf is skipped (params and optimizer state unchanged);
+    # this many in a row stop the run (exit code 3). 0: never stop.
+    t.max_nonfinite_steps = 10
 
     c.optim = o = ConfigDict()
     o.learning_rate = 1e-4
@@ -92,6 +95,9 @@ def base_config() -> ConfigDict:
     d.worker_count = 0
     d.read_threads = 8
     d.prefetch = 64
+    # Unreadable records (missing / broken videos) are skipped and counted; this many in a row
+    # (or two passes over the data with nothing readable) stop the run. 0: never.
+    d.max_skips_in_a_row = 1000
 
     c.checkpoint = k = ConfigDict()
     k.every = 1000  # save the train state every N steps (and at the end)
@@ -128,8 +134,112 @@ def check_config(c: ConfigDict) -> ConfigDict:
                                 ("parallel.compute_dtype", p.compute_dtype, _DTYPE_NAMES),
                                 ("parallel.frozen_dtype", p.frozen_dtype, _DTYPE_NAMES)):
         if value not in valid:
-            raise ValueError(f"{field}={value!r} is not one of: {', '.join(valid)}")
+            raise ConfigError(f"{field}={value!r} is not one of: {', '.join(valid)}")
     return c
+
+
+_SOURCES = ("webvid", "tfds", "cache", "synthetic")
+
+
+def _number(c: ConfigDict, name: str, lo: float, *, integer: bool = True, strict: bool = False) -> None:
+    node = c
+    for part in name.split("."):
+        node = node[part]
+    ok = isinstance(node, (int, float)) and not isinstance(node, bool) and node == node and abs(node) != float("inf")
+    ok = ok and (not integer or float(node).is_integer()) and (node > lo if strict else node >= lo)
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        raise ConfigError(f"{name}={node!r}: expected {what} {'>' if strict else '>='} {lo:g}")
+
+
+def size_multiple(c: ConfigDict) -> int:
+    """What `train.resolution` must divide by (VAE factor x UNet downsampling), from the model's
+    configs without loading weights."""
+    if c.model.pretrained:
+        from animatediff_jax import sample
+
+        try:
+            return sample._size_multiple(c.model.pretrained)
+        except ValueError as e:
+            raise ConfigError(f"model.pretrained: {e}".replace("base_model: ", "")) from None
+    from animatediff_jax.models.config import sd15_unet, tiny_unet
+    from animatediff_jax.models.vae import VAEConfig
+
+    if c.model.size == "tiny":
+        unet, vae = tiny_unet(None), VAEConfig.tiny()
+    elif c.model.size == "sd15":
+        unet, vae = sd15_unet(), VAEConfig.sd15()
+    else:
+        raise ConfigError(f"model.size={c.model.size!r} is not one of: sd15, tiny")
+    return 2 ** (len(vae.block_out_channels) - 1) * 2 ** (len(unet.block_out_channels) - 1)
+
+
+def validate_config(c: ConfigDict) -> ConfigDict:
+    """Every check that needs no devices and no weights, before the workdir is made or anything
+    compiles: one `ConfigError` line naming the field. (The batch size against the mesh is
+    checked by `check_batch` once the devices are known.)"""
+    from animatediff_jax.training.stages import get_stage
+
+    check_config(c)
+    try:
+        get_stage(c.stage)
+    except ValueError as e:
+        raise ConfigError(f"stage: {e}") from None
+    for name in ("train.steps", "train.batch_size", "train.num_frames", "train.resolution",
+                 "train.grad_accum_steps", "checkpoint.every", "log.every"):
+        _number(c, name, 1)
+    for name in ("train.max_nonfinite_steps", "optim.warmup_steps", "checkpoint.keep", "checkpoint.export_every",
+                 "data.max_skips_in_a_row", "log.validate_every"):
+        _number(c, name, 0)
+    for name in ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.eps"):
+        _number(c, name, 0, integer=False)
+    for name in ("optim.b1", "optim.b2"):
+        _number(c, name, 0, integer=False)
+        if not c.optim[name.split(".")[1]] < 1:
+            raise ConfigError(f"{name}={c.optim[name.split('.')[1]]!r}: expected a number in [0, 1)")
+    t, d = c.train, c.data
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum_steps="
+                          f"{t.grad_accum_steps}")
+    if d.source not in _SOURCES:
+        raise ConfigError(f"data.source={d.source!r} is not one of: {', '.join(_SOURCES)}")
+    if d.source == "webvid":
+        import os
+
+        if not d.csv or not os.path.isfile(d.csv):
+            raise ConfigError(f"data.csv={d.csv!r}: no such file (the WebVid CSV: videoid, name, page_dir)")
+        if not d.video_folder or not os.path.isdir(d.video_folder):
+            raise ConfigError(f"data.video_folder={d.video_folder!r}: no such folder")
+    if d.source != "cache":
+        m = size_multiple(c)
+        if t.resolution % m:
+            raise ConfigError(f"train.resolution={t.resolution} must be a multiple of {m} for this model "
+                              "(VAE factor x UNet downsampling)")
+    return c
+
+
+def check_batch(c: ConfigDict, divisor: int, processes: int = 1) -> None:
+    """`train.batch_size` against the mesh's batch axes (`divisor`) and the processes."""
+    b, acc = int(c.train.batch_size), int(c.train.grad_accum_steps)
+    if b % (divisor * acc):
+        raise ConfigError(f"train.batch_size={b} must be a multiple of {divisor * acc} (the mesh's batch axes "
+                          f"{divisor} x train.grad_accum_steps {acc}; "
+                          f"parallel.mesh_shape={dict(c.parallel.mesh_shape)})")
+    if b % processes:
+        raise ConfigError(f"train.batch_size={b} must divide among {processes} processes")
+
+
+def unknown_field(c: ConfigDict, dotted: str) -> str | None:
+    """The message for `--config.<dotted>` when it names no field of `c` (None if it does)."""
+    node, path = c, []
+    for part in dotted.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            group = ".".join(path)
+            valid = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+            where = f" (fields of {group or 'the config'}: {', '.join(valid)})" if valid else ""
+            return f"unknown config field {'.'.join(path + [part])!r}{where}"
+        node, path = node[part], path + [part]
+    return None
 
 
 def tiny_overrides(c: ConfigDict) -> ConfigDict:
@@ -152,3 +262,25 @@ def tiny_overrides(c: ConfigDict) -> ConfigDict:
     c.log.sample_prompts = ("a red square moving left", "a blue square moving up")
     c.log.sample_steps = 10
     return c
+
+
+class ConfigError(ValueError):
+    """A bad training config or command line: the message is the one line the user sees (rc 2)."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, no readable data, refused save): one line for the user;
+    `animatediff-jax train` exits with `exit_code`."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = int(exit_code)
+
+
+class TrainingDiverged(TrainingError):
+    """Too many non-finite steps in a row (`train.max_nonfinite_steps`)."""
+
+    exit_code = 3

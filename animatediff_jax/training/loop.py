@@ -15,7 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -32,7 +34,14 @@ from animatediff_jax.models.config import UNetConfig, inflate, sd15_unet, tiny_u
 from animatediff_jax.models.unet import UNet3D, param_shapes
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 from animatediff_jax.training import checkpointing, stages
-from animatediff_jax.training.config import check_config
+from animatediff_jax.training.config import (
+    ConfigError,
+    TrainingDiverged,
+    TrainingError,
+    check_batch,
+    check_config,
+    validate_config,
+)
 from animatediff_jax.training.step import (
     LossConfig,
     OptimConfig,
@@ -43,6 +52,7 @@ from animatediff_jax.training.step import (
     make_optimizer,
     select_batch,
     state_shardings,
+    tree_all_finite,
 )
 
 Params = dict[str, Any]
@@ -336,13 +346,16 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
 class MetricsWriter:
     """`workdir/metrics.jsonl` always; TensorBoard event files too when `tensorboardX` is importable."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, start: int | None = None):
         self.enabled = jax.process_index() == 0
         self.tb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if start is not None and os.path.exists(path):
+            _truncate_metrics(path, start)
+        self.jsonl = open(path, "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -354,11 +367,13 @@ class MetricsWriter:
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        row = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in metrics.items():
-                self.tb.add_scalar(f"train/{k}", float(v), step)
+                if row[k] is not None:  # TensorBoard gets no NaN/inf either
+                    self.tb.add_scalar(f"train/{k}", float(v), step)
             self.tb.flush()
 
     def close(self) -> None:
@@ -366,6 +381,33 @@ class MetricsWriter:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _json_number(v) -> float | int | None:
+    """A metric as strict JSON: non-finite values become null (never a bare NaN / Infinity)."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _truncate_metrics(path: str, start: int) -> None:
+    """Drops the rows of steps after `start` (logged by a run that died before its next checkpoint),
+    so a resumed run never repeats a step in `metrics.jsonl`."""
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= start:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
+            continue
+    if keep != lines:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def _duration(seconds: float) -> str:
@@ -376,8 +418,14 @@ def _duration(seconds: float) -> str:
 
 
 def format_progress(step: int, total: int, m: Mapping[str, float]) -> str:
-    return (f"step {step}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad {m['grad_norm']:.3f} | "
-            f"{m.get('clips_per_s', float('nan')):.2f} clips/s | ETA {_duration(m.get('eta_s', float('nan')))}")
+    rate = m.get("clips_per_s")
+    line = (f"step {step}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad {m['grad_norm']:.3f} | "
+            f"{f'{rate:.2f}' if rate is not None else '-'} clips/s | ETA {_duration(m.get('eta_s', float('nan')))}")
+    if m.get("nonfinite_steps"):
+        line += f" | {int(m['nonfinite_steps'])} non-finite step(s) skipped"
+    if m.get("skipped"):
+        line += f" | {int(m['skipped'])} unreadable videos skipped"
+    return line
 
 
 # ------------------------------------------------------------------------- the loop
@@ -391,11 +439,17 @@ def run(
     validate: ValidateFn | None = None,
     num_steps: int | None = None,
     resume: bool = True,
+    skipped: Callable[[], int] | None = None,
 ) -> dict[str, float]:
     """Trains until `config.train.steps` (or `num_steps` more steps), resuming from the latest
     checkpoint in `workdir/checkpoints` when `resume`. `data` yields this process's rows of each
     global batch; if it has `get_state`/`set_state` its position is checkpointed and restored.
-    Returns the last logged metrics.
+    Returns the last logged metrics. `skipped()` (the pipeline's count of unreadable records, this
+    process, this run) goes into the metrics as `skipped`.
+
+    Non-finite steps are skipped by the step itself; `train.max_nonfinite_steps` of them in a row
+    raise `TrainingDiverged` (checked when the metrics are fetched, at log steps). Nothing with
+    NaN/inf params is ever saved or exported.
     """
     workdir = config.workdir
     ck = config.checkpoint
@@ -409,37 +463,136 @@ def run(
             _log(f"resumed from step {int(parallel.fetch(trainer.state.step))}")
     start = int(parallel.fetch(trainer.state.step))
     end = int(config.train.steps) if num_steps is None else start + int(num_steps)
-    writer = MetricsWriter(workdir, config.log.tensorboard)
+    writer = MetricsWriter(workdir, config.log.tensorboard, start=start)
     every, pending, last = max(1, int(config.log.every)), [], {}
+    max_nonfinite = int(config.train.get("max_nonfinite_steps", 10))
+    nonfinite_run, last_ckpt = 0, ckpt.latest_step()
     t_log, n_log = time.perf_counter(), start
     export_path = os.path.join(workdir, trainer.stage.export)
     cfg_dict = config.to_dict() if hasattr(config, "to_dict") else None
+    stop = StopRequest()
     try:
+        stop.install()
         for step in range(start + 1, end + 1):
-            batch = trainer.put_batch(next(data))
+            batch = trainer.put_batch(_next_batch(data, config))
             pending.append(trainer.train_step(batch))
             data_state = data.get_state() if hasattr(data, "get_state") else None
             if step == start + 1:  # rates count from the end of the first (compiling) step
                 jax.block_until_ready(pending[-1])
                 t_log, n_log = time.perf_counter(), step
             if step % every == 0 or step == end:
-                last = _log_metrics(writer, trainer, step, end, pending, t_log, n_log)
+                last, flags = _log_metrics(writer, trainer, step, end, pending, t_log, n_log, skipped)
                 pending, t_log, n_log = [], time.perf_counter(), step
-            if ckpt.save(step, trainer.state, data_state, cfg_dict, force=step == end):
-                _log(f"checkpoint at step {step}")
+                for f in flags:
+                    nonfinite_run = nonfinite_run + 1 if f else 0
+                if max_nonfinite > 0 and nonfinite_run >= max_nonfinite:
+                    raise TrainingDiverged(_diverged_message(config, step, nonfinite_run, last_ckpt))
+            stopping = stop.agreed(at_log_step=step % every == 0)
+            if stopping and pending:  # log the steps since the last log before leaving
+                last, _ = _log_metrics(writer, trainer, step, end, pending, t_log, n_log, skipped)
+                pending = []
+            if ckpt.should_save(step, force=step == end or stopping):
+                _check_finite(trainer, f"a checkpoint at step {step}")
+                if ckpt.save(step, trainer.state, data_state, cfg_dict, force=True):
+                    last_ckpt = step
+                    _log(f"checkpoint at step {step}")
+            if stopping and step < end:
+                ckpt.wait()
+                _log(f"stopped by {stop.name} at step {step}/{end}, checkpoint saved; "
+                     f"resume with the same command: workdir {os.path.abspath(workdir)}, step {step}")
+                return last
             if ck.export_every and step % ck.export_every == 0 and step != end:
+                _check_finite(trainer, f"an export at step {step}")
                 checkpointing.export_trainable(export_path, trainer.state.params, trainer.export_meta())
             if validate is not None and config.log.validate_every and step % config.log.validate_every == 0:
                 extra = validate(step, trainer)
                 if extra:
                     writer.write(step, {f"val/{k}": v for k, v in extra.items()})
         if end > start:
+            _check_finite(trainer, "the export")
             checkpointing.export_trainable(export_path, trainer.state.params, trainer.export_meta())
             _log(f"exported {trainer.stage.name} params to {export_path}")
     finally:
+        stop.uninstall()
         ckpt.close()
         writer.close()
     return last
+
+
+class StopRequest:
+    """SIGTERM / SIGINT while training: the loop finishes the step it is in, saves a checkpoint at
+    that step, waits for it and returns (exit code 0). A second signal stops at once (the default
+    action). With several processes the flag is combined over all of them at log steps
+    (`process_allgather`, where the metrics are fetched anyway), so every process stops at the same
+    step; a single process stops after the current step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "request"
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):
+                pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum  # no printing here: the handler may interrupt a print
+            return
+        self.uninstall()  # a second signal: act now
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def agreed(self, at_log_step: bool) -> bool:
+        """Whether every process stops after this step."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if not at_log_step:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.signum is not None, np.int32))
+        if self.signum is None and np.any(flags):
+            self.signum = signal.SIGTERM  # another process's signal
+        return bool(np.any(flags))
+
+
+def _diverged_message(config, step: int, run: int, last_ckpt: int | None) -> str:
+    lr = float(config.optim.learning_rate)
+    where = f"the last checkpoint (step {last_ckpt})" if last_ckpt is not None else "no checkpoint (none was saved)"
+    return (f"training diverged at step {step}: {run} steps in a row had a non-finite loss or gradients "
+            f"(train.max_nonfinite_steps={int(config.train.max_nonfinite_steps)}; they were skipped, the params "
+            f"are finite); lower optim.learning_rate (now {lr:g}) or raise optim.warmup_steps, then rerun: it "
+            f"resumes from {where}")
+
+
+_all_finite = jax.jit(lambda params, opt_state: tree_all_finite((params, opt_state)))
+
+
+def _check_finite(trainer: Trainer, what: str) -> None:
+    """Refuses to write `what` if the trainable params or optimizer state hold NaN/inf (one host sync)."""
+    if not bool(parallel.fetch(_all_finite(trainer.state.params, trainer.state.opt_state))):
+        step = int(parallel.fetch(trainer.state.step))
+        raise TrainingError(f"refusing to write {what}: the params or optimizer state at step {step} are not "
+                            f"finite (NaN/inf); lower optim.learning_rate and rerun", exit_code=3)
 
 
 def _log(msg: str) -> None:
@@ -447,14 +600,34 @@ def _log(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
+def _next_batch(data: Iterator, config) -> Mapping[str, Any]:
+    from animatediff_jax.data import NoReadableData
+
+    try:
+        return next(data)
+    except NoReadableData as e:
+        d = config.data
+        where = (f"data.csv={d.csv!r}, data.video_folder={d.video_folder!r}" if d.source == "webvid"
+                 else f"data.source={d.source!r}")
+        raise TrainingError(f"{e} -- check {where}", exit_code=2) from e
+
+
 def _log_metrics(writer: MetricsWriter, trainer: Trainer, step: int, end: int, pending: list, t0: float,
-                 n0: int) -> dict[str, float]:
-    """Averages the steps since the last log (fetched only now, so the host never waits per step)."""
+                 n0: int, skipped: Callable[[], int] | None = None) -> tuple[dict[str, float], list[int]]:
+    """Averages the steps since the last log (fetched only now, so the host never waits per step):
+    loss and grad norm over the finite steps; `nonfinite_steps` counts the skipped ones. Returns the
+    metrics and each step's non-finite flag."""
     if not pending:
-        return {}
+        return {}, []
     vals = parallel.fetch(pending)
-    m = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+    flags = [int(v.get("nonfinite", 0)) for v in vals]
+    ok = [v for v, f in zip(vals, flags) if not f]
+    m = {k: (float(np.mean([v[k] for v in ok])) if ok else float("nan"))
+         for k in vals[0] if k not in ("lr", "nonfinite")}
     m["lr"] = float(vals[-1]["lr"])
+    m["nonfinite_steps"] = int(sum(flags))
+    if skipped is not None:
+        m["skipped"] = int(skipped())
     dt = time.perf_counter() - t0
     if step > n0 and dt > 0:
         rate = (step - n0) / dt
@@ -462,7 +635,7 @@ def _log_metrics(writer: MetricsWriter, trainer: Trainer, step: int, end: int, p
         m["eta_s"] = (end - step) / rate
     writer.write(step, m)
     _log(format_progress(step, end, m))
-    return m
+    return m, flags
 
 
 # ------------------------------------------------------------------------- data
@@ -525,7 +698,7 @@ def make_data(config, trainer: Trainer):
     return data_lib.make_dataset(
         source, global_batch_size=trainer.global_batch, seed=int(d.seed), shuffle=bool(d.shuffle),
         worker_count=int(d.worker_count), read_threads=int(d.read_threads), prefetch=int(d.prefetch),
-        tokenizer=tokenizer)
+        tokenizer=tokenizer, max_skips_in_a_row=int(d.get("max_skips_in_a_row", 1000)))
 
 
 def make_sample_hook(config, trainer: Trainer, tokenizer: Callable | None = None) -> ValidateFn:
@@ -569,14 +742,20 @@ def train(config, *, validate: ValidateFn | None = None) -> dict[str, float]:
     Without a `validate` hook, one that writes sample GIFs is made when `log.validate_every`
     and `log.sample_prompts` are set.
     """
-    check_config(config)
+    validate_config(config)
     p = config.parallel
     parallel.maybe_initialize_distributed(p.distributed, p.coordinator, int(p.num_processes), int(p.process_id))
-    trainer = build_trainer(config)
+    try:
+        mesh = parallel.make_mesh(dict(p.mesh_shape))
+    except ValueError as e:
+        raise ConfigError(f"parallel.mesh_shape={dict(p.mesh_shape)}: {e}") from None
+    rules = parallel.ShardingRules(tuple(p.batch_axes), p.fsdp_axis, int(p.min_fsdp_size))
+    check_batch(config, rules.batch_size_divisor(mesh), jax.process_count())  # before the workdir exists
+    trainer = build_trainer(config, mesh=mesh)
     if validate is None and config.log.validate_every and config.log.sample_prompts:
         validate = make_sample_hook(config, trainer)
     _log(f"stage {trainer.stage.name}: {stages.count_params(trainer.state.params):,} trainable / "
          f"{stages.count_params(trainer.frozen):,} frozen params; mesh {dict(trainer.mesh.shape)}; "
          f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
     pipeline = make_data(config, trainer)
-    return run(trainer, config, iter(pipeline), validate=validate)
+    return run(trainer, config, iter(pipeline), validate=validate, skipped=lambda: pipeline.skipped)

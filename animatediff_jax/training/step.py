@@ -227,6 +227,12 @@ def make_loss_fn(spec: StepSpec, gather: tuple[Mesh, parallel.ShardingRules] | N
     return loss_fn
 
 
+def tree_all_finite(tree) -> jax.Array:
+    """Scalar bool: every element of every floating leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def _global_norm(tree) -> jax.Array:
     norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.4; global_norm is deprecated
     return norm(tree) if norm is not None else optax.global_norm(tree)
@@ -282,10 +288,19 @@ def make_train_step(
             (loss, grads), _ = jax.lax.scan(body, init, (micro, _split_micro(rows, n_acc)))
             loss, grads = loss / n_acc, jax.tree.map(lambda g: g / n_acc, grads)
         grad_norm = _global_norm(grads)
+        # A non-finite loss or gradient (any NaN/inf element makes the norm non-finite) skips the
+        # step: params and optimizer state stay those before it; the step count and RNG still
+        # advance (the data moved on), so a resumed run stays bit-exact. `finite` is two scalars
+        # known before the update, so the select fuses into the update (no extra copy of the
+        # state). The host reads `nonfinite` with the other metrics when it logs (no extra sync).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32),
+                   "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
         return new, metrics
 
     return step_fn

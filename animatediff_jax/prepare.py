@@ -1,6 +1,7 @@
 """`animatediff-jax prepare`: VAE-encode video clips and text-encode captions once, into ArrayRecord shards.
 
-Stage 2 then trains from the cache (`data.kind="cached"`), skipping the VAE encoder (~1/3 of the step).
+Stage 2 then trains from the cache (`--config.data.source=cache --config.data.cache_dir=OUT`), skipping
+the VAE encoder (~1/3 of the step). Exit codes: 0 written, 1 bad model files, 2 nothing readable.
 
   animatediff-jax prepare --model PATH --csv webvid.csv --videos VIDEO_DIR --out cache/ \
       [--n-frames 16 --stride 4 --size 256 --batch-size 8 --num-shards 16]
@@ -60,5 +61,9 @@ def main(argv: list[str]) -> int:
         batch_size=args.batch_size, num_shards=args.num_shards,
         latent_dtype=args.latent_dtype, limit=args.limit,
     )
+    if not info.get("num_records"):
+        print(f"error: no clip of {args.csv} could be read from {args.videos} ({info.get('skipped', 0)} skipped): "
+              "nothing was cached", file=sys.stderr)
+        return 2
     print(f"cached {info.get('num_records')} clips to {args.out} ({info.get('skipped', 0)} skipped)", file=sys.stderr)
     return 0

@@ -312,3 +312,19 @@ def test_rotation_never_deletes_the_last_intact_checkpoint(tmp_path, straight, c
     err = capsys.readouterr().err
     assert f"newest checkpoint step {STEPS + 1} looks damaged" in err and "keeping the older ones" in err
     assert Checkpointer(ckdir).all_steps() == [STEPS + 2]
+
+
+def test_prepare_with_nothing_readable_is_an_error(tmp_path, capfd):
+    """`prepare` over a CSV whose videos are all missing: one line, rc 2, not an empty cache and rc 0."""
+    from animatediff_jax.cli import main as cli
+    from animatediff_jax.sample import write_tiny_models
+
+    paths = write_tiny_models(str(tmp_path / "models"))
+    csv_path = tmp_path / "webvid.csv"
+    csv_path.write_text("videoid,name,page_dir\n1,a cat,x\n2,a dog,x\n")
+    (tmp_path / "videos").mkdir()
+    rc = cli(["prepare", "--model", paths["base_model"], "--csv", str(csv_path), "--videos", str(tmp_path / "videos"),
+              "--out", str(tmp_path / "cache"), "--n-frames", "2", "--size", "16"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err[-1].startswith("error: "), err
+    assert str(tmp_path / "videos") in err[-1], err

@@ -328,3 +328,23 @@ def test_prepare_with_nothing_readable_is_an_error(tmp_path, capfd):
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and err[-1].startswith("error: "), err
     assert str(tmp_path / "videos") in err[-1], err
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    from animatediff_jax.sample import write_tiny_models
+
+    return write_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
+
+
+@pytest.mark.parametrize("field,given,expected", [
+    ("model.motion_module", "motion_lora_zoom_in", "no motion module in it: it holds a MotionLoRA"),
+    ("model.domain_adapter", "motion_module", "no domain adapter in it: it holds a motion module"),
+    ("model.pretrained", "motion_module", "no params.safetensors there: not a converted SD1.5 folder"),
+])
+def test_a_file_of_the_wrong_kind_is_one_line_naming_the_field(tmp_path, capsys, tiny_files, field, given, expected):
+    workdir = tmp_path / "w"
+    rc = main(args(workdir, 2) + [f"--config.{field}={tiny_files[given]}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith(f"error: {field}") and expected in lines[-1], lines[-3:]
+    assert not workdir.exists()

@@ -156,8 +156,14 @@ def size_multiple(c: ConfigDict) -> int:
     """What `train.resolution` must divide by (VAE factor x UNet downsampling), from the model's
     configs without loading weights."""
     if c.model.pretrained:
-        from animatediff_jax import sample
+        import os
 
+        from animatediff_jax import sample
+        from animatediff_jax.checkpoints.params_io import PARAMS_FILE
+
+        if not os.path.isfile(os.path.join(c.model.pretrained, PARAMS_FILE)):
+            raise ConfigError(f"model.pretrained={c.model.pretrained!r}: no {PARAMS_FILE} there: not a converted "
+                              "SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`)")
         try:
             return sample._size_multiple(c.model.pretrained)
         except ValueError as e:

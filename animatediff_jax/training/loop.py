@@ -11,6 +11,7 @@ files in `workdir/tensorboard`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,11 +172,35 @@ def _is_params_file(path: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _field(name: str) -> Iterator[None]:
+    """A weight file that cannot serve as config field `name`: one line naming the field (rc 2)."""
+    from animatediff_jax.checkpoints.torch_io import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as e:
+        raise ConfigError(f"{name}: {' '.join(line.strip() for line in str(e).splitlines())}") from None
+
+
+def _exported(path: str, kinds: tuple[str, ...]) -> Params:
+    """A params file's UNet tree, if the kind it records (when it records one) is one of `kinds`."""
+    from animatediff_jax.checkpoints.bundles import KIND_NAMES
+    from animatediff_jax.checkpoints.torch_io import CheckpointError
+
+    tree, meta = checkpointing.load_exported(path)
+    kind = meta.get("kind")
+    if kind is not None and kind not in kinds:
+        raise CheckpointError(f"{path}: holds a {KIND_NAMES.get(kind, kind)}, not a "
+                              f"{' or '.join(KIND_NAMES.get(k, k) for k in kinds)}")
+    return tree
+
+
 def _read_motion(path: str, unet_config: UNetConfig) -> Params:
     """Motion modules from a stage-2 export, or from a PyTorch motion checkpoint (e.g. the original
     `mm_sd_v15_v2.ckpt`, read by `checkpoints.bundles`; its layout must be `model.motion_version`'s)."""
     if _is_params_file(path):
-        return stages.partition(checkpointing.load_exported(path)[0], stages.is_motion_module)[0]
+        return stages.partition(_exported(path, ("motion_module",)), stages.is_motion_module)[0]
     from animatediff_jax.checkpoints.bundles import load_any_motion
 
     return load_any_motion(path, unet_config)[0]
@@ -184,7 +209,7 @@ def _read_motion(path: str, unet_config: UNetConfig) -> Params:
 def _read_lora(path: str, kind: str, unet_config: UNetConfig) -> Params:
     """A LoRA tree from a stage export, or a PyTorch file of `kind` (e.g. `v3_sd15_adapter.ckpt`)."""
     if _is_params_file(path):
-        return checkpointing.load_exported(path)[0]
+        return _exported(path, (kind, "lora"))
     from animatediff_jax.checkpoints.bundles import read_lora
 
     return read_lora(path, kind, unet_config).unet
@@ -199,7 +224,8 @@ def load_models(config) -> Models:
     if m.pretrained:
         from animatediff_jax.checkpoints.params_io import load_converted
 
-        sd = load_converted(m.pretrained)
+        with _field("model.pretrained"):
+            sd = load_converted(m.pretrained)
         unet_config, vae_config, text_config = sd.unet_config, sd.vae_config, sd.text_config
         unet = stages.partition(sd.params["unet"], stages.is_motion_module)[1]
         vae = sd.params.get("vae") if m.vae else None
@@ -215,15 +241,19 @@ def load_models(config) -> Models:
     if stage.motion_modules:
         unet_config = inflate(unet_config, m.motion_version)
         if m.motion_module:
-            motion = _read_motion(m.motion_module, unet_config)
+            with _field("model.motion_module"):
+                motion = _read_motion(m.motion_module, unet_config)
         else:
             motion = _motion_init(config, unet_config)
         unet = stages.union(unet, motion)
     attached = {}
     if m.domain_adapter and "domain_adapter" in stage.attach:
-        adapter = _read_lora(m.domain_adapter, "domain_adapter", unet_config)
+        with _field("model.domain_adapter"):
+            adapter = _read_lora(m.domain_adapter, "domain_adapter", unet_config)
         attached["domain_adapter"] = (adapter, float(m.domain_adapter_scale))
-    trainable_init = _read_lora(m.init_lora, stage.name, unet_config) if m.init_lora and stage.kind == "lora" else None
+    with _field("model.init_lora"):
+        trainable_init = (_read_lora(m.init_lora, stage.name, unet_config)
+                          if m.init_lora and stage.kind == "lora" else None)
     return Models(unet_config, unet, vae_config if vae is not None else None, vae,
                   text_config if text is not None else None, text, attached, trainable_init, tokenizer)
 

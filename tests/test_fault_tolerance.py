@@ -207,8 +207,9 @@ def test_checkpoint_of_another_config_is_refused_not_moved(tmp_path, straight):
     config, _ = parse_config(args(tmp_path, STEPS) + ["--config.model.motion_version=v1"])
     ck = Checkpointer(ckdir)
     try:
-        with pytest.raises(ConfigError, match="does not match this config"):
-            ck.restore(build_trainer(config).state)
+        with pytest.raises(ConfigError, match="does not match this config") as info:
+            ck.restore(build_trainer(config).state, config=config.to_dict())
+        assert "changed since it was saved: model.motion_version: 'v2' -> 'v1'" in str(info.value), info.value
     finally:
         ck.close()
     assert Checkpointer(ckdir).all_steps() == [STEPS] and not (tmp_path / "checkpoints_damaged").exists()

@@ -146,7 +146,8 @@ class Checkpointer:
         for old in steps[: -self.keep]:
             self.manager.delete(old)
 
-    def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, Any] | None:
+    def restore(self, like: TrainState, step: int | None = None, config: Mapping | None = None
+                ) -> tuple[TrainState, Any] | None:
         """`(state, data_state)` of `step` (default: the newest intact one), laid out like `like`;
         None if none saved.
 
@@ -154,12 +155,20 @@ class Checkpointer:
         Without `step`, a damaged newest checkpoint (missing files, unreadable metadata, truncated
         shards) is moved aside to `<workdir>/checkpoints_damaged/<step>` (never deleted) with one
         warning line, and the next newest is tried. A checkpoint that reads fine but does not match
-        `like` (the config changed) raises ConfigError and is left where it is.
+        `like` (the config changed) raises ConfigError and is left where it is; with `config` (the
+        run's config as a dict) that error names the fields that differ from the saved config.
         """
         if step is not None:
             return self._restore(like, int(step))
         for step in sorted(self.all_steps(), reverse=True):
-            reason = self.damage(step, like)
+            try:
+                reason = self.damage(step, like)
+            except ConfigError as e:
+                changed = self.changed_fields(step, config) if config is not None else []
+                if not changed:
+                    raise
+                raise ConfigError(f"{e}; changed since it was saved: {', '.join(changed[:6])}"
+                                  f"{', ...' if len(changed) > 6 else ''}") from None
             if reason is None:
                 try:
                     out = self._restore(like, step)
@@ -170,6 +179,28 @@ class Checkpointer:
             reason = reason or "unreadable on another process"
             self._move_aside(step, reason)
         return None
+
+    def changed_fields(self, step: int, config: Mapping) -> list[str]:
+        """`field: saved -> now` for each config field (outside workdir/steps/checkpoint/log) that differs
+        from the config saved with checkpoint `step` (empty when none was saved)."""
+        try:
+            saved = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception:  # noqa: BLE001  (an older checkpoint without a config item)
+            return []
+
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in dict(d).items():
+                if isinstance(v, Mapping):
+                    out.update(flat(v, f"{prefix}{k}."))
+                else:
+                    out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))
+            return out
+
+        ignore = ("workdir", "train.steps", "checkpoint.", "log.", "data.")
+        a, b = flat(saved), flat(json.loads(json.dumps(dict(config), default=str)))
+        return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and not k.startswith(ignore)]
 
     def damage(self, step: int, like: TrainState | None = None) -> str | None:
         """Why checkpoint `step` cannot be restored (missing files, unreadable metadata), or None

@@ -485,7 +485,7 @@ def run(
     ck = config.checkpoint
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), ck.every, ck.keep, ck.async_save)
     if resume:
-        restored = ckpt.restore(trainer.state)
+        restored = ckpt.restore(trainer.state, config=config.to_dict() if hasattr(config, "to_dict") else None)
         if restored is not None:
             trainer.state, data_state = restored
             if data_state is not None and hasattr(data, "set_state"):

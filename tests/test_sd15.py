@@ -368,8 +368,9 @@ def test_unreadable_files(refs, tmp_path):
     junk_ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
     junk_st = tmp_path / "junk.safetensors"
     junk_st.write_bytes(b"this is not a checkpoint" * 100)
-    for path in (truncated, junk_ckpt, junk_st):
-        with pytest.raises(CheckpointError, match=rf"{path}: cannot be read"):
+    for path, msg in ((truncated, "cannot be read"), (junk_ckpt, "refused: unsafe or not a checkpoint"),
+                      (junk_st, "cannot be read")):
+        with pytest.raises(CheckpointError, match=rf"{path}: {msg}"):
             load_single_file(path, **CONFIGS)
     notes = tmp_path / "notes.txt"
     notes.write_text("not weights")

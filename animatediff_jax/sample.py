@@ -322,20 +322,6 @@ def _size_multiple(base_model: str) -> int:
     return 2 ** (vae_blocks - 1) * 2 ** (blocks - 1)
 
 
-def _check_attention(c: Mapping) -> None:
-    """A forced attention kernel must run here: checked on the first UNet level's self-attention."""
-    import jax.numpy as jnp
-
-    from animatediff_jax.models import attention
-
-    try:
-        attention.check_implementation(c["attention"])
-        h, w = -(-int(c["H"]) // 8), -(-int(c["W"]) // 8)
-        attention.resolve(c["attention"], (1, h * w, 8, 40), (1, h * w, 8, 40), jnp.dtype(c["dtype"]))
-    except attention.AttentionError as e:
-        raise ConfigError(f"attention={c['attention']!r}: {e}") from None
-
-
 # Measured with bench/memory_bench.py (BENCHMARKS.md), bf16, SD1.5 + v2 at 512x512: one CFG UNet
 # call holds ~7.9 GiB of temporaries for 2 x 16 frames (blockwise attention), the VAE decode ~0.8 GiB
 # per frame of a chunk; both scale about linearly with the pixels. An order-of-magnitude guard.
@@ -359,8 +345,9 @@ def _check_memory(c: Mapping) -> None:
     """Refuses sizes whose activations cannot fit one device (e.g. W=H=100000), before anything loads."""
     scale = int(c["W"]) * int(c["H"]) / 512**2 * (2 if c["dtype"] == "float32" else 1)
     videos = int(c["batch_size"]) or 1
-    frames = min(int(c["L"]), (c["context_windows"] or {}).get("length", int(c["L"])) if isinstance(
-        c["context_windows"], Mapping) else int(c["L"]))
+    windows, frames = c["context_windows"], int(c["L"])
+    if isinstance(windows, Mapping) and "length" in windows:  # (malformed windows are _check_windows' error)
+        frames = min(frames, int(windows["length"]))
     need = scale * (_UNET_BYTES_PER_FRAME_512 * 2 * videos * frames + _VAE_BYTES_PER_FRAME_512 * int(c["decode_chunk"]))
     have = _available_bytes()
     if have is not None and need > have:
@@ -371,13 +358,17 @@ def _check_memory(c: Mapping) -> None:
 
 
 def _attention_note(c: Mapping) -> str:
-    """`auto (chunked at 4096 tokens)`: what runs the first UNet level's self-attention."""
+    """`auto (chunked at 4096 tokens)`: what runs the first UNet level's self-attention. A forced
+    kernel that cannot run that shape, dtype or platform here is a `ConfigError` (checked in `validate`)."""
     import jax.numpy as jnp
 
     from animatediff_jax.models import attention
 
     tokens = -(-int(c["H"]) // 8) * -(-int(c["W"]) // 8)
-    kernel = attention.resolve(c["attention"], (1, tokens, 8, 40), (1, tokens, 8, 40), jnp.dtype(c["dtype"]))
+    try:
+        kernel = attention.resolve(c["attention"], (1, tokens, 8, 40), (1, tokens, 8, 40), jnp.dtype(c["dtype"]))
+    except attention.AttentionError as e:
+        raise ConfigError(f"attention={c['attention']!r}: {e}") from None
     return f"{c['attention']} ({kernel} at {tokens} tokens)"
 
 
@@ -425,7 +416,7 @@ def validate(config: Mapping) -> dict:
         _number(c, name)
     if c["dtype"] not in DTYPES:
         raise ConfigError(f"dtype={c['dtype']!r}: expected one of {', '.join(DTYPES)}")
-    _check_attention(c)
+    _attention_note(c)
     if not isinstance(c["allow_nonfinite"], bool):
         raise ConfigError(f"allow_nonfinite={c['allow_nonfinite']!r}: expected True or False")
     _check_memory(c)

@@ -91,45 +91,37 @@ def _platform_override() -> str | None:
 
 
 def _interpret() -> bool:
-    return getattr(_state, "interpret", False)
+    return bool(getattr(_state, "interpret", False))
 
 
 @contextlib.contextmanager
+def _overriding(name: str, value: Any):
+    """Sets trace-time state `name` to `value` inside the block (nested blocks restore the outer value)."""
+    prev = getattr(_state, name, None)
+    setattr(_state, name, value)
+    try:
+        yield
+    finally:
+        setattr(_state, name, prev)
+
+
 def target_platform(platform: str):
     """Makes "auto" and the platform checks see `platform` ("cpu", "gpu", "tpu") at trace time."""
-    prev = _platform_override()
-    _state.platform = _normalise_platform(platform)
-    try:
-        yield
-    finally:
-        _state.platform = prev
+    return _overriding("platform", _normalise_platform(platform))
 
 
-@contextlib.contextmanager
 def interpret_kernels():
     """Runs Pallas kernels (splash) with `interpret=True`, so they execute on CPU."""
-    prev = _interpret()
-    _state.interpret = True
-    try:
-        yield
-    finally:
-        _state.interpret = prev
+    return _overriding("interpret", True)
 
 
-@contextlib.contextmanager
 def using(implementation: str):
     """Makes `implementation` the default of every `dot_product_attention` traced inside.
 
     The models (`UNet3D`, `AutoencoderKL`, `CLIPTextModel`) take an `attention` field and trace
     their body inside `using(self.attention)`, so the choice is made once per model, not per layer.
     """
-    check_implementation(implementation)
-    prev = getattr(_state, "implementation", None)
-    _state.implementation = implementation
-    try:
-        yield
-    finally:
-        _state.implementation = prev
+    return _overriding("implementation", check_implementation(implementation))
 
 
 def check_implementation(implementation: str) -> str:

@@ -31,7 +31,7 @@ from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allo
 def resolve_base(spec: str | None):
     """`(UNetConfig, CLIPTextConfig | None)` named by a `--base-config` value (see the module doc)."""
     from animatediff_jax.checkpoints import params_io
-    from animatediff_jax.checkpoints.bundles import params_file
+    from animatediff_jax.checkpoints.params_io import params_file
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import UNetConfig, sd15_unet
 
@@ -74,8 +74,7 @@ def resolve_base(spec: str | None):
 
 
 def _sd15(args) -> None:
-    from animatediff_jax.checkpoints.params_io import save_converted
-    from animatediff_jax.checkpoints.sd15 import load_sd15
+    from animatediff_jax.checkpoints.sd15 import load_sd15, save_converted
 
     base = load_sd15(args.base) if args.base else None
     t0 = time.time()
@@ -86,23 +85,24 @@ def _sd15(args) -> None:
 
 
 def _motion(args) -> None:
-    from animatediff_jax.checkpoints.bundles import load_any_motion, save_motion_bundle
+    from animatediff_jax.checkpoints.load import load_motion
+    from animatediff_jax.checkpoints.params_io import save_motion
 
     base, _ = resolve_base(args.base_config)
-    params, config = load_any_motion(args.path, base)
-    save_motion_bundle(args.out, params, config)
+    params, config = load_motion(args.path, base)
+    save_motion(args.out, params, config)
     mm = config.motion
-    version = "v2" if mm.mid_block else ("v1" if mm.max_positions == 24 else "v3")
-    print(f"wrote {args.out}: {version} motion module ({mm.max_positions} positions)", file=sys.stderr)
+    print(f"wrote {args.out}: {mm.version} motion module ({mm.max_positions} positions)", file=sys.stderr)
 
 
 def _lora(args) -> None:
-    from animatediff_jax.checkpoints.bundles import KIND_NAMES, read_lora, save_lora_bundle
+    from animatediff_jax.checkpoints.load import load_lora
+    from animatediff_jax.checkpoints.params_io import KIND_NAMES, save_lora
     from animatediff_jax.lora import lora_layers
 
     base, text_config = resolve_base(args.base_config)
-    b = read_lora(args.path, args.lora_kind, base, text_config, args.motion_version)
-    save_lora_bundle(args.out, b.unet, b.kind, b.unet_config, b.text_encoder, text_config=b.text_config)
+    b = load_lora(args.path, args.lora_kind, base=base, text_config=text_config, motion_version=args.motion_version)
+    save_lora(args.out, b.unet, b.kind, b.unet_config, b.text_encoder, text_config=b.text_config)
     text = f" + {len(lora_layers(b.text_encoder))} text-encoder layers" if b.text_encoder else ""
     print(f"wrote {args.out}: {KIND_NAMES[b.kind]}, {len(lora_layers(b.unet))} UNet layers{text}", file=sys.stderr)
 

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from animatediff_jax.checkpoints.bundles import KIND_NAMES, LoraBundle, load_any_motion, read_lora
+from animatediff_jax.checkpoints.load import Lora, load_lora, load_motion
 from animatediff_jax.checkpoints.motion import save_motion_adapter, save_motion_module_original
+from animatediff_jax.checkpoints.params_io import KIND_NAMES
 from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
 from animatediff_jax.io.fs import check_output
 
@@ -42,7 +43,7 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 WEIGHT_EXTENSIONS = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
-def write_lora(path: str | os.PathLike, bundle: LoraBundle, fmt: str, dtype: Any = np.float32) -> None:
+def write_lora(path: str | os.PathLike, bundle: Lora, fmt: str, dtype: Any = np.float32) -> None:
     """A LoRA in the `original` AnimateDiff, `diffusers` (PEFT) or `kohya` naming."""
     from animatediff_jax.checkpoints import lora_formats as lf
 
@@ -81,15 +82,22 @@ def _motion(args) -> str:
     _check_out(args.out, args.format, "motion_module")
     check_output(args.out, (args.input,), overwrite=args.overwrite)
     base = resolve_base(args.base_config)[0] if args.base_config else None
-    params, config = load_any_motion(args.input, base)
+    params, config = load_motion(args.input, base)
+    mm = config.motion
+    if args.format == "original" and not mm.norm_per_frame:
+        raise CheckpointError(
+            f"{args.input}: its motion modules were trained with GroupNorm across frames (diffusers'), which the "
+            "original AnimateDiff format cannot say (its models normalise per frame): use --format diffusers")
+    if args.format == "diffusers" and mm.norm_per_frame:
+        print("note: diffusers' MotionAdapter normalises the motion modules across frames; this module was trained "
+              "per frame (as the original's): outputs there differ slightly (see `animatediff-jax parity`)",
+              file=sys.stderr)
     dtype = DTYPES[args.dtype]
     if args.format == "original":
         save_motion_module_original(args.out, params, config, dtype)
     else:
         save_motion_adapter(args.out, params, config, dtype)
-    mm = config.motion
-    version = "v2" if mm.mid_block else ("v1" if mm.max_positions == 24 else "v3")
-    return f"motion module ({version} layout, {mm.max_positions} positions)"
+    return f"motion module ({mm.version} layout, {mm.max_positions} positions)"
 
 
 def _lora(args) -> str:
@@ -97,8 +105,8 @@ def _lora(args) -> str:
 
     _check_out(args.out, args.format, args.part)
     check_output(args.out, (args.input,), overwrite=args.overwrite)
-    base, text_config = resolve_base(args.base_config)  # (used for PyTorch inputs only)
-    bundle = read_lora(args.input, args.part, base, text_config, args.motion_version)
+    base, text_config = resolve_base(args.base_config) if args.base_config else (None, None)
+    bundle = load_lora(args.input, args.part, base=base, text_config=text_config, motion_version=args.motion_version)
     try:
         write_lora(args.out, bundle, args.format, DTYPES[args.dtype])
     except ValueError as e:  # a layer the format cannot hold

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -485,10 +484,11 @@ def load_pipeline(config: Any):
     """
     import jax.numpy as jnp
 
-    from animatediff_jax.checkpoints.bundles import load_any_lora_file, load_any_motion
-    from animatediff_jax.checkpoints.motion import merge_motion, motion_subtree
+    from animatediff_jax.checkpoints.load import load_lora, load_motion
+    from animatediff_jax.checkpoints.motion import merge_motion
     from animatediff_jax.checkpoints.sd15 import SD15, load_sd15
     from animatediff_jax.lora import merge, merge_many
+    from animatediff_jax.models.shapes import motion_subtree
     from animatediff_jax.sampling import AnimationPipeline
     from animatediff_jax.text import Tokenizer
 
@@ -504,12 +504,13 @@ def load_pipeline(config: Any):
     unet = model.params["unet"]
     if c["motion_module"]:
         with _blame("motion_module"):
-            motion, unet_config = load_any_motion(c["motion_module"], spatial)
+            motion, unet_config = load_motion(c["motion_module"], spatial)
     elif model.unet_config.motion is not None:
         motion, unet_config = motion_subtree(unet), model.unet_config
     elif base.unet_config.motion is not None:
-        motion, unet_config = motion_subtree(base.params["unet"]), spatial.replace(
-            motion=base.unet_config.motion, spatial_norm_per_frame=base.unet_config.spatial_norm_per_frame)
+        motion = motion_subtree(base.params["unet"])
+        unet_config = spatial.replace(motion=base.unet_config.motion,
+                                      spatial_norm_per_frame=base.unet_config.spatial_norm_per_frame)
     else:
         raise ConfigError("motion_module: required (the base model has no motion modules)")
     with _blame("motion_module"):
@@ -518,19 +519,20 @@ def load_pipeline(config: Any):
 
     if c["lora_model_path"]:
         with _blame("lora_model_path"):
-            lf = load_any_lora_file(c["lora_model_path"], "lora", unet, text)
-        if lf.unet:
-            unet = merge(unet, lf.unet, c["lora_alpha"])
-        if lf.text_encoder:
-            text = merge(text, lf.text_encoder, c["lora_alpha"])
+            personal = load_lora(c["lora_model_path"], "lora", base=unet_config, text_config=model.text_config)
+        if personal.unet:
+            unet = merge(unet, personal.unet, c["lora_alpha"])
+        if personal.text_encoder:
+            text = merge(text, personal.text_encoder, c["lora_alpha"])
     if c["adapter_lora_path"]:
         with _blame("adapter_lora_path"):
-            adapter = load_any_lora_file(c["adapter_lora_path"], "domain_adapter", unet).unet
+            adapter = load_lora(c["adapter_lora_path"], "domain_adapter", base=unet_config).unet
         unet = merge(unet, adapter, c["adapter_lora_scale"])
     motion_loras = []
     for i, e in enumerate(c["motion_module_lora_configs"]):
         with _blame(f"motion_module_lora_configs[{i}]"):
-            motion_loras.append((load_any_lora_file(e["path"], "motion_lora", unet).unet, float(e.get("alpha", 1.0))))
+            motion_loras.append((load_lora(e["path"], "motion_lora", base=unet_config).unet,
+                                 float(e.get("alpha", 1.0))))
     unet = merge_many(unet, motion_loras)
 
     tok_path = c["tokenizer"] or model.tokenizer_path or base.tokenizer_path
@@ -708,115 +710,6 @@ def sample(config: Any, pipeline: Any = None) -> SampleResult:
 # ----------------------------------------------------------------------------------------------
 # Tiny random models (tests, newcomers): every file format the sampler reads, in seconds.
 # ----------------------------------------------------------------------------------------------
-
-
-def random_params(shapes: Params, seed: int, dtype: Any = np.float32) -> Params:
-    """Random weights from a shape tree on the host, cast leaf by leaf to `dtype` (so a full-size
-    model never exists in float32 when bf16 is asked for). Kernels ~ N(0, 1/fan_in), embeddings
-    N(0, 0.02), norm scales 1 + N(0, 0.1), biases N(0, 0.02)."""
-    from animatediff_jax.checkpoints.torch_io import flatten, unflatten
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, s in flatten(shapes).items():
-        shape, leaf = tuple(s.shape), path[-1]
-        if leaf == "kernel":
-            v = rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(max(1, math.prod(shape[:-1]))))
-        elif leaf == "scale":
-            v = 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
-        else:
-            v = 0.02 * rng.standard_normal(shape, np.float32)
-        out[path] = np.asarray(v, np.float32).astype(dtype)
-    return unflatten(out)
-
-
-def _random_lora(params: Params, targets, rank: int, seed: int) -> Params:
-    """A LoRA on the kernels `targets` selects, both factors random (so merging changes the weights)."""
-    from animatediff_jax.lora import kernel_paths
-
-    rng = np.random.default_rng(seed)
-    tree: Params = {}
-    for path, kernel in kernel_paths(params):
-        if not targets(path):
-            continue
-        shape = tuple(kernel.shape)
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = {
-            "down": (rng.standard_normal(shape[:-1] + (rank,)) / np.sqrt(math.prod(shape[:-1]))).astype(np.float32),
-            "up": (0.5 * rng.standard_normal((rank, shape[-1])) / np.sqrt(rank)).astype(np.float32),
-        }
-    return tree
-
-
-TINY_FILES = dict(
-    base_model="sd15",
-    motion_module="mm_tiny_v2.safetensors",
-    motion_lora_zoom_in="v2_lora_TinyZoomIn.safetensors",
-    motion_lora_pan_left="v2_lora_TinyPanLeft.safetensors",
-    adapter_lora_path="tiny_adapter.safetensors",
-    lora_model_path="tiny_personal_lora.safetensors",
-)
-
-
-def write_tiny_models(folder: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """Writes tiny random models in the formats users have, once (kept if already there):
-
-    - `sd15/`: a converted SD1.5-like model (2-level UNet, 2-level VAE, 3-layer CLIP, tokenizer);
-    - `mm_tiny_v2.safetensors`: a v2-layout motion module in the original AnimateDiff naming;
-    - two MotionLoRAs and a domain adapter in the original naming;
-    - `tiny_personal_lora.safetensors`: a kohya LoRA on spatial attention and the text encoder.
-
-    Returns `{name: path}` (names as `TINY_FILES`). No torch needed; a second or so.
-    """
-    from animatediff_jax.checkpoints import params_io
-    from animatediff_jax.checkpoints.lora_formats import (
-        save_lora_kohya,
-        save_lora_original,
-    )
-    from animatediff_jax.checkpoints.motion import (
-        motion_param_shapes,
-        save_motion_module_original,
-    )
-    from animatediff_jax.checkpoints.sd15 import SD15, clip_shapes, vae_shapes
-    from animatediff_jax.lora import domain_adapter_targets, motion_lora_targets
-    from animatediff_jax.models.clip_text import CLIPTextConfig
-    from animatediff_jax.models.config import tiny_unet
-    from animatediff_jax.models.unet import param_shapes
-    from animatediff_jax.models.vae import VAEConfig
-    from animatediff_jax.text import write_tiny_tokenizer
-
-    folder = os.fspath(folder)
-    paths = {k: os.path.join(folder, v) for k, v in TINY_FILES.items()}
-    done = os.path.join(folder, "DONE")
-    if os.path.isfile(done):
-        return paths
-    os.makedirs(folder, exist_ok=True)
-    text_cfg, vae_cfg = CLIPTextConfig.tiny(), VAEConfig.tiny()
-    spatial = tiny_unet(None, cross_attention_dim=text_cfg.hidden_size)
-    inflated = tiny_unet("v2", cross_attention_dim=text_cfg.hidden_size)
-    params = {
-        "unet": random_params(param_shapes(spatial), seed),
-        "vae": random_params(vae_shapes(vae_cfg), seed + 1),
-        "text_encoder": random_params(clip_shapes(text_cfg), seed + 2),
-    }
-    tok = os.path.join(folder, "tokenizer_src")
-    write_tiny_tokenizer(tok)
-    params_io.save_converted(paths["base_model"], SD15(spatial, vae_cfg, text_cfg, params, tok))
-    shutil.rmtree(tok)  # copied into sd15/tokenizer
-    motion = random_params(motion_param_shapes(inflated), seed + 3)
-    save_motion_module_original(paths["motion_module"], motion, inflated)
-
-    full = random_params(param_shapes(inflated), seed + 4)  # shapes only matter for the LoRAs
-    save_lora_original(paths["motion_lora_zoom_in"], _random_lora(full, motion_lora_targets, 2, seed + 5))
-    save_lora_original(paths["motion_lora_pan_left"], _random_lora(full, motion_lora_targets, 2, seed + 6))
-    save_lora_original(paths["adapter_lora_path"], _random_lora(full, domain_adapter_targets, 2, seed + 7))
-    text_lora = _random_lora(params["text_encoder"], lambda p: "self_attn" in p and p[-1].endswith("_proj"), 2, seed + 8)
-    save_lora_kohya(paths["lora_model_path"], _random_lora(full, domain_adapter_targets, 2, seed + 9), text_lora)
-    with open(done, "w") as f:
-        f.write("tiny random models for configs/sample/tiny.py\n")
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------

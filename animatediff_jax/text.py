@@ -7,7 +7,6 @@ truncate longer prompts (keeping the end-of-text token last).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -67,25 +66,3 @@ def encode_prompts(
     return _apply_jit(model=model, params=params, ids=ids, clip_skip=0 if clip_skip is None else int(clip_skip))
 
 
-def write_tiny_tokenizer(folder: str) -> dict[str, int]:
-    """A small CLIP BPE vocabulary (`</w>` word ends, a few merges) that transformers' CLIPTokenizer reads."""
-    os.makedirs(folder, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!")
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>", "a n", "an d</w>"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # Without model_max_length the tokenizer would pad "to max length" 1e30 tokens.
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
-    return vocab

@@ -212,13 +212,13 @@ def _cast_shapes(tree, dtype):
 
 
 def unet_params(cfg, dtype):
-    from animatediff_jax.models.unet import param_shapes
+    from animatediff_jax.models.shapes import unet_shapes
 
-    return _cast_shapes(param_shapes(cfg), dtype)
+    return _cast_shapes(unet_shapes(cfg), dtype)
 
 
 def vae_params(cfg, dtype):
-    from animatediff_jax.checkpoints.sd15 import vae_shapes
+    from animatediff_jax.models.shapes import vae_shapes
 
     return _cast_shapes(vae_shapes(cfg), dtype)
 

@@ -72,7 +72,7 @@ def timed(fn, warmup: int, repeats: int) -> list[float]:
 def bench_diffusers(size: str, args, torch_device: str, tok_dir: str) -> dict:
     import torch
 
-    from animatediff_jax.parity import build_random_pipeline
+    from animatediff_jax.testing.parity import build_random_pipeline
 
     t0 = time.perf_counter()
     pipe, _ = build_random_pipeline(size, workdir=tok_dir)
@@ -112,13 +112,13 @@ def random_pipeline(size: str, dtype: str, tok_dir: str, attention: str = "auto"
     """Our pipeline with random weights drawn on the host straight in `dtype` (no float32 copy)."""
     import jax.numpy as jnp
 
-    from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
+    from animatediff_jax.models.shapes import clip_shapes, vae_shapes
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import sd15_unet, tiny_unet
-    from animatediff_jax.models.unet import param_shapes
+    from animatediff_jax.models.shapes import unet_shapes
     from animatediff_jax.models.vae import VAEConfig
-    from animatediff_jax.parity import write_tiny_tokenizer
-    from animatediff_jax.sample import random_params
+    from animatediff_jax.testing.tiny import write_tiny_tokenizer
+    from animatediff_jax.testing.tiny import random_params
     from animatediff_jax.sampling import AnimationPipeline
     from animatediff_jax.text import Tokenizer
 
@@ -127,7 +127,7 @@ def random_pipeline(size: str, dtype: str, tok_dir: str, attention: str = "auto"
     vae = VAEConfig.tiny() if size == "tiny" else VAEConfig.sd15()
     np_dtype = jnp.dtype(dtype)
     params = {
-        "unet": random_params(param_shapes(unet), 0, np_dtype),
+        "unet": random_params(unet_shapes(unet), 0, np_dtype),
         "vae": random_params(vae_shapes(vae), 1, np_dtype),
         "text_encoder": random_params(clip_shapes(text), 2, np_dtype),
     }

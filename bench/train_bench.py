@@ -11,7 +11,7 @@ after `animatediff-jax prepare`) and `online` (the batch holds pixels; the froze
 inside the step, under no_grad on the torch side). Text contexts are cached in both.
 
 Ours: the trainer of `animatediff_jax.training` (`build_trainer`, stage `motion_module`, random
-SD1.5 + v2 weights from `fast_random_params`) on a 1x1 mesh of one device, `--ours-dtype` compute
+SD1.5 + v2 weights from `random_params`) on a 1x1 mesh of one device, `--ours-dtype` compute
 (auto: bfloat16 on GPU/TPU, float32 on CPU like torch), float32 trainable params, AdamW, one
 jitted step with the train state donated. On a shared CPU machine set OMP_WAIT_POLICY=PASSIVE:
 torch's spinning OpenMP threads otherwise stall for seconds per step (see BENCHMARKS.md).
@@ -224,13 +224,14 @@ def remat_sweep(args, unet_cfg, policies) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from animatediff_jax.models.unet import UNet3D, param_shapes
+    from animatediff_jax.models.unet import UNet3D
+    from animatediff_jax.models.shapes import unet_shapes
     from animatediff_jax.training import stages
     from animatediff_jax.training.step import StepSpec, make_loss_fn
 
     compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.ours_dtype]
     frozen_dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.frozen_dtype]
-    shapes = param_shapes(unet_cfg)
+    shapes = unet_shapes(unet_cfg)
     trainable, frozen = stages.partition(shapes, stages.is_motion_module)
     trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), trainable)
     frozen = {"unet": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, frozen_dt), frozen)}

@@ -9,15 +9,10 @@ import pytest
 import torch
 
 from animatediff_jax.checkpoints.bundles import save_motion_bundle
-from animatediff_jax.checkpoints.motion import motion_param_shapes, save_motion_module_original
-from animatediff_jax.checkpoints.torch_io import (
-    CheckpointError,
-    flatten,
-    load_state_dict,
-    nonfinite_allowed,
-    torch_to_flax,
-    unflatten,
-)
+from animatediff_jax.checkpoints.motion import save_motion_module_original
+from animatediff_jax.models.shapes import motion_shapes
+from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict, nonfinite_allowed, torch_to_flax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.cli import main as cli
 from animatediff_jax.models.config import tiny_unet
 
@@ -26,11 +21,11 @@ CFG = tiny_unet("v2")
 
 def motion(seed: int = 0, poison: float | None = None):
     rng = np.random.default_rng(seed)
-    flat = {p: rng.standard_normal(s.shape).astype(np.float32) for p, s in flatten(motion_param_shapes(CFG)).items()}
+    flat = {p: rng.standard_normal(s.shape).astype(np.float32) for p, s in flatten_dict(motion_shapes(CFG)).items()}
     if poison is not None:
         first = sorted(flat)[0]
         flat[first].flat[0] = poison
-    return unflatten(flat)
+    return unflatten_dict(flat)
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
@@ -90,11 +85,11 @@ def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
     from animatediff_jax.checkpoints import params_io
     from animatediff_jax.checkpoints.bundles import save_lora_bundle
     from animatediff_jax.lora import init_lora, lora_layers, motion_lora_targets
-    from animatediff_jax.models.unet import param_shapes
+    from animatediff_jax.models.shapes import unet_shapes
 
     import jax
 
-    tree = init_lora(param_shapes(CFG), motion_lora_targets, 2, jax.random.key(0))
+    tree = init_lora(unet_shapes(CFG), motion_lora_targets, 2, jax.random.key(0))
     tree = jax.tree.map(lambda x: np.asarray(x) + 0.1, tree)
     good = tmp_path / "ml.safetensors"
     save_lora_bundle(good, tree, "motion_lora", CFG)
@@ -122,7 +117,7 @@ def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
 def test_a_damaged_converted_base_is_named_as_the_base(tmp_path):
     """A converted SD1.5 folder whose params do not fit its own configs: the error names that file."""
     from animatediff_jax.checkpoints import params_io
-    from animatediff_jax.sample import write_tiny_models
+    from animatediff_jax.testing.tiny import write_tiny_models
 
     paths = write_tiny_models(str(tmp_path / "models"))
     base = paths["base_model"]

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from animatediff_jax.checkpoints.params_io import load_converted, load_params, save_params
+from animatediff_jax.checkpoints.params_io import load_params, save_params
+from animatediff_jax.checkpoints.sd15 import load_converted
 from animatediff_jax.checkpoints.sd15 import load_sd15
-from animatediff_jax.checkpoints.torch_io import CheckpointError, flatten
+from animatediff_jax.checkpoints.torch_io import CheckpointError
+from flax.traverse_util import flatten_dict
 from animatediff_jax.cli import main as cli_main
 
 
@@ -41,7 +43,7 @@ def test_convert_writes_identical_params_and_configs(sd_folder, tmp_path):
     loaded = load_converted(out)
     assert (loaded.unet_config, loaded.vae_config, loaded.text_config) == (
         direct.unet_config, direct.vae_config, direct.text_config)
-    a, b = flatten(direct.params), flatten(loaded.params)
+    a, b = flatten_dict(direct.params), flatten_dict(loaded.params)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), b[k], err_msg="/".join(k))
@@ -91,7 +93,7 @@ def test_params_file_rejects_foreign_safetensors(tmp_path):
 
 
 def _tree_equal(a, b) -> bool:
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = flatten_dict(a), flatten_dict(b)
     return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
 
 
@@ -128,11 +130,12 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
         read_lora_bundle,
     )
     from animatediff_jax.checkpoints.lora_formats import load_lora, load_motion_lora
-    from animatediff_jax.checkpoints.motion import load_motion_module, save_state_dict
-    from animatediff_jax.checkpoints.sd15 import clip_shapes
+    from animatediff_jax.checkpoints.motion import load_motion_module
+    from animatediff_jax.checkpoints.torch_io import save_state_dict
+    from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import tiny_unet
-    from animatediff_jax.models.unet import param_shapes
+    from animatediff_jax.models.shapes import unet_shapes
 
     d, unet2d, kohya_file = torch_files
     base = tiny_unet(None)
@@ -150,7 +153,7 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
     out = tmp_path / "ml.safetensors"
     assert cli_main(["convert", "lora", str(d / "motion_lora.ckpt"), "--kind", "motion_lora", "--out", str(out),
                      "--base-config", str(sd_folder)]) == 0
-    shapes = param_shapes(tiny_unet("v2"))
+    shapes = unet_shapes(tiny_unet("v2"))
     ref = load_motion_lora(d / "motion_lora.ckpt", shapes)
     tree, kind, cfg = load_lora_bundle(out)
     assert kind == "motion_lora" and cfg == tiny_unet("v2") and _tree_equal(tree, ref)
@@ -165,14 +168,14 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
     assert cli_main(["convert", "lora", str(tmp_path / "kohya.safetensors"), "--kind", "lora", "--out", str(out),
                      "--base-config", str(sd_folder)]) == 0
     text_shapes = clip_shapes(CLIPTextConfig.tiny())
-    ref = load_lora(tmp_path / "kohya.safetensors", param_shapes(base), text_shapes)
+    ref = load_lora(tmp_path / "kohya.safetensors", unet_shapes(base), text_shapes)
     b = read_lora_bundle(out)
     assert b.kind == "lora" and b.text_config == CLIPTextConfig.tiny()
     assert _tree_equal(b.unet, ref.unet) and _tree_equal(b.text_encoder, ref.text_encoder)
-    lf = load_any_lora_file(out, "lora", param_shapes(base), text_shapes)
+    lf = load_any_lora_file(out, "lora", unet_shapes(base), text_shapes)
     assert _tree_equal(lf.unet, ref.unet) and _tree_equal(lf.text_encoder, ref.text_encoder)
     with pytest.raises(CheckpointError, match="text-encoder layers"):
-        load_any_lora(out, "lora", param_shapes(base))
+        load_any_lora(out, "lora", unet_shapes(base))
 
 
 def test_bundles_load_without_torch(sd_folder, torch_files, tmp_path):

@@ -34,18 +34,15 @@ from animatediff_jax.checkpoints.bundles import (
     save_motion_bundle,
 )
 from animatediff_jax.checkpoints.lora_formats import load_lora
-from animatediff_jax.checkpoints.motion import (
-    convert_unet_state_dict,
-    load_motion_module,
-    merge_motion,
-    motion_param_shapes,
-)
-from animatediff_jax.checkpoints.torch_io import flatten, unflatten
+from animatediff_jax.checkpoints.motion import load_motion_module, merge_motion
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+from animatediff_jax.models.shapes import motion_shapes
+from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.cli import main as cli
 from animatediff_jax.checkpoints.motion import position_table
 from animatediff_jax.lora import domain_adapter_targets, init_lora, lora_layers, merge, motion_lora_targets
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import param_shapes
+from animatediff_jax.models.shapes import unet_shapes
 from conftest import assert_close
 from test_lora import MOTION_ATTN, SPATIAL_ATTN, diffusers_pipeline, modules, random_factors
 from test_motion_formats import fake_original
@@ -63,7 +60,7 @@ def random_like(shapes, seed: int) -> dict:
     """Random params shaped like `shapes` (kernels ~ fan_in^-1/2, norms ~ 1, biases ~ 0.1): a trained module."""
     rng = np.random.default_rng(seed)
     out = {}
-    for path, s in flatten(shapes).items():
+    for path, s in flatten_dict(shapes).items():
         if path[-1] == "kernel":
             v = rng.standard_normal(s.shape) * np.prod(s.shape[:-1]) ** -0.5
         elif path[-1] == "scale":
@@ -71,7 +68,7 @@ def random_like(shapes, seed: int) -> dict:
         else:
             v = 0.1 * rng.standard_normal(s.shape)
         out[path] = v.astype(np.float32)
-    return unflatten(out)
+    return unflatten_dict(out)
 
 
 def adapter_state_dict(cfg, seed: int) -> dict:
@@ -188,7 +185,7 @@ def test_motion_export_loads_in_diffusers(version, tmp_path, capsys):
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
     cfg = tiny_unet(version)
-    motion = random_like(motion_param_shapes(cfg), seed={"v1": 1, "v2": 2, "v3": 3}[version])
+    motion = random_like(motion_shapes(cfg), seed={"v1": 1, "v2": 2, "v3": 3}[version])
     save_motion_bundle(tmp_path / "mm.safetensors", motion, cfg)
     for out, fmt in (("mm.ckpt", "original"), ("mm.safetensors", "original"), ("adapter", "diffusers")):
         target = tmp_path / "out" / out
@@ -304,7 +301,7 @@ def test_round_trips_bit_exact(ref_unet, tmp_path, capsys):
 
 
 def random_lora(targets, rank: int, seed: int, alpha: float | None = None) -> dict:
-    tree = jax.tree.map(np.asarray, init_lora(param_shapes(CFG), targets, rank, jax.random.key(seed)))
+    tree = jax.tree.map(np.asarray, init_lora(unet_shapes(CFG), targets, rank, jax.random.key(seed)))
     rng = np.random.default_rng(seed)
     for layer in lora_layers(tree).values():
         layer["up"] = (0.3 * rng.standard_normal(layer["up"].shape)).astype(np.float32)
@@ -357,7 +354,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
 
 def test_fp16_export_holds_rounded_params(tmp_path, capsys):
     cfg = tiny_unet("v3")
-    motion = random_like(motion_param_shapes(cfg), seed=9)
+    motion = random_like(motion_shapes(cfg), seed=9)
     save_motion_bundle(tmp_path / "mm.safetensors", motion, cfg)
     rounded = jax.tree.map(lambda v: v.astype(np.float16).astype(np.float32), motion)
     for out, fmt in (("mm16.safetensors", "original"), ("mm16.ckpt", "original"), ("ad16", "diffusers")):
@@ -371,7 +368,7 @@ def test_fp16_export_holds_rounded_params(tmp_path, capsys):
         assert all(torch.equal(v[0].float(), torch.from_numpy(position_table(32, v.shape[-1])).half().float())
                    for v in pe)
         back, _ = load_motion_module(tmp_path / out, cfg)
-        a, b = flatten(back), flatten(rounded)
+        a, b = flatten_dict(back), flatten_dict(rounded)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), out
 
     tree = random_lora(motion_lora_targets, rank=2, seed=3)
@@ -382,14 +379,14 @@ def test_fp16_export_holds_rounded_params(tmp_path, capsys):
                        "--format", fmt, "--dtype", "fp16"], capsys)
         assert rc == 0, err
         assert {v.dtype for v in torch_sd(tmp_path / out).values()} == {torch.float16}
-        back = load_lora(tmp_path / out, param_shapes(CFG)).unet
-        a, b = flatten(back), flatten(jax.tree.map(lambda v: v.astype(np.float16).astype(np.float32), tree))
+        back = load_lora(tmp_path / out, unet_shapes(CFG)).unet
+        a, b = flatten_dict(back), flatten_dict(jax.tree.map(lambda v: v.astype(np.float16).astype(np.float32), tree))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), out
 
 
 def test_missing_part_errors(ref_unet, tmp_path, capsys):
     """Asking for a part the file lacks: exit 1, one line naming what is missing and what the file holds."""
-    motion = random_like(motion_param_shapes(CFG), seed=4)
+    motion = random_like(motion_shapes(CFG), seed=4)
     save_motion_bundle(tmp_path / "mm.safetensors", motion, CFG)
     save_lora_bundle(tmp_path / "ml.safetensors", random_lora(motion_lora_targets, 2, 5), "motion_lora", CFG)
     save_lora_bundle(tmp_path / "da.safetensors", random_lora(domain_adapter_targets, 2, 6), "domain_adapter", CFG)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from animatediff_jax.checkpoints.bundles import save_motion_bundle
-from animatediff_jax.checkpoints.motion import load_motion_module, motion_param_shapes
-from animatediff_jax.checkpoints.torch_io import flatten, unflatten
+from animatediff_jax.checkpoints.motion import load_motion_module
+from animatediff_jax.models.shapes import motion_shapes
+from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.cli import main as cli
 from animatediff_jax.io.fs import atomic_file, atomic_folder
 from animatediff_jax.models.config import tiny_unet
@@ -23,8 +24,8 @@ CFG = tiny_unet("v2")
 
 def motion_file(path, seed: int) -> str:
     rng = np.random.default_rng(seed)
-    motion = unflatten({p: rng.standard_normal(s.shape).astype(np.float32)
-                        for p, s in flatten(motion_param_shapes(CFG)).items()})
+    motion = unflatten_dict({p: rng.standard_normal(s.shape).astype(np.float32)
+                        for p, s in flatten_dict(motion_shapes(CFG)).items()})
     save_motion_bundle(path, motion, CFG)
     return str(path)
 

@@ -318,7 +318,7 @@ def test_rotation_never_deletes_the_last_intact_checkpoint(tmp_path, straight, c
 def test_prepare_with_nothing_readable_is_an_error(tmp_path, capfd):
     """`prepare` over a CSV whose videos are all missing: one line, rc 2, not an empty cache and rc 0."""
     from animatediff_jax.cli import main as cli
-    from animatediff_jax.sample import write_tiny_models
+    from animatediff_jax.testing.tiny import write_tiny_models
 
     paths = write_tiny_models(str(tmp_path / "models"))
     csv_path = tmp_path / "webvid.csv"
@@ -333,7 +333,7 @@ def test_prepare_with_nothing_readable_is_an_error(tmp_path, capfd):
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
-    from animatediff_jax.sample import write_tiny_models
+    from animatediff_jax.testing.tiny import write_tiny_models
 
     return write_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
 

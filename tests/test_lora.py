@@ -27,8 +27,10 @@ from animatediff_jax.checkpoints.lora_formats import (
     save_lora_kohya,
     save_lora_original,
 )
-from animatediff_jax.checkpoints.motion import convert_unet_state_dict, save_state_dict
-from animatediff_jax.checkpoints.torch_io import CheckpointError, flatten, load_state_dict, torch_module_path
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+from animatediff_jax.checkpoints.torch_io import save_state_dict
+from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict, torch_module_path
+from flax.traverse_util import flatten_dict
 from animatediff_jax.lora import (
     domain_adapter_targets,
     init_lora,
@@ -38,7 +40,8 @@ from animatediff_jax.lora import (
     motion_lora_targets,
 )
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.shapes import unet_shapes
 from conftest import assert_close
 from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, unet2d_kwargs
 
@@ -139,7 +142,7 @@ def original_file(factors) -> dict[str, torch.Tensor]:
 
 
 def assert_trees_equal(a, b):
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = flatten_dict(a), flatten_dict(b)
     assert fa.keys() == fb.keys(), set(fa) ^ set(fb)
     for k in fa:
         assert np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])), "/".join(k)
@@ -150,7 +153,7 @@ def assert_trees_equal(a, b):
 
 def test_init_lora_targets_and_identity(ref_unet):
     """init_lora selects exactly the torch attention projections; up=0 leaves the weights unchanged."""
-    shapes = param_shapes(CFG)
+    shapes = unet_shapes(CFG)
     for targets, pattern in ((motion_lora_targets, MOTION_ATTN), (domain_adapter_targets, SPATIAL_ATTN)):
         tree = init_lora(shapes, targets, 4, jax.random.key(0))
         expected = {torch_module_path(n + ".weight")[0] for n in modules(ref_unet, pattern)}
@@ -166,7 +169,7 @@ def test_motion_lora_original_runtime_and_merged(ref_unet, tmp_path):
     """Original MotionLoRA .ckpt; scale traced inside jit (no recompile) == merged outside == torch."""
     factors = random_factors(modules(ref_unet, MOTION_ATTN), rank=2, seed=1)
     torch.save({"state_dict": original_file(factors)}, tmp_path / "v2_lora_ZoomIn.ckpt")
-    shapes = param_shapes(CFG)
+    shapes = unet_shapes(CFG)
     tree = load_motion_lora(tmp_path / "v2_lora_ZoomIn.ckpt", shapes)
     params = convert_unet_state_dict(ref_unet.state_dict(), CFG)
     x, t, ctx = inputs()
@@ -214,7 +217,7 @@ def test_motion_lora_diffusers_formats(ref_unet, tmp_path):
     save_state_dict(tmp_path / "peft.safetensors", {k: v.numpy() for k, v in peft.items()}, header)
     save_state_dict(tmp_path / "old.safetensors", {k: v.numpy() for k, v in old.items()})
 
-    shapes = param_shapes(CFG)
+    shapes = unet_shapes(CFG)
     params = convert_unet_state_dict(ref_unet.state_dict(), CFG)
     x, t, ctx = inputs()
     peft_tree = load_motion_lora(tmp_path / "peft.safetensors", shapes)
@@ -249,14 +252,14 @@ def test_domain_adapter(ref_unet, tmp_path):
     """v3 domain adapter (spatial attn1/attn2, original naming, `animatediff_config` entry) at alpha 0.5."""
     factors = random_factors(modules(ref_unet, SPATIAL_ATTN), rank=4, seed=7)
     torch.save({"state_dict": original_file(factors), "animatediff_config": {"rank": 4}}, tmp_path / "adapter.ckpt")
-    tree = load_domain_adapter(tmp_path / "adapter.ckpt", param_shapes(CFG))
+    tree = load_domain_adapter(tmp_path / "adapter.ckpt", unet_shapes(CFG))
     params = convert_unet_state_dict(ref_unet.state_dict(), CFG)
     x, t, ctx = inputs()
     ref = run_torch(merged_torch(ref_unet, factors, 0.5), x, t, ctx)
     err = assert_close(run_ours(merge(params, tree, 0.5), x, t, ctx), ref, what="domain adapter 0.5")
     print(f"domain adapter at 0.5: max abs err {err:.2e}")
     with pytest.raises(CheckpointError, match="not a MotionLoRA"):
-        load_motion_lora(tmp_path / "adapter.ckpt", param_shapes(CFG))
+        load_motion_lora(tmp_path / "adapter.ckpt", unet_shapes(CFG))
 
 
 # ----------------------------------------------------------------- kohya
@@ -295,8 +298,9 @@ def test_kohya(tmp_path):
     from transformers import CLIPTextConfig as HFConfig
     from transformers import CLIPTextModel as HFModel
 
-    from animatediff_jax.checkpoints.sd15 import clip_shapes
-    from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, convert_clip_text
+    from animatediff_jax.models.shapes import clip_shapes
+    from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from animatediff_jax.checkpoints.sd15 import convert_clip_text
 
     base_cfg = tiny_unet(None)
     unet2d = randomize(UNet2DConditionModel(**unet2d_kwargs(base_cfg)), seed=31)
@@ -310,7 +314,7 @@ def test_kohya(tmp_path):
 
     uparams = convert_unet_state_dict(unet2d.state_dict(), base_cfg)
     tparams = convert_clip_text({k: v.numpy() for k, v in clip.state_dict().items()}, clip_shapes(tcfg))
-    lf = load_lora(tmp_path / "lora.safetensors", param_shapes(base_cfg), clip_shapes(tcfg))
+    lf = load_lora(tmp_path / "lora.safetensors", unet_shapes(base_cfg), clip_shapes(tcfg))
     assert lf.format == "kohya"
 
     g = torch.Generator().manual_seed(5)
@@ -345,7 +349,7 @@ def test_kohya(tmp_path):
 
     sd1, _ = kohya_file(unet2d, clip, alphas=(1.5,))
     save_state_dict(tmp_path / "one_alpha.safetensors", {k: v.numpy() for k, v in sd1.items()})
-    lf = load_lora(tmp_path / "one_alpha.safetensors", param_shapes(base_cfg), clip_shapes(tcfg))
+    lf = load_lora(tmp_path / "one_alpha.safetensors", unet_shapes(base_cfg), clip_shapes(tcfg))
     pipe = StableDiffusionPipeline(
         vae=None,
         text_encoder=copy.deepcopy(clip),
@@ -366,7 +370,7 @@ def test_kohya(tmp_path):
     # Round trip file -> tree -> file, bit for bit (fp16 file, as most are shipped).
     half = {k: v.numpy().astype(np.float16) for k, v in sd.items()}
     save_state_dict(tmp_path / "half.safetensors", half)
-    lf16 = load_lora(tmp_path / "half.safetensors", param_shapes(base_cfg), clip_shapes(tcfg))
+    lf16 = load_lora(tmp_path / "half.safetensors", unet_shapes(base_cfg), clip_shapes(tcfg))
     save_lora_kohya(tmp_path / "back.safetensors", lf16.unet, lf16.text_encoder, dtype=np.float16)
     back = load_state_dict(tmp_path / "back.safetensors")
     assert back.keys() == half.keys()
@@ -378,7 +382,7 @@ def test_kohya(tmp_path):
 
 def rich_tree():
     """A LoRA tree with motion + spatial attention layers, a 1x1 proj_in and a 3x3 conv, random `up`s."""
-    shapes = param_shapes(CFG)
+    shapes = unet_shapes(CFG)
     targets = lambda p: motion_lora_targets(p) or domain_adapter_targets(p)
     tree = init_lora(shapes, targets, 3, jax.random.key(1))
     convs = {("down_blocks_0", "attentions_0", "proj_in"), ("down_blocks_0", "resnets_0", "conv1")}
@@ -392,7 +396,7 @@ def rich_tree():
 
 def test_round_trips(ref_unet, tmp_path):
     """tree -> file -> tree is bit-exact for the three writers (alphas, conv layouts, text encoder)."""
-    shapes = param_shapes(CFG)
+    shapes = unet_shapes(CFG)
     tree = rich_tree()
     attn = jax.tree.map(lambda v: v, tree)
     attn["down_blocks_0"].pop("resnets_0")
@@ -404,7 +408,7 @@ def test_round_trips(ref_unet, tmp_path):
     keys = load_state_dict(tmp_path / "orig.ckpt")
     assert any(".temporal_transformer." in k and "attention_blocks.1.processor.to_out_lora.up" in k for k in keys)
 
-    from animatediff_jax.checkpoints.sd15 import clip_shapes
+    from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.models.clip_text import CLIPTextConfig
 
     text_shapes = clip_shapes(CLIPTextConfig.tiny())
@@ -429,7 +433,7 @@ def test_round_trips(ref_unet, tmp_path):
 
 def test_errors(ref_unet, tmp_path):
     """Unknown / unmatched keys, missing factors, wrong shapes, wrong kind, truncated: CheckpointError."""
-    shapes = param_shapes(CFG)
+    shapes = unet_shapes(CFG)
     good = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     d, u = np.zeros((2, 32), np.float32), np.zeros((32, 2), np.float32)
 

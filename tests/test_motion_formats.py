@@ -18,19 +18,20 @@ import pytest
 import torch
 
 from animatediff_jax.checkpoints.motion import (
-    convert_unet_state_dict,
     detect_motion_version,
     diffusers_to_original_key,
     load_motion_module,
     merge_motion,
-    motion_subtree,
     original_to_diffusers_key,
     save_motion_adapter,
     save_motion_module_original,
 )
-from animatediff_jax.checkpoints.torch_io import CheckpointError, flatten, load_state_dict
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+from animatediff_jax.models.shapes import motion_subtree
+from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict
+from flax.traverse_util import flatten_dict
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import param_shapes
+from animatediff_jax.models.shapes import unet_shapes
 from conftest import assert_close
 from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, torch_motion_unet
 
@@ -81,7 +82,7 @@ def inputs(cfg):
 
 
 def assert_trees_equal(a, b):
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = flatten_dict(a), flatten_dict(b)
     assert fa.keys() == fb.keys()
     for k in fa:
         assert np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])), "/".join(k)
@@ -245,7 +246,7 @@ def test_errors(v2_motion, tmp_path):
     assert "down_blocks.0.motion_modules.0.proj_in.weight (32, 31)" in msg
 
     wide = tiny_unet("v2", block_out_channels=(64, 128))
-    wide_motion = motion_subtree(param_shapes(wide))
+    wide_motion = motion_subtree(unet_shapes(wide))
     base = convert_unet_state_dict(split(torch_motion_unet(cfg))[0], BASE)
     with pytest.raises(CheckpointError, match=r"different base model: down_blocks_0/motion_modules_0 has 64 channels"):
         merge_motion(base, wide_motion, cfg)

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from animatediff_jax import parallel
     if nproc > 1:
         assert parallel.maybe_initialize_distributed("auto", f"localhost:{port}", nproc, pid)
-    from animatediff_jax.checkpoints.torch_io import flatten
+    from flax.traverse_util import flatten_dict
     from animatediff_jax.training import base_config, build_trainer, load_models
     from animatediff_jax.training.checkpointing import Checkpointer
     from animatediff_jax.training.config import tiny_overrides
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
     rows = parallel.process_rows(trainer.batch_sharding({"latents": batch["latents"]})["latents"], 8)
     local = {k: v[rows] for k, v in batch.items()}
     losses = [float(trainer.train_step(trainer.put_batch(local))["loss"]) for _ in range(2)]
-    params = {"/".join(k): v for k, v in flatten(parallel.fetch(trainer.state.params)).items()}
+    params = {"/".join(k): v for k, v in flatten_dict(parallel.fetch(trainer.state.params)).items()}
 
     ck = Checkpointer(ckdir, every=1, async_save=True)
     ck.save(2, trainer.state, {"process": pid, "rows": [rows.start, rows.stop]}, force=True)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from animatediff_jax.checkpoints.motion import convert_unet_state_dict
-from animatediff_jax.checkpoints.torch_io import flatten
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+from flax.traverse_util import flatten_dict
 from animatediff_jax.models.config import sd15_unet
 from animatediff_jax.models.unet import UNet3D
 from conftest import assert_close
@@ -35,7 +35,7 @@ def test_sd15_v2_real_architecture():
     del tm
     gc.collect()
 
-    motion_ours = sum(v.size for k, v in flatten(params).items() if any("motion_modules" in p for p in k))
+    motion_ours = sum(v.size for k, v in flatten_dict(params).items() if any("motion_modules" in p for p in k))
     assert motion_ours == motion_torch
     assert 450e6 < motion_ours < 456e6, motion_ours  # "453M" in the AnimateDiff v2 release
 

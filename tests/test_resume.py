@@ -13,7 +13,7 @@ import pytest
 
 from animatediff_jax import parallel
 from animatediff_jax.checkpoints.params_io import load_params
-from animatediff_jax.checkpoints.torch_io import flatten
+from flax.traverse_util import flatten_dict
 from animatediff_jax.train import main, parse_config
 from animatediff_jax.training import build_trainer, train
 from animatediff_jax.training.checkpointing import Checkpointer
@@ -55,7 +55,7 @@ def assert_same_run(straight, resumed, config, steps: int) -> None:
     test_fault_tolerance for runs stopped by SIGTERM or resumed past a damaged checkpoint.)"""
     a, meta_a = load_params(os.path.join(straight, "motion_module.safetensors"))
     b, meta_b = load_params(os.path.join(resumed, "motion_module.safetensors"))
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = flatten_dict(a), flatten_dict(b)
     assert set(fa) == set(fb) and len(fa) > 10
     for k in fa:
         assert np.array_equal(fa[k], fb[k]), f"{'/'.join(k)}: max diff {np.abs(fa[k] - fb[k]).max()}"

@@ -28,7 +28,7 @@ from animatediff_jax.checkpoints.lora_formats import (
 )
 from animatediff_jax.checkpoints.motion import load_motion_module, merge_motion
 from animatediff_jax.checkpoints.sd15 import load_sd15
-from animatediff_jax.checkpoints.torch_io import flatten
+from flax.traverse_util import flatten_dict
 from animatediff_jax.io.video import read_video, write_gif
 from animatediff_jax.lora import lora_layers, merge
 from animatediff_jax.sampling import AnimationPipeline, generate, make_mesh
@@ -49,7 +49,7 @@ def spec(models) -> str:
 
 
 def assert_same_tree(got, want, what):
-    g, w = flatten(got), flatten(want)
+    g, w = flatten_dict(got), flatten_dict(want)
     assert set(g) == set(w), f"{what}: {sorted(set(g) ^ set(w))[:4]}"
     for k in w:
         np.testing.assert_array_equal(np.asarray(g[k]), np.asarray(w[k]), err_msg=f"{what} {'/'.join(k)}")
@@ -191,9 +191,9 @@ def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
     assert_same_tree(pipe.params["vae"], base.params["vae"], "VAE")
     # The scales are the config's: the two MotionLoRAs' deltas at 1.0 and 0.5 (numpy, not merge).
     path = next(iter(lora_layers(zoom)))
-    got = np.asarray(flatten(pipe.params["unet"])[path + ("kernel",)]) - np.asarray(flatten(before)[path + ("kernel",)])
-    dz = flatten(zoom)[path + ("down",)] @ flatten(zoom)[path + ("up",)]
-    dp = flatten(pan)[path + ("down",)] @ flatten(pan)[path + ("up",)]
+    got = np.asarray(flatten_dict(pipe.params["unet"])[path + ("kernel",)]) - np.asarray(flatten_dict(before)[path + ("kernel",)])
+    dz = flatten_dict(zoom)[path + ("down",)] @ flatten_dict(zoom)[path + ("up",)]
+    dp = flatten_dict(pan)[path + ("down",)] @ flatten_dict(pan)[path + ("up",)]
     err = assert_close(got, 1.0 * dz + 0.5 * dp, rtol=1e-5, atol=1e-6, what="MotionLoRA deltas")
     print(f"MotionLoRA delta max abs err {err:.2e}")
 
@@ -211,11 +211,9 @@ def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
     from diffusers import UNet2DConditionModel
     from ldm_fixture import diffusers_to_ldm
 
-    from animatediff_jax.checkpoints.motion import (
-        convert_unet_state_dict,
-        save_state_dict,
-    )
-    from animatediff_jax.parity import randomize
+    from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+    from animatediff_jax.checkpoints.torch_io import save_state_dict
+    from animatediff_jax.testing.parity import randomize
 
     spatial = base.unet_config
     torch_unet = randomize(UNet2DConditionModel(**spatial.to_diffusers()), seed=42)
@@ -241,16 +239,14 @@ def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
 
 def _other_motion_module(folder: str) -> str:
     """A v2 motion module made for other UNet channels (16/32 instead of 32/64)."""
-    from animatediff_jax.checkpoints.motion import (
-        motion_param_shapes,
-        save_motion_module_original,
-    )
+    from animatediff_jax.checkpoints.motion import save_motion_module_original
+    from animatediff_jax.models.shapes import motion_shapes
     from animatediff_jax.models.config import tiny_unet
 
     path = os.path.join(folder, "mm_other.safetensors")
     if not os.path.exists(path):
         cfg = tiny_unet("v2", block_out_channels=(16, 32), cross_attention_dim=32)
-        save_motion_module_original(path, S.random_params(motion_param_shapes(cfg), 0), cfg)
+        save_motion_module_original(path, S.random_params(motion_shapes(cfg), 0), cfg)
     return path
 
 

@@ -20,7 +20,7 @@ from conftest import assert_close
 
 from animatediff_jax import parity
 from animatediff_jax import schedulers as S
-from animatediff_jax.checkpoints.motion import convert_unet_state_dict
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.vae import decode_video
 from animatediff_jax.sampling import (
@@ -212,11 +212,12 @@ CHILD = textwrap.dedent(
     jax.config.update("jax_default_matmul_precision", "highest")
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import MotionConfig, UNetConfig
-    from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
-    from animatediff_jax.models.unet import param_shapes
+    from animatediff_jax.models.shapes import clip_shapes, vae_shapes
+    from animatediff_jax.models.shapes import unet_shapes
     from animatediff_jax.models.vae import VAEConfig
     from animatediff_jax.sampling import AnimationPipeline, generate, make_mesh
-    from animatediff_jax.text import Tokenizer, write_tiny_tokenizer
+    from animatediff_jax.text import Tokenizer
+    from animatediff_jax.testing.tiny import write_tiny_tokenizer
 
     assert jax.device_count() == 8, jax.devices()
     text_cfg, vae_cfg = CLIPTextConfig.tiny(), VAEConfig.tiny()
@@ -230,7 +231,7 @@ CHILD = textwrap.dedent(
             fan_in = int(np.prod(s.shape[:-1])) if name == "kernel" else 10
             return rng.standard_normal(s.shape, np.float32) / np.sqrt(fan_in)
         return jax.tree_util.tree_map_with_path(leaf, shapes)
-    params = dict(unet=rand(param_shapes(cfg)), vae=rand(vae_shapes(vae_cfg)), text_encoder=rand(clip_shapes(text_cfg)))
+    params = dict(unet=rand(unet_shapes(cfg)), vae=rand(vae_shapes(vae_cfg)), text_encoder=rand(clip_shapes(text_cfg)))
     tok = tempfile.mkdtemp()
     write_tiny_tokenizer(tok)
     pipe = AnimationPipeline(cfg, vae_cfg, text_cfg, params, Tokenizer(tok))

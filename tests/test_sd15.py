@@ -20,20 +20,15 @@ from conftest import assert_close
 from ldm_fixture import CLIP, UNET, VAE, diffusers_to_ldm
 from torch_refs import randomize, unet2d_kwargs
 
-from animatediff_jax.checkpoints.motion import convert_unet_state_dict
-from animatediff_jax.checkpoints.sd15 import (
-    SD15,
-    clip_shapes,
-    ldm_to_diffusers,
-    load_diffusers_folder,
-    load_sd15,
-    load_single_file,
-    vae_shapes,
-)
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+from animatediff_jax.checkpoints.sd15 import SD15, ldm_to_diffusers, load_diffusers_folder, load_sd15, load_single_file
+from animatediff_jax.models.shapes import clip_shapes, vae_shapes
 from animatediff_jax.checkpoints.torch_io import CheckpointError, torch_to_flax
-from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, convert_clip_text
+from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from animatediff_jax.checkpoints.sd15 import convert_clip_text
 from animatediff_jax.models.config import UNetConfig, sd15_unet, tiny_unet
-from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.shapes import unet_shapes
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 
 UCFG, VCFG, TCFG = tiny_unet(None), VAEConfig.tiny(), CLIPTextConfig.tiny()
@@ -252,9 +247,10 @@ def test_sd15_size_layout_is_the_compvis_one():
         assert set(got) == set(want)
         assert all(tuple(got[k].shape) == tuple(want[k].shape) for k in want)
     # Every converted UNet key has a param of ours; SD1.5's 1x1-conv proj_in/proj_out become Dense kernels.
-    from animatediff_jax.checkpoints.torch_io import flatten, torch_module_path
+    from animatediff_jax.checkpoints.torch_io import torch_module_path
+    from flax.traverse_util import flatten_dict
 
-    ours = flatten(param_shapes(ucfg))
+    ours = flatten_dict(unet_shapes(ucfg))
     for k, v in unet_back.items():
         mod, leaf = torch_module_path(k)
         flax_leaf = {"weight": ("kernel", "scale", "embedding")}.get(leaf, (leaf,))
@@ -265,7 +261,7 @@ def test_sd15_size_layout_is_the_compvis_one():
     assert len(unet_back) == len(ours)
     w = np.random.default_rng(0).standard_normal((320, 320, 1, 1)).astype(np.float32)
     key = "down_blocks.0.attentions.0.proj_in.weight"
-    got = torch_to_flax({key: w}, param_shapes(ucfg), strict=False)
+    got = torch_to_flax({key: w}, unet_shapes(ucfg), strict=False)
     np.testing.assert_array_equal(got["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"], w[:, :, 0, 0].T)
 
 

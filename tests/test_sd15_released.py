@@ -242,7 +242,7 @@ def test_readme_convert_example_on_a_published_folder(tmp_path, capsys):
     src = tmp_path / "stable-diffusion-v1-5"
     write_released_folder(src, vae, clip, vae_old=True, prefix=True, position_ids=True, files="fp16.safetensors")
     (src / "tokenizer").mkdir()
-    from animatediff_jax.text import write_tiny_tokenizer
+    from animatediff_jax.testing.tiny import write_tiny_tokenizer
 
     write_tiny_tokenizer(str(src / "tokenizer"))
     rc = cli.main(["convert", "sd15", str(src), "--out", str(tmp_path / "sd15")])

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from animatediff_jax import parallel
-    from animatediff_jax.checkpoints.torch_io import flatten
+    from flax.traverse_util import flatten_dict
     from animatediff_jax.training import base_config, build_trainer, load_models
     from animatediff_jax.training.config import tiny_overrides
 
@@ -47,8 +47,8 @@ SCRIPT = textwrap.dedent(
         mesh = parallel.make_mesh(mesh_shape, devices)
         tr = build_trainer(c, load_models(c), mesh)
         losses = [float(tr.train_step(tr.put_batch(batch))["loss"]) for _ in range(2)]
-        params = flatten(parallel.fetch(tr.state.params))
-        mu = flatten(parallel.fetch(tr.state.opt_state[1][0].mu))
+        params = flatten_dict(parallel.fetch(tr.state.params))
+        mu = flatten_dict(parallel.fetch(tr.state.opt_state[1][0].mu))
         specs = [str(x.sharding.spec) for x in jax.tree.leaves(tr.state.params)]
         big = max(jax.tree.leaves(tr.state.params), key=lambda x: x.size)
         info = dict(losses=losses,

@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 
 from animatediff_jax import lora
-from animatediff_jax.checkpoints.torch_io import flatten, unflatten
+from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.models.attention import AttentionError
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.shapes import unet_shapes
 from animatediff_jax.training import base_config, build_trainer, load_models, stages
 from animatediff_jax.training.config import tiny_overrides
-from animatediff_jax.training.loop import fast_random_params
+from animatediff_jax.testing.tiny import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,15 +82,15 @@ def test_stage_configs_and_frozen_dtype_applies_to_frozen_weights_only():
     c.model.vae = True  # frozen VAE too
     c.parallel.frozen_dtype = "bfloat16"
     models = load_models(c)
-    base = flatten(jax.tree.map(np.asarray, models.unet))
-    vae = flatten(jax.tree.map(np.asarray, models.vae))
+    base = flatten_dict(jax.tree.map(np.asarray, models.unet))
+    vae = flatten_dict(jax.tree.map(np.asarray, models.vae))
     tr = build_trainer(c, models)
-    frozen = flatten(jax.tree.map(np.asarray, tr.frozen["unet"]))
-    trainable = flatten(jax.tree.map(np.asarray, tr.state.params))
+    frozen = flatten_dict(jax.tree.map(np.asarray, tr.frozen["unet"]))
+    trainable = flatten_dict(jax.tree.map(np.asarray, tr.state.params))
     assert frozen and set(frozen) | set(trainable) == set(base) and not set(frozen) & set(trainable)
     for k, v in frozen.items():  # the frozen base: bf16, equal to the rounded fp32 weights
         assert v.dtype == jnp.bfloat16 and np.array_equal(v, base[k].astype(jnp.bfloat16)), k
-    for k, v in flatten(jax.tree.map(np.asarray, tr.frozen["vae"])).items():
+    for k, v in flatten_dict(jax.tree.map(np.asarray, tr.frozen["vae"])).items():
         assert v.dtype == jnp.bfloat16 and np.array_equal(v, vae[k].astype(jnp.bfloat16)), k
     for k, v in trainable.items():  # the motion modules: float32, bit-identical to the loaded ones
         assert v.dtype == np.float32 and np.array_equal(v, base[k]), k
@@ -112,14 +113,14 @@ SCALE = 0.8
 
 def _lora_setup(targets, motion: bool, up_std: float = 0.05):
     cfg = CFG if motion else CFG.replace(motion=None)
-    params = fast_random_params(param_shapes(cfg), 0)
+    params = random_params(unet_shapes(cfg), 0, like_init=True)
     if motion:  # fresh motion modules end in a zero proj_out: stand in for trained ones
-        flat = flatten(params)
+        flat = flatten_dict(params)
         rng = np.random.default_rng(0)
         for k in flat:
             if stages.is_motion_module(k) and k[-2:] == ("proj_out", "kernel"):
                 flat[k] = 0.1 * rng.standard_normal(flat[k].shape).astype(np.float32)
-        params = unflatten(flat)
+        params = unflatten_dict(flat)
     tree = lora.init_lora(params, targets, 4, jax.random.key(1))
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -173,7 +174,7 @@ def test_runtime_lora_equals_merged_fp32(stage):
     # The trainer's path (stages.apply_unet) is the run-time one, and combine() is the merged one.
     out_s = jax.jit(lambda p, l: stages.apply_unet(st, UNet3D(cfg), l, p, SCALE, X, T, CTX))(params, tree)
     assert float(jnp.abs(out_s - out_r).max()) == 0.0
-    combined, merged_params = flatten(stages.combine(st, tree, params, SCALE)), flatten(lora.merge(params, tree, SCALE))
+    combined, merged_params = flatten_dict(stages.combine(st, tree, params, SCALE)), flatten_dict(lora.merge(params, tree, SCALE))
     assert set(combined) == set(merged_params)
     assert all(np.array_equal(np.asarray(combined[k]), np.asarray(merged_params[k])) for k in combined)
 
@@ -218,7 +219,7 @@ def test_runtime_lora_rejects_misfits():
         with lora.at_runtime(bad):
             jax.eval_shape(lambda p: unet.apply({"params": p}, X, T, CTX), params)
     (path, layer), *_ = lora.lora_layers(tree).items()
-    wrong = unflatten({path + ("down",): np.zeros((3, 4), np.float32), path + ("up",): np.zeros((4, 5), np.float32)})
+    wrong = unflatten_dict({path + ("down",): np.zeros((3, 4), np.float32), path + ("up",): np.zeros((4, 5), np.float32)})
     with pytest.raises(ValueError, match="does not fit"):
         with lora.at_runtime(wrong):
             jax.eval_shape(lambda p: unet.apply({"params": p}, X, T, CTX), params)
@@ -231,7 +232,7 @@ FSDP_SCRIPT = textwrap.dedent(
     import glob, json, re, sys
     import jax, numpy as np
     from animatediff_jax import parallel
-    from animatediff_jax.checkpoints.torch_io import flatten
+    from flax.traverse_util import flatten_dict
     from animatediff_jax.training import base_config, build_trainer, load_models
     from animatediff_jax.training.config import tiny_overrides
 
@@ -273,7 +274,7 @@ FSDP_SCRIPT = textwrap.dedent(
     # Sharded leaves (count, bf16 bytes): all; inside remat blocks; in the two blocks upstream of
     # the first motion module (down_blocks_0's resnet and attention: no gradient flows through them).
     block = re.compile(r"^(resnets|attentions|motion_modules)_[0-9]+$")
-    leaves = {**flatten(tr.frozen["unet"]), **flatten(tr.state.params)}
+    leaves = {**flatten_dict(tr.frozen["unet"]), **flatten_dict(tr.state.params)}
     count = {"all": [0, 0], "blocks": [0, 0], "upstream": [0, 0]}
     for k, v in leaves.items():
         if "fsdp" not in str(v.sharding.spec):

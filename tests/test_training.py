@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_close
 
 from animatediff_jax import parallel
-from animatediff_jax.checkpoints.torch_io import flatten, unflatten
+from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.lora import lora_layers
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod
 from animatediff_jax.training import base_config, build_trainer, load_models, stages
@@ -66,11 +66,11 @@ def trained(request):
         # Fresh motion modules end in a zero proj_out (no gradient reaches their attention):
         # stand in for trained ones.
         rng = np.random.default_rng(0)
-        flat = flatten(models.unet)
+        flat = flatten_dict(models.unet)
         for k in flat:
             if stages.is_motion_module(k) and k[-2:] == ("proj_out", "kernel"):
                 flat[k] = 0.1 * rng.standard_normal(flat[k].shape).astype(np.float32)
-        models.unet = unflatten(flat)
+        models.unet = unflatten_dict(flat)
     base = jax.tree.map(np.array, models.unet)
     trainer = build_trainer(config, models)
     init_trainable = host(trainer.state.params)
@@ -92,16 +92,16 @@ def test_loss_goes_down(trained):
 def test_frozen_params_bit_identical(trained):
     trainer, base, stage = trained["trainer"], trained["base"], trained["trainer"].stage
     trainable = host(trainer.state.params)
-    full = flatten(host(trainer.full_params()))
-    base_flat = flatten(base)
+    full = flatten_dict(host(trainer.full_params()))
+    base_flat = flatten_dict(base)
     assert set(full) == set(base_flat)
     if stage.kind == "lora":
         changed = {path + ("kernel",) for path in lora_layers(trainable)}
         assert changed and all(stage.targets(k[:-1]) for k in changed)
         # The frozen tree itself is the base, untouched.
-        assert all(np.array_equal(a, base_flat[k]) for k, a in flatten(host(trainer.frozen["unet"])).items())
+        assert all(np.array_equal(a, base_flat[k]) for k, a in flatten_dict(host(trainer.frozen["unet"])).items())
     else:
-        changed = set(flatten(trainable))
+        changed = set(flatten_dict(trainable))
         assert changed and all(stages.is_motion_module(k) for k in changed)
     n_same = 0
     for k, v in full.items():
@@ -201,7 +201,7 @@ def test_stage_wiring(tmp_path):
 
     c1 = tiny_config("domain_adapter")
     m1 = load_models(c1)
-    assert m1.unet_config.motion is None and not any(stages.is_motion_module(k) for k in flatten(m1.unet))
+    assert m1.unet_config.motion is None and not any(stages.is_motion_module(k) for k in flatten_dict(m1.unet))
     adapter = lora.init_lora(m1.unet, lora.domain_adapter_targets, 2, jax.random.key(0))
     adapter = jax.tree.map(lambda x: np.asarray(x) + 0.01, adapter)  # non-zero `up`
     export_trainable(tmp_path / "adapter.safetensors", adapter, {"kind": "lora"})
@@ -213,14 +213,14 @@ def test_stage_wiring(tmp_path):
     assert m2.unet_config.motion is not None and set(m2.attached) == {"domain_adapter"}
     trainable, frozen = stages.init_stage(stages.get_stage("motion_module"), m2.unet, jax.random.key(0),
                                           attached=m2.attached)
-    expected = flatten(lora.merge(stages.partition(m2.unet, stages.is_motion_module)[1], adapter, 0.7))
-    got = flatten(frozen)
+    expected = flatten_dict(lora.merge(stages.partition(m2.unet, stages.is_motion_module)[1], adapter, 0.7))
+    got = flatten_dict(frozen)
     assert set(got) == set(expected)
     assert all(np.array_equal(np.asarray(got[k]), np.asarray(expected[k])) for k in got)
-    base = flatten(m1.unet)
+    base = flatten_dict(m1.unet)
     n_adapted = sum(not np.array_equal(np.asarray(got[k]), base[k]) for k in got)
     assert n_adapted == len(lora.lora_layers(adapter)) > 0
-    assert set(flatten(trainable)) == {k for k in flatten(m2.unet) if stages.is_motion_module(k)}
+    assert set(flatten_dict(trainable)) == {k for k in flatten_dict(m2.unet) if stages.is_motion_module(k)}
     motion = jax.tree.map(lambda x: np.asarray(x) + 0.5, trainable)  # "trained" motion modules
     export_trainable(tmp_path / "motion.safetensors", motion, {"kind": "motion_module"})
 
@@ -228,7 +228,7 @@ def test_stage_wiring(tmp_path):
     c3.model.motion_module = str(tmp_path / "motion.safetensors")
     m3 = load_models(c3)
     trainable3, frozen3 = stages.init_stage(stages.get_stage("motion_lora"), m3.unet, jax.random.key(0), lora_rank=2)
-    f3, fm = flatten(frozen3), flatten(motion)
+    f3, fm = flatten_dict(frozen3), flatten_dict(motion)
     assert all(np.array_equal(f3[k], fm[k]) for k in fm)
     layers = lora.lora_layers(trainable3)
     assert layers and all(stages.is_motion_module(p) and p[-2] in ("attn1", "attn2") for p in layers)

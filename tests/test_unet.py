@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from animatediff_jax.checkpoints.motion import convert_unet_state_dict
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.unet import UNet3D
 from conftest import assert_close

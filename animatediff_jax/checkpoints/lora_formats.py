@@ -23,7 +23,6 @@ else raises `CheckpointError` naming the file, the format and the keys.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 import re
@@ -31,12 +30,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from animatediff_jax.checkpoints.motion import (
-    diffusers_to_original_key,
-    is_motion_path,
-    original_to_diffusers_key,
-    save_state_dict,
-)
+from animatediff_jax.checkpoints.motion import diffusers_to_original_key, original_to_diffusers_key
+from animatediff_jax.models.shapes import is_motion_path
+from animatediff_jax.checkpoints.torch_io import save_state_dict
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     StateDict,
@@ -44,23 +40,14 @@ from animatediff_jax.checkpoints.torch_io import (
     flax_to_torch_name,
     load_state_dict,
     torch_module_path,
-    unflatten,
 )
+from flax.traverse_util import unflatten_dict
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
 
 Path = tuple[str, ...]
 ANIMATEDIFF, DIFFUSERS, KOHYA = "original AnimateDiff", "diffusers", "kohya"
 _ATTN_OUT = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out_0": "to_out"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry for LoraConfig kwargs
-
-
-@dataclasses.dataclass
-class LoraFile:
-    """A LoRA file's layers for the UNet and the text encoder, and the naming it used."""
-
-    unet: LoraTree
-    text_encoder: LoraTree
-    format: str
 
 
 def sd15_conv1x1(path: Path) -> bool:
@@ -152,7 +139,7 @@ class _Builder:
         self.parts[(component, path)][part] = value
         self.keys[(component, path)].append(key)
 
-    def build(self, alphas: Callable[[str, Path], float | None] | None = None) -> LoraFile:
+    def build(self, alphas: Callable[[str, Path], float | None] | None = None) -> tuple[LoraTree, LoraTree, str]:
         what = f"{self.path} ({self.fmt} LoRA)"
         lines = []
         if self.unknown:
@@ -183,7 +170,7 @@ class _Builder:
             raise CheckpointError("\n".join([f"{what} does not fit the model:"] + lines))
         if not trees["unet"] and not trees["text_encoder"]:
             raise CheckpointError(f"{what}: no LoRA layers in the file")
-        return LoraFile(unflatten(trees["unet"]), unflatten(trees["text_encoder"]), self.fmt)
+        return unflatten_dict(trees["unet"]), unflatten_dict(trees["text_encoder"]), self.fmt
 
 
 def _detect_format(sd: Mapping[str, Any], path: str) -> str:
@@ -299,15 +286,15 @@ def _metadata_alphas(meta: Mapping[str, str], path: str) -> Callable[[str, Path]
     return alpha
 
 
-def load_lora(
+def read_lora_file(
     path: str | os.PathLike,
     unet_target: Mapping[str, Any] | None,
     text_target: Mapping[str, Any] | None = None,
-) -> LoraFile:
-    """Reads a LoRA file of any of the three namings (detected from its keys) into LoRA trees.
-
-    `unet_target` / `text_target` are the models' params (arrays or `ShapeDtypeStruct`s):
-    every layer of the file must name one of their kernels, with fitting shapes.
+) -> tuple[LoraTree, LoraTree, str]:
+    """`(unet, text_encoder, naming)` LoRA trees of a file of any of the three namings (detected
+    from its keys). `unet_target` / `text_target` are the models' params (arrays or
+    `ShapeDtypeStruct`s): every layer of the file must name one of their kernels, with fitting
+    shapes. Which kind of LoRA it is is `checkpoints.load.load_lora`'s check.
     """
     path = os.fspath(path)
     sd = load_state_dict(path)
@@ -318,30 +305,6 @@ def load_lora(
         return b.build()
     _read_named(sd, b)
     return b.build(_metadata_alphas(_file_metadata(path), path) if fmt == DIFFUSERS else None)
-
-
-def load_motion_lora(path: str | os.PathLike, unet_target: Mapping[str, Any]) -> LoraTree:
-    """A MotionLoRA (original `.ckpt` or diffusers/PEFT file): layers inside motion modules only."""
-    lf = load_lora(path, unet_target)
-    outside = ["/".join(p) for p in lora_layers(lf.unet) if not is_motion_path(p)]
-    if outside or lf.text_encoder:
-        raise CheckpointError(
-            f"{os.fspath(path)} ({lf.format} LoRA): not a MotionLoRA: it adapts layers outside the motion modules "
-            f"({_few(outside or ['text encoder'])})"
-        )
-    return lf.unet
-
-
-def load_domain_adapter(path: str | os.PathLike, unet_target: Mapping[str, Any]) -> LoraTree:
-    """The v3 domain adapter (`v3_sd15_adapter.ckpt`): spatial attention layers only; merge at scale ~0.5-1."""
-    lf = load_lora(path, unet_target)
-    inside = ["/".join(p) for p in lora_layers(lf.unet) if is_motion_path(p)]
-    if inside or lf.text_encoder:
-        raise CheckpointError(
-            f"{os.fspath(path)} ({lf.format} LoRA): not a domain adapter: it adapts "
-            f"{'motion modules' if inside else 'the text encoder'} ({_few(inside or ['text encoder'])})"
-        )
-    return lf.unet
 
 
 # ------------------------------------------------------------------ writing

@@ -18,7 +18,7 @@ A motion module is held as a *partial* params tree with only the `motion_modules
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import json
 import math
 import os
@@ -32,16 +32,16 @@ from animatediff_jax.checkpoints.torch_io import (
     Params,
     StateDict,
     find_weights_file,
-    flatten,
+    save_state_dict,
     flax_to_torch,
     load_state_dict,
     check_tree,
     torch_to_flax,
-    unflatten,
 )
-from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig, inflate, sd15_unet
+from flax.traverse_util import flatten_dict, unflatten_dict
+from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig
 from animatediff_jax.models.layers import sinusoidal_table
-from animatediff_jax.models.unet import param_shapes
+from animatediff_jax.models.shapes import is_motion_path, motion_shapes, unet_shapes
 
 PE_SUFFIXES = (".pos_embed.pe", ".pos_encoder.pe")
 
@@ -101,18 +101,6 @@ def split_position_tables(state_dict: Mapping[str, np.ndarray]) -> tuple[StateDi
     return rest, (lengths.pop() if lengths else None)
 
 
-def convert_unet_state_dict(state_dict: Mapping, config: UNetConfig, *, what: str = "UNet checkpoint") -> Params:
-    """A whole diffusers-named UNet (`UNet2DConditionModel` or `UNetMotionModel`) state dict -> params."""
-    sd = {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
-    sd, length = split_position_tables(sd)
-    if length is not None and config.motion is not None and length != config.motion.max_positions:
-        raise CheckpointError(
-            f"{what}: position tables of length {length}, "
-            f"but the config's motion layout has {config.motion.max_positions}"
-        )
-    return torch_to_flax(sd, param_shapes(config), what=what)
-
-
 # ------------------------------------------------------------------ key renaming
 
 _TO_DIFFUSERS = {
@@ -163,21 +151,6 @@ def _is_motion_key(key: str) -> bool:
     return "motion_modules" in key.split(".")
 
 
-def is_motion_path(path: tuple[str, ...]) -> bool:
-    return any(re.fullmatch(r"motion_modules_\d+", p) for p in path)
-
-
-def motion_subtree(params: Mapping[str, Any]) -> Params:
-    """The `motion_modules_*` subtrees of a UNet params tree (a partial tree)."""
-    return unflatten({p: v for p, v in flatten(params).items() if is_motion_path(p)})
-
-
-def motion_param_shapes(config: UNetConfig) -> Params:
-    if config.motion is None:
-        raise ValueError("the UNet config has no motion modules (config.motion is None)")
-    return motion_subtree(param_shapes(config))
-
-
 # ------------------------------------------------------------------ versions / configs
 
 
@@ -203,36 +176,6 @@ def detect_motion_version(state_dict: Mapping[str, Any], what: str = "state dict
     return "v1" if _pe_length(state_dict) == 24 else "v3"
 
 
-def _resolve_config(
-    config: UNetConfig | None, version: MotionVersion, length: int | None, what: str, motion: MotionConfig | None = None
-) -> UNetConfig:
-    """The UNet config with the file's motion layout; a given motion layout must agree with the file."""
-    config = sd15_unet() if config is None else config
-    if config.motion is None:
-        if motion is not None:
-            return config.replace(motion=motion, spatial_norm_per_frame=version != "v1")
-        # SD1.5's motion modules use the spatial layers' head count (8) and GroupNorm groups (32).
-        kw = dict(heads=config.attention_heads, norm_num_groups=config.norm_num_groups)
-        if length is not None:
-            kw["max_positions"] = length
-        return inflate(config, version, **kw)
-    mm = config.motion
-    found = motion or MotionConfig(max_positions=length or mm.max_positions, mid_block=version == "v2")
-    diffs = [
-        f"{name} {getattr(found, name)} (config: {getattr(mm, name)})"
-        for name in ("mid_block", "max_positions", "heads", "num_layers", "norm_num_groups")
-        if (motion is not None or name in ("mid_block", "max_positions")) and getattr(found, name) != getattr(mm, name)
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"{what}: a {version} motion module that does not fit the given config: {'; '.join(diffs)}"
-        )
-    return config
-
-
-# ------------------------------------------------------------------ reading
-
-
 def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: bool) -> tuple[StateDict, str]:
     """The motion-module keys of a file in diffusers naming (pe tables kept), and the naming found."""
     motion = {k: v for k, v in sd.items() if _is_motion_key(k)}
@@ -242,7 +185,7 @@ def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: 
     if lora:
         raise CheckpointError(
             f"{what}: this is a MotionLoRA, not a motion module ({_describe(dict.fromkeys(lora))}); "
-            "read it with animatediff_jax.checkpoints.lora_formats.load_motion_lora"
+            "give it as a MotionLoRA (motion_module_lora_configs / model.init_lora)"
         )
     other = [k for k in sd if k not in motion]
     if other and not ignore_spatial:
@@ -257,35 +200,47 @@ def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: 
     return renamed, ("original AnimateDiff" if original else "diffusers")
 
 
-def _motion_params(sd: StateDict, config: UNetConfig, what: str) -> Params:
-    rest, _ = split_position_tables(sd)
-    return torch_to_flax(rest, motion_param_shapes(config), what=what)
+@dataclasses.dataclass(frozen=True)
+class MotionFile:
+    """What a PyTorch motion-module file says: its tensors in diffusers naming (position tables
+    checked and removed), the layout it records (`recorded` names the `MotionConfig` fields it
+    holds; the others are the detected release's defaults), the UNet blocks a MotionAdapter folder
+    names, and a description for messages. `checkpoints.load.load_motion` fits it to a base UNet."""
+
+    state_dict: StateDict
+    motion: MotionConfig
+    recorded: frozenset[str]
+    blocks: tuple[tuple[int, ...], int] | None
+    what: str
 
 
-def load_motion_module(
-    path: str | os.PathLike, config: UNetConfig | None = None, *, ignore_spatial: bool = False
-) -> tuple[Params, UNetConfig]:
-    """A motion-module file or a diffusers `MotionAdapter` folder -> (motion params, UNet config).
+def read_motion_file(path: str | os.PathLike, *, ignore_spatial: bool = False) -> MotionFile:
+    """An original AnimateDiff `.ckpt`/`.safetensors` (optionally in a `state_dict` wrapper), a
+    diffusers-named weight file or a diffusers `MotionAdapter` folder (its `config.json` read).
 
-    Files: original AnimateDiff `.ckpt`/`.safetensors` (optionally in a `state_dict` wrapper)
-    or diffusers-named weights; the version is detected (`detect_motion_version`). `config`
-    is the base UNet (default SD1.5): without motion it is inflated with the file's layout
-    (and that release's GroupNorm semantics); with motion it must agree with the file.
-    The returned params hold only the `motion_modules_*` subtrees; see `merge_motion`.
+    A file's version is detected (`detect_motion_version`): it records the mid-block module and,
+    through its `pe` tables, the position-table length. Neither format records the GroupNorm
+    semantics (`norm_per_frame`): both mean the original's per-frame norms.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _load_motion_adapter(path, config)
+        return _read_motion_adapter(path)
     sd = load_state_dict(path)
     motion, naming = _motion_state_dict(sd, path, ignore_spatial)
     version = detect_motion_version(motion, path)
     length = _pe_length(motion)
-    config = _resolve_config(config, version, length, path)
-    what = f"{path} ({naming} motion module, {version})"
-    return _motion_params(motion, config, what), config
+    rest, _ = split_position_tables(motion)
+    recorded = {"mid_block"} | ({"max_positions"} if length is not None else set())
+    layout = MotionConfig.for_version(version, **({"max_positions": length} if length else {}))
+    return MotionFile(rest, layout, frozenset(recorded), None, f"{path} ({naming} motion module, {version})")
 
 
-def _adapter_motion_config(cfg: Mapping[str, Any], what: str) -> tuple[MotionConfig, MotionVersion, tuple, int]:
+def motion_params(mf: MotionFile, config: UNetConfig) -> Params:
+    """The file's tensors as motion params of `config` (every key and shape checked)."""
+    return torch_to_flax(mf.state_dict, motion_shapes(config), what=mf.what)
+
+
+def _adapter_motion_config(cfg: Mapping[str, Any], what: str) -> tuple[MotionConfig, tuple, int]:
     def uniform(name: str, default):
         v = cfg.get(name, default)
         if isinstance(v, (list, tuple)):
@@ -302,21 +257,18 @@ def _adapter_motion_config(cfg: Mapping[str, Any], what: str) -> tuple[MotionCon
     layers = uniform("motion_transformer_layers_per_block", 1)
     if cfg.get("use_motion_mid_block", True) and uniform("motion_transformer_layers_per_mid_block", 1) != layers:
         raise CheckpointError(f"{what}: mid-block motion module depth differs from the others")
-    mid = bool(cfg.get("use_motion_mid_block", True))
-    length = int(cfg.get("motion_max_seq_length", 32))
-    version: MotionVersion = "v2" if mid else ("v1" if length == 24 else "v3")
     mm = MotionConfig(
         heads=uniform("motion_num_attention_heads", 8),
         num_layers=layers,
-        max_positions=length,
-        mid_block=mid,
+        max_positions=int(cfg.get("motion_max_seq_length", 32)),
+        mid_block=bool(cfg.get("use_motion_mid_block", True)),
         norm_num_groups=int(cfg.get("motion_norm_num_groups", 32)),
     )
     channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
-    return mm, version, channels, uniform("motion_layers_per_block", 2)
+    return mm, channels, uniform("motion_layers_per_block", 2)
 
 
-def _load_motion_adapter(folder: str, config: UNetConfig | None) -> tuple[Params, UNetConfig]:
+def _read_motion_adapter(folder: str) -> MotionFile:
     cfg_path = os.path.join(folder, "config.json")
     try:
         with open(cfg_path) as f:
@@ -326,17 +278,12 @@ def _load_motion_adapter(folder: str, config: UNetConfig | None) -> tuple[Params
     cls = cfg.get("_class_name", "MotionAdapter")
     if cls != "MotionAdapter":
         raise CheckpointError(f"{folder}: config.json describes a {cls}, not a MotionAdapter")
-    mm, version, channels, layers = _adapter_motion_config(cfg, folder)
-    base = sd15_unet() if config is None else config
-    if channels != tuple(base.block_out_channels) or layers != base.layers_per_block:
-        raise CheckpointError(
-            f"{folder}: MotionAdapter for blocks {channels} with {layers} layers each does not fit the base UNet "
-            f"({tuple(base.block_out_channels)}, {base.layers_per_block} layers)"
-        )
-    config = _resolve_config(base, version, mm.max_positions, folder, motion=mm)
+    mm, channels, layers = _adapter_motion_config(cfg, folder)
     weights = find_weights_file(folder)
     motion, _ = _motion_state_dict(load_state_dict(weights), weights, ignore_spatial=False)
-    return _motion_params(motion, config, f"{weights} (diffusers MotionAdapter, {version})"), config
+    rest, _ = split_position_tables(motion)
+    recorded = frozenset(f.name for f in dataclasses.fields(MotionConfig)) - {"norm_per_frame"}
+    return MotionFile(rest, mm, recorded, (channels, layers), f"{weights} (diffusers MotionAdapter, {mm.version})")
 
 
 # ------------------------------------------------------------------ merging
@@ -345,12 +292,12 @@ def _load_motion_adapter(folder: str, config: UNetConfig | None) -> tuple[Params
 def merge_motion(unet_params: Mapping[str, Any], motion_params: Mapping[str, Any], config: UNetConfig) -> Params:
     """A base UNet's params with the motion modules inserted (replacing any it had).
 
-    The result must have exactly `param_shapes(config)`'s structure and shapes: a motion
+    The result must have exactly `unet_shapes(config)`'s structure and shapes: a motion
     module made for other channels, a missing/extra mid-block module or spatial weights
     that do not fit are reported by name.
     """
-    expected = flatten(param_shapes(config))
-    motion = flatten(motion_params)
+    expected = flatten_dict(unet_shapes(config))
+    motion = flatten_dict(motion_params)
     stray = ["/".join(p) for p in motion if not is_motion_path(p)]
     if stray:
         raise CheckpointError(f"motion params hold non-motion entries: {', '.join(sorted(stray)[:5])}")
@@ -364,10 +311,10 @@ def merge_motion(unet_params: Mapping[str, Any], motion_params: Mapping[str, Any
             + "; ".join(sorted(wrong)[:4])
             + f" ({len(wrong)} modules)"
         )
-    merged = {p: v for p, v in flatten(unet_params).items() if not is_motion_path(p)}
+    merged = {p: v for p, v in flatten_dict(unet_params).items() if not is_motion_path(p)}
     merged.update(motion)
     check_tree("UNet params with motion modules", merged, expected)
-    return unflatten(merged)
+    return unflatten_dict(merged)
 
 
 # ------------------------------------------------------------------ writing
@@ -375,7 +322,7 @@ def merge_motion(unet_params: Mapping[str, Any], motion_params: Mapping[str, Any
 
 def check_motion_params(motion_params: Mapping[str, Any], config: UNetConfig, what: str) -> None:
     """Raises a `CheckpointError` naming the keys where `motion_params` does not fit `config`'s motion modules."""
-    check_tree(what, flatten(motion_params), flatten(motion_param_shapes(config)))
+    check_tree(what, flatten_dict(motion_params), flatten_dict(motion_shapes(config)))
 
 
 def _checked_motion_state_dict(motion_params: Mapping[str, Any], config: UNetConfig, dtype) -> StateDict:
@@ -392,36 +339,6 @@ def _blocks_with_pe(sd: Mapping[str, np.ndarray]) -> dict[str, int]:
         if m:
             out[m.group(1)] = int(np.shape(v)[0])
     return out
-
-
-def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
-    """`.safetensors` (with optional string metadata) or a pickled `.ckpt`/`.pt`/`.pth`/`.bin` (torch.save).
-
-    Written atomically (`io.fs.atomic_file`): a failed write leaves any previous file untouched.
-    """
-    from animatediff_jax.io.fs import atomic_file
-
-    path = os.fspath(path)
-    sd = {k: np.asarray(v, order="C") for k, v in sd.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
-    lower = path.lower()
-    if not lower.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
-        raise ValueError(f"{path}: unknown weight file extension (use .safetensors or .ckpt)")
-    if metadata and not lower.endswith(".safetensors"):
-        raise ValueError(f"{path}: metadata needs a .safetensors file")
-    with atomic_file(path) as tmp:
-        try:
-            if lower.endswith(".safetensors"):
-                from safetensors.numpy import save_file
-
-                save_file(sd, tmp, metadata={"format": "pt", **(metadata or {})})
-            else:
-                import torch
-
-                torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
-        except OSError:
-            raise
-        except Exception as e:  # torch / safetensors report a failed write (disk full, file size limit) so
-            raise OSError(errno.EIO, f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def motion_state_dict(

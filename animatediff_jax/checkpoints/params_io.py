@@ -1,7 +1,21 @@
-"""Converted params on disk: one safetensors file of the flattened Flax tree, configs in its metadata.
+"""Our params files: one safetensors file of the flattened Flax tree, configs in its metadata.
 
 Loading needs neither torch nor the original files, so conversion runs once and every later
-run (sampling, training) starts from here.
+run (sampling, training) starts from here. What a file holds is its `kind`:
+
+* converted SD1.5 (`sd15.save_converted`): `folder/params.safetensors` with trees `unet`, `vae`,
+  `text_encoder` and meta `unet_config`, `vae_config`, `text_config` (no `kind`);
+* motion module (`save_motion`): tree `{"unet": <the motion_modules_* subtrees only>}`, meta
+  `{"kind": "motion_module", "unet_config": <the inflated UNet's config>}`: the motion layout and
+  the GroupNorm semantics the module was trained with;
+* LoRA (`save_lora`): tree `{"unet": <LoRA tree>}` (+ `"text_encoder"`), meta `{"kind":
+  "motion_lora" | "domain_adapter" | "lora", "unet_config": ...}` (+ `"text_config"`). A LoRA tree
+  holds `{"down", "up"[, "alpha"]}` at each adapted layer (`animatediff_jax.lora`); a MotionLoRA
+  adapts motion-module layers only, a domain adapter spatial layers only.
+
+Training's stage exports are these files (its `stage`, `step`, `rank`, `scale` meta entries are kept
+and ignored, except that `kind: "lora"` with `stage: "motion_lora" | "domain_adapter"` reads as that
+kind). `checkpoints.load` reads them and every PyTorch format.
 """
 
 from __future__ import annotations
@@ -14,10 +28,21 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, flatten, unflatten
+from animatediff_jax.checkpoints.torch_io import CheckpointError, Params
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 SEP = "/"
 FORMAT = "animatediff-jax/params/v1"
+PARAMS_FILE = "params.safetensors"  # inside a converted SD1.5 folder
+MOTION_MODULE = "motion_module"
+LORA_KINDS = ("motion_lora", "domain_adapter", "lora")
+KIND_NAMES = {
+    "sd15": "converted SD1.5 model",
+    MOTION_MODULE: "motion module",
+    "motion_lora": "MotionLoRA",
+    "domain_adapter": "domain adapter",
+    "lora": "LoRA",
+}
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -36,7 +61,7 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Params], meta: Mappi
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
-    flat = {SEP.join(k): np.asarray(_to_numpy(v), order="C") for k, v in flatten(tree).items()}  # keeps 0-d
+    flat = {SEP.join(k): np.asarray(_to_numpy(v), order="C") for k, v in flatten_dict(tree).items()}  # keeps 0-d
     bad = [k for k in flat if "." in k]
     if bad:
         raise ValueError(f"param names must not contain '.': {bad[:3]}")
@@ -70,7 +95,7 @@ def load_params(path: str | os.PathLike) -> tuple[Params, dict[str, Any]]:
     from animatediff_jax.checkpoints.torch_io import check_finite
 
     check_finite(flat, path)
-    return unflatten(flat), {k: json.loads(v) for k, v in md.items()}
+    return unflatten_dict(flat), {k: json.loads(v) for k, v in md.items()}
 
 
 def config_from_dict(cls: type, d: Mapping[str, Any]):
@@ -90,49 +115,79 @@ def config_from_dict(cls: type, d: Mapping[str, Any]):
     return cls(**kw)
 
 
-PARAMS_FILE = "params.safetensors"
+
+def params_file(path: str | os.PathLike) -> str | None:
+    """The params file `path` names (a converted folder names its `params.safetensors`), or None."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, PARAMS_FILE)
+    if not (os.path.isfile(path) and path.lower().endswith(".safetensors")):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            marker = (f.metadata() or {}).get("format")
+    except Exception:  # unreadable: let the PyTorch readers report it
+        return None
+    return path if marker == FORMAT else None
 
 
-def save_converted(folder: str | os.PathLike, model) -> None:
-    """Writes an `sd15.SD15` as `folder/params.safetensors` (+ `folder/tokenizer/` when known)."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    meta = {"unet_config": model.unet_config, "vae_config": model.vae_config, "text_config": model.text_config}
-    save_params(os.path.join(folder, PARAMS_FILE), model.params, meta)
-    if model.tokenizer_path:
-        import shutil
-
-        shutil.copytree(model.tokenizer_path, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
+def file_kind(meta: Mapping[str, Any]) -> str | None:
+    """The kind a params file's meta records (`KIND_NAMES`' keys), or None."""
+    kind = meta.get("kind")
+    if kind == "lora" and meta.get("stage") in ("motion_lora", "domain_adapter"):
+        return meta["stage"]
+    if kind is None and "vae_config" in meta:
+        return "sd15"
+    return kind
 
 
-def load_converted(folder: str | os.PathLike):
-    """Reads a folder written by `save_converted` (no torch needed) as an `sd15.SD15`."""
-    from animatediff_jax.checkpoints.sd15 import SD15
-    from animatediff_jax.models.clip_text import CLIPTextConfig
-    from animatediff_jax.models.config import UNetConfig
-    from animatediff_jax.models.vae import VAEConfig
-
-    folder = os.fspath(folder)
-    params, meta = load_params(os.path.join(folder, PARAMS_FILE))
-    missing = [k for k in ("unet_config", "vae_config", "text_config") if k not in meta]
-    if missing:
-        raise CheckpointError(f"{folder}/{PARAMS_FILE}: lacks {missing}: not a converted SD1.5 model")
-    from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
+def save_motion(path: str | os.PathLike, motion_params: Mapping[str, Any], unet_config: Any,
+                meta: Mapping | None = None) -> None:
+    """Writes a motion file, checked against `unet_config`'s motion layout; `meta` adds entries."""
     from animatediff_jax.checkpoints.torch_io import check_tree
-    from animatediff_jax.models.unet import param_shapes
+    from animatediff_jax.models.shapes import motion_shapes
 
-    tok = os.path.join(folder, "tokenizer")
-    model = SD15(
-        config_from_dict(UNetConfig, meta["unet_config"]),
-        config_from_dict(VAEConfig, meta["vae_config"]),
-        config_from_dict(CLIPTextConfig, meta["text_config"]),
-        params,
-        tok if os.path.isdir(tok) else None,
-    )
-    # The params against the configs the file names (a damaged base is reported here, by name,
-    # not later as a misfit of whatever is merged into it).
-    shapes = {"unet": param_shapes(model.unet_config), "vae": vae_shapes(model.vae_config),
-              "text_encoder": clip_shapes(model.text_config)}
-    for name, want in shapes.items():
-        check_tree(f"{folder}/{PARAMS_FILE} ({name})", flatten(params.get(name, {})), flatten(want))
-    return model
+    if unet_config.motion is None:
+        raise ValueError("save_motion: unet_config has no motion layout (config.motion is None)")
+    check_tree("motion params to save", flatten_dict(motion_params), flatten_dict(motion_shapes(unet_config)))
+    save_params(path, {"unet": motion_params}, {**(meta or {}), "kind": MOTION_MODULE, "unet_config": unet_config})
+
+
+def check_lora_kind(unet: Params, kind: str, what: str, text_encoder: Params | None = None) -> None:
+    """A MotionLoRA adapts motion modules only; a domain adapter spatial layers only; neither the text encoder."""
+    from animatediff_jax.lora import lora_layers
+    from animatediff_jax.models.shapes import is_motion_path
+
+    if kind not in LORA_KINDS:
+        raise ValueError(f"unknown LoRA kind {kind!r}: expected one of {LORA_KINDS}")
+    layers = lora_layers(unet)
+    if kind == "motion_lora":
+        bad = ["/".join(p) for p in layers if not is_motion_path(p)]
+    elif kind == "domain_adapter":
+        bad = ["/".join(p) for p in layers if is_motion_path(p)]
+    else:
+        bad = []
+    if text_encoder and kind != "lora":
+        bad.append("text_encoder (LoRA layers on the text encoder)")
+    if bad:
+        where = "outside the motion modules" if kind == "motion_lora" else "inside motion modules / text encoder"
+        raise CheckpointError(f"{what}: not a {KIND_NAMES[kind]}: it adapts layers {where}: {', '.join(sorted(bad)[:4])}")
+    if not layers and not text_encoder:
+        raise CheckpointError(f"{what}: no LoRA layers")
+
+
+def save_lora(path: str | os.PathLike, lora_tree: Params, kind: str, unet_config: Any,
+              text_lora: Params | None = None, *, text_config: Any = None, meta: Mapping | None = None) -> None:
+    """Writes a LoRA file of `kind` ("motion_lora", "domain_adapter" or "lora")."""
+    check_lora_kind(lora_tree, kind, "LoRA to save", text_lora)
+    tree = {"unet": lora_tree}
+    md: dict[str, Any] = {**(meta or {}), "kind": kind, "unet_config": unet_config}
+    if text_lora:
+        tree["text_encoder"] = text_lora
+        if text_config is not None:
+            md["text_config"] = text_config
+    save_params(path, tree, md)
+
+

@@ -14,23 +14,26 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from flax import traverse_util
+
+from animatediff_jax.checkpoints.motion import split_position_tables
+from animatediff_jax.checkpoints.params_io import PARAMS_FILE, config_from_dict, load_params, save_params
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Params,
     StateDict,
+    check_tree,
     find_weights_file,
     flax_to_torch_name,
     load_state_dict,
     torch_to_flax,
 )
-from animatediff_jax.checkpoints.motion import convert_unet_state_dict
-from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, convert_clip_text
+from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.models.config import UNetConfig, sd15_unet
-from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
+from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
+from animatediff_jax.models.vae import VAEConfig
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
@@ -46,16 +49,6 @@ class SD15:
     text_config: CLIPTextConfig
     params: dict[str, Params]
     tokenizer_path: str | None = None
-
-
-def vae_shapes(config: VAEConfig) -> Params:
-    x = jnp.zeros((1, 16, 16, config.in_channels))
-    return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), x)["params"]
-
-
-def clip_shapes(config: CLIPTextConfig) -> Params:
-    ids = jnp.zeros((1, config.max_positions), jnp.int32)
-    return jax.eval_shape(CLIPTextModel(config).init, jax.random.key(0), ids)["params"]
 
 
 def _read_config(path: str, parse: Callable[[dict], Any]) -> Any:
@@ -281,11 +274,85 @@ def load_single_file(
 
 def load_sd15(path: str | os.PathLike, *, base: SD15 | None = None, **configs) -> SD15:
     """A converted folder (`animatediff-jax convert sd15`), a diffusers folder or an LDM single file."""
-    from animatediff_jax.checkpoints import params_io
-
     path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, params_io.PARAMS_FILE)):
-        return params_io.load_converted(path)
+    if os.path.isfile(os.path.join(path, PARAMS_FILE)):
+        return load_converted(path)
     if os.path.isdir(path):
         return load_diffusers_folder(path)
     return load_single_file(path, base=base, **configs)
+
+
+_CLIP_TEXT_PREFIX = "text_model."
+
+
+def convert_clip_text(
+    state_dict: Mapping[str, np.ndarray], target: Params, *, what: str = "CLIP text encoder"
+) -> Params:
+    """Maps a transformers `CLIPTextModel` state dict onto our params (shaped like `target`).
+
+    Two normalisations, nothing else: `*.position_ids` buffers (saved by older transformers)
+    are dropped once checked to be `arange(max_positions)`, which is what the model computes,
+    and a state dict without the `text_model.` prefix (transformers 5 keeps it only on disk)
+    gets it added. Any other difference raises `CheckpointError`.
+    """
+    positions = np.shape(target["text_model"]["embeddings"]["position_embedding"]["embedding"])[0]
+    for k, v in state_dict.items():
+        if k.endswith("embeddings.position_ids") and not np.array_equal(
+            np.reshape(v, -1), np.arange(positions)
+        ):
+            raise CheckpointError(
+                f"{what}: {k} {tuple(np.shape(v))} is not arange({positions}), the positions the model uses"
+            )
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
+    if sd and not any(k.startswith(_CLIP_TEXT_PREFIX) for k in sd):
+        sd = {_CLIP_TEXT_PREFIX + k: v for k, v in sd.items()}
+    return torch_to_flax(sd, target, what=what)
+
+
+def convert_unet_state_dict(state_dict: Mapping, config: UNetConfig, *, what: str = "UNet checkpoint") -> Params:
+    """A whole diffusers-named UNet (`UNet2DConditionModel` or `UNetMotionModel`) state dict -> params."""
+    sd = {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
+    sd, length = split_position_tables(sd)
+    if length is not None and config.motion is not None and length != config.motion.max_positions:
+        raise CheckpointError(
+            f"{what}: position tables of length {length}, "
+            f"but the config's motion layout has {config.motion.max_positions}"
+        )
+    return torch_to_flax(sd, unet_shapes(config), what=what)
+
+
+def save_converted(folder: str | os.PathLike, model: SD15) -> None:
+    """Writes an `sd15.SD15` as `folder/params.safetensors` (+ `folder/tokenizer/` when known)."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    meta = {"unet_config": model.unet_config, "vae_config": model.vae_config, "text_config": model.text_config}
+    save_params(os.path.join(folder, PARAMS_FILE), model.params, meta)
+    if model.tokenizer_path:
+        import shutil
+
+        shutil.copytree(model.tokenizer_path, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
+
+
+def load_converted(folder: str | os.PathLike) -> SD15:
+    """Reads a folder written by `save_converted` (no torch needed) as an `SD15`."""
+    folder = os.fspath(folder)
+    params, meta = load_params(os.path.join(folder, PARAMS_FILE))
+    missing = [k for k in ("unet_config", "vae_config", "text_config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{folder}/{PARAMS_FILE}: lacks {missing}: not a converted SD1.5 model")
+    tok = os.path.join(folder, "tokenizer")
+    model = SD15(
+        config_from_dict(UNetConfig, meta["unet_config"]),
+        config_from_dict(VAEConfig, meta["vae_config"]),
+        config_from_dict(CLIPTextConfig, meta["text_config"]),
+        params,
+        tok if os.path.isdir(tok) else None,
+    )
+    # The params against the configs the file names (a damaged base is reported here, by name,
+    # not later as a misfit of whatever is merged into it).
+    shapes = {"unet": unet_shapes(model.unet_config), "vae": vae_shapes(model.vae_config),
+              "text_encoder": clip_shapes(model.text_config)}
+    for name, want in shapes.items():
+        check_tree(f"{folder}/{PARAMS_FILE} ({name})", traverse_util.flatten_dict(params.get(name, {})),
+                   traverse_util.flatten_dict(want))
+    return model

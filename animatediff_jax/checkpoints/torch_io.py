@@ -12,6 +12,7 @@ checkpoint that does not fit is reported key by key instead of being silently sk
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]
@@ -207,26 +209,6 @@ def load_component(folder: str | os.PathLike) -> StateDict:
 # ----------------------------------------------------------------- torch <-> flax
 
 
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-    tree: Params = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
-
-
 _INDEX = re.compile(r"^\d+$")
 
 
@@ -291,7 +273,7 @@ def torch_to_flax(
     error names the missing, unexpected and mismatched keys. Non-strict returns a partial tree
     (for deltas such as motion modules alone).
     """
-    flat_target = flatten(target)
+    flat_target = traverse_util.flatten_dict(target)
     out: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched, seen = [], [], set()
     for key, value in state_dict.items():
@@ -315,7 +297,7 @@ def torch_to_flax(
         out[path] = v.astype(dtype)
     missing = ["/".join(p) for p in flat_target if p not in seen] if strict else []
     report_mismatch(what, missing=missing, unexpected=unexpected, mismatched=mismatched)
-    return unflatten(out)
+    return traverse_util.unflatten_dict(out)
 
 
 def flax_to_torch(
@@ -330,7 +312,7 @@ def flax_to_torch(
     `proj_in`/`proj_out`), so they are written back as `(O, I, 1, 1)`.
     """
     out: StateDict = {}
-    for path, v in flatten(params).items():
+    for path, v in traverse_util.flatten_dict(params).items():
         mod, leaf = path[:-1], path[-1]
         v = np.asarray(v)
         torch_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
@@ -339,3 +321,33 @@ def flax_to_torch(
             _flax_to_torch_value(leaf, v, ndim)
         ).astype(dtype)
     return out
+
+
+def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
+    """`.safetensors` (with optional string metadata) or a pickled `.ckpt`/`.pt`/`.pth`/`.bin` (torch.save).
+
+    Written atomically (`io.fs.atomic_file`): a failed write leaves any previous file untouched.
+    """
+    from animatediff_jax.io.fs import atomic_file
+
+    path = os.fspath(path)
+    sd = {k: np.asarray(v, order="C") for k, v in sd.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
+    lower = path.lower()
+    if not lower.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+        raise ValueError(f"{path}: unknown weight file extension (use .safetensors or .ckpt)")
+    if metadata and not lower.endswith(".safetensors"):
+        raise ValueError(f"{path}: metadata needs a .safetensors file")
+    with atomic_file(path) as tmp:
+        try:
+            if lower.endswith(".safetensors"):
+                from safetensors.numpy import save_file
+
+                save_file(sd, tmp, metadata={"format": "pt", **(metadata or {})})
+            else:
+                import torch
+
+                torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
+        except OSError:
+            raise
+        except Exception as e:  # torch / safetensors report a failed write (disk full, file size limit) so
+            raise OSError(errno.EIO, f"{type(e).__name__}: {str(e).splitlines()[0]}") from e

@@ -20,13 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, torch_to_flax
 from animatediff_jax.models import attention
 from animatediff_jax.models.layers import dense
 
 Dtype = Any
 
-_PREFIX = "text_model."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,25 +206,3 @@ class CLIPTextModel(nn.Module):
             )
 
 
-def convert_clip_text(
-    state_dict: Mapping[str, np.ndarray], target: Params, *, what: str = "CLIP text encoder"
-) -> Params:
-    """Maps a transformers `CLIPTextModel` state dict onto our params (shaped like `target`).
-
-    Two normalisations, nothing else: `*.position_ids` buffers (saved by older transformers)
-    are dropped once checked to be `arange(max_positions)`, which is what the model computes,
-    and a state dict without the `text_model.` prefix (transformers 5 keeps it only on disk)
-    gets it added. Any other difference raises `CheckpointError`.
-    """
-    positions = np.shape(target["text_model"]["embeddings"]["position_embedding"]["embedding"])[0]
-    for k, v in state_dict.items():
-        if k.endswith("embeddings.position_ids") and not np.array_equal(
-            np.reshape(v, -1), np.arange(positions)
-        ):
-            raise CheckpointError(
-                f"{what}: {k} {tuple(np.shape(v))} is not arange({positions}), the positions the model uses"
-            )
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
-    if sd and not any(k.startswith(_PREFIX) for k in sd):
-        sd = {_PREFIX + k: v for k, v in sd.items()}
-    return torch_to_flax(sd, target, what=what)

@@ -24,6 +24,28 @@ class MotionConfig:
     norm_per_frame: bool = True
     norm_num_groups: int = 32
 
+    @property
+    def version(self) -> MotionVersion:
+        """The release whose layout this is: v2 has a mid-block module, v1 a 24-frame table, else v3."""
+        return "v2" if self.mid_block else ("v1" if self.max_positions == 24 else "v3")
+
+    @classmethod
+    def for_version(cls, version: MotionVersion, **overrides) -> "MotionConfig":
+        """The motion-module layout of an AnimateDiff release (see `shared/README.md`'s table)."""
+        if version not in _LAYOUTS:
+            raise ValueError(f"unknown motion module version {version!r}: expected one of {sorted(_LAYOUTS)}")
+        return cls(**{**_LAYOUTS[version], **overrides})
+
+    def replace(self, **kw) -> "MotionConfig":
+        return dataclasses.replace(self, **kw)
+
+
+_LAYOUTS = {
+    "v1": dict(max_positions=24, mid_block=False),
+    "v2": dict(max_positions=32, mid_block=True),
+    "v3": dict(max_positions=32, mid_block=False),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -54,6 +76,13 @@ class UNetConfig:
 
     def replace(self, **kw) -> "UNetConfig":
         return dataclasses.replace(self, **kw)
+
+    def with_motion(self, motion: MotionConfig | None) -> "UNetConfig":
+        """This UNet with `motion`'s modules and that release's spatial GroupNorm semantics (v1 across
+        frames, v2/v3 per frame: the original's `use_inflated_groupnorm`); None removes them."""
+        if motion is None:
+            return self.replace(motion=None)
+        return self.replace(motion=motion, spatial_norm_per_frame=motion.version != "v1")
 
     @classmethod
     def from_diffusers(cls, cfg: dict, motion: MotionConfig | None = None) -> "UNetConfig":
@@ -100,32 +129,14 @@ class UNetConfig:
         )
 
 
-def motion_layout(version: MotionVersion, **overrides) -> MotionConfig:
-    """The motion-module layout of an AnimateDiff release (see `shared/README.md`'s table)."""
-    layouts = {
-        "v1": MotionConfig(max_positions=24, mid_block=False),
-        "v2": MotionConfig(max_positions=32, mid_block=True),
-        "v3": MotionConfig(max_positions=32, mid_block=False),
-    }
-    if version not in layouts:
-        raise ValueError(f"unknown motion module version {version!r}: expected one of {sorted(layouts)}")
-    return dataclasses.replace(layouts[version], **overrides)
-
-
-def inflate(config: UNetConfig, version: MotionVersion, **motion_overrides) -> UNetConfig:
-    """`config` with the motion modules of an AnimateDiff release, and that release's GroupNorm semantics."""
-    return config.replace(motion=motion_layout(version, **motion_overrides), spatial_norm_per_frame=version != "v1")
-
-
 def sd15_unet(motion: MotionVersion | None = None, **overrides) -> UNetConfig:
     """SD1.5's UNet; with `motion`, inflated with that release's motion modules and GroupNorm semantics."""
     base = UNetConfig(**overrides)
-    return inflate(base, motion) if motion else base
+    return base.with_motion(MotionConfig.for_version(motion)) if motion else base
 
 
 def tiny_unet(motion: MotionVersion | None = "v2", **overrides) -> UNetConfig:
     """A two-level UNet small enough for CPU tests (channels 32/64, 8 groups, 2 heads)."""
-    mm = motion_layout(motion, heads=2, norm_num_groups=8) if motion else None
     base = dict(
         block_out_channels=(32, 64),
         cross_attn_blocks=(True, False),
@@ -133,8 +144,7 @@ def tiny_unet(motion: MotionVersion | None = "v2", **overrides) -> UNetConfig:
         cross_attention_dim=16,
         attention_heads=2,
         norm_num_groups=8,
-        spatial_norm_per_frame=motion != "v1",
-        motion=mm,
     )
     base.update(overrides)
-    return UNetConfig(**base)
+    config = UNetConfig(**base)
+    return config.with_motion(MotionConfig.for_version(motion, heads=2, norm_num_groups=8)) if motion else config

@@ -247,10 +247,3 @@ class UNet3D(nn.Module):
         return x.reshape((b, f) + x.shape[1:])
 
 
-def param_shapes(config: UNetConfig, num_frames: int = 2) -> dict:
-    """The params tree of `UNet3D(config)` as `ShapeDtypeStruct`s, without allocating weights."""
-    model = UNet3D(config)
-    c = config.in_channels
-    x = jnp.zeros((1, num_frames, 8, 8, c))
-    ctx = jnp.zeros((1, 1, config.cross_attention_dim))
-    return jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,)), ctx)["params"]

@@ -69,15 +69,15 @@ def pixel_vae_params(config: VAEConfig | None = None) -> Params:
     `conv_norm_out` with scale K/2 and bias 20 gives 20 + x on the image channels, SiLU keeps it,
     and `conv_out` subtracts the 20 again.
     """
-    from animatediff_jax.checkpoints.sd15 import vae_shapes
-    from animatediff_jax.checkpoints.torch_io import flatten, unflatten
+    from animatediff_jax.models.shapes import vae_shapes
+    from flax.traverse_util import flatten_dict, unflatten_dict
 
     cfg = config or vae_config()
     n_img, lat, width = cfg.in_channels, cfg.latent_channels, cfg.block_out_channels[0]
     if len(cfg.block_out_channels) != 1 or cfg.norm_num_groups != 1 or width < 2 * n_img + 2 or lat != n_img:
         raise ValueError(f"pixel_vae_params needs one block of >= {2 * n_img + 2} channels, one group and "
                          f"latent_channels == in_channels, got {cfg}")
-    flat = {k: np.zeros(v.shape, np.float32) for k, v in flatten(vae_shapes(cfg)).items()}
+    flat = {k: np.zeros(v.shape, np.float32) for k, v in flatten_dict(vae_shapes(cfg)).items()}
     for k, v in flat.items():
         if k[-1] == "scale":  # norms whose output is discarded: plain unit scale
             v[:] = 1.0
@@ -107,19 +107,19 @@ def pixel_vae_params(config: VAEConfig | None = None) -> Params:
     merge_out(("decoder",), cfg.out_channels, {})
     for name, n in (("quant_conv", 2 * lat), ("post_quant_conv", lat)):
         flat[(name, "kernel")][0, 0] = np.eye(n, dtype=np.float32)
-    return unflatten(flat)
+    return unflatten_dict(flat)
 
 
 def init_params(seed: int = 0) -> Params:
-    """Random UNet and text encoder (host numpy, `fast_random_params`), analytic pixel VAE."""
-    from animatediff_jax.checkpoints.sd15 import clip_shapes
-    from animatediff_jax.models.unet import param_shapes
-    from animatediff_jax.training.loop import fast_random_params
+    """Random UNet and text encoder (host numpy, `random_params`), analytic pixel VAE."""
+    from animatediff_jax.models.shapes import clip_shapes
+    from animatediff_jax.models.shapes import unet_shapes
+    from animatediff_jax.testing.tiny import random_params
 
     return {
-        "unet": fast_random_params(param_shapes(unet_config()), seed),
+        "unet": random_params(unet_shapes(unet_config()), seed, like_init=True),
         "vae": pixel_vae_params(),
-        "text_encoder": fast_random_params(clip_shapes(text_config()), seed + 2),
+        "text_encoder": random_params(clip_shapes(text_config()), seed + 2, like_init=True),
     }
 
 
@@ -137,7 +137,7 @@ INFO_FILE = "toy.json"  # next to params.safetensors: what a sampler must know b
 def save_model(folder: str | os.PathLike, params: Params, prediction_type: str = "epsilon") -> None:
     """Writes the base model as a converted SD1.5 folder (`model.pretrained` of the stage configs),
     plus `toy.json` with its prediction type and frame size (the sampler's scheduler needs the former)."""
-    from animatediff_jax.checkpoints.params_io import save_converted
+    from animatediff_jax.checkpoints.sd15 import save_converted
     from animatediff_jax.checkpoints.sd15 import SD15
 
     save_converted(folder, SD15(unet_config(), vae_config(), text_config(), jax.tree.map(np.asarray, params)))

@@ -158,22 +158,19 @@ class Toy:
 
 def load_toy(root: str) -> Toy:
     """Reads the four files of a toy run (or of the shipped assets, same layout)."""
-    from animatediff_jax.checkpoints.params_io import config_from_dict, load_converted
-    from animatediff_jax.models.config import UNetConfig
+    from animatediff_jax.checkpoints.load import load_lora, load_motion
+    from animatediff_jax.checkpoints.sd15 import load_converted
     from animatediff_jax.toy.base import read_info
-    from animatediff_jax.training.checkpointing import load_exported
-    from animatediff_jax.training.stages import is_motion_module, partition
 
     p = recipe.paths(root)
     missing = [rel for rel in SHIPPED if not os.path.isfile(os.path.join(root, rel))]
     if missing:
         raise FileNotFoundError(f"{root}: not a finished toy run, missing {missing}")
     base = load_converted(p["model"])
-    mm, meta = load_exported(p["motion_module"])
-    da, _ = load_exported(p["domain_adapter"])
-    ml, ml_meta = load_exported(p["motion_lora"])
-    return Toy(base, config_from_dict(UNetConfig, meta["unet_config"]), partition(mm, is_motion_module)[0], da, ml,
-               float(ml_meta.get("scale", 1.0)), read_info(p["model"])["prediction_type"])
+    mm, unet_config = load_motion(p["motion_module"], base.unet_config)
+    da = load_lora(p["domain_adapter"], "domain_adapter", base=unet_config)
+    ml = load_lora(p["motion_lora"], "motion_lora", base=unet_config)
+    return Toy(base, unet_config, mm, da.unet, ml.unet, ml.scale, read_info(p["model"])["prediction_type"])
 
 
 def unet_params(toy: Toy, *, motion: bool, adapter_scale: float = 1.0, lora_scale: float = 0.0) -> Params:

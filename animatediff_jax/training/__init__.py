@@ -12,7 +12,7 @@ from animatediff_jax.training.config import (
     check_config,
     validate_config,
 )
-from animatediff_jax.training.loop import Models, Trainer, build_trainer, fast_random_params, load_models, run, train
+from animatediff_jax.training.loop import Models, Trainer, build_trainer, load_models, run, train
 from animatediff_jax.training.stages import STAGES, Stage, get_stage
 from animatediff_jax.training.step import LossConfig, OptimConfig, StepSpec, TrainState, make_optimizer, make_train_step
 
@@ -32,7 +32,6 @@ __all__ = [
     "base_config",
     "build_trainer",
     "check_config",
-    "fast_random_params",
     "get_stage",
     "load_models",
     "make_optimizer",

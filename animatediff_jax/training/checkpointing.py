@@ -28,7 +28,7 @@ from etils import epath
 
 from animatediff_jax import parallel
 from animatediff_jax.checkpoints import params_io
-from animatediff_jax.checkpoints.torch_io import flatten
+from flax.traverse_util import flatten_dict
 from animatediff_jax.training.config import ConfigError, TrainingError
 from animatediff_jax.training.step import TrainState
 
@@ -289,7 +289,7 @@ def _all_processes(ok: bool) -> bool:
 def export_trainable(path: str | os.PathLike, trainable: Any, meta: Mapping[str, Any]) -> None:
     """Writes the stage's trained params as `{"unet": tree}` (process 0 writes; all must call)."""
     tree = parallel.fetch(trainable)
-    bad = [k for k, v in flatten(tree).items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+    bad = [k for k, v in flatten_dict(tree).items() if np.issubdtype(np.asarray(v).dtype, np.floating)
            and not np.isfinite(np.asarray(v, np.float32)).all()]
     if bad:
         raise TrainingError(f"refusing to export {os.fspath(path)}: {len(bad)} tensor(s) hold NaN/inf "
@@ -297,9 +297,3 @@ def export_trainable(path: str | os.PathLike, trainable: Any, meta: Mapping[str,
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
         params_io.save_params(path, {"unet": tree}, meta)
-
-
-def load_exported(path: str | os.PathLike) -> tuple[dict, dict]:
-    """`(unet_tree, meta)` of a file written by `export_trainable` (or any `{"unet": ...}` params file)."""
-    tree, meta = params_io.load_params(path)
-    return tree.get("unet", tree), meta

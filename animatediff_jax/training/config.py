@@ -21,6 +21,9 @@ def base_config() -> ConfigDict:
     m.random_init = "flax"  # "flax" (the modules' initialisers) | "fast" (host numpy; smoke runs)
     m.init_seed = 0  # seed of random init (same for every stage, so tiny stages chain)
     m.motion_version = "v2"  # motion-module layout of stages 2 and 3: v1 | v2 | v3
+    # Motion-module GroupNorm: per frame (the original's, what its checkpoints were trained with) or False,
+    # across all frames (diffusers'). A motion_module file that records it (our params files) keeps its own.
+    m.motion_norm_per_frame = True
     m.motion_module = ""  # params file of motion modules (stage 2: start from; stage 3: the frozen modules)
     m.domain_adapter = ""  # params file of a domain adapter, attached in stages 2 and 3
     m.domain_adapter_scale = 1.0
@@ -203,6 +206,8 @@ def validate_config(c: ConfigDict) -> ConfigDict:
         _number(c, name, 0, integer=False)
         if not c.optim[name.split(".")[1]] < 1:
             raise ConfigError(f"{name}={c.optim[name.split('.')[1]]!r}: expected a number in [0, 1)")
+    if c.model.motion_version not in ("v1", "v2", "v3"):
+        raise ConfigError(f"model.motion_version={c.model.motion_version!r} is not one of: v1, v2, v3")
     t, d = c.train, c.data
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum_steps="

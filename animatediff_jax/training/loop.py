@@ -29,10 +29,13 @@ from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import lora as lora_lib
 from animatediff_jax import parallel
-from animatediff_jax.checkpoints.torch_io import flatten, unflatten
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from animatediff_jax.models.config import UNetConfig, inflate, sd15_unet, tiny_unet
-from animatediff_jax.models.unet import UNet3D, param_shapes
+from animatediff_jax.checkpoints.load import load_lora, load_motion
+from animatediff_jax.checkpoints.sd15 import load_converted
+from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
+from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.shapes import unet_shapes
+from animatediff_jax.testing.tiny import random_params
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 from animatediff_jax.training import checkpointing, stages
 from animatediff_jax.training.config import (
@@ -71,31 +74,6 @@ def _dtype(name: str):
 # ------------------------------------------------------------------------- models
 
 
-def fast_random_params(shapes: Params, seed: int) -> Params:
-    """Random weights from a shape tree on the host, in a fraction of a second (Flax `init` of a
-    whole UNet takes a minute to compile on CPU). Kernels ~ N(0, 1/fan_in), embeddings
-    N(0, 0.02), norms' scales 1, biases 0; motion modules' `proj_out` is zero (as `init` makes it),
-    so fresh motion modules start as the identity.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, s in flatten(shapes).items():
-        shape, leaf = tuple(s.shape), path[-1]
-        if leaf == "kernel":
-            if stages.is_motion_module(path) and "proj_out" in path:
-                v = np.zeros(shape, np.float32)
-            else:
-                v = rng.standard_normal(shape, np.float32) / np.sqrt(max(1, math.prod(shape[:-1])))
-        elif leaf == "embedding":
-            v = 0.02 * rng.standard_normal(shape, np.float32)
-        elif leaf == "scale":
-            v = np.ones(shape, np.float32)
-        else:
-            v = np.zeros(shape, np.float32)
-        out[path] = v.astype(np.float32)
-    return unflatten(out)
-
-
 def _flax_init(module, seed: int, *args) -> Params:
     params = jax.jit(module.init)(jax.random.key(seed), *args)["params"]
     return jax.tree.map(np.asarray, params)
@@ -132,13 +110,13 @@ def _random_base(config) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, Callabl
         raise ValueError(f"model.size {m.size!r}: expected 'sd15' or 'tiny'")
 
     def init(which: str) -> Params:
-        from animatediff_jax.checkpoints.sd15 import clip_shapes, vae_shapes
+        from animatediff_jax.models.shapes import clip_shapes, vae_shapes
 
         seed = m.init_seed + {"unet": 0, "vae": 1, "text_encoder": 2}[which]
         if m.random_init == "fast":
-            shapes = {"unet": lambda: param_shapes(unet), "vae": lambda: vae_shapes(vae),
+            shapes = {"unet": lambda: unet_shapes(unet), "vae": lambda: vae_shapes(vae),
                       "text_encoder": lambda: clip_shapes(text)}[which]()
-            return fast_random_params(shapes, seed)
+            return random_params(shapes, seed, like_init=True)
         if which == "unet":
             return _flax_init(UNet3D(unet), seed, jnp.zeros((1, 1, 8, 8, unet.in_channels)), jnp.zeros((1,)),
                               jnp.zeros((1, 1, unet.cross_attention_dim)))
@@ -153,23 +131,11 @@ def _motion_init(config, unet_config: UNetConfig) -> Params:
     """Fresh motion modules (the motion-module subtrees of a randomly initialised inflated UNet)."""
     m = config.model
     if m.random_init == "fast":
-        full = fast_random_params(param_shapes(unet_config), m.init_seed + 3)
+        full = random_params(unet_shapes(unet_config), m.init_seed + 3, like_init=True)
     else:
         full = _flax_init(UNet3D(unet_config), m.init_seed + 3, jnp.zeros((1, 2, 8, 8, unet_config.in_channels)),
                           jnp.zeros((1,)), jnp.zeros((1, 1, unet_config.cross_attention_dim)))
     return stages.partition(full, stages.is_motion_module)[0]
-
-
-def _is_params_file(path: str) -> bool:
-    from animatediff_jax.checkpoints.params_io import FORMAT
-
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # not safetensors (a .ckpt), or unreadable: the PyTorch readers will say why
-        return False
 
 
 @contextlib.contextmanager
@@ -183,38 +149,6 @@ def _field(name: str) -> Iterator[None]:
         raise ConfigError(f"{name}: {' '.join(line.strip() for line in str(e).splitlines())}") from None
 
 
-def _exported(path: str, kinds: tuple[str, ...]) -> Params:
-    """A params file's UNet tree, if the kind it records (when it records one) is one of `kinds`."""
-    from animatediff_jax.checkpoints.bundles import KIND_NAMES
-    from animatediff_jax.checkpoints.torch_io import CheckpointError
-
-    tree, meta = checkpointing.load_exported(path)
-    kind = meta.get("kind")
-    if kind is not None and kind not in kinds:
-        raise CheckpointError(f"{path}: holds a {KIND_NAMES.get(kind, kind)}, not a "
-                              f"{' or '.join(KIND_NAMES.get(k, k) for k in kinds)}")
-    return tree
-
-
-def _read_motion(path: str, unet_config: UNetConfig) -> Params:
-    """Motion modules from a stage-2 export, or from a PyTorch motion checkpoint (e.g. the original
-    `mm_sd_v15_v2.ckpt`, read by `checkpoints.bundles`; its layout must be `model.motion_version`'s)."""
-    if _is_params_file(path):
-        return stages.partition(_exported(path, ("motion_module",)), stages.is_motion_module)[0]
-    from animatediff_jax.checkpoints.bundles import load_any_motion
-
-    return load_any_motion(path, unet_config)[0]
-
-
-def _read_lora(path: str, kind: str, unet_config: UNetConfig) -> Params:
-    """A LoRA tree from a stage export, or a PyTorch file of `kind` (e.g. `v3_sd15_adapter.ckpt`)."""
-    if _is_params_file(path):
-        return _exported(path, (kind, "lora"))
-    from animatediff_jax.checkpoints.bundles import read_lora
-
-    return read_lora(path, kind, unet_config).unet
-
-
 def load_models(config) -> Models:
     """The stage's models from the config: a converted SD1.5 folder (or random weights), plus the
     motion modules / adapters named by `config.model`.
@@ -222,8 +156,6 @@ def load_models(config) -> Models:
     stage = stages.get_stage(config.stage)
     m = config.model
     if m.pretrained:
-        from animatediff_jax.checkpoints.params_io import load_converted
-
         with _field("model.pretrained"):
             sd = load_converted(m.pretrained)
         unet_config, vae_config, text_config = sd.unet_config, sd.vae_config, sd.text_config
@@ -239,20 +171,21 @@ def load_models(config) -> Models:
         tokenizer = None
     unet_config = unet_config.replace(motion=None)
     if stage.motion_modules:
-        unet_config = inflate(unet_config, m.motion_version)
-        if m.motion_module:
+        unet_config = unet_config.with_motion(
+            MotionConfig.for_version(m.motion_version, norm_per_frame=bool(m.motion_norm_per_frame)))
+        if m.motion_module:  # a stage-2 export or a PyTorch motion module; its layout must be this one
             with _field("model.motion_module"):
-                motion = _read_motion(m.motion_module, unet_config)
+                motion, unet_config = load_motion(m.motion_module, unet_config)
         else:
             motion = _motion_init(config, unet_config)
         unet = stages.union(unet, motion)
     attached = {}
     if m.domain_adapter and "domain_adapter" in stage.attach:
         with _field("model.domain_adapter"):
-            adapter = _read_lora(m.domain_adapter, "domain_adapter", unet_config)
+            adapter = load_lora(m.domain_adapter, "domain_adapter", base=unet_config).unet
         attached["domain_adapter"] = (adapter, float(m.domain_adapter_scale))
     with _field("model.init_lora"):
-        trainable_init = (_read_lora(m.init_lora, stage.name, unet_config)
+        trainable_init = (load_lora(m.init_lora, stage.name, base=unet_config).unet
                           if m.init_lora and stage.kind == "lora" else None)
     return Models(unet_config, unet, vae_config if vae is not None else None, vae,
                   text_config if text is not None else None, text, attached, trainable_init, tokenizer)
@@ -304,7 +237,7 @@ class Trainer:
         return stages.combine(self.stage, self.state.params, self.frozen["unet"], self.spec.lora_scale)
 
     def export_meta(self) -> dict[str, Any]:
-        """What `checkpoints.bundles` reads: kind (motion_module | domain_adapter | motion_lora), UNet config."""
+        """What `checkpoints.load` reads: kind (motion_module | domain_adapter | motion_lora), UNet config."""
         meta = {"stage": self.stage.name, "kind": self.stage.name,
                 "step": int(parallel.fetch(self.state.step)), "unet_config": self.models.unet_config}
         if self.stage.kind == "lora":

@@ -10,7 +10,8 @@ float32) into `samples/tiny-<time>/`: `sample/0-a-cat-and-the-dog.gif`, `.mp4`, 
 `config.yaml`, `timings.json`. The weights are random, so the videos are coloured noise.
 """
 
-from animatediff_jax.sample import base_config, write_tiny_models
+from animatediff_jax.sample import base_config
+from animatediff_jax.testing.tiny import write_tiny_models
 
 
 def get_config(models: str = "runs/tiny_models"):

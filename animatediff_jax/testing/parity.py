@@ -1,8 +1,8 @@
 """Parity of our sampler with diffusers' `AnimateDiffPipeline`, stage by stage, from the same noise.
 
-    python -m animatediff_jax.parity --tiny                  # tiny random models, CPU, seconds
-    python -m animatediff_jax.parity --full-size             # SD1.5 + v2 layout, random weights, 16x512x512
-    python -m animatediff_jax.parity --model SD15_DIR --motion-adapter ADAPTER   # real files
+    python -m animatediff_jax.testing.parity --tiny                  # tiny random models, CPU, seconds
+    python -m animatediff_jax.testing.parity --full-size             # SD1.5 + v2 layout, random weights, 16x512x512
+    python -m animatediff_jax.testing.parity --model SD15_DIR --motion-adapter ADAPTER   # real files
 
 Both sides get the very same weights: the diffusers pipeline is built (or loaded) in PyTorch and
 its modules are converted to our params. Both start from the same initial latents (ours,
@@ -32,10 +32,11 @@ import numpy as np
 
 from animatediff_jax import schedulers as S
 from animatediff_jax.models.attention import IMPLEMENTATIONS
-from animatediff_jax.models.clip_text import CLIPTextConfig, convert_clip_text
+from animatediff_jax.models.clip_text import CLIPTextConfig
+from animatediff_jax.checkpoints.sd15 import convert_clip_text
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
 from animatediff_jax.models.vae import VAEConfig
-from animatediff_jax.text import write_tiny_tokenizer  # noqa: F401  (parity.write_tiny_tokenizer)
+from animatediff_jax.testing.tiny import write_tiny_tokenizer
 from animatediff_jax.sampling import (
     AnimationPipeline,
     decode_latents,
@@ -210,8 +211,9 @@ def _to_device_inplace(tree: dict) -> None:
 def ours_from_diffusers(pipe, tokenizer_folder: str, dtype=jnp.float32, attention: str = "auto") -> AnimationPipeline:
     """Our pipeline holding the weights of a diffusers `AnimateDiffPipeline` (converted on the host);
     `attention`: the UNet's `models.attention` implementation."""
-    from animatediff_jax.checkpoints.motion import convert_unet_state_dict
-    from animatediff_jax.checkpoints.sd15 import clip_shapes, convert_vae
+    from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+    from animatediff_jax.checkpoints.sd15 import convert_vae
+    from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.text import Tokenizer
 
     def host(module) -> dict[str, np.ndarray]:

@@ -1,0 +1,143 @@
+"""Random weights and tiny models in every file format users have, in seconds, without torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from typing import Any, Callable
+
+import numpy as np
+from flax import traverse_util
+
+Params = dict[str, Any]
+
+
+def random_params(shapes: Params, seed: int, dtype: Any = np.float32, *, like_init: bool = False) -> Params:
+    """Random weights from a shape tree on the host in a fraction of a second (Flax `init` of a whole
+    UNet takes a minute to compile on CPU), cast leaf by leaf to `dtype` (a full-size model never
+    exists in float32 when bf16 is asked for). Kernels ~ N(0, 1/fan_in), embeddings N(0, 0.02).
+
+    `like_init=False` (conversion tests: every tensor distinct): norm scales 1 + N(0, 0.1), biases
+    N(0, 0.02). `like_init=True` (training from scratch): scales 1, biases 0, and the motion modules'
+    `proj_out` zero as `init` makes it, so fresh motion modules start as the identity.
+    """
+    from animatediff_jax.models.shapes import is_motion_path
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, s in traverse_util.flatten_dict(shapes).items():
+        shape, leaf = tuple(s.shape), path[-1]
+        if leaf == "kernel" and like_init and is_motion_path(path) and "proj_out" in path:
+            v = np.zeros(shape, np.float32)
+        elif leaf == "kernel":
+            v = rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(max(1, math.prod(shape[:-1]))))
+        elif leaf == "scale":
+            v = np.ones(shape, np.float32) if like_init else 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
+        elif like_init and leaf != "embedding":
+            v = np.zeros(shape, np.float32)
+        else:
+            v = 0.02 * rng.standard_normal(shape, np.float32)
+        out[path] = np.asarray(v, np.float32).astype(dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def random_lora(params: Params, targets: Callable[[tuple[str, ...]], bool], rank: int, seed: int) -> Params:
+    """A LoRA on the kernels `targets` selects, both factors random (so merging changes the weights)."""
+    from animatediff_jax.lora import kernel_paths
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, kernel in kernel_paths(params):
+        if not targets(path):
+            continue
+        shape = tuple(kernel.shape)
+        flat[path + ("down",)] = (rng.standard_normal(shape[:-1] + (rank,)) / np.sqrt(math.prod(shape[:-1]))).astype(np.float32)
+        flat[path + ("up",)] = (0.5 * rng.standard_normal((rank, shape[-1])) / np.sqrt(rank)).astype(np.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+def write_tiny_tokenizer(folder: str) -> dict[str, int]:
+    """A small CLIP BPE vocabulary (`</w>` word ends, a few merges) that transformers' CLIPTokenizer reads."""
+    os.makedirs(folder, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!")
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>", "a n", "an d</w>"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # Without model_max_length the tokenizer would pad "to max length" 1e30 tokens.
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
+    return vocab
+
+
+TINY_FILES = dict(
+    base_model="sd15",
+    motion_module="mm_tiny_v2.safetensors",
+    motion_lora_zoom_in="v2_lora_TinyZoomIn.safetensors",
+    motion_lora_pan_left="v2_lora_TinyPanLeft.safetensors",
+    adapter_lora_path="tiny_adapter.safetensors",
+    lora_model_path="tiny_personal_lora.safetensors",
+)
+
+
+def write_tiny_models(folder: str | os.PathLike, seed: int = 0) -> dict[str, str]:
+    """Writes tiny random models in the formats users have, once (kept if already there):
+
+    - `sd15/`: a converted SD1.5-like model (2-level UNet, 2-level VAE, 3-layer CLIP, tokenizer);
+    - `mm_tiny_v2.safetensors`: a v2-layout motion module in the original AnimateDiff naming;
+    - two MotionLoRAs and a domain adapter in the original naming;
+    - `tiny_personal_lora.safetensors`: a kohya LoRA on spatial attention and the text encoder.
+
+    Returns `{name: path}` (names as `TINY_FILES`). No torch needed; a second or so.
+    """
+    from animatediff_jax.checkpoints.lora_formats import save_lora_kohya, save_lora_original
+    from animatediff_jax.checkpoints.motion import save_motion_module_original
+    from animatediff_jax.checkpoints.sd15 import SD15, save_converted
+    from animatediff_jax.lora import domain_adapter_targets, motion_lora_targets
+    from animatediff_jax.models.clip_text import CLIPTextConfig
+    from animatediff_jax.models.config import tiny_unet
+    from animatediff_jax.models.shapes import clip_shapes, motion_shapes, unet_shapes, vae_shapes
+    from animatediff_jax.models.vae import VAEConfig
+
+    folder = os.fspath(folder)
+    paths = {k: os.path.join(folder, v) for k, v in TINY_FILES.items()}
+    done = os.path.join(folder, "DONE")
+    if os.path.isfile(done):
+        return paths
+    os.makedirs(folder, exist_ok=True)
+    text_cfg, vae_cfg = CLIPTextConfig.tiny(), VAEConfig.tiny()
+    spatial = tiny_unet(None, cross_attention_dim=text_cfg.hidden_size)
+    inflated = tiny_unet("v2", cross_attention_dim=text_cfg.hidden_size)
+    params = {
+        "unet": random_params(unet_shapes(spatial), seed),
+        "vae": random_params(vae_shapes(vae_cfg), seed + 1),
+        "text_encoder": random_params(clip_shapes(text_cfg), seed + 2),
+    }
+    tok = os.path.join(folder, "tokenizer_src")
+    write_tiny_tokenizer(tok)
+    save_converted(paths["base_model"], SD15(spatial, vae_cfg, text_cfg, params, tok))
+    shutil.rmtree(tok)  # copied into sd15/tokenizer
+    motion = random_params(motion_shapes(inflated), seed + 3)
+    save_motion_module_original(paths["motion_module"], motion, inflated)
+
+    full = random_params(unet_shapes(inflated), seed + 4)  # shapes only matter for the LoRAs
+    save_lora_original(paths["motion_lora_zoom_in"], random_lora(full, motion_lora_targets, 2, seed + 5))
+    save_lora_original(paths["motion_lora_pan_left"], random_lora(full, motion_lora_targets, 2, seed + 6))
+    save_lora_original(paths["adapter_lora_path"], random_lora(full, domain_adapter_targets, 2, seed + 7))
+    text_lora = random_lora(params["text_encoder"], lambda p: "self_attn" in p and p[-1].endswith("_proj"), 2, seed + 8)
+    save_lora_kohya(paths["lora_model_path"], random_lora(full, domain_adapter_targets, 2, seed + 9), text_lora)
+    with open(done, "w") as f:
+        f.write("tiny random models for configs/sample/tiny.py\n")
+    return paths

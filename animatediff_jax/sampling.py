@@ -35,7 +35,7 @@ from animatediff_jax.io.video import to_uint8
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.models.config import UNetConfig
 from animatediff_jax.models.unet import UNet3D
-from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
+from animatediff_jax.models.vae import AutoencoderKL, VAEConfig, decode_video
 
 Params = dict[str, Any]
 Windows = tuple[tuple[int, ...], ...]
@@ -310,36 +310,6 @@ def denoise(
     return x
 
 
-def decode_latents(vae: AutoencoderKL, vae_params: Params, latents: jax.Array, chunk: int | None = 4) -> jax.Array:
-    """Latents `[B, F, h, w, 4]` -> float32 frames in [0, 1] `[B, F, H, W, 3]`, as diffusers post-processes."""
-    return jnp.clip(decode_raw(vae, vae_params, latents, chunk) / 2 + 0.5, 0.0, 1.0)
-
-
-def decode_raw(vae: AutoencoderKL, vae_params: Params, latents: jax.Array, chunk: int | None = 4) -> jax.Array:
-    """Latents `[B, F, h, w, 4]` -> the VAE's float32 output in about [-1, 1] `[B, F, H, W, 3]` (unclipped).
-
-    Decodes `chunk` frames of every sample per `lax.map` step (memory bounded by
-    `B * chunk` frames); the batch axis stays whole, so a batch-sharded input stays sharded.
-    """
-    b, f = latents.shape[:2]
-    z = (1.0 / vae.config.scaling_factor) * latents.astype(jnp.float32)
-
-    def dec(zc: jax.Array) -> jax.Array:
-        bb, c = zc.shape[:2]
-        out = vae.apply({"params": vae_params}, zc.reshape((bb * c,) + zc.shape[2:]), method=AutoencoderKL.decode)
-        return out.astype(jnp.float32).reshape((bb, c) + out.shape[1:])
-
-    if chunk is None or chunk >= f:
-        return dec(z)
-    full = (f // chunk) * chunk
-    head = z[:, :full].reshape((b, f // chunk, chunk) + z.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(dec, head).swapaxes(0, 1)
-    images = out.reshape((b, full) + out.shape[3:])
-    if full < f:
-        images = jnp.concatenate([images, dec(z[:, full:])], axis=1)
-    return images
-
-
 # ----------------------------------------------------------------------------------------------
 # Text.
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +531,7 @@ def generate(
         return denoise(unet, params, sched, x, cond, uncond, g, key_data, emit, windows)
 
     def decode_fn(params, latents):
-        return to_uint8(decode_raw(vae, params, latents, decode_chunk))
+        return to_uint8(decode_video(vae, params, latents, decode_chunk))
 
     args = (unet_params, sched, noise, cond, uncond, g, key_data)
     static = (unet, windows, progress is not False)

@@ -26,7 +26,7 @@ sequences):
            context [2, 77, 768]; bf16 compute and params.
   sampler  the denoising `lax.scan` (`--steps` DDIM steps with CFG over the UNet call, as
            `sampling.denoise`) and the VAE decode of the F frames in chunks of 4
-           (`sampling.decode_raw`): two programs, as `generate` compiles them, plus their sum
+           (`models.vae.decode_video`): two programs, as `generate` compiles them, plus their sum
            (temp: the larger of the two).
   train    the stage-2 gradient: `jax.grad` of the epsilon MSE w.r.t. the motion-module params
            (float32), the frozen rest bf16, bf16 compute, latents [B, F, T/8, T/8, 4] (T =
@@ -293,13 +293,13 @@ def decode_program(vae_cfg, impl: str, frames: int, size: int, chunk: int = 4):
     import jax.numpy as jnp
 
     from animatediff_jax.models.vae import AutoencoderKL
-    from animatediff_jax.sampling import decode_raw
+    from animatediff_jax.models.vae import decode_video
 
     vae = AutoencoderKL(vae_cfg, dtype=jnp.bfloat16, attention=impl)
     lat = size // vae_cfg.downscale
 
     def fn(params, latents):
-        return decode_raw(vae, params, latents, chunk)
+        return decode_video(vae, params, latents, chunk)
 
     args = (vae_params(vae_cfg, jnp.bfloat16),
             jax.ShapeDtypeStruct((1, frames, lat, lat, vae_cfg.latent_channels), jnp.float32))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from animatediff_jax import parity
+from animatediff_jax.testing import parity
 from animatediff_jax import schedulers as S
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.config import tiny_unet

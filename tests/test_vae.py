@@ -118,10 +118,10 @@ def test_encode_video_scaling_and_sampling(tiny):
     assert lat.shape == (b, f, 8, 8, 4)
     e_mean = assert_close(lat, (mean * cfg.scaling_factor).reshape(lat.shape), what="encode_video mean")
 
-    rng = jax.random.PRNGKey(3)
-    sampled = encode_video(model, params, frames, rng=rng)
-    eps = np.asarray(jax.random.normal(rng, (b * f, 8, 8, 4)))
-    expect = ((mean + std * eps) * cfg.scaling_factor).reshape(lat.shape)
+    keys = jax.random.split(jax.random.PRNGKey(3), b)  # one per video: its noise does not depend on the batch
+    sampled = encode_video(model, params, frames, keys)
+    eps = np.stack([np.asarray(jax.random.normal(k, (f, 8, 8, 4))) for k in keys])
+    expect = (mean.reshape(eps.shape) + std.reshape(eps.shape) * eps) * cfg.scaling_factor
     e_sample = assert_close(sampled, expect, what="encode_video sample")
     assert np.abs(np.asarray(sampled) - np.asarray(lat)).max() > 1e-3  # the sample really differs from the mean
     print(f"encode_video max abs err: mean {e_mean:.2e}, sample {e_sample:.2e}")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from animatediff_jax.data.webvid import STREAM_LATENT, Record, Skipped, drop_caption, record_rng
-from animatediff_jax.models.vae import AutoencoderKL
+from animatediff_jax.models.vae import AutoencoderKL, encode_moments
 
 INFO_FILE, NULL_TEXT_FILE = "cache_info.json", "null_text.npz"
 
@@ -41,15 +41,6 @@ def serialize(arrays: dict[str, Any]) -> bytes:
 def deserialize(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _vae_moments(model: AutoencoderKL, params: Any, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`[B, F, H, W, 3]` -> unscaled posterior `(mean, logvar)`, each `[B, F, h, w, C]` (frames folded into batch)."""
-    b, f = frames.shape[:2]
-    flat = frames.reshape((b * f,) + frames.shape[2:])
-    mean, logvar = model.apply({"params": params}, flat, method=AutoencoderKL.encode)
-    return mean.reshape((b, f) + mean.shape[1:]), logvar.reshape((b, f) + logvar.shape[1:])
 
 
 @functools.partial(jax.jit, static_argnames=("model", "clip_skip"))
@@ -118,7 +109,7 @@ def prepare_cache(
         texts = [r["text"] for _, r in pending]
         ids = np.asarray(tokenizer(texts), np.int32)
         ctx = np.asarray(_encode_ids(text_model, text_params, _pad_batch(ids, batch_size), clip_skip), np.float32)
-        mean, logvar = jax.device_get(_vae_moments(vae_model, vae_params, jnp.asarray(video)))
+        mean, logvar = jax.device_get(encode_moments(vae_model, vae_params, jnp.asarray(video)))
         for j, (index, record) in enumerate(pending):
             rec = {
                 "index": np.int64(index),

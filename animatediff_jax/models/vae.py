@@ -277,60 +277,70 @@ class AutoencoderKL(nn.Module):
 # ------------------------------------------------------------------------- video helpers
 
 
-def _map_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
-    """`fn` over the leading axis of `x` in static chunks of `chunk` (all at once when None).
+def _over_frames(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
+    """`fn` (`[B, c, ...] -> [B, c, ...]`) over videos `x` `[B, F, ...]`, `chunk` frames of every
+    video at a time (all at once when None).
 
-    Whole chunks go through `lax.map` (one compiled body, one chunk's activations live at a
-    time); a remainder shorter than `chunk` is one extra call.
+    Whole chunks go through `lax.map` (one compiled body; only `B * chunk` frames' activations
+    live at a time); a remainder shorter than `chunk` is one extra call. The batch axis stays
+    whole, so a batch-sharded input stays sharded.
     """
-    n = x.shape[0]
-    if chunk is None or chunk >= n:
+    b, f = x.shape[:2]
+    if chunk is None or chunk >= f:
         return fn(x)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    full = (n // chunk) * chunk
-    head = jax.lax.map(fn, x[:full].reshape((n // chunk, chunk) + x.shape[1:]))
-    parts = [head.reshape((full,) + head.shape[2:])]
-    if full < n:
-        parts.append(fn(x[full:]))
-    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    full = (f // chunk) * chunk
+    head = x[:, :full].reshape((b, f // chunk, chunk) + x.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(fn, head).swapaxes(0, 1)
+    out = out.reshape((b, full) + out.shape[3:])
+    return jnp.concatenate([out, fn(x[:, full:])], axis=1) if full < f else out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk"))
+def encode_moments(
+    model: AutoencoderKL, params: Any, frames: jax.Array, chunk: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Frames `[B, F, H, W, C]` in [-1, 1] -> the posterior's *unscaled* `(mean, logvar)`, each
+    `[B, F, h, w, latent]` (what the latent cache stores), `chunk` frames of each video at a time."""
+
+    def moments(x: jax.Array) -> jax.Array:
+        b, c = x.shape[:2]
+        mean, logvar = model.apply({"params": params}, x.reshape((b * c,) + x.shape[2:]), method=AutoencoderKL.encode)
+        out = jnp.concatenate([mean, logvar], axis=-1)
+        return out.reshape((b, c) + out.shape[1:])
+
+    return tuple(jnp.split(_over_frames(moments, frames, chunk), 2, axis=-1))
+
+
+def sample_latents(model: AutoencoderKL, mean: jax.Array, logvar: jax.Array, keys: jax.Array | None) -> jax.Array:
+    """Scaled latents from posterior moments `[B, F, h, w, C]`: the mean, or with `keys` (one per
+    video) a posterior sample, each video's noise drawn from its own key (so a clip's latents do not
+    depend on the batch it is in or on how the batch is sharded)."""
+    z = mean
+    if keys is not None:
+        eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+        z = mean + jnp.exp(0.5 * logvar) * eps
+    return z * model.config.scaling_factor
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk"))
 def encode_video(
-    model: AutoencoderKL,
-    params: Any,
-    frames: jax.Array,
-    rng: jax.Array | None = None,
-    chunk: int | None = None,
+    model: AutoencoderKL, params: Any, frames: jax.Array, keys: jax.Array | None = None, chunk: int | None = None
 ) -> jax.Array:
-    """Frames `[B, F, H, W, C]` in [-1, 1] -> latents `[B, F, h, w, latent]` times `scaling_factor`.
-
-    Samples the posterior when `rng` is given, else takes its mean. `chunk` bounds how many
-    frames go through the encoder at once.
-    """
-    b, f = frames.shape[:2]
-    flat = frames.reshape((b * f,) + frames.shape[2:])
-    variables = {"params": params}
-    moments = _map_chunks(
-        lambda x: jnp.concatenate(model.apply(variables, x, method=AutoencoderKL.encode), axis=-1), flat, chunk
-    )
-    mean, logvar = jnp.split(moments, 2, axis=-1)
-    z = mean
-    if rng is not None:
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-    z = z * model.config.scaling_factor
-    return z.reshape((b, f) + z.shape[1:])
+    """Frames `[B, F, H, W, C]` in [-1, 1] -> latents `[B, F, h, w, latent]` times `scaling_factor`:
+    the posterior mean, or with `keys` (`[B]` keys) a sample (`sample_latents`)."""
+    return sample_latents(model, *encode_moments(model, params, frames, chunk), keys)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk"))
 def decode_video(model: AutoencoderKL, params: Any, latents: jax.Array, chunk: int | None = 4) -> jax.Array:
-    """Scaled latents `[B, F, h, w, latent]` -> frames `[B, F, H, W, C]`, decoded `chunk` frames at a time.
+    """Scaled latents `[B, F, h, w, latent]` -> float32 frames `[B, F, H, W, C]`, `chunk` frames of
+    each video at a time. The model's raw range (about [-1, 1]), unclipped, as diffusers'."""
 
-    Output is the model's raw range (about [-1, 1]); no clipping, so it matches diffusers.
-    """
-    b, f = latents.shape[:2]
-    flat = latents.reshape((b * f,) + latents.shape[2:]) / model.config.scaling_factor
-    variables = {"params": params}
-    out = _map_chunks(lambda z: model.apply(variables, z, method=AutoencoderKL.decode), flat, chunk)
-    return out.reshape((b, f) + out.shape[1:])
+    def dec(z: jax.Array) -> jax.Array:
+        b, c = z.shape[:2]
+        out = model.apply({"params": params}, z.reshape((b * c,) + z.shape[2:]), method=AutoencoderKL.decode)
+        return out.astype(jnp.float32).reshape((b, c) + out.shape[1:])
+
+    return _over_frames(dec, latents.astype(jnp.float32) / model.config.scaling_factor, chunk)

@@ -35,11 +35,10 @@ from animatediff_jax.models.attention import IMPLEMENTATIONS
 from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.checkpoints.sd15 import convert_clip_text
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
-from animatediff_jax.models.vae import VAEConfig
+from animatediff_jax.models.vae import VAEConfig, decode_video
 from animatediff_jax.testing.tiny import write_tiny_tokenizer
 from animatediff_jax.sampling import (
     AnimationPipeline,
-    decode_latents,
     encode_text,
     generate,
     predict_noise,
@@ -371,8 +370,9 @@ def run_parity(
         decode_chunk=decode_chunk, progress=False, init_latents=noise,
     )
     stages["latents after loop"] = _diff(res.latents.transpose(0, 4, 1, 2, 3), captured["latents"])
-    frames = jax.jit(decode_latents, static_argnums=(0, 3))(ours.vae, ours.params["vae"], jnp.asarray(res.latents),
-                                                            decode_chunk)
+    # [0, 1] frames, as diffusers' VaeImageProcessor post-processes
+    frames = np.clip(np.asarray(decode_video(ours.vae, ours.params["vae"], jnp.asarray(res.latents), decode_chunk))
+                     / 2 + 0.5, 0.0, 1.0)
     stages["decoded frames"] = _diff(frames, ref_frames)
     stages["frames uint8"] = _diff(res.frames.astype(np.int32), np.round(ref_frames * 255).astype(np.int32))
     stages["_timings"] = dict(diffusers_s=torch_s, **{f"ours_{k}": v for k, v in res.timings.items()})

@@ -22,7 +22,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import parallel
-from animatediff_jax.models.vae import AutoencoderKL
+from animatediff_jax.models.vae import AutoencoderKL, encode_video
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod, velocity
 from animatediff_jax.training.stages import Stage, apply_unet
 
@@ -141,19 +141,6 @@ class StepSpec:
     vae_sample_posterior: bool = True
 
 
-def _encode_pixels(spec: StepSpec, params: Params, video: jax.Array, keys: jax.Array) -> jax.Array:
-    """Frames `[b, F, H, W, 3]` -> scaled latents; the posterior sample uses each clip's own key."""
-    b, f = video.shape[:2]
-    flat = video.reshape((b * f,) + video.shape[2:])
-    mean, logvar = spec.vae.apply({"params": params}, flat, method=AutoencoderKL.encode)
-    mean, logvar = (x.reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
-    z = mean
-    if spec.vae_sample_posterior:
-        eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
-        z = mean + jnp.exp(0.5 * logvar) * eps
-    return z * spec.vae.config.scaling_factor
-
-
 def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Scaled latents `[b, F, h, w, 4]` and text context `[b, L, D]`, encoding pixels / ids if needed."""
     if "latents" in batch:
@@ -161,7 +148,8 @@ def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax
     elif "video" in batch:
         if spec.vae is None:
             raise ValueError("batch holds pixels ('video') but no VAE was given to encode them")
-        latents = _encode_pixels(spec, frozen["vae"], batch["video"], keys)
+        # (each clip's posterior sample from its own key)
+        latents = encode_video(spec.vae, frozen["vae"], batch["video"], keys if spec.vae_sample_posterior else None)
     else:
         raise ValueError(f"batch needs 'latents' or 'video', has {sorted(batch)}")
     if "context" in batch:

@@ -21,7 +21,7 @@ setup(
         "numpy",
         "safetensors",
         "Pillow",
-        "imageio",
+        "PyYAML",  # sample writes (and replays) config.yaml
         "tqdm",
     ],
     extras_require={

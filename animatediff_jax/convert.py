@@ -26,6 +26,7 @@ import sys
 import time
 
 from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
+from animatediff_jax.cli import run_command
 
 
 def resolve_base(spec: str | None):
@@ -107,7 +108,7 @@ def _lora(args) -> None:
     print(f"wrote {args.out}: {KIND_NAMES[b.kind]}, {len(lora_layers(b.unet))} UNet layers{text}", file=sys.stderr)
 
 
-def main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="animatediff-jax convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True)
@@ -134,12 +135,11 @@ def main(argv: list[str]) -> int:
         s.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/Inf (warns)")
     args = p.parse_args(argv)
     if args.kind != "sd15" and not args.out.lower().endswith(".safetensors"):
-        print(f"error: {args.out}: params files are .safetensors", file=sys.stderr)
-        return 1
-    try:
-        with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():
-            args.run(args)
-    except CheckpointError as e:
-        print(f"error: {' '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
-        return 1
+        raise CheckpointError(f"{args.out}: params files are .safetensors")
+    with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():
+        args.run(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)

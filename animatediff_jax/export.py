@@ -37,6 +37,7 @@ from animatediff_jax.checkpoints.load import Lora, load_lora, load_motion
 from animatediff_jax.checkpoints.motion import save_motion_adapter, save_motion_module_original
 from animatediff_jax.checkpoints.params_io import KIND_NAMES
 from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
+from animatediff_jax.cli import run_command
 from animatediff_jax.io.fs import check_output
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -114,7 +115,7 @@ def _lora(args) -> str:
     return KIND_NAMES[bundle.kind]
 
 
-def main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="animatediff-jax export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="part_name", required=True)
@@ -142,11 +143,13 @@ def main(argv: list[str]) -> int:
     try:
         with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():
             what = args.run(args)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"error: {' '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, file size limit, permissions: the previous file is untouched
-        print(f"error: cannot write {args.out}: {e.strerror or e} (nothing was replaced)", file=sys.stderr)
-        return 1
+    except (FileExistsError, FileNotFoundError):
+        raise
+    except OSError as e:  # disk full, file size limit, permissions: name --out, not a temporary file
+        raise OSError(e.errno, e.strerror or str(e), args.out) from e
     print(f"wrote {args.out}: {what}, {args.format} format, {args.dtype}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)

@@ -1,7 +1,8 @@
 """`animatediff-jax prepare`: VAE-encode video clips and text-encode captions once, into ArrayRecord shards.
 
 Stage 2 then trains from the cache (`--config.data.source=cache --config.data.cache_dir=OUT`), skipping
-the VAE encoder (~1/3 of the step). Exit codes: 0 written, 1 bad model files, 2 nothing readable.
+the VAE encoder (~1/3 of the step). Exit codes (`animatediff_jax.cli`): 0 written, 2 bad model files or
+nothing readable, 1 a write failed.
 
   animatediff-jax prepare --model PATH --csv webvid.csv --videos VIDEO_DIR --out cache/ \
       [--n-frames 16 --stride 4 --size 256 --batch-size 8 --num-shards 16]
@@ -15,9 +16,14 @@ import argparse
 import sys
 
 from animatediff_jax.checkpoints.torch_io import CheckpointError
+from animatediff_jax.cli import run_command
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="animatediff-jax prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -42,16 +48,11 @@ def main(argv: list[str]) -> int:
     from animatediff_jax.models.vae import AutoencoderKL
     from animatediff_jax.text import Tokenizer
 
-    try:
-        base = load_sd15(args.base) if args.base else None
-        model = load_sd15(args.model, base=base)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    base = load_sd15(args.base) if args.base else None
+    model = load_sd15(args.model, base=base)
     tok_dir = args.tokenizer or model.tokenizer_path
     if not tok_dir:
-        print("error: no tokenizer folder: pass --tokenizer or --base", file=sys.stderr)
-        return 1
+        raise CheckpointError(f"{args.model}: no tokenizer folder: pass --tokenizer or --base")
     source = WebVidSource(args.csv, args.videos, n_frames=args.n_frames, stride=args.stride, size=args.size)
     info = prepare_cache(
         source,
@@ -62,8 +63,7 @@ def main(argv: list[str]) -> int:
         latent_dtype=args.latent_dtype, limit=args.limit,
     )
     if not info.get("num_records"):
-        print(f"error: no clip of {args.csv} could be read from {args.videos} ({info.get('skipped', 0)} skipped): "
-              "nothing was cached", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"no clip of {args.csv} could be read from {args.videos} "
+                                f"({info.get('skipped', 0)} skipped): nothing was cached")
     print(f"cached {info.get('num_records')} clips to {args.out} ({info.get('skipped', 0)} skipped)", file=sys.stderr)
     return 0

@@ -93,6 +93,9 @@ def _motion(args) -> str:
         print("note: diffusers' MotionAdapter normalises the motion modules across frames; this module was trained "
               "per frame (as the original's): outputs there differ slightly (see `animatediff-jax parity`)",
               file=sys.stderr)
+    if args.format == "diffusers" and mm.norm_num_groups != config.norm_num_groups:
+        print(f"note: diffusers' UNetMotionModel gives motion-module GroupNorms the UNet's {config.norm_num_groups} "
+              f"groups, not this module's {mm.norm_num_groups}", file=sys.stderr)
     dtype = DTYPES[args.dtype]
     if args.format == "original":
         save_motion_module_original(args.out, params, config, dtype)

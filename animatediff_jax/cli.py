@@ -3,7 +3,8 @@
 Every command runs through `run_command`, so all of them answer `-h` the same way and end the same
 way: exit 0 when done; 2 for input the user can fix (a bad config, argument or weight file, a file
 that exists or is missing: one line `error: ...` naming it, before anything long starts); 1 when
-writing failed (disk full, permissions: nothing was replaced); 3 when training diverged.
+writing failed (disk full, permissions: nothing was replaced); 3 when training diverged. Commands run
+from a config file (`sample`, `train`) read it with `parse_config_flags` (`ml_collections.config_flags`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,83 @@ def run_command(body: Callable[[list[str]], int | None], argv: Sequence[str] | N
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return int(code)
+
+
+def unknown_field(config, dotted: str) -> str | None:
+    """The message for `--config.<dotted>` when it names no field of the ConfigDict `config` (None if it does)."""
+    from ml_collections import ConfigDict
+
+    node, path = config, []
+    for part in dotted.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            group = ".".join(path)
+            valid = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+            where = f" (fields of {group or 'the config'}: {', '.join(valid)})" if valid else ""
+            return f"unknown config field {'.'.join(path + [part])!r}{where}"
+        node, path = node[part], path + [part]
+    return None
+
+
+def _unknown_override(argv: Sequence[str], command: str, example: str) -> str | None:
+    """Which `--config.<field>` override names no field of the config file (one line), if any."""
+    names, plain, skip = [], [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--config."):
+            names.append(a[len("--config."):].split("=", 1)[0])
+            skip = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        else:
+            plain.append(a)
+    try:
+        config, _ = parse_config_flags(plain, command, example)
+    except ValueError:
+        return None
+    return next((msg for msg in (unknown_field(config, name) for name in names) if msg), None)
+
+
+def _flag_error(e: BaseException) -> str:
+    """absl's message, on one line; a config file that raised keeps only its exception's last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if "Traceback (most recent call last):" not in lines:
+        return one_line(e)
+    name, _, msg = lines[-1].partition(": ")
+    return f"{lines[0].split(': Error whilst')[0]}: {name.rsplit('.', 1)[-1]}: {msg}"
+
+
+def parse_config_flags(argv: Sequence[str], command: str, example: str):
+    """`(config, print_config)` from `--config FILE[:ARG] [--config.<field>=<value> ...] [--print_config]`,
+    parsed by `ml_collections.config_flags` as every command does (the file's `get_config(ARG)`, each
+    override typed by its field). Every mistake (an unknown field, a value of the wrong type, a config
+    file that fails, a stray argument) is a `ValueError` of one line naming it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        raise ValueError(f"--config is required (e.g. --config {example})")
+    full = [f"animatediff-jax {command}"] + list(argv)
+    fv = flags.FlagValues()  # private: no global flag state, so main() can run more than once
+    # config_flags finds the `--config.x=...` override names in `sys_argv` (default: sys.argv).
+    config_flags.DEFINE_config_file("config", None, f"{command} config file (get_config())", flag_values=fv,
+                                    lock_config=True, sys_argv=full)
+    flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
+    try:
+        rest = fv(full)
+    except (AttributeError, KeyError) as e:  # how ml_collections answers an unknown `--config.x`
+        raise ValueError(_unknown_override(argv, command, example) or one_line(e).strip("'\"")) from None
+    except flags.Error as e:
+        raise ValueError(_flag_error(e)) from None
+    except Exception as e:  # the config file's get_config failed
+        raise ValueError(f"--config: get_config failed: {type(e).__name__}: {one_line(e)}") from None
+    if len(rest) > 1:
+        raise ValueError(f"unexpected arguments: {rest[1:]}")
+    try:
+        fv.config.keys  # config_flags defers "no such file" to the first access
+    except OSError:
+        raise FileNotFoundError(f"--config {config_flags.get_config_filename(fv['config'])}: no such file") from None
+    return fv.config, fv.print_config
+
 
 COMMANDS = {
     "convert": ("animatediff_jax.convert", "PyTorch weights (SD1.5, motion modules, LoRAs) -> params files"),

@@ -23,24 +23,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from absl import flags
-from ml_collections import config_flags
-
 
 def parse_config(argv: list[str]):
-    """The `ConfigDict` selected and overridden by `argv` (flags only, no command name)."""
-    full = ["animatediff-jax train"] + list(argv)
-    fv = flags.FlagValues()  # private: no global flag state, so main() can run more than once
-    # config_flags finds the `--config.x=...` override names in `sys_argv` (default: sys.argv).
-    config_flags.DEFINE_config_file("config", None, "training config file (get_config())", flag_values=fv,
-                                    lock_config=True, sys_argv=full)
-    flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
-    rest = fv(full)
-    if len(rest) > 1:
-        raise flags.Error(f"unexpected arguments: {rest[1:]}")
-    if fv.config is None:
-        raise flags.Error("--config is required (e.g. --config configs/train/stage2_motion_module.py)")
-    return fv.config, fv.print_config
+    """The `ConfigDict` selected and overridden by `argv` (flags only, no command name), and
+    `--print_config`; a mistake is a one-line `ValueError` naming the field (`cli.parse_config_flags`)."""
+    from animatediff_jax.cli import parse_config_flags
+
+    return parse_config_flags(argv, "train", "configs/train/stage2_motion_module.py")
 
 
 def main(argv: list[str] | None = None, run: Callable[[Any], Any] | None = None) -> int:
@@ -52,11 +41,7 @@ def main(argv: list[str] | None = None, run: Callable[[Any], Any] | None = None)
         return 0
     try:
         config, print_only = parse_config(argv)
-    except (AttributeError, KeyError) as e:
-        # Unknown `--config.x` fields surface as AttributeError/KeyError from ml_collections.
-        print(f"error: {_unknown_field(argv) or _one_line(e).strip(chr(39))}", file=sys.stderr)
-        return 2
-    except (flags.Error, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     if print_only:
@@ -86,31 +71,6 @@ def main(argv: list[str] | None = None, run: Callable[[Any], Any] | None = None)
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
-
-
-def _unknown_field(argv: list[str]) -> str | None:
-    """Which `--config.<field>` override names no field of the config file (one line), if any."""
-    from animatediff_jax.training.config import unknown_field
-
-    names, plain, skip = [], [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a.startswith("--config."):
-            names.append(a[len("--config."):].split("=", 1)[0])
-            skip = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-        else:
-            plain.append(a)
-    try:
-        config, _ = parse_config(plain)
-    except Exception:
-        return None
-    for name in names:
-        msg = unknown_field(config, name)
-        if msg:
-            return msg
-    return None
 
 
 if __name__ == "__main__":

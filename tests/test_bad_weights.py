@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from animatediff_jax.checkpoints.bundles import save_motion_bundle
+from animatediff_jax.checkpoints.params_io import save_motion
 from animatediff_jax.checkpoints.motion import save_motion_module_original
 from animatediff_jax.models.shapes import motion_shapes
 from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict, nonfinite_allowed, torch_to_flax
@@ -34,14 +34,14 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, capsys, poison):
     save_motion_module_original(ckpt, motion(0, poison), CFG)
     rc = cli(["convert", "motion", str(ckpt), "--out", str(tmp_path / "mm.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and "holds NaN/Inf in" in err[-1] and "--allow-nonfinite" in err[-1], err
+    assert rc == 2 and "holds NaN/Inf in" in err[-1] and "--allow-nonfinite" in err[-1], err
     assert not (tmp_path / "mm.safetensors").exists()
     # Our own params files too (e.g. what a diverged training run exported), in `export`.
     params = tmp_path / "nan_params.safetensors"
-    save_motion_bundle(params, motion(1, poison), CFG)
+    save_motion(params, motion(1, poison), CFG)
     rc = cli(["export", "motion", str(params), "--out", str(tmp_path / "out.ckpt")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and f"{params}: holds NaN/Inf in" in err[-1], err
+    assert rc == 2 and f"{params}: holds NaN/Inf in" in err[-1], err
     rc = cli(["export", "motion", str(params), "--out", str(tmp_path / "out.ckpt"), "--allow-nonfinite"])
     err = capsys.readouterr().err
     assert rc == 0 and "warning:" in err and "loading it anyway" in err, err
@@ -83,7 +83,6 @@ def test_pickles_with_code_are_refused_without_running(tmp_path):
 def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
     """A converted MotionLoRA with a wrong-shaped `up`, or a layer missing a tensor: one error line, no file."""
     from animatediff_jax.checkpoints import params_io
-    from animatediff_jax.checkpoints.bundles import save_lora_bundle
     from animatediff_jax.lora import init_lora, lora_layers, motion_lora_targets
     from animatediff_jax.models.shapes import unet_shapes
 
@@ -92,7 +91,7 @@ def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
     tree = init_lora(unet_shapes(CFG), motion_lora_targets, 2, jax.random.key(0))
     tree = jax.tree.map(lambda x: np.asarray(x) + 0.1, tree)
     good = tmp_path / "ml.safetensors"
-    save_lora_bundle(good, tree, "motion_lora", CFG)
+    params_io.save_lora(good, tree, "motion_lora", CFG)
     flat, meta = params_io.load_params(good)
     first = sorted(lora_layers(flat["unet"]))[0]
     for case in ("wrong_up", "missing_up"):
@@ -108,7 +107,7 @@ def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
         params_io.save_params(path, bad, {k: v for k, v in meta.items()})
         rc = cli(["export", "motion-lora", str(path), "--out", str(tmp_path / f"{case}.ckpt")])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 1 and len(err) == 1 and err[0].startswith(f"error: {path}"), err
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {path}"), err
         assert "/".join(first) in err[0], err
         assert not (tmp_path / f"{case}.ckpt").exists()
         print(err[0])
@@ -116,7 +115,7 @@ def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
 
 def test_a_damaged_converted_base_is_named_as_the_base(tmp_path):
     """A converted SD1.5 folder whose params do not fit its own configs: the error names that file."""
-    from animatediff_jax.checkpoints import params_io
+    from animatediff_jax.checkpoints import params_io, sd15
     from animatediff_jax.testing.tiny import write_tiny_models
 
     paths = write_tiny_models(str(tmp_path / "models"))
@@ -125,4 +124,4 @@ def test_a_damaged_converted_base_is_named_as_the_base(tmp_path):
     tree["unet"]["conv_in"]["kernel"] = np.zeros((3, 3, 4, 7), np.float32)
     params_io.save_params(f"{base}/{params_io.PARAMS_FILE}", tree, meta)
     with pytest.raises(CheckpointError, match=r"(?s)params\.safetensors \(unet\) does not fit the model:.*conv_in/kernel"):
-        params_io.load_converted(base)
+        sd15.load_converted(base)

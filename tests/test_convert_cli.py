@@ -58,7 +58,7 @@ def test_converted_folder_loads_without_torch(sd_folder, tmp_path):
     cli_main(["convert", "sd15", str(sd_folder), "--out", str(out)])
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
-        "from animatediff_jax.checkpoints.params_io import load_converted\n"
+        "from animatediff_jax.checkpoints.sd15 import load_converted\n"
         f"m = load_converted({str(out)!r})\n"
         "print(float(abs(m.params['vae']['decoder']['conv_out']['kernel']).sum()))\n"
     )
@@ -71,7 +71,7 @@ def test_converted_folder_loads_without_torch(sd_folder, tmp_path):
 def test_convert_bad_input_is_one_clear_error(tmp_path, capsys):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    assert cli_main(["convert", "sd15", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert cli_main(["convert", "sd15", str(bad), "--out", str(tmp_path / "o")]) == 2  # bad input
     err = capsys.readouterr().err
     assert "error:" in err and str(bad) in err
 
@@ -118,24 +118,15 @@ def torch_files(tmp_path_factory):
 
 
 def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
-    """`convert motion|lora` bundles hold exactly what the PyTorch readers give; `load_any_*` take both."""
+    """`convert motion|lora` params files hold exactly what the PyTorch readers give; `load_motion` /
+    `load_lora` take both."""
     from transformers import CLIPTextModel as TCLIP
 
-    from animatediff_jax.checkpoints.bundles import (
-        load_any_lora,
-        load_any_lora_file,
-        load_any_motion,
-        load_lora_bundle,
-        load_motion_bundle,
-        read_lora_bundle,
-    )
-    from animatediff_jax.checkpoints.lora_formats import load_lora, load_motion_lora
-    from animatediff_jax.checkpoints.motion import load_motion_module
+    from animatediff_jax.checkpoints.load import load_lora, load_motion
+    from animatediff_jax.checkpoints.params_io import save_lora
     from animatediff_jax.checkpoints.torch_io import save_state_dict
-    from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import tiny_unet
-    from animatediff_jax.models.shapes import unet_shapes
 
     d, unet2d, kohya_file = torch_files
     base = tiny_unet(None)
@@ -143,22 +134,24 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
         out = tmp_path / f"{version}.safetensors"
         assert cli_main(["convert", "motion", str(src), "--out", str(out), "--base-config", str(sd_folder)]) == 0
         assert f"{version} motion module" in capsys.readouterr().err
-        ref, ref_cfg = load_motion_module(src, base)
-        params, cfg = load_motion_bundle(out)
+        ref, ref_cfg = load_motion(src, base)
+        params, cfg = load_motion(out)  # the config the file records
         assert cfg == ref_cfg == tiny_unet(version) and _tree_equal(params, ref)
-        again, cfg2 = load_any_motion(out, base)
+        again, cfg2 = load_motion(out, base)
         assert cfg2 == cfg and _tree_equal(again, ref)
-        assert _tree_equal(load_any_motion(src, base)[0], ref)
 
     out = tmp_path / "ml.safetensors"
     assert cli_main(["convert", "lora", str(d / "motion_lora.ckpt"), "--kind", "motion_lora", "--out", str(out),
                      "--base-config", str(sd_folder)]) == 0
-    shapes = unet_shapes(tiny_unet("v2"))
-    ref = load_motion_lora(d / "motion_lora.ckpt", shapes)
-    tree, kind, cfg = load_lora_bundle(out)
-    assert kind == "motion_lora" and cfg == tiny_unet("v2") and _tree_equal(tree, ref)
-    assert _tree_equal(load_any_lora(out, "motion_lora", shapes), ref)
-    assert _tree_equal(load_any_lora(d / "motion_lora.ckpt", "motion_lora", shapes), ref)
+    ref = load_lora(d / "motion_lora.ckpt", "motion_lora", base=tiny_unet("v2"))
+    assert ref.source == "original AnimateDiff" and ref.unet_config == tiny_unet("v2")
+    b = load_lora(out, "motion_lora")  # the config the file records
+    assert b.kind == "motion_lora" and b.unet_config == tiny_unet("v2") and _tree_equal(b.unet, ref.unet)
+    assert b.source == "animatediff-jax" and b.text_encoder is None
+    assert _tree_equal(load_lora(out, "motion_lora", base=tiny_unet("v2")).unet, ref.unet)
+    # A base without motion modules is inflated as the file records (v2, as the PyTorch file's mid block says).
+    assert load_lora(out, "motion_lora", base=base).unet_config == tiny_unet("v2")
+    assert load_lora(d / "motion_lora.ckpt", "motion_lora", base=base).unet_config == tiny_unet("v2")
 
     # A kohya LoRA with text-encoder layers: the base folder's text config gives its target.
     clip = TCLIP.from_pretrained(sd_folder / "text_encoder")
@@ -167,15 +160,20 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
     out = tmp_path / "kohya_bundle.safetensors"
     assert cli_main(["convert", "lora", str(tmp_path / "kohya.safetensors"), "--kind", "lora", "--out", str(out),
                      "--base-config", str(sd_folder)]) == 0
-    text_shapes = clip_shapes(CLIPTextConfig.tiny())
-    ref = load_lora(tmp_path / "kohya.safetensors", unet_shapes(base), text_shapes)
-    b = read_lora_bundle(out)
-    assert b.kind == "lora" and b.text_config == CLIPTextConfig.tiny()
+    tcfg = CLIPTextConfig.tiny()
+    ref = load_lora(tmp_path / "kohya.safetensors", "lora", base=base, text_config=tcfg)
+    assert ref.source == "kohya" and ref.text_config == tcfg
+    b = load_lora(out, "lora")  # the configs the file records
+    assert b.kind == "lora" and b.unet_config == base and b.text_config == tcfg
     assert _tree_equal(b.unet, ref.unet) and _tree_equal(b.text_encoder, ref.text_encoder)
-    lf = load_any_lora_file(out, "lora", unet_shapes(base), text_shapes)
+    lf = load_lora(out, "lora", base=base, text_config=tcfg)
     assert _tree_equal(lf.unet, ref.unet) and _tree_equal(lf.text_encoder, ref.text_encoder)
-    with pytest.raises(CheckpointError, match="text-encoder layers"):
-        load_any_lora(out, "lora", unet_shapes(base))
+    with pytest.raises(CheckpointError, match=r"kohya_bundle\.safetensors .*does not fit the model"):
+        load_lora(out, "lora", base=base, text_config=CLIPTextConfig.sd15())  # another text encoder
+    # A file with text-encoder layers and no text config: refused without a text encoder to check them on.
+    save_lora(tmp_path / "no_text_config.safetensors", b.unet, "lora", base, b.text_encoder)
+    with pytest.raises(CheckpointError, match="text-encoder layers but no text-encoder model"):
+        load_lora(tmp_path / "no_text_config.safetensors", "lora")
 
 
 def test_bundles_load_without_torch(sd_folder, torch_files, tmp_path):
@@ -184,23 +182,23 @@ def test_bundles_load_without_torch(sd_folder, torch_files, tmp_path):
     assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(out), "--base-config", str(sd_folder)]) == 0
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from animatediff_jax.checkpoints.bundles import load_any_motion\n"
-        f"p, c = load_any_motion({str(out)!r})\n"
+        "from animatediff_jax.checkpoints.load import load_motion\n"
+        f"p, c = load_motion({str(out)!r})\n"
         "print(c.motion.mid_block, float(abs(p['mid_block']['motion_modules_0']['proj_out']['kernel']).sum()))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    from animatediff_jax.checkpoints.motion import load_motion_module
+    from animatediff_jax.checkpoints.load import load_motion
     from animatediff_jax.convert import resolve_base
 
-    ref = load_motion_module(d / "mm_v2.ckpt", resolve_base(str(sd_folder))[0])[0]
+    ref = load_motion(d / "mm_v2.ckpt", resolve_base(str(sd_folder))[0])[0]
     mid, total = r.stdout.split()
     assert mid == "True" and float(total) == pytest.approx(
         float(np.abs(ref["mid_block"]["motion_modules_0"]["proj_out"]["kernel"]).sum()), rel=1e-6)
 
 
 def test_convert_motion_lora_errors(sd_folder, torch_files, tmp_path, capsys):
-    """The wrong kind of file, a wrong output name, a bad base: exit 1 and one line."""
+    """The wrong kind of file, a wrong output name, a bad base: exit 2 (bad input) and one line."""
     d, _, _ = torch_files
     base = ["--base-config", str(sd_folder)]
     cases = [
@@ -215,14 +213,14 @@ def test_convert_motion_lora_errors(sd_folder, torch_files, tmp_path, capsys):
     ]
     for argv, pattern in cases:
         capsys.readouterr()
-        assert cli_main(["convert", *argv, *base]) == 1, argv
+        assert cli_main(["convert", *argv, *base]) == 2, argv
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
     capsys.readouterr()
     assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(tmp_path / "o.safetensors"),
-                     "--base-config", str(tmp_path)]) == 1
+                     "--base-config", str(tmp_path)]) == 2
     assert "not a base model folder" in capsys.readouterr().err
     # A motion module for other channels than the base: the mismatch, in one line.
-    assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(tmp_path / "o.safetensors")]) == 1
+    assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "shape mismatches" in err

@@ -27,14 +27,9 @@ import pytest
 import torch
 
 from animatediff_jax.checkpoints import params_io
-from animatediff_jax.checkpoints.bundles import (
-    load_lora_bundle,
-    load_motion_bundle,
-    save_lora_bundle,
-    save_motion_bundle,
-)
-from animatediff_jax.checkpoints.lora_formats import load_lora
-from animatediff_jax.checkpoints.motion import load_motion_module, merge_motion
+from animatediff_jax.checkpoints.load import load_lora, load_motion
+from animatediff_jax.checkpoints.motion import merge_motion
+from animatediff_jax.checkpoints.params_io import save_lora, save_motion
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.shapes import motion_shapes
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -180,13 +175,13 @@ def test_position_table_is_torchs():
 
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_motion_export_loads_in_diffusers(version, tmp_path, capsys):
-    """Bundle -> original .ckpt/.safetensors + MotionAdapter folder -> diffusers loads all, same UNet output."""
+    """Params file -> original .ckpt/.safetensors + MotionAdapter folder -> diffusers loads all, same UNet output."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
     cfg = tiny_unet(version)
     motion = random_like(motion_shapes(cfg), seed={"v1": 1, "v2": 2, "v3": 3}[version])
-    save_motion_bundle(tmp_path / "mm.safetensors", motion, cfg)
+    save_motion(tmp_path / "mm.safetensors", motion, cfg)
     for out, fmt in (("mm.ckpt", "original"), ("mm.safetensors", "original"), ("adapter", "diffusers")):
         target = tmp_path / "out" / out
         rc, err = run(["export", "motion", tmp_path / "mm.safetensors", "--out", target, "--format", fmt], capsys)
@@ -315,7 +310,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
     original-format export merged by the original rule, likewise. Then the domain adapter."""
     pytest.importorskip("peft")
     tree = random_lora(motion_lora_targets, rank=2, seed=1, alpha=3.0)  # alpha / r = 1.5
-    save_lora_bundle(tmp_path / "ml.safetensors", tree, "motion_lora", CFG)
+    save_lora(tmp_path / "ml.safetensors", tree, "motion_lora", CFG)
     for out, fmt in (("ml_peft.safetensors", "diffusers"), ("ml_orig.ckpt", "original")):
         rc, err = run(["export", "motion-lora", tmp_path / "ml.safetensors", "--out", tmp_path / out,
                        "--format", fmt], capsys)
@@ -339,7 +334,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
 
     # Domain adapter (spatial attention), original v3 layout, at the usual run-time scale.
     da = random_lora(domain_adapter_targets, rank=4, seed=2)
-    save_lora_bundle(tmp_path / "da.safetensors", da, "domain_adapter", CFG)
+    save_lora(tmp_path / "da.safetensors", da, "domain_adapter", CFG)
     rc, err = run(["export", "domain-adapter", tmp_path / "da.safetensors", "--out", tmp_path / "da.ckpt"], capsys)
     assert rc == 0, err
     keys = torch_sd(tmp_path / "da.ckpt")
@@ -355,7 +350,7 @@ def test_motion_lora_export_in_diffusers(ref_unet, tmp_path, capsys):
 def test_fp16_export_holds_rounded_params(tmp_path, capsys):
     cfg = tiny_unet("v3")
     motion = random_like(motion_shapes(cfg), seed=9)
-    save_motion_bundle(tmp_path / "mm.safetensors", motion, cfg)
+    save_motion(tmp_path / "mm.safetensors", motion, cfg)
     rounded = jax.tree.map(lambda v: v.astype(np.float16).astype(np.float32), motion)
     for out, fmt in (("mm16.safetensors", "original"), ("mm16.ckpt", "original"), ("ad16", "diffusers")):
         rc, err = run(["export", "motion", tmp_path / "mm.safetensors", "--out", tmp_path / out,
@@ -367,29 +362,29 @@ def test_fp16_export_holds_rounded_params(tmp_path, capsys):
         pe = [v for k, v in sd.items() if k.endswith(".pe")]
         assert all(torch.equal(v[0].float(), torch.from_numpy(position_table(32, v.shape[-1])).half().float())
                    for v in pe)
-        back, _ = load_motion_module(tmp_path / out, cfg)
+        back, _ = load_motion(tmp_path / out, cfg)
         a, b = flatten_dict(back), flatten_dict(rounded)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), out
 
     tree = random_lora(motion_lora_targets, rank=2, seed=3)
-    save_lora_bundle(tmp_path / "ml.safetensors", tree, "motion_lora", CFG)
+    save_lora(tmp_path / "ml.safetensors", tree, "motion_lora", CFG)
     for out, fmt in (("ml16.safetensors", "diffusers"), ("ml16.ckpt", "original"), ("k16.safetensors", "kohya")):
         part = "lora" if fmt == "kohya" else "motion-lora"
         rc, err = run(["export", part, tmp_path / "ml.safetensors", "--out", tmp_path / out,
                        "--format", fmt, "--dtype", "fp16"], capsys)
         assert rc == 0, err
         assert {v.dtype for v in torch_sd(tmp_path / out).values()} == {torch.float16}
-        back = load_lora(tmp_path / out, unet_shapes(CFG)).unet
+        back = load_lora(tmp_path / out, "motion_lora", base=CFG).unet
         a, b = flatten_dict(back), flatten_dict(jax.tree.map(lambda v: v.astype(np.float16).astype(np.float32), tree))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), out
 
 
 def test_missing_part_errors(ref_unet, tmp_path, capsys):
-    """Asking for a part the file lacks: exit 1, one line naming what is missing and what the file holds."""
+    """Asking for a part the file lacks: exit 2 (bad input), one line naming what is missing and what the file holds."""
     motion = random_like(motion_shapes(CFG), seed=4)
-    save_motion_bundle(tmp_path / "mm.safetensors", motion, CFG)
-    save_lora_bundle(tmp_path / "ml.safetensors", random_lora(motion_lora_targets, 2, 5), "motion_lora", CFG)
-    save_lora_bundle(tmp_path / "da.safetensors", random_lora(domain_adapter_targets, 2, 6), "domain_adapter", CFG)
+    save_motion(tmp_path / "mm.safetensors", motion, CFG)
+    save_lora(tmp_path / "ml.safetensors", random_lora(motion_lora_targets, 2, 5), "motion_lora", CFG)
+    save_lora(tmp_path / "da.safetensors", random_lora(domain_adapter_targets, 2, 6), "domain_adapter", CFG)
     torch.save(original_lora_file(random_factors(modules(ref_unet, MOTION_ATTN), 2, 7)), tmp_path / "ml.ckpt")
     torch.save(fake_original(adapter_state_dict(CFG, 3)), tmp_path / "mm.ckpt")
     params_io.save_params(tmp_path / "sd.safetensors", {"unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 32))}}},
@@ -406,22 +401,22 @@ def test_missing_part_errors(ref_unet, tmp_path, capsys):
     for (part, name), pattern in cases:
         rc, err = run(["export", part, tmp_path / name, "--out", tmp_path / "x.ckpt",
                        "--base-config", base_json(tmp_path)], capsys)
-        assert rc == 1, (part, name)
+        assert rc == 2, (part, name)
         assert len(err.strip().splitlines()) == 1 and re.search("error: .*" + pattern, err), err
     rc, err = run(["export", "motion", tmp_path / "mm.safetensors", "--out", tmp_path / "x.safetensors",
                    "--format", "diffusers"], capsys)
-    assert rc == 1 and "writes a MotionAdapter folder" in err
+    assert rc == 2 and "writes a MotionAdapter folder" in err
     assert not (tmp_path / "x.ckpt").exists()
 
     # Training's export convention (kind "lora" + stage) reads as that stage's kind.
     tree = random_lora(motion_lora_targets, 2, 8)
     params_io.save_params(tmp_path / "stage3.safetensors", {"unet": tree},
                           {"stage": "motion_lora", "kind": "lora", "step": 10, "unet_config": CFG})
-    assert load_lora_bundle(tmp_path / "stage3.safetensors")[1] == "motion_lora"
+    assert load_lora(tmp_path / "stage3.safetensors", "lora").kind == "motion_lora"
     rc, err = run(["export", "motion-lora", tmp_path / "stage3.safetensors", "--out", tmp_path / "s3.ckpt"], capsys)
     assert rc == 0, err
     rc, err = run(["export", "domain-adapter", tmp_path / "stage3.safetensors", "--out", tmp_path / "s.ckpt"], capsys)
-    assert rc == 1 and "no domain adapter in it: it holds" in err and "MotionLoRA" in err
-    m, c = load_motion_bundle(tmp_path / "mm.safetensors")
+    assert rc == 2 and "no domain adapter in it: it holds" in err and "MotionLoRA" in err
+    m, c = load_motion(tmp_path / "mm.safetensors")
     assert c == CFG and jax.tree.all(jax.tree.map(np.array_equal, m, motion))
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from animatediff_jax.checkpoints.bundles import save_motion_bundle
-from animatediff_jax.checkpoints.motion import load_motion_module
+from animatediff_jax.checkpoints.load import load_motion
+from animatediff_jax.checkpoints.params_io import save_motion
 from animatediff_jax.models.shapes import motion_shapes
 from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.cli import main as cli
@@ -26,7 +26,7 @@ def motion_file(path, seed: int) -> str:
     rng = np.random.default_rng(seed)
     motion = unflatten_dict({p: rng.standard_normal(s.shape).astype(np.float32)
                         for p, s in flatten_dict(motion_shapes(CFG)).items()})
-    save_motion_bundle(path, motion, CFG)
+    save_motion(path, motion, CFG)
     return str(path)
 
 
@@ -41,16 +41,16 @@ def test_existing_output_needs_overwrite_and_the_input_is_never_replaced(tmp_pat
     assert run(["motion", mm, "--out", out], capsys)[0] == 0
     before = out.read_bytes()
     rc, err = run(["motion", motion_file(tmp_path / "mm2.safetensors", 1), "--out", out], capsys)
-    assert rc == 1 and "exists; pass --overwrite to replace it" in err, err
+    assert rc == 2 and "exists; pass --overwrite to replace it" in err, err
     assert out.read_bytes() == before
     rc, err = run(["motion", tmp_path / "mm2.safetensors", "--out", out, "--overwrite"], capsys)
     assert rc == 0 and out.read_bytes() != before, err
     rc, err = run(["motion", mm, "--out", mm, "--overwrite"], capsys)
-    assert rc == 1 and "is the input" in err, err
+    assert rc == 2 and "is the input" in err, err
     folder = tmp_path / "adapter"
     assert run(["motion", mm, "--out", folder, "--format", "diffusers"], capsys)[0] == 0
     rc, err = run(["motion", mm, "--out", folder, "--format", "diffusers"], capsys)
-    assert rc == 1 and "exists" in err
+    assert rc == 2 and "exists" in err
 
 
 CHILD = """
@@ -83,7 +83,7 @@ def test_a_write_that_fails_leaves_the_previous_output(tmp_path, capsys, out, fm
     after = {f: f.read_bytes() for f in (sorted(target.rglob("*")) if target.is_dir() else [target]) if f.is_file()}
     assert after == before
     assert sorted(os.listdir(tmp_path)) == sorted(["in.safetensors", "in2.safetensors", out])  # no temporaries
-    load_motion_module(str(target), tiny_unet(None))  # and it still loads
+    load_motion(str(target), tiny_unet(None))  # and it still loads
 
 
 def test_atomic_helpers_keep_the_old_content_on_error(tmp_path):

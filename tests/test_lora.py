@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from animatediff_jax.checkpoints.load import load_lora
 from animatediff_jax.checkpoints.lora_formats import (
-    load_domain_adapter,
-    load_lora,
-    load_motion_lora,
     save_lora_diffusers,
     save_lora_kohya,
     save_lora_original,
@@ -169,8 +167,7 @@ def test_motion_lora_original_runtime_and_merged(ref_unet, tmp_path):
     """Original MotionLoRA .ckpt; scale traced inside jit (no recompile) == merged outside == torch."""
     factors = random_factors(modules(ref_unet, MOTION_ATTN), rank=2, seed=1)
     torch.save({"state_dict": original_file(factors)}, tmp_path / "v2_lora_ZoomIn.ckpt")
-    shapes = unet_shapes(CFG)
-    tree = load_motion_lora(tmp_path / "v2_lora_ZoomIn.ckpt", shapes)
+    tree = load_lora(tmp_path / "v2_lora_ZoomIn.ckpt", "motion_lora", base=CFG).unet
     params = convert_unet_state_dict(ref_unet.state_dict(), CFG)
     x, t, ctx = inputs()
 
@@ -196,7 +193,7 @@ def test_motion_lora_original_runtime_and_merged(ref_unet, tmp_path):
     # Two MotionLoRAs, each with its own weight.
     factors2 = random_factors(modules(ref_unet, MOTION_ATTN), rank=3, seed=2)
     torch.save(original_file(factors2), tmp_path / "second.ckpt")
-    tree2 = load_motion_lora(tmp_path / "second.ckpt", shapes)
+    tree2 = load_lora(tmp_path / "second.ckpt", "motion_lora", base=CFG).unet
     both = merged_torch(merged_torch(ref_unet, factors, 0.6), factors2, -0.4)
     ours = run_ours(merge_many(params, [(tree, 0.6), (tree2, -0.4)]), x, t, ctx)
     err = assert_close(ours, run_torch(both, x, t, ctx), rtol=1e-5, what="two motion LoRAs")
@@ -217,11 +214,10 @@ def test_motion_lora_diffusers_formats(ref_unet, tmp_path):
     save_state_dict(tmp_path / "peft.safetensors", {k: v.numpy() for k, v in peft.items()}, header)
     save_state_dict(tmp_path / "old.safetensors", {k: v.numpy() for k, v in old.items()})
 
-    shapes = unet_shapes(CFG)
     params = convert_unet_state_dict(ref_unet.state_dict(), CFG)
     x, t, ctx = inputs()
-    peft_tree = load_motion_lora(tmp_path / "peft.safetensors", shapes)
-    old_tree = load_motion_lora(tmp_path / "old.safetensors", shapes)
+    peft_tree = load_lora(tmp_path / "peft.safetensors", "motion_lora", base=CFG).unet
+    old_tree = load_lora(tmp_path / "old.safetensors", "motion_lora", base=CFG).unet
     assert all(float(layer["alpha"]) == 4.0 for layer in lora_layers(peft_tree).values())
     ours_peft = run_ours(merge(params, peft_tree), x, t, ctx)
     ours_old = run_ours(merge(params, old_tree, 0.7), x, t, ctx)
@@ -252,14 +248,15 @@ def test_domain_adapter(ref_unet, tmp_path):
     """v3 domain adapter (spatial attn1/attn2, original naming, `animatediff_config` entry) at alpha 0.5."""
     factors = random_factors(modules(ref_unet, SPATIAL_ATTN), rank=4, seed=7)
     torch.save({"state_dict": original_file(factors), "animatediff_config": {"rank": 4}}, tmp_path / "adapter.ckpt")
-    tree = load_domain_adapter(tmp_path / "adapter.ckpt", unet_shapes(CFG))
+    tree = load_lora(tmp_path / "adapter.ckpt", "domain_adapter", base=CFG).unet
     params = convert_unet_state_dict(ref_unet.state_dict(), CFG)
     x, t, ctx = inputs()
     ref = run_torch(merged_torch(ref_unet, factors, 0.5), x, t, ctx)
     err = assert_close(run_ours(merge(params, tree, 0.5), x, t, ctx), ref, what="domain adapter 0.5")
     print(f"domain adapter at 0.5: max abs err {err:.2e}")
-    with pytest.raises(CheckpointError, match="not a MotionLoRA"):
-        load_motion_lora(tmp_path / "adapter.ckpt", unet_shapes(CFG))
+    holds = r"adapter\.ckpt: no MotionLoRA in it: it holds a spatial LoRA \(a domain adapter"
+    with pytest.raises(CheckpointError, match=holds):
+        load_lora(tmp_path / "adapter.ckpt", "motion_lora", base=CFG)
 
 
 # ----------------------------------------------------------------- kohya
@@ -314,8 +311,8 @@ def test_kohya(tmp_path):
 
     uparams = convert_unet_state_dict(unet2d.state_dict(), base_cfg)
     tparams = convert_clip_text({k: v.numpy() for k, v in clip.state_dict().items()}, clip_shapes(tcfg))
-    lf = load_lora(tmp_path / "lora.safetensors", unet_shapes(base_cfg), clip_shapes(tcfg))
-    assert lf.format == "kohya"
+    lf = load_lora(tmp_path / "lora.safetensors", "lora", base=base_cfg, text_config=tcfg)
+    assert lf.source == "kohya"
 
     g = torch.Generator().manual_seed(5)
     x, ctx = torch.randn(FRAMES, 4, 8, 8, generator=g), torch.randn(1, 5, 16, generator=g)
@@ -349,7 +346,7 @@ def test_kohya(tmp_path):
 
     sd1, _ = kohya_file(unet2d, clip, alphas=(1.5,))
     save_state_dict(tmp_path / "one_alpha.safetensors", {k: v.numpy() for k, v in sd1.items()})
-    lf = load_lora(tmp_path / "one_alpha.safetensors", unet_shapes(base_cfg), clip_shapes(tcfg))
+    lf = load_lora(tmp_path / "one_alpha.safetensors", "lora", base=base_cfg, text_config=tcfg)
     pipe = StableDiffusionPipeline(
         vae=None,
         text_encoder=copy.deepcopy(clip),
@@ -370,7 +367,7 @@ def test_kohya(tmp_path):
     # Round trip file -> tree -> file, bit for bit (fp16 file, as most are shipped).
     half = {k: v.numpy().astype(np.float16) for k, v in sd.items()}
     save_state_dict(tmp_path / "half.safetensors", half)
-    lf16 = load_lora(tmp_path / "half.safetensors", unet_shapes(base_cfg), clip_shapes(tcfg))
+    lf16 = load_lora(tmp_path / "half.safetensors", "lora", base=base_cfg, text_config=tcfg)
     save_lora_kohya(tmp_path / "back.safetensors", lf16.unet, lf16.text_encoder, dtype=np.float16)
     back = load_state_dict(tmp_path / "back.safetensors")
     assert back.keys() == half.keys()
@@ -396,51 +393,49 @@ def rich_tree():
 
 def test_round_trips(ref_unet, tmp_path):
     """tree -> file -> tree is bit-exact for the three writers (alphas, conv layouts, text encoder)."""
-    shapes = unet_shapes(CFG)
     tree = rich_tree()
     attn = jax.tree.map(lambda v: v, tree)
     attn["down_blocks_0"].pop("resnets_0")
     attn["down_blocks_0"]["attentions_0"].pop("proj_in")
     for name in ("orig.ckpt", "orig.safetensors"):
         save_lora_original(tmp_path / name, attn)
-        assert_trees_equal(load_lora(tmp_path / name, shapes).unet, attn)
-    assert load_lora(tmp_path / "orig.ckpt", shapes).format == "original AnimateDiff"
+        assert_trees_equal(load_lora(tmp_path / name, "lora", base=CFG).unet, attn)
+    assert load_lora(tmp_path / "orig.ckpt", "lora", base=CFG).source == "original AnimateDiff"
     keys = load_state_dict(tmp_path / "orig.ckpt")
     assert any(".temporal_transformer." in k and "attention_blocks.1.processor.to_out_lora.up" in k for k in keys)
 
     from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.models.clip_text import CLIPTextConfig
 
-    text_shapes = clip_shapes(CLIPTextConfig.tiny())
-    text = jax.tree.map(np.asarray, init_lora(text_shapes, lambda p: p[-1] in ("q_proj", "fc2"), 2, jax.random.key(3)))
+    TCFG = CLIPTextConfig.tiny()
+    text = jax.tree.map(np.asarray, init_lora(clip_shapes(TCFG), lambda p: p[-1] in ("q_proj", "fc2"), 2, jax.random.key(3)))
     with_alpha = jax.tree.map(lambda v: v, tree)
     for i, layer in enumerate(lora_layers(with_alpha).values()):
         if i % 2:
             layer["alpha"] = np.float32(0.25 * i)  # never the rank
     for writer, name in ((save_lora_diffusers, "d.safetensors"), (save_lora_kohya, "k.safetensors")):
         writer(tmp_path / name, with_alpha, text)
-        lf = load_lora(tmp_path / name, shapes, text_shapes)
+        lf = load_lora(tmp_path / name, "lora", base=CFG, text_config=TCFG)
         assert_trees_equal(lf.unet, with_alpha)
         assert_trees_equal(lf.text_encoder, text)
     sd = load_state_dict(tmp_path / "d.safetensors")
     short = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in sd.items()}
     assert short.keys() != sd.keys()  # the transformers-5 spelling (no `text_model.`) reads the same
     save_state_dict(tmp_path / "d5.safetensors", short)
-    assert_trees_equal(load_lora(tmp_path / "d5.safetensors", shapes, text_shapes).text_encoder, text)
+    assert_trees_equal(load_lora(tmp_path / "d5.safetensors", "lora", base=CFG, text_config=TCFG).text_encoder, text)
     assert sd["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"].shape == (2, 32, 1, 1)
     assert sd["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"].shape == (2, 32, 3, 3)
 
 
 def test_errors(ref_unet, tmp_path):
     """Unknown / unmatched keys, missing factors, wrong shapes, wrong kind, truncated: CheckpointError."""
-    shapes = unet_shapes(CFG)
     good = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     d, u = np.zeros((2, 32), np.float32), np.zeros((32, 2), np.float32)
 
     def check(sd, pattern, name="bad.safetensors", **kw):
         save_state_dict(tmp_path / name, sd)
         with pytest.raises(CheckpointError, match=pattern):
-            load_lora(tmp_path / name, shapes, **kw)
+            load_lora(tmp_path / name, "lora", base=CFG, **kw)
 
     unknown_layer = "lora_unet_down_blocks_0_attentions_0_nonexistent.lora_down.weight"
     check(
@@ -457,16 +452,17 @@ def test_errors(ref_unet, tmp_path):
     torch.save(
         {"down_blocks.0.motion_modules.0.temporal_transformer.norm.weight": torch.zeros(3)}, tmp_path / "mm.ckpt"
     )
-    with pytest.raises(CheckpointError, match=r"mm\.ckpt: not a LoRA file"):
-        load_lora(tmp_path / "mm.ckpt", shapes)
+    with pytest.raises(CheckpointError, match=r"mm\.ckpt: no LoRA in it: it holds a motion module"):
+        load_lora(tmp_path / "mm.ckpt", "lora", base=CFG)
     bias = "unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.lora_B.bias"
     check({bias: u[0]}, r"(?s)diffusers LoRA.*lora_B\.bias")
     save_lora_kohya(tmp_path / "k.safetensors", rich_tree())
     data = (tmp_path / "k.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot be read"):
-        load_lora(tmp_path / "cut.safetensors", shapes)
-    with pytest.raises(CheckpointError, match="not a domain adapter"):
-        load_domain_adapter(tmp_path / "k.safetensors", shapes)
+        load_lora(tmp_path / "cut.safetensors", "lora", base=CFG)
+    mixed = r"k\.safetensors \(kohya LoRA\): not a domain adapter: it adapts layers inside motion modules"
+    with pytest.raises(CheckpointError, match=mixed):
+        load_lora(tmp_path / "k.safetensors", "domain_adapter", base=CFG)
     with pytest.raises(ValueError, match="does not fit the params"):
         merge(convert_unet_state_dict(ref_unet.state_dict(), CFG), {"conv_in": {"down": d, "up": u}})

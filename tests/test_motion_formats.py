@@ -20,12 +20,12 @@ import torch
 from animatediff_jax.checkpoints.motion import (
     detect_motion_version,
     diffusers_to_original_key,
-    load_motion_module,
     merge_motion,
     original_to_diffusers_key,
     save_motion_adapter,
     save_motion_module_original,
 )
+from animatediff_jax.checkpoints.load import load_motion
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.shapes import motion_subtree
 from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict
@@ -118,7 +118,7 @@ def test_original_file_parity(version, tmp_path):
     torch.save({"state_dict": orig, "global_step": 7} if version == "v2" else orig, path)
 
     assert detect_motion_version(load_state_dict(path)) == version
-    motion_params, loaded = load_motion_module(path, BASE)
+    motion_params, loaded = load_motion(path, BASE)
     assert loaded == cfg
     params = merge_motion(convert_unet_state_dict(spatial, BASE), motion_params, loaded)
     x, t, ctx = inputs(cfg)
@@ -136,7 +136,7 @@ def test_motion_adapter_folder(tmp_path):
     adapter = randomize(MotionAdapter(**motion_adapter_kwargs(cfg)), seed=11)
     unet2d = randomize(UNet2DConditionModel(**unet2d_kwargs(cfg)), seed=12)
     adapter.save_pretrained(tmp_path / "adapter", safe_serialization=True)
-    motion_params, loaded = load_motion_module(tmp_path / "adapter", BASE)
+    motion_params, loaded = load_motion(tmp_path / "adapter", BASE)
     assert loaded == cfg
     tm = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
     base = convert_unet_state_dict(unet2d.state_dict(), BASE)
@@ -159,7 +159,7 @@ def test_original_round_trips(v2_motion, tmp_path):
     cfg, motion = v2_motion
     orig = fake_original(motion)
     torch.save(orig, tmp_path / "ref.ckpt")
-    params, _ = load_motion_module(tmp_path / "ref.ckpt", cfg)
+    params, _ = load_motion(tmp_path / "ref.ckpt", cfg)
 
     save_motion_module_original(tmp_path / "mm.ckpt", params, cfg)
     written = torch.load(tmp_path / "mm.ckpt", weights_only=True)
@@ -170,11 +170,11 @@ def test_original_round_trips(v2_motion, tmp_path):
             np.testing.assert_allclose(written[k].numpy(), v.numpy(), atol=1e-6)
         else:
             assert torch.equal(written[k], v), k
-    back, _ = load_motion_module(tmp_path / "mm.ckpt", cfg)
+    back, _ = load_motion(tmp_path / "mm.ckpt", cfg)
     assert_trees_equal(back, params)
 
     save_motion_module_original(tmp_path / "mm16.safetensors", params, cfg, dtype=np.float16)
-    half, _ = load_motion_module(tmp_path / "mm16.safetensors", cfg)
+    half, _ = load_motion(tmp_path / "mm16.safetensors", cfg)
     save_motion_module_original(tmp_path / "mm16b.safetensors", half, cfg, dtype=np.float16)
     a, b = load_state_dict(tmp_path / "mm16.safetensors"), load_state_dict(tmp_path / "mm16b.safetensors")
     assert a.keys() == b.keys() and all(a[k].dtype == np.float16 and np.array_equal(a[k], b[k]) for k in a)
@@ -187,7 +187,7 @@ def test_motion_adapter_export(v2_motion, tmp_path):
 
     cfg, motion = v2_motion
     torch.save(motion, tmp_path / "diffusers_named.ckpt")  # diffusers naming is read from files too
-    params, _ = load_motion_module(tmp_path / "diffusers_named.ckpt", cfg)
+    params, _ = load_motion(tmp_path / "diffusers_named.ckpt", cfg)
     save_motion_adapter(tmp_path / "out", params, cfg)
     adapter, info = MotionAdapter.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
@@ -198,7 +198,7 @@ def test_motion_adapter_export(v2_motion, tmp_path):
             np.testing.assert_allclose(sd[k].numpy(), v.numpy(), atol=1e-6)
         else:
             assert torch.equal(sd[k], v), k
-    back, loaded = load_motion_module(tmp_path / "out", BASE)
+    back, loaded = load_motion(tmp_path / "out", BASE)
     assert loaded == cfg
     assert_trees_equal(back, params)
     with open(tmp_path / "out" / "config.json") as f:
@@ -215,23 +215,26 @@ def test_errors(v2_motion, tmp_path):
     with pytest.raises(CheckpointError, match="not a motion module"):
         detect_motion_version(sd_unet, "sd.ckpt")
     torch.save({k: torch.zeros(2, 2) for k in sd_unet}, tmp_path / "sd.ckpt")
-    with pytest.raises(CheckpointError, match=r"sd\.ckpt: not a motion module .*proj_in"):
-        load_motion_module(tmp_path / "sd.ckpt", cfg)
+    holds_unet = r"sd\.ckpt: no motion module in it: it holds a UNet without motion modules"
+    with pytest.raises(CheckpointError, match=holds_unet):
+        load_motion(tmp_path / "sd.ckpt", cfg)
 
     stem = "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0"
     lora = {f"{stem}.processor.to_q_lora.down.weight": torch.zeros(2, 32)}
     torch.save(lora, tmp_path / "lora.ckpt")
-    with pytest.raises(CheckpointError, match=r"lora\.ckpt: this is a MotionLoRA"):
-        load_motion_module(tmp_path / "lora.ckpt", cfg)
+    holds_lora = r"lora\.ckpt: no motion module in it: it holds a MotionLoRA \(original"
+    with pytest.raises(CheckpointError, match=holds_lora):
+        load_motion(tmp_path / "lora.ckpt", cfg)
 
     for name in ("mm.ckpt",):
         data = (tmp_path / name).read_bytes()
         (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
         with pytest.raises(CheckpointError, match=r"cut\.ckpt: cannot be read"):
-            load_motion_module(tmp_path / "cut.ckpt", cfg)
+            load_motion(tmp_path / "cut.ckpt", cfg)
 
-    with pytest.raises(CheckpointError, match=r"mm\.ckpt: a v2 motion module that does not fit .*mid_block"):
-        load_motion_module(tmp_path / "mm.ckpt", tiny_unet("v3"))
+    misfit = r"mm\.ckpt \(original AnimateDiff motion module, v2\): a v2 motion module that does not fit .*mid_block"
+    with pytest.raises(CheckpointError, match=misfit):
+        load_motion(tmp_path / "mm.ckpt", tiny_unet("v3"))
 
     key = "up_blocks.1.motion_modules.1.temporal_transformer.transformer_blocks.0.ff.net.2.weight"
     broken = dict(orig)
@@ -239,7 +242,7 @@ def test_errors(v2_motion, tmp_path):
     broken["down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"] = torch.zeros(32, 31)
     torch.save(broken, tmp_path / "broken.ckpt")
     with pytest.raises(CheckpointError) as e:
-        load_motion_module(tmp_path / "broken.ckpt", cfg)
+        load_motion(tmp_path / "broken.ckpt", cfg)
     msg = str(e.value)
     assert "broken.ckpt (original AnimateDiff motion module, v2)" in msg
     assert "up_blocks_1/motion_modules_1/transformer_blocks_0/ff/net_2/kernel" in msg
@@ -254,8 +257,8 @@ def test_errors(v2_motion, tmp_path):
         tmp_path / "wide.safetensors", jax.tree.map(lambda s: np.zeros(s.shape, np.float32), wide_motion), wide
     )
     with pytest.raises(CheckpointError, match="shape mismatches"):
-        load_motion_module(tmp_path / "wide.safetensors", cfg)
-    v2_params, _ = load_motion_module(tmp_path / "mm.ckpt", cfg)
+        load_motion(tmp_path / "wide.safetensors", cfg)
+    v2_params, _ = load_motion(tmp_path / "mm.ckpt", cfg)
     with pytest.raises(CheckpointError, match="unexpected keys: mid_block/motion_modules_0"):
         merge_motion(base, v2_params, tiny_unet("v3"))
 

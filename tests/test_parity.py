@@ -1,14 +1,14 @@
 """Tiny end-to-end parity with diffusers' `AnimateDiffPipeline` (PyTorch, CPU, fp32), stage by stage.
 
 Same random weights (diffusers' modules converted to ours), same initial latents; our UNet uses
-diffusers' motion-module GroupNorm semantics (`norm_per_frame=False`), see animatediff_jax/parity.py.
+diffusers' motion-module GroupNorm semantics (`norm_per_frame=False`), see animatediff_jax/testing/parity.py.
 """
 
 import json
 
 import pytest
 
-from animatediff_jax import parity
+from animatediff_jax.testing import parity
 
 RTOL, ATOL = 2e-5, 1e-5  # relative to each stage's reference scale, as conftest.assert_close
 
@@ -62,7 +62,7 @@ def test_tiny_parity_with_chunked_attention(pipes, small_attention_blocks):
 
 
 def test_cli_tiny(capsys, tmp_path):
-    """`python -m animatediff_jax.parity --tiny` end to end (1 prompt, 2 steps), with a tolerance gate."""
+    """`python -m animatediff_jax.testing.parity --tiny` end to end (1 prompt, 2 steps), with a tolerance gate."""
     out = tmp_path / "parity.json"
     rc = parity.main(["--tiny", "--prompt", "the cat", "--steps", "2", "--frames", "3", "--tolerance", "1e-3",
                       "--json", str(out)])

@@ -1,8 +1,9 @@
-"""`animatediff-jax sample`: configs and overrides, loading/merging every adapter exactly as
-`lora.merge` with the config's scales, the files written equal to `generate`'s frames, bad
-input rejected in one line before anything compiles, and the benchmark script kept runnable.
+"""`animatediff-jax sample`: configs and `config_flags` overrides, loading/merging every adapter
+exactly as `lora.merge` with the config's scales, the files written equal to `generate`'s frames, a
+saved run replayed to the same frames, bad input rejected in one line before anything compiles, and
+the benchmark script kept runnable.
 
-Models: `sample.write_tiny_models` (tiny random SD1.5/motion module/LoRAs in the PyTorch
+Models: `testing.tiny.write_tiny_models` (tiny random SD1.5/motion module/LoRAs in the PyTorch
 formats users have: original AnimateDiff naming, kohya).
 """
 
@@ -19,29 +20,29 @@ import pytest
 from conftest import assert_close
 from PIL import Image
 
+from flax.traverse_util import flatten_dict
+
 from animatediff_jax import cli
 from animatediff_jax import sample as S
-from animatediff_jax.checkpoints.lora_formats import (
-    load_domain_adapter,
-    load_lora,
-    load_motion_lora,
-)
-from animatediff_jax.checkpoints.motion import load_motion_module, merge_motion
+from animatediff_jax.checkpoints.load import load_lora, load_motion
+from animatediff_jax.checkpoints.motion import merge_motion
 from animatediff_jax.checkpoints.sd15 import load_sd15
-from flax.traverse_util import flatten_dict
 from animatediff_jax.io.video import read_video, write_gif
 from animatediff_jax.lora import lora_layers, merge
-from animatediff_jax.sampling import AnimationPipeline, generate, make_mesh
+from animatediff_jax.sampling import AnimationPipeline, generate, load_pipeline, make_mesh
+from animatediff_jax.sampling.config import ConfigError, validate
+from animatediff_jax.testing.tiny import random_params, write_tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "sample", "tiny.py")
+REPLAY = os.path.join(ROOT, "configs", "sample", "replay.py")
 FAST = ["--config.L=6", "--config.steps=3"]  # fewer frames/steps than tiny.py: quicker, same paths
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny_models"))
-    return folder, S.write_tiny_models(folder)
+    return folder, write_tiny_models(folder)
 
 
 def spec(models) -> str:
@@ -59,44 +60,54 @@ def assert_same_tree(got, want, what):
 
 
 def test_override_parsing(models, tmp_path):
-    argv = ["--config", spec(models), "--config.W=48", "--config.guidance_scale=8", "--config.seed=[3, 4]",
-            "--config.prompt=['a', 'b']", "--config.n_prompt", "['x']", "--config.output.formats=('gif', 'png')",
-            "--config.output.grid=false", "--config.scheduler_options.eta=0.5", "--config.context_windows.length=4",
-            "--config.output.dir=out/{time}=x", "--config.motion_module_lora_configs=[]"]
-    c, print_only = S.parse_args(argv)
-    assert not print_only
+    c = S.load_config(spec(models), "--config.W=48", "--config.guidance_scale=8", "--config.seed=(3, 4)",
+                      "--config.prompt=('a', 'b')", "--config.n_prompt", "('x',)",
+                      "--config.output.formats=('gif', 'png')", "--config.output.grid=false",
+                      "--config.scheduler_options={'eta': 0.5}", "--config.context_windows.length=8",
+                      "--config.output.dir=out/{time}=x", "--config.motion_module_lora_configs=()")
     assert c["W"] == 48 and c["guidance_scale"] == 8.0 and isinstance(c["guidance_scale"], float)
-    assert c["seed"] == [3, 4] and c["prompt"] == ["a", "b"] and c["n_prompt"] == ["x"]
+    assert c["seed"] == (3, 4) and c["prompt"] == ("a", "b") and c["n_prompt"] == ("x",)
     assert c["output"] == dict(dir="out/{time}=x", formats=("gif", "png"), fps=8.0, grid=False)
-    assert c["scheduler_options"] == {"eta": 0.5} and c["context_windows"] == {"length": 4}
-    assert c["motion_module_lora_configs"] == [] and c["H"] == 32 and c["lora_alpha"] == 0.7  # untouched: tiny.py's
-    v = S.validate(c)
+    assert c["scheduler_options"] == {"eta": 0.5} and c["context_windows"] == {"length": 8, "overlap": 4}
+    assert c["motion_module_lora_configs"] == () and c["H"] == 32 and c["lora_alpha"] == 0.7  # untouched: tiny.py's
+    v = validate(c)
     assert v["n_prompt"] == ["x", "x"] and v["seed"] == [3, 4]
-    # One int seed for all prompts; -1 draws one per prompt (saved resolved).
-    assert S.validate(dict(c, seed=7))["seed"] == [7, 7]
-    drawn = S.validate(dict(c, seed=-1))["seed"]
+    # A tuple field takes one value as a 1-tuple: one seed for all prompts; -1 draws one per prompt (saved resolved).
+    assert S.load_config(spec(models), "--config.seed=7")["seed"] == (7,)
+    assert validate(dict(c, seed=(7,)))["seed"] == [7, 7]
+    drawn = validate(dict(c, seed=(-1,)))["seed"]
     assert len(drawn) == 2 and all(0 <= s < 2**63 for s in drawn) and drawn[0] != drawn[1]
+    with pytest.raises(ConfigError, match=r"seed=7: expected a tuple of integers"):
+        validate(dict(c, seed=7))
 
     for bad, msg in [
-        (["--config.bogus=1"], "unknown config field 'bogus'"),
-        (["--config.output.bogus=1"], "unknown config field 'output.bogus' (output has: dir, formats, fps, grid)"),
-        (["--config.steps=abc"], "--config.steps=abc: not a valid value (expected an integer)"),
-        (["--config.steps=2.5"], "--config.steps=2.5: expected an integer, got a number"),
-        (["--config.context_windows.size=4"], "unknown config field 'context_windows.size'"),
-        (["--config.output.grid=maybe"], "expected true or false"),
-        (["stray"], "unexpected argument 'stray'"),
+        (["--config.bogus=1"], "unknown config field 'bogus' (fields of the config: H, L, W, "),
+        (["--config.output.bogus=1"], "unknown config field 'output.bogus' (fields of output: dir, formats, fps, grid)"),
+        (["--config.steps=abc"], "--config.steps=abc: invalid literal for int()"),
+        (["--config.steps=2.5"], "--config.steps=2.5: invalid literal for int()"),
+        (["--config.context_windows.size=4"], "unknown config field 'context_windows.size' (fields of context_windows"),
+        (["--config.scheduler_options.eta=0.5"], "unknown config field 'scheduler_options.eta'"),
+        (["--config.output.grid=maybe"], "--config.output.grid=maybe: ('Non-boolean argument"),
+        (["stray"], "unexpected arguments: ['stray']"),
     ]:
-        with pytest.raises(S.ConfigError) as e:
-            S.parse_args(["--config", spec(models)] + bad)
-        assert msg in str(e.value), (bad, str(e.value))
-    with pytest.raises(S.ConfigError, match="--config is required"):
-        S.parse_args(["--config.W=8"])
-    # A config file with a misspelt field is refused the same way.
+        with pytest.raises(ValueError) as e:
+            S.load_config(spec(models), *bad)
+        assert msg in str(e.value) and "\n" not in str(e.value), (bad, str(e.value))
+    with pytest.raises(ValueError, match="--config is required"):
+        cli.parse_config_flags(["--config.W=8"], "sample", "configs/sample/tiny.py")
+    with pytest.raises(FileNotFoundError, match="--config /nonexistent.py: no such file"):
+        S.load_config("/nonexistent.py")
+    # A config file with a misspelt field is refused the same way; one with a wrong type names the field.
     typo = tmp_path / "typo.py"
-    typo.write_text("from animatediff_jax.sample import base_config\n\ndef get_config():\n"
-                    "    c = base_config()\n    c.promt = ['x']\n    return c\n")
-    with pytest.raises(S.ConfigError, match="unknown config field 'promt'"):
-        S.parse_args(["--config", str(typo)])
+    typo.write_text("from animatediff_jax.sampling.config import base_config\n\ndef get_config():\n"
+                    "    c = base_config()\n    c.promt = ('x',)\n    return c\n")
+    with pytest.raises(ConfigError, match="unknown config field 'promt'"):
+        validate(S.load_config(str(typo)))
+    typed = tmp_path / "typed.py"
+    typed.write_text(typo.read_text().replace("c.promt = ('x',)", "c.seed = 42"))
+    with pytest.raises(ValueError) as e:
+        S.load_config(str(typed))
+    assert "TypeError: Could not override field 'seed'" in str(e.value) and "\n" not in str(e.value), str(e.value)
     # Batches keep one compiled shape: the last one is padded with its last entry.
     assert S._batches(5, 2) == [[0, 1], [2, 3], [4, 4]] and S._batches(1, 4) == [[0, 0, 0, 0]]
 
@@ -132,8 +143,8 @@ def test_sample_writes_generates_frames(run, models, capfd):
                   + ["sample.gif", "sample.mp4", "config.yaml", "timings.json"])
     assert names == want
 
-    # The resolved config reloads as a config: same prompts, negative prompts broadcast, seeds.
-    saved = S.validate(S.load_config(os.path.join(folder, "config.yaml")))
+    # The resolved config reloads as a config (replay.py): same prompts, negative prompts broadcast, seeds.
+    saved = validate(S.load_config(f"{REPLAY}:{folder}/config.yaml"))
     assert saved["prompt"] == ["a cat and the dog", "the dog, 4k"] and saved["n_prompt"] == ["bad quality"] * 2
     assert saved["seed"] == [10788741199826055526, 6520604954829636163] and saved["L"] == 6
 
@@ -162,28 +173,58 @@ def test_sample_writes_generates_frames(run, models, capfd):
     assert timings["compile_s"] > 0 and timings["run_s"] > 0 and timings["load_s"] > 0
 
 
+def test_replaying_a_saved_run_reproduces_its_frames(run, tmp_path):
+    """`--config configs/sample/replay.py:RUN/config.yaml`: the same videos, bit for bit (seeds saved resolved)."""
+    folder, pipe = run
+    config = S.load_config(f"{REPLAY}:{folder}/config.yaml", f"--config.output.dir={tmp_path}/again")
+    again = S.sample(config, pipe)
+    assert again.folder == f"{tmp_path}/again" and again.timings["compile_s"] == 0.0
+    for i, stem in enumerate(["sample/0-a-cat-and-the-dog", "sample/1-the-dog,-4k"]):
+        pngs = np.stack([np.asarray(Image.open(f"{folder}/{stem}/{j:04d}.png")) for j in range(6)])
+        np.testing.assert_array_equal(again.frames[i], pngs)
+    with open(f"{tmp_path}/again/config.yaml") as f, open(f"{folder}/config.yaml") as g:
+        assert f.read().replace(f"{tmp_path}/again", "DIR") == g.read().replace(os.path.dirname(folder) + "/tiny-{time}", "DIR")
+
+
+def test_context_windows_length_override_runs_windows(run, models, tmp_path):
+    """`--config.context_windows.length=6` (a field of the fixed group; 0 = off) samples in windows, as `generate`."""
+    _, pipe = run
+    config = S.load_config(spec(models), "--config.L=10", "--config.context_windows.length=6",
+                           "--config.context_windows.overlap=2", "--config.steps=1", "--config.prompt=('the cat',)",
+                           "--config.seed=5", f"--config.output.dir={tmp_path}/w", "--config.output.formats=png")
+    assert config["context_windows"] == {"length": 6, "overlap": 2}
+    res = S.sample(config, pipe)
+    want = generate(pipe, ["the cat"], ["bad quality"], [5], num_frames=10, height=32, width=32, steps=1,
+                    context_windows=dict(length=6, overlap=2), progress=lambda i: None)
+    assert want.timings["compile_s"] == 0.0  # the executable sample compiled: the same windows
+    np.testing.assert_array_equal(res.frames, want.frames)
+    plain = generate(pipe, ["the cat"], ["bad quality"], [5], num_frames=10, height=32, width=32, steps=1,
+                     context_windows=dict(length=0, overlap=2), progress=lambda i: None)
+    assert np.abs(plain.frames.astype(int) - res.frames.astype(int)).max() > 0  # windows change the video
+
+
 # ------------------------------------------------------------------------------ loading
 
 
 def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
     _, paths = models
-    config = S.validate(S.load_config(spec(models)))
-    pipe = S.load_pipeline(config)
+    config = validate(S.load_config(spec(models)))
+    pipe = load_pipeline(config)
     assert isinstance(pipe, AnimationPipeline) and pipe.dtype == np.float32
 
-    # Independently: the PyTorch-format readers and lora.merge with the config's scales.
+    # Independently: the file readers and lora.merge, one by one, with the config's scales.
     base = load_sd15(paths["base_model"])
-    motion, ucfg = load_motion_module(paths["motion_module"], base.unet_config)
+    motion, ucfg = load_motion(paths["motion_module"], base.unet_config)
     assert pipe.unet_config == ucfg and ucfg.motion.mid_block  # v2 layout detected
     unet = merge_motion(base.params["unet"], motion, ucfg)
-    personal = load_lora(paths["lora_model_path"], unet, base.params["text_encoder"])
-    assert lora_layers(personal.unet) and lora_layers(personal.text_encoder)
+    personal = load_lora(paths["lora_model_path"], "lora", base=ucfg, text_config=base.text_config)
+    assert personal.source == "kohya" and lora_layers(personal.unet) and lora_layers(personal.text_encoder)
     unet = merge(unet, personal.unet, 0.7)
     text = merge(base.params["text_encoder"], personal.text_encoder, 0.7)
-    unet = merge(unet, load_domain_adapter(paths["adapter_lora_path"], unet), 0.8)
+    unet = merge(unet, load_lora(paths["adapter_lora_path"], "domain_adapter", base=ucfg).unet, 0.8)
     before = unet
-    zoom = load_motion_lora(paths["motion_lora_zoom_in"], unet)
-    pan = load_motion_lora(paths["motion_lora_pan_left"], unet)
+    zoom = load_lora(paths["motion_lora_zoom_in"], "motion_lora", base=ucfg).unet
+    pan = load_lora(paths["motion_lora_pan_left"], "motion_lora", base=ucfg).unet
     unet = merge(merge(unet, zoom, 1.0), pan, 0.5)
 
     assert_same_tree(pipe.params["unet"], unet, "UNet")
@@ -197,13 +238,13 @@ def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
     err = assert_close(got, 1.0 * dz + 0.5 * dp, rtol=1e-5, atol=1e-6, what="MotionLoRA deltas")
     print(f"MotionLoRA delta max abs err {err:.2e}")
 
-    # Our converted files (bundles) load to the very same weights as the PyTorch files.
-    from animatediff_jax.checkpoints.bundles import save_lora_bundle, save_motion_bundle
+    # Our converted files (params files) load to the very same weights as the PyTorch files.
+    from animatediff_jax.checkpoints.params_io import save_lora, save_motion
 
-    save_motion_bundle(tmp_path / "mm.safetensors", motion, ucfg)
-    save_lora_bundle(tmp_path / "zoom.safetensors", zoom, "motion_lora", ucfg)
+    save_motion(tmp_path / "mm.safetensors", motion, ucfg)
+    save_lora(tmp_path / "zoom.safetensors", zoom, "motion_lora", ucfg)
     mixed = [{"path": str(tmp_path / "zoom.safetensors"), "alpha": 1.0}, {"path": paths["motion_lora_pan_left"], "alpha": 0.5}]
-    conv = S.load_pipeline(dict(config, motion_module=str(tmp_path / "mm.safetensors"), motion_module_lora_configs=mixed))
+    conv = load_pipeline(dict(config, motion_module=str(tmp_path / "mm.safetensors"), motion_module_lora_configs=mixed))
     assert_same_tree(conv.params["unet"], unet, "UNet from converted files")
 
     # A personalised single file (UNet only, LDM layout) over the base: its UNet, the base's rest.
@@ -222,7 +263,7 @@ def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
     ldm = diffusers_to_ldm(usd, None, None, spatial, base.vae_config)
     db_path = str(tmp_path / "toon.safetensors")
     save_state_dict(db_path, ldm)
-    db = S.load_pipeline(dict(config, dreambooth_path=db_path, lora_model_path="", adapter_lora_path="",
+    db = load_pipeline(dict(config, dreambooth_path=db_path, lora_model_path="", adapter_lora_path="",
                               motion_module_lora_configs=[], dtype="bfloat16"))
     want = merge_motion(db_params, motion, ucfg)
 
@@ -246,38 +287,42 @@ def _other_motion_module(folder: str) -> str:
     path = os.path.join(folder, "mm_other.safetensors")
     if not os.path.exists(path):
         cfg = tiny_unet("v2", block_out_channels=(16, 32), cross_attention_dim=32)
-        save_motion_module_original(path, S.random_params(motion_shapes(cfg), 0), cfg)
+        save_motion_module_original(path, random_params(motion_shapes(cfg), 0), cfg)
     return path
 
 
 BEFORE_LOADING = [
     (["--config.motion_module=/nonexistent/mm.ckpt"], "motion_module: /nonexistent/mm.ckpt: no such file or folder"),
-    (["--config.motion_module_lora_configs=[{'path': '/nope.ckpt', 'alpha': 1.0}]"],
+    (["--config.motion_module_lora_configs=({'path': '/nope.ckpt', 'alpha': 1.0},)"],
      "motion_module_lora_configs[0].path: /nope.ckpt: no such file"),
     (["--config.W=30"], "W=30 must be a multiple of 4"),
     (["--config.H=-8"], "H=-8: expected an integer >= 1"),
+    (["--config.steps=abc"], "--config.steps=abc: invalid literal for int()"),
     (["--config.scheduler=ddpm"], "unknown scheduler 'ddpm'"),
     (["--config.scheduler_options={'foo': 1}"], "scheduler 'ddim' has no option foo"),
     (["--config.bogus=1"], "unknown config field 'bogus'"),
-    (["--config.n_prompt=['a', 'b', 'c']"], "n_prompt: expected 1 or 2 strings"),
-    (["--config.seed=[1, 2, 3]"], "seed=[1, 2, 3]: expected an integer"),
+    (["--config.n_prompt=('a', 'b', 'c')"], "n_prompt: 2 prompts but 3 given: give 1 or 2"),
+    (["--config.seed=(1, 2, 3)"], "seed: 2 prompts but 3 given: give 1 or 2"),
     (["--config.dtype=float64"], "dtype='float64': expected one of"),
     (["--config.output.formats=('webm',)"], "output.formats"),
-    (["--config.context_windows={'length': 4, 'overlap': 4}"], "context_windows needs length >= 1 and 0 <= overlap"),
+    (["--config.context_windows.length=4", "--config.context_windows.overlap=4"],
+     "context_windows needs length >= 1 (0: off) and 0 <= overlap < length, got length=4, overlap=4"),
+    (["--config.context_windows.length=-1"], "context_windows.length=-1: expected an integer >= 0"),
     (["--config.devices=9"], "devices: num_devices=9: there are 1 devices"),
     (["--config.output.dir=/proc/version"], "output.dir='/proc/version': is a file, not a folder"),
     (["--config.output.dir=/proc/version/samples"], "output.dir='/proc/version/samples': cannot be created"),
     (["--config.W=100000", "--config.H=100000"], "W=100000, H=100000, L=6: needs about"),
-    (["--config.allow_nonfinite='yes'"], "allow_nonfinite='yes'"),
+    (["--config.allow_nonfinite='yes'"], "--config.allow_nonfinite='yes'"),
     (["--config.attention=flash"], "attention='flash': unknown attention implementation 'flash'; valid: auto, xla"),
     (["--config.attention=cudnn"], "attention='cudnn': attention \"cudnn\" needs a GPU (platform cpu); q [1, 16, 8, 40]"),
 ]
-AFTER_LOADING = [
+AFTER_LOADING = [  # generate's checks, on the loaded models
     ("other_mm", "motion_module: "),
-    (["--config.L=40"], "L=40 exceeds the motion module's position table (32 frames)"),
+    (["--config.L=40"], "num_frames=40 exceeds the motion module's position table (32 frames)"),
     ("mlora_as_adapter", "adapter_lora_path: "),
     (["--config.clip_skip=9"], "clip_skip=9: the text encoder has"),
-    (["--config.context_windows={'length': 40, 'overlap': 4}"], "context_windows.length=40 exceeds"),
+    (["--config.L=40", "--config.context_windows.length=40"],
+     "context_windows.length=40 exceeds the motion module's position table (32 frames)"),
 ]
 
 
@@ -313,7 +358,7 @@ def test_bad_input_one_line_error_before_compiling(models, overrides, msg, capfd
     assert elapsed < (2.0 if preload else 20.0), f"{elapsed:.1f}s"
 
 
-def test_cli_help_and_print_config(models, capsys):
+def test_cli_help_and_print_config(models, capsys, tmp_path, monkeypatch):
     assert cli.main(["sample", "--help"]) == 0
     assert "animatediff-jax sample --config" in capsys.readouterr().out
     assert cli.main(["sample", "--config", spec(models), "--print_config", "--config.L=5"]) == 0
@@ -321,6 +366,22 @@ def test_cli_help_and_print_config(models, capsys):
 
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["L"] == 5 and printed["motion_module"] == models[1]["motion_module"]
+    assert printed["context_windows"] == {"length": 0, "overlap": 4} and len(printed["seed"]) == 2
+
+    # tiny.py's get_config writes nothing (not even with --print_config); before the models are written
+    # (`python -m animatediff_jax.testing.tiny DIR`, its docstring's first step) the error says what is missing.
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sample", "--config", TINY, "--print_config"]) == 0
+    assert cli.main(["sample", "--config", f"{TINY}:{tmp_path}/elsewhere", "--print_config"]) == 0
+    assert os.listdir(tmp_path) == []
+    capsys.readouterr()
+    assert cli.main(["sample", "--config", TINY]) == 2
+    assert "base_model: runs/tiny_models/sd15: no such file or folder" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-m", "animatediff_jax.testing.tiny", "runs/tiny_models"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    validate(S.load_config(TINY))  # (the paths now exist)
+    assert os.path.isfile(tmp_path / "runs" / "tiny_models" / "DONE")
 
 
 # ------------------------------------------------------------------------------ benchmark script
@@ -357,7 +418,7 @@ def test_to_uint8_is_one_function_for_numpy_and_jit():
 
 
 def test_a_non_empty_output_dir_is_never_mixed_with_a_new_run(tmp_path, capfd):
-    from animatediff_jax.sample import output_folder
+    from animatediff_jax.sampling.config import output_folder
 
     (tmp_path / "run").mkdir()
     assert output_folder(str(tmp_path / "run")) == str(tmp_path / "run")  # empty: used as is

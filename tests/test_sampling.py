@@ -118,6 +118,10 @@ def test_generate_compiles_once_and_matches_its_parts(pipe):
     r3 = generate(pipe, ["the cat", "a dog"], ["dog"], [1, 2], context_windows=dict(length=MAX_POS), **kw)
     assert r3.timings["compile_s"] == 0.0
     np.testing.assert_array_equal(r3.latents, r1.latents)
+    # Length 0 is off (a sample config's default): the plain path too.
+    r0 = generate(pipe, ["the cat", "a dog"], ["dog"], [1, 2], context_windows=dict(length=0, overlap=4), **kw)
+    assert r0.timings["compile_s"] == 0.0
+    np.testing.assert_array_equal(r0.latents, r1.latents)
 
     # The documented initial noise: normal(key(seed)) per sample.
     noise = jnp.stack([jax.random.normal(jax.random.key(s), (F, H // 2, W // 2, 4)) for s in (1, 2)])
@@ -169,7 +173,7 @@ def test_windowed_prediction_averages_overlaps(pipe):
 
 def test_long_video_needs_and_uses_windows(pipe):
     kw = dict(num_frames=MAX_POS + 2, height=H, width=W, steps=2, progress=False)
-    with pytest.raises(ValueError, match=rf"position table \({MAX_POS}\).*context_windows"):
+    with pytest.raises(ValueError, match=rf"position table \({MAX_POS} frames\).*context_windows"):
         generate(pipe, ["the cat"], None, [0], **kw)
     r = generate(pipe, ["the cat"], None, [0], context_windows=dict(length=MAX_POS, overlap=4), **kw)
     assert r.frames.shape == (1, MAX_POS + 2, H, W, 3) and np.isfinite(r.latents).all()
@@ -182,9 +186,10 @@ def test_long_video_needs_and_uses_windows(pipe):
         (dict(height=18), r"height=18 must be a positive multiple of 4"),
         (dict(width=0), r"width=0"),
         (dict(seeds=[1]), r"2 prompts but 1 seeds"),
-        (dict(negative_prompts=["a", "b", "c"]), r"negative prompts"),
+        (dict(negative_prompts=["a", "b", "c"]), r"negative_prompts: 2 prompts but 3 given"),
         (dict(num_frames=MAX_POS + 1), r"position table"),
-        (dict(num_frames=12, context_windows=dict(length=12)), r"window length 12 exceeds"),
+        (dict(num_frames=12, context_windows=dict(length=12)), r"context_windows.length=12 exceeds"),
+        (dict(context_windows=dict(length=-2)), r"context_windows needs length >= 1 \(0: off\)"),
         (dict(context_windows=dict(length=4, overlap=4)), r"overlap"),
         (dict(context_windows=dict(size=4)), r"context_windows takes"),
         (dict(scheduler="heun"), r"unknown scheduler 'heun'"),

@@ -204,7 +204,9 @@ def test_stage_wiring(tmp_path):
     assert m1.unet_config.motion is None and not any(stages.is_motion_module(k) for k in flatten_dict(m1.unet))
     adapter = lora.init_lora(m1.unet, lora.domain_adapter_targets, 2, jax.random.key(0))
     adapter = jax.tree.map(lambda x: np.asarray(x) + 0.01, adapter)  # non-zero `up`
-    export_trainable(tmp_path / "adapter.safetensors", adapter, {"kind": "lora"})
+    # (the meta `Trainer.export_meta` writes: the stage, its kind, the UNet config)
+    export_trainable(tmp_path / "adapter.safetensors", adapter,
+                     {"stage": "domain_adapter", "kind": "domain_adapter", "unet_config": m1.unet_config})
 
     c2 = tiny_config("motion_module")
     c2.model.domain_adapter = str(tmp_path / "adapter.safetensors")
@@ -222,7 +224,8 @@ def test_stage_wiring(tmp_path):
     assert n_adapted == len(lora.lora_layers(adapter)) > 0
     assert set(flatten_dict(trainable)) == {k for k in flatten_dict(m2.unet) if stages.is_motion_module(k)}
     motion = jax.tree.map(lambda x: np.asarray(x) + 0.5, trainable)  # "trained" motion modules
-    export_trainable(tmp_path / "motion.safetensors", motion, {"kind": "motion_module"})
+    export_trainable(tmp_path / "motion.safetensors", motion,
+                     {"stage": "motion_module", "kind": "motion_module", "unet_config": m2.unet_config})
 
     c3 = tiny_config("motion_lora")
     c3.model.motion_module = str(tmp_path / "motion.safetensors")

@@ -295,9 +295,10 @@ def _made_for(path: str, kind: str, base: UNetConfig, motion_version: MotionVers
                                                      norm_num_groups=base.norm_num_groups))
 
 
-_DESCRIBED_AS = {  # what `describe` may call a file that is a LoRA of this kind
-    "motion_lora": ("motion_lora",),
-    "domain_adapter": ("spatial_lora",),
+_DESCRIBED_AS = {  # what `describe` may call a file that is a LoRA of this kind (a mixed "lora" is
+    # refused by the kind check, whose message names the layers of the wrong kind)
+    "motion_lora": ("motion_lora", "lora"),
+    "domain_adapter": ("spatial_lora", "lora"),
     "lora": ("motion_lora", "spatial_lora", "lora"),
 }
 

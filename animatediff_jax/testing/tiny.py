@@ -141,3 +141,11 @@ def write_tiny_models(folder: str | os.PathLike, seed: int = 0) -> dict[str, str
     with open(done, "w") as f:
         f.write("tiny random models for configs/sample/tiny.py\n")
     return paths
+
+
+if __name__ == "__main__":  # python -m animatediff_jax.testing.tiny FOLDER
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m animatediff_jax.testing.tiny FOLDER  (writes the tiny models configs/sample/tiny.py reads)")
+    print("\n".join(f"{name}: {path}" for name, path in write_tiny_models(sys.argv[1]).items()))

@@ -161,14 +161,14 @@ def size_multiple(c: ConfigDict) -> int:
     if c.model.pretrained:
         import os
 
-        from animatediff_jax import sample
         from animatediff_jax.checkpoints.params_io import PARAMS_FILE
+        from animatediff_jax.sampling import config as sample_config
 
         if not os.path.isfile(os.path.join(c.model.pretrained, PARAMS_FILE)):
             raise ConfigError(f"model.pretrained={c.model.pretrained!r}: no {PARAMS_FILE} there: not a converted "
                               "SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`)")
         try:
-            return sample._size_multiple(c.model.pretrained)
+            return sample_config.size_multiple(c.model.pretrained)
         except ValueError as e:
             raise ConfigError(f"model.pretrained: {e}".replace("base_model: ", "")) from None
     from animatediff_jax.models.config import sd15_unet, tiny_unet
@@ -238,19 +238,6 @@ def check_batch(c: ConfigDict, divisor: int, processes: int = 1) -> None:
                           f"parallel.mesh_shape={dict(c.parallel.mesh_shape)})")
     if b % processes:
         raise ConfigError(f"train.batch_size={b} must divide among {processes} processes")
-
-
-def unknown_field(c: ConfigDict, dotted: str) -> str | None:
-    """The message for `--config.<dotted>` when it names no field of `c` (None if it does)."""
-    node, path = c, []
-    for part in dotted.split("."):
-        if not isinstance(node, ConfigDict) or part not in node:
-            group = ".".join(path)
-            valid = sorted(node.keys()) if isinstance(node, ConfigDict) else []
-            where = f" (fields of {group or 'the config'}: {', '.join(valid)})" if valid else ""
-            return f"unknown config field {'.'.join(path + [part])!r}{where}"
-        node, path = node[part], path + [part]
-    return None
 
 
 def tiny_overrides(c: ConfigDict) -> ConfigDict:

@@ -22,7 +22,7 @@ guidance 7.5), `sample/<i>-<prompt>.gif`, a 4-wide grid `sample.gif`, `config.ya
 `--config.motion_module=models/Motion_Module/mm_sd_v14.ckpt`.
 """
 
-from animatediff_jax.sample import base_config
+from animatediff_jax.sampling.config import base_config
 
 
 def get_config():
@@ -31,24 +31,24 @@ def get_config():
     c.motion_module = "models/Motion_Module/mm_sd_v15.ckpt"
     c.dreambooth_path = "models/DreamBooth_LoRA/toonyou_beta3.safetensors"
     c.lora_model_path = ""
-    c.seed = [10788741199826055526, 6520604954829636163, 6519455744612555650, 16372571278361863751]
+    c.seed = (10788741199826055526, 6520604954829636163, 6519455744612555650, 16372571278361863751)
     c.steps = 25
     c.guidance_scale = 7.5
     c.scheduler_options = {"steps_offset": 0, "clip_sample": True}  # inference-v1.yaml of that time
-    c.prompt = [
+    c.prompt = (
         "best quality, masterpiece, 1girl, looking at viewer, blurry background, upper body, contemporary, dress",
         "masterpiece, best quality, 1girl, solo, cherry blossoms, hanami, pink flower, white flower, spring season, "
         "wisteria, petals, flower, plum blossoms, outdoors, falling petals, white hair, black eyes,",
         "best quality, masterpiece, 1boy, formal, abstract, looking at viewer, masculine, marble pattern",
         "best quality, masterpiece, 1girl, cloudy sky, dandelion, contrapposto, alternate hairstyle,",
-    ]
-    c.n_prompt = [
+    )
+    c.n_prompt = (
         "",
         "badhandv4,easynegative,ng_deepnegative_v1_75t,verybadimagenegative_v1.3, bad-artist, "
         "bad_prompt_version2-neg, teeth",
         "",
         "",
-    ]
+    )
     c.W, c.H, c.L = 512, 512, 16
     c.output.dir = "samples/v1_toonyou-{time}"
     return c

@@ -17,7 +17,7 @@ You get `samples/v3_domain_adapter-<time>/`: 2 videos of 16 frames at 384x256 (W
 steps, guidance 8.5, as `sample/<i>-an-oil-painting-....gif`, the grid, `config.yaml`, `timings.json`.
 """
 
-from animatediff_jax.sample import base_config
+from animatediff_jax.sampling.config import base_config
 
 
 def get_config():
@@ -27,11 +27,11 @@ def get_config():
     c.adapter_lora_path = "models/Motion_Module/v3_sd15_adapter.ckpt"
     c.adapter_lora_scale = 1.0
     c.dreambooth_path = ""
-    c.seed = [123, 234]
+    c.seed = (123, 234)
     c.steps = 25
     c.guidance_scale = 8.5
-    c.prompt = ["an oil painting of a sailboat in the ocean wave", "an oil painting of a lighthouse on a cliff at dusk"]
-    c.n_prompt = ["worst quality, low quality, letterboxed"]
+    c.prompt = ("an oil painting of a sailboat in the ocean wave", "an oil painting of a lighthouse on a cliff at dusk")
+    c.n_prompt = ("worst quality, low quality, letterboxed",)
     c.W, c.H, c.L = 384, 256, 16
     c.output.dir = "samples/v3_domain_adapter-{time}"
     return c

@@ -18,7 +18,6 @@ the scheduler's `init_noise_sigma`, and stochastic samplers draw step `i`'s nois
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
@@ -32,107 +31,13 @@ from jax.sharding import PartitionSpec as P
 
 from animatediff_jax import schedulers as S
 from animatediff_jax.io.video import to_uint8
-from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from animatediff_jax.models.config import UNetConfig
 from animatediff_jax.models.unet import UNet3D
-from animatediff_jax.models.vae import AutoencoderKL, VAEConfig, decode_video
+from animatediff_jax.models.vae import decode_video
+from animatediff_jax.sampling.pipeline import AnimationPipeline
 
 Params = dict[str, Any]
 Windows = tuple[tuple[int, ...], ...]
 DATA = "data"
-
-
-# ----------------------------------------------------------------------------------------------
-# The pipeline: three models, their params, a tokenizer.
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class AnimationPipeline:
-    """Configs + params of the UNet (with motion modules), VAE and CLIP text encoder.
-
-    `params` has "unet", "vae" and "text_encoder". `dtype` is the compute dtype of all three
-    models; latents and the scheduler update stay float32 whatever it is. `attention` is the
-    UNet's `models.attention` implementation ("auto": flash kernels on GPU/TPU, blockwise on
-    CPU); the VAE and text encoder keep "auto" (one 512-wide head and 77 tokens, which no
-    flash kernel takes). Compiled executables are cached on the instance (one per shape,
-    sharding and static option).
-    """
-
-    unet_config: UNetConfig
-    vae_config: VAEConfig
-    text_config: CLIPTextConfig
-    params: Params
-    tokenizer: Any = None
-    dtype: Any = jnp.float32
-    attention: str = "auto"
-    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
-    _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
-    _on_step: list = dataclasses.field(default_factory=lambda: [None], init=False, repr=False, compare=False)
-
-    @classmethod
-    def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32, attention: str = "auto") -> "AnimationPipeline":
-        """From a loaded `checkpoints.sd15.SD15`; the tokenizer defaults to its `tokenizer_path`.
-
-        For a half-precision `dtype` the floating params are cast once here, so the compiled
-        loop does not re-cast a gigabyte of weights every step.
-        """
-        if tokenizer is None and sd15.tokenizer_path:
-            from animatediff_jax.text import Tokenizer
-
-            tokenizer = Tokenizer(sd15.tokenizer_path)
-        params = sd15.params
-        if jnp.dtype(dtype) != jnp.float32:
-            params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        return cls(sd15.unet_config, sd15.vae_config, sd15.text_config, params, tokenizer, dtype, attention)
-
-    @property
-    def unet(self) -> UNet3D:
-        return UNet3D(self.unet_config, dtype=self.dtype, attention=self.attention)
-
-    @property
-    def vae(self) -> AutoencoderKL:
-        return AutoencoderKL(self.vae_config, dtype=self.dtype)
-
-    @property
-    def text_encoder(self) -> CLIPTextModel:
-        return CLIPTextModel(self.text_config, dtype=self.dtype)
-
-    @property
-    def size_multiple(self) -> int:
-        """Height and width must be multiples of this: VAE downscale x UNet downsampling."""
-        return self.vae_config.downscale * 2 ** (len(self.unet_config.block_out_channels) - 1)
-
-    def _compiled(self, name: str, fn: Callable, static: tuple, args: tuple, out_shardings=None) -> tuple[Any, float]:
-        """`jit(fn)` compiled ahead of time for `args`' shapes and shardings (cached); also the compile seconds."""
-        leaves, tree = jax.tree.flatten(args)
-        sig = tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves)
-        key = (name, static, tree, sig)
-        if key in self._cache:
-            return self._cache[key], 0.0
-        t0 = time.perf_counter()
-        meshes = {s.mesh for s in jax.tree.leaves([getattr(x, "sharding", None) for x in leaves])
-                  if isinstance(s, NamedSharding)}
-        # Under the args' mesh, so kernels that need it (splash attention's shard_map) see it.
-        with jax.set_mesh(meshes.pop()) if len(meshes) == 1 else contextlib.nullcontext():
-            compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
-        self._cache[key] = compiled
-        return compiled, time.perf_counter() - t0
-
-    def _emit(self, step: int) -> None:
-        """The progress hook compiled into the loop; forwards to this call's callback, if any."""
-        cb = self._on_step[0]
-        if cb is not None:
-            cb(int(step))
-
-    def replicated(self, mesh: Mesh, name: str) -> Params:
-        """`params[name]` replicated over `mesh`; kept while `params[name]` is the same object."""
-        src = self.params[name]
-        key = ("params", name, mesh)
-        held = self._placed.get(key)
-        if held is None or held[0] is not src:
-            self._placed[key] = (src, jax.device_put(src, NamedSharding(mesh, P())))
-        return self._placed[key][1]
 
 
 @dataclasses.dataclass
@@ -354,7 +259,18 @@ def _as_list(name: str, value: Any) -> list:
     return list(value)
 
 
-def _check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] | None:
+def per_prompt(name: str, values: Sequence[Any], n: int) -> list:
+    """`values` for each of `n` prompts: one (broadcast to all) or `n` of them."""
+    values = list(values)
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{name}: {n} prompts but {len(values)} given: give 1 or {n}")
+    return values
+
+
+def check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] | None:
+    """`(length, overlap)` of a `context_windows` argument, or None for off (None or length 0)."""
     if context_windows is None:
         return None
     unknown = sorted(set(context_windows) - {"length", "overlap"})
@@ -362,14 +278,19 @@ def _check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int]
         raise ValueError(f"context_windows takes length (required) and overlap; got {dict(context_windows)}")
     length = int(context_windows["length"])
     overlap = int(context_windows.get("overlap", length // 4))
+    if length == 0:
+        return None
     if length < 1 or not 0 <= overlap < length:
-        raise ValueError(f"context_windows needs length >= 1 and 0 <= overlap < length, got {length}, {overlap}")
+        raise ValueError(f"context_windows needs length >= 1 (0: off) and 0 <= overlap < length, "
+                         f"got length={length}, overlap={overlap}")
     return length, overlap
 
 
 def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
               scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows):
-    """Every check that can fail, before anything is compiled; returns the resolved pieces."""
+    """Every check of generate's arguments that can fail, before anything is compiled; returns the
+    resolved pieces. (A sample config's checks call the pieces a config also has: `check_windows`,
+    `per_prompt`, the scheduler's.)"""
     prompts = _as_list("prompts", prompts)
     seeds = _as_list("seeds", seeds)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -380,11 +301,7 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
     if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < 2**64 for s in seeds):
         raise ValueError(f"seeds must be integers in [0, 2**64), got {seeds!r}")
     if negative_prompts is not None:
-        negative_prompts = _as_list("negative_prompts", negative_prompts)
-        if len(negative_prompts) == 1:
-            negative_prompts = negative_prompts * n
-        if len(negative_prompts) != n:
-            raise ValueError(f"{n} prompts but {len(negative_prompts)} negative prompts: give 1 or {n}")
+        negative_prompts = per_prompt("negative_prompts", _as_list("negative_prompts", negative_prompts), n)
     if pipe.tokenizer is None:
         raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
     m = pipe.size_multiple
@@ -393,24 +310,25 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
             raise ValueError(f"{name}={v} must be a positive multiple of {m} (VAE factor x UNet downsampling)")
     if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-    if not 0 <= int(clip_skip) <= pipe.text_config.num_layers:
-        raise ValueError(f"clip_skip must be in [0, {pipe.text_config.num_layers}], got {clip_skip}")
+    layers = pipe.text_config.num_layers
+    if not 0 <= int(clip_skip) <= layers:
+        raise ValueError(f"clip_skip={clip_skip}: the text encoder has {layers} layers (expected 0 to {layers})")
     if decode_chunk is not None and (not isinstance(decode_chunk, (int, np.integer)) or decode_chunk < 1):
         raise ValueError(f"decode_chunk must be a positive integer or None, got {decode_chunk!r}")
     if mesh is not None and DATA not in mesh.axis_names:
         raise ValueError(f"mesh must have a {DATA!r} axis, has {mesh.axis_names}")
     sched = S.make_scheduler(scheduler, steps, **dict(scheduler_options or {}))
 
-    win = _check_windows(context_windows)
+    win = check_windows(context_windows)
     motion = pipe.unet_config.motion
     limit = motion.max_positions if motion is not None else None
     if win is None and limit is not None and num_frames > limit:
         raise ValueError(
-            f"num_frames={num_frames} exceeds the motion module's position table ({limit}); "
-            f"pass context_windows=dict(length={limit}, overlap=4) to sample longer videos"
+            f"num_frames={num_frames} exceeds the motion module's position table ({limit} frames); sample it in "
+            f"overlapping windows: context_windows length {limit}, overlap 4"
         )
     if win is not None and limit is not None and win[0] > limit:
-        raise ValueError(f"context window length {win[0]} exceeds the motion module's position table ({limit})")
+        raise ValueError(f"context_windows.length={win[0]} exceeds the motion module's position table ({limit} frames)")
     windows = None if win is None else context_windows_or_none(num_frames, *win)
 
     h, w = height // pipe.vae_config.downscale, width // pipe.vae_config.downscale
@@ -480,8 +398,9 @@ def generate(
     normal noise `[N, F, h, w, C]` to start from instead of the seeds' (still multiplied by
     `init_noise_sigma`, as diffusers does with `latents=`). `context_windows`:
     `dict(length=16, overlap=4)` to denoise in overlapping frame windows (needed beyond the
-    motion module's position table; overlap defaults to length // 4). `progress`: a tqdm bar (True), nothing (False) or a
-    callable given each finished step index.
+    motion module's position table; overlap defaults to length // 4; None or length 0: off).
+    `progress`: a tqdm bar (True), nothing (False) or a callable given each finished step index.
+    Every argument is checked before anything compiles (a `ValueError` naming it).
     """
     t_start = time.perf_counter()
     prompts, negative_prompts, seeds, sched, windows, shape = _validate(

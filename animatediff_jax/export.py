@@ -44,21 +44,21 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 WEIGHT_EXTENSIONS = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
-def write_lora(path: str | os.PathLike, bundle: Lora, fmt: str, dtype: Any = np.float32) -> None:
+def write_lora(path: str | os.PathLike, lora: Lora, fmt: str, dtype: Any = np.float32) -> None:
     """A LoRA in the `original` AnimateDiff, `diffusers` (PEFT) or `kohya` naming."""
     from animatediff_jax.checkpoints import lora_formats as lf
 
     def conv1x1(p):
-        return not bundle.unet_config.use_linear_projection and lf.sd15_conv1x1(p)
+        return not lora.unet_config.use_linear_projection and lf.sd15_conv1x1(p)
 
     if fmt == "original":
-        if bundle.text_encoder:
+        if lora.text_encoder:
             raise CheckpointError("the original AnimateDiff LoRA format has no text encoder; use --format diffusers")
-        lf.save_lora_original(path, bundle.unet, dtype)
+        lf.save_lora_original(path, lora.unet, dtype)
     elif fmt == "diffusers":
-        lf.save_lora_diffusers(path, bundle.unet, bundle.text_encoder, dtype, conv1x1=conv1x1)
+        lf.save_lora_diffusers(path, lora.unet, lora.text_encoder, dtype, conv1x1=conv1x1)
     elif fmt == "kohya":
-        lf.save_lora_kohya(path, bundle.unet, bundle.text_encoder, dtype, conv1x1=conv1x1)
+        lf.save_lora_kohya(path, lora.unet, lora.text_encoder, dtype, conv1x1=conv1x1)
     else:
         raise ValueError(f"unknown LoRA format {fmt!r}")
 
@@ -110,12 +110,12 @@ def _lora(args) -> str:
     _check_out(args.out, args.format, args.part)
     check_output(args.out, (args.input,), overwrite=args.overwrite)
     base, text_config = resolve_base(args.base_config) if args.base_config else (None, None)
-    bundle = load_lora(args.input, args.part, base=base, text_config=text_config, motion_version=args.motion_version)
+    lora = load_lora(args.input, args.part, base=base, text_config=text_config, motion_version=args.motion_version)
     try:
-        write_lora(args.out, bundle, args.format, DTYPES[args.dtype])
+        write_lora(args.out, lora, args.format, DTYPES[args.dtype])
     except ValueError as e:  # a layer the format cannot hold
         raise CheckpointError(f"{args.input}: cannot be written as a {args.format} {KIND_NAMES[args.part]}: {e}") from e
-    return KIND_NAMES[bundle.kind]
+    return KIND_NAMES[lora.kind]
 
 
 def _main(argv: list[str]) -> int:

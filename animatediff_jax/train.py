@@ -34,43 +34,23 @@ def parse_config(argv: list[str]):
 
 def main(argv: list[str] | None = None, run: Callable[[Any], Any] | None = None) -> int:
     """The `train` command; `run(config)` (default `training.loop.train`) does the work, so other
-    trainers (the toy base model) share its config flags and error handling."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        config, print_only = parse_config(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    if print_only:
-        print(config)
-        return 0
-    from animatediff_jax.training.config import ConfigError, TrainingError
+    trainers (the toy base model) share its config flags and error handling (`cli.run_command`)."""
+    from animatediff_jax.cli import run_command
 
-    if run is None:
-        from animatediff_jax.training.config import validate_config
-        from animatediff_jax.training.loop import train as run
+    def command(args: list[str]) -> None:
+        config, print_only = parse_config(args)
+        if print_only:
+            print(config)
+            return
+        train = run
+        if train is None:
+            from animatediff_jax.training.config import validate_config
+            from animatediff_jax.training.loop import train
 
-        try:  # before anything loads, compiles or creates the workdir
-            validate_config(config)
-        except ConfigError as e:
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            return 2
-    try:
-        run(config)
-    except ConfigError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    return 0
+            validate_config(config)  # before anything loads, compiles or creates the workdir
+        train(config)
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    return run_command(command, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

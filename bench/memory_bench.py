@@ -186,7 +186,7 @@ def loop_aware_cost(compiled) -> dict:
 
 def model_configs(small: bool):
     """(UNet config, VAE config): SD1.5 + v2 and SD1.5's VAE, or the same layouts at tiny width."""
-    from animatediff_jax.models.config import UNetConfig, inflate, sd15_unet
+    from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet
     from animatediff_jax.models.vae import VAEConfig
 
     if not small:
@@ -194,8 +194,8 @@ def model_configs(small: bool):
     # SD1.5's layout (4 levels, cross-attention in the first 3, 8 heads, 768-wide text context,
     # v2 motion modules at every level and in the mid block) at 1/10 of the width and one layer
     # per block instead of two (half the graph: compiles in half the time).
-    unet = inflate(UNetConfig(block_out_channels=(32, 64, 64, 64), norm_num_groups=8, layers_per_block=1), "v2",
-                   norm_num_groups=8)
+    unet = UNetConfig(block_out_channels=(32, 64, 64, 64), norm_num_groups=8, layers_per_block=1).with_motion(
+        MotionConfig.for_version("v2", norm_num_groups=8))
     vae = VAEConfig(block_out_channels=(16, 32, 32, 32), norm_num_groups=8)
     return unet, vae
 

@@ -77,11 +77,12 @@ def flop_per_clip(frames: int, resolution: int, variant: str) -> float:
 def model_configs(tiny: bool):
     """The UNet (+ v2 motion modules) and VAE configs `load_models` builds for `model.size`."""
     from animatediff_jax.models.clip_text import CLIPTextConfig
-    from animatediff_jax.models.config import inflate, sd15_unet, tiny_unet
+    from animatediff_jax.models.config import MotionConfig, sd15_unet, tiny_unet
     from animatediff_jax.models.vae import VAEConfig
 
     if tiny:
-        return inflate(tiny_unet(None, cross_attention_dim=CLIPTextConfig.tiny().hidden_size), "v2"), VAEConfig.tiny()
+        return (tiny_unet(None, cross_attention_dim=CLIPTextConfig.tiny().hidden_size).with_motion(
+            MotionConfig.for_version("v2")), VAEConfig.tiny())
     return sd15_unet("v2"), VAEConfig.sd15()
 
 

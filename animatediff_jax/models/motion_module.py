@@ -15,7 +15,7 @@ from animatediff_jax.models.layers import BasicTransformerBlock, Dtype, GroupNor
 
 
 class MotionModule(nn.Module):
-    """GroupNorm -> proj_in -> temporal transformer blocks -> proj_out (zero-init) -> + input.
+    """GroupNorm -> proj_in -> temporal transformer blocks -> proj_out (zero-init) -> `scale` x that + input.
 
     Param names follow diffusers' `AnimateDiffTransformer3D` (`norm`, `proj_in`,
     `transformer_blocks_0/{norm1,attn1,norm2,attn2,norm3,ff}`, `proj_out`); the original
@@ -25,6 +25,7 @@ class MotionModule(nn.Module):
     config: MotionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scale: float = 1.0  # multiplies what the module adds to its input (motion strength; 0: no motion)
 
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
@@ -49,4 +50,4 @@ class MotionModule(nn.Module):
             c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros, name="proj_out"
         )(hs)
         hs = hs.reshape(b, h, w, num_frames, c).transpose(0, 3, 1, 2, 4).reshape(bf, h, w, c)
-        return hs + x
+        return (hs if self.scale == 1.0 else self.scale * hs) + x

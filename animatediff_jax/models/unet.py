@@ -115,8 +115,10 @@ def _remat(cls: type, policy: str, static_argnums: tuple[int, ...] = ()) -> type
 class _Layers:
     """The per-call context every block needs: config, time embedding, text context, frames."""
 
-    def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict, remat: str = "none"):
+    def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict, remat: str = "none",
+                 motion_scales: dict[str, float] | None = None):
         self.cfg, self.temb, self.context, self.f, self.kw = cfg, temb, context, num_frames, kw
+        self.motion_scales = motion_scales or {}
         # argnums count `self`: num_frames is static for resnets (3) and motion modules (2).
         self.Resnet = _remat(ResnetBlock, remat, (3,))
         self.Transformer = _remat(Transformer2D, remat)
@@ -132,9 +134,11 @@ class _Layers:
         block = self.Transformer(c.attention_heads, c.transformer_layers, c.norm_num_groups, name=name, **self.kw)
         return block(x, self.context)
 
-    def motion(self, x, name: str):
+    def motion(self, x, name: str, block: str):
         mm = self.cfg.motion
-        return self.Motion(mm, name=name, **self.kw)(x, self.f) if mm else x
+        if not mm:
+            return x
+        return self.Motion(mm, name=name, scale=self.motion_scales.get(block, 1.0), **self.kw)(x, self.f)
 
 
 class DownBlock(nn.Module):
@@ -152,7 +156,7 @@ class DownBlock(nn.Module):
             x = ctx.resnet(x, self.out_channels, f"resnets_{j}")
             if self.has_attention:
                 x = ctx.attention(x, f"attentions_{j}")
-            x = ctx.motion(x, f"motion_modules_{j}")
+            x = ctx.motion(x, f"motion_modules_{j}", self.name)
             skips.append(x)
         if not self.is_last:
             x = Downsample(self.out_channels, name="downsamplers_0", **ctx.kw)(x)
@@ -170,7 +174,7 @@ class MidBlock(nn.Module):
         x = ctx.resnet(x, self.channels, "resnets_0")
         x = ctx.attention(x, "attentions_0")
         if ctx.cfg.motion and ctx.cfg.motion.mid_block:
-            x = ctx.motion(x, "motion_modules_0")
+            x = ctx.motion(x, "motion_modules_0", self.name)
         return ctx.resnet(x, self.channels, "resnets_1")
 
 
@@ -188,14 +192,17 @@ class UpBlock(nn.Module):
             x = ctx.resnet(x, self.out_channels, f"resnets_{j}")
             if self.has_attention:
                 x = ctx.attention(x, f"attentions_{j}")
-            x = ctx.motion(x, f"motion_modules_{j}")
+            x = ctx.motion(x, f"motion_modules_{j}", self.name)
         if not self.is_last:
             x = Upsample(self.out_channels, name="upsamplers_0", **ctx.kw)(x)
         return x
 
 
 class UNet3D(nn.Module):
-    """`__call__(sample[B,F,H,W,C], timesteps[B] or scalar, context[B,L,D]) -> noise[B,F,H,W,C]`.
+    """`__call__(sample[B,F,H,W,C], timesteps[B] or scalar, context[B,L,D] or [B,F,L,D]) -> noise[B,F,H,W,C]`.
+
+    A context per frame (`[B, F, L, D]`: prompt travel) conditions each frame's cross-attention on its
+    own text, as diffusers' `UNetMotionModel` given `(B*F, L, D)` does; `[B, L, D]` is one per video.
 
     Without a motion config it is the image UNet run per frame (the base SD1.5 model).
     `remat` names a `jax.checkpoint` policy applied to every resnet, spatial transformer and
@@ -209,11 +216,24 @@ class UNet3D(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     attention: str = "auto"
+    # Motion strength: each motion module adds `scale x` its output to its input (1: as trained, 0: none);
+    # `motion_scale` for all, times `motion_block_scales` per block (("down_blocks_0", 1.2), ("mid_block", 0.5)).
+    motion_scale: float = 1.0
+    motion_block_scales: tuple[tuple[str, float], ...] = ()
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         with attention.using(self.attention):
             return self._forward(sample, timesteps, context)
+
+    def _motion_scales(self) -> dict[str, float]:
+        n = len(self.config.block_out_channels)
+        names = [f"down_blocks_{i}" for i in range(n)] + ["mid_block"] + [f"up_blocks_{i}" for i in range(n)]
+        per_block = dict(self.motion_block_scales)
+        unknown = sorted(set(per_block) - set(names))
+        if unknown:
+            raise ValueError(f"motion_block_scales: no block {unknown} (blocks: {', '.join(names)})")
+        return {name: float(self.motion_scale) * float(per_block.get(name, 1.0)) for name in names}
 
     def _forward(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         cfg = self.config
@@ -225,8 +245,14 @@ class UNet3D(nn.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(timestep_embedding(timesteps, chans[0]))
         # Spatial layers see frames as batch: one time embedding and one text context per frame.
-        ctx = _Layers(cfg, jnp.repeat(temb, f, axis=0), jnp.repeat(context.astype(self.dtype), f, axis=0), f, kw,
-                      self.remat)
+        context = context.astype(self.dtype)
+        if context.ndim == 4:
+            if context.shape[:2] != (b, f):
+                raise ValueError(f"per-frame context {context.shape} for {b} videos of {f} frames")
+            frame_context = context.reshape((b * f,) + context.shape[2:])
+        else:
+            frame_context = jnp.repeat(context, f, axis=0)
+        ctx = _Layers(cfg, jnp.repeat(temb, f, axis=0), frame_context, f, kw, self.remat, self._motion_scales())
 
         x = conv(chans[0], "conv_in", **kw)(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
         skips = [x]

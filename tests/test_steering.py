@@ -1,10 +1,12 @@
-"""Steering the motion (issue 14), at the UNet, against diffusers' `UNetMotionModel` (PyTorch, fp32,
-original GroupNorm semantics via `torch_refs.patch_to_original`, rtol 1e-5):
+"""Steering the motion (issue 14), against diffusers (PyTorch, fp32, rtol 1e-5):
 
-- a text context per frame (prompt travel): diffusers takes `(B*F, L, D)` encoder states, one per
-  frame; ours `[B, F, L, D]`;
-- motion scale: every motion module adds `scale x` its output to its input, `motion_scale` for all
-  times `motion_block_scales` per block; the reference wraps each of diffusers' motion modules so.
+- at the UNet (`UNetMotionModel`, original GroupNorm semantics via `torch_refs.patch_to_original`):
+  a text context per frame (diffusers takes `(B*F, L, D)` encoder states, ours `[B, F, L, D]`), and
+  motion scale (every motion module adds `scale x` its output to its input, `motion_scale` for all
+  times `motion_block_scales` per block; the reference wraps each of diffusers' motion modules so);
+- prompt travel in the sampler (`{frame: prompt}` maps, interpolated between keyframes) against
+  `AnimateDiffPipeline` with FreeNoise enabled over one window (its prompt interpolation only):
+  the per-frame embeddings and the latents after 3 DDIM steps from the same noise.
 """
 
 from __future__ import annotations
@@ -92,3 +94,89 @@ def test_motion_scale_names_the_blocks(reference):
     _, params, x, t, ctx = reference
     with pytest.raises(ValueError, match="no block \\['up_blocks_7'\\]"):
         ours(params, x, t, ctx, motion_block_scales=(("up_blocks_7", 1.0),))
+
+
+# ------------------------------------------------------------------ prompt travel in the sampler
+
+F, H, W = 6, 16, 16
+TRAVEL = {0: "the cat", 3: "a dog", 4: "the dog and the cat"}
+NEG = {0: "dog", 4: ""}
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    from animatediff_jax.testing import parity
+
+    torch_pipe, tok = parity.build_random_pipeline("tiny", workdir=str(tmp_path_factory.mktemp("travel")))
+    torch_pipe.set_progress_bar_config(disable=True)
+    # FreeNoise with one window as long as the video: its prompt interpolation, no windowing, no noise shuffle.
+    torch_pipe.enable_free_noise(context_length=F, context_stride=4)
+    return torch_pipe, parity.ours_from_diffusers(torch_pipe, tok)  # (diffusers' own GroupNorm semantics)
+
+
+def test_prompt_travel_embeddings_are_diffusers_free_noise(pipes):
+    from animatediff_jax.sampling.generate import encode_prompts
+
+    torch_pipe, ours = pipes
+    with torch.no_grad():
+        both, neg = torch_pipe._encode_prompt_free_noise(TRAVEL, F, "cpu", 1, True, NEG)
+    cond, uncond, _ = encode_prompts(ours, [TRAVEL, "the cat"], [NEG, ""], F)
+    assert cond.shape == (2, F, 77, ours.text_config.hidden_size)
+    e1 = assert_close(cond[0], both[F:].numpy(), rtol=1e-5, what="travelling prompt embeddings vs FreeNoise")
+    e2 = assert_close(uncond[0], neg.numpy(), rtol=1e-5, what="travelling negative embeddings vs FreeNoise")
+    # A plain prompt in the same batch is its one embedding on every frame; keyframes hold exactly.
+    plain, _, _ = encode_prompts(ours, ["the cat", "a dog"], None, F)
+    np.testing.assert_allclose(np.asarray(cond[1]), np.broadcast_to(np.asarray(plain[0]), cond[1].shape), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cond[0, 3]), np.asarray(plain[1]), atol=1e-6)
+    print(f"prompt travel embeddings vs diffusers FreeNoise: {e1:.2e} (prompts), {e2:.2e} (negative)")
+
+
+def test_slerp_keeps_the_norm_between_keyframes(pipes):
+    from animatediff_jax.sampling.generate import encode_prompts
+
+    _, ours = pipes
+    lin, _, _ = encode_prompts(ours, [{0: "the cat", 5: "a dog"}], None, F)
+    sl, _, _ = encode_prompts(ours, [{0: "the cat", 5: "a dog"}], None, F, interpolation="slerp")
+    np.testing.assert_allclose(np.asarray(sl[0, [0, 5]]), np.asarray(lin[0, [0, 5]]), atol=1e-5)  # the keyframes
+    a, b, mid = (np.linalg.norm(np.asarray(sl[0, k]), axis=-1) for k in (0, 5, 2))
+    assert np.all(mid >= np.minimum(a, b) - 1e-3)  # on the great circle, not cut through it as linear is
+    assert np.abs(np.asarray(sl[0, 2]) - np.asarray(lin[0, 2])).max() > 1e-4
+
+
+def test_generate_with_prompt_travel_is_diffusers_free_noise(pipes):
+    from animatediff_jax.sampling import generate
+
+    torch_pipe, ours = pipes
+    noise = np.array(jax_normal((1, F, H // 2, W // 2, 4)))
+    with torch.no_grad():
+        ref = torch_pipe(prompt=TRAVEL, negative_prompt=NEG, num_frames=F, height=H, width=W, num_inference_steps=3,
+                         guidance_scale=7.5, latents=torch.from_numpy(noise).permute(0, 4, 1, 2, 3),
+                         output_type="latent").frames
+    res = generate(ours, [TRAVEL], [NEG], [0], num_frames=F, height=H, width=W, steps=3, init_latents=noise,
+                   progress=False)
+    err = assert_close(res.latents, ref.permute(0, 2, 3, 4, 1).numpy(), rtol=1e-5,
+                       what="prompt travel latents vs AnimateDiffPipeline with FreeNoise")
+    # Windows take their frames' texts: windows of 4 (overlap 2) still run, and differ from one window.
+    windowed = generate(ours, [TRAVEL], [NEG], [0], num_frames=F, height=H, width=W, steps=3, init_latents=noise,
+                        progress=False, context_windows=dict(length=4, overlap=2))
+    assert np.isfinite(windowed.latents).all() and np.abs(windowed.latents - res.latents).max() > 1e-4
+    print(f"prompt travel, 3 DDIM steps: latents max abs err {err:.2e} vs diffusers FreeNoise")
+
+
+def test_prompt_map_errors_name_the_frame(pipes):
+    from animatediff_jax.sampling import generate
+
+    _, ours = pipes
+    kw = dict(num_frames=F, height=H, width=W, steps=2, progress=False)
+    with pytest.raises(ValueError, match="no prompt at frame 0"):
+        generate(ours, [{2: "a dog"}], None, [0], **kw)
+    with pytest.raises(ValueError, match="frame 6 is outside the video"):
+        generate(ours, [{0: "a dog", 6: "the cat"}], None, [0], **kw)
+    with pytest.raises(ValueError, match="prompt_interpolation='cubic'"):
+        generate(ours, [{0: "a dog"}], None, [0], prompt_interpolation="cubic", **kw)
+
+
+def jax_normal(shape):
+    import jax
+
+    return jax.random.normal(jax.random.key(11), shape)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +94,9 @@ def context_windows(num_frames: int, length: int, overlap: int = 4) -> Windows:
     return tuple(tuple(range(s, s + length)) for s in starts)
 
 
-def _windowed(fn: Callable[[jax.Array], jax.Array], x: jax.Array, windows: Windows) -> jax.Array:
-    """`fn` (frames -> per-frame prediction) on each window of `x`'s frame axis, overlaps averaged.
+def _windowed(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, windows: Windows) -> jax.Array:
+    """`fn(frames, their indices)` (-> per-frame prediction) on each window of `x`'s frame axis,
+    overlaps averaged.
 
     Windows run one after another (`lax.map`), so memory is one window's worth of activations.
     """
@@ -104,7 +105,7 @@ def _windowed(fn: Callable[[jax.Array], jax.Array], x: jax.Array, windows: Windo
     counts = np.bincount(idx.reshape(-1), minlength=x.shape[1])
     if (counts == 0).any():
         raise ValueError(f"context windows leave frames {np.flatnonzero(counts == 0).tolist()} uncovered")
-    preds = jax.lax.map(lambda ix: fn(jnp.take(x, ix, axis=1)), jnp.asarray(idx))  # [W, B, L, ...]
+    preds = jax.lax.map(lambda ix: fn(jnp.take(x, ix, axis=1), ix), jnp.asarray(idx))  # [W, B, L, ...]
     preds = jnp.moveaxis(preds, 0, 1).reshape((x.shape[0], w * length) + preds.shape[3:])
     total = jnp.zeros(preds.shape[:1] + x.shape[1:2] + preds.shape[2:], preds.dtype)
     total = total.at[:, idx.reshape(-1)].add(preds)
@@ -134,7 +135,8 @@ def predict_noise(
     guidance_scale: Any,
     windows: Windows | None = None,
 ) -> jax.Array:
-    """Guided float32 noise prediction for the (already scaled) model input `x` `[B, F, h, w, C]`.
+    """Guided float32 noise prediction for the (already scaled) model input `x` `[B, F, h, w, C]`;
+    `cond`/`uncond` `[B, L, D]`, or `[B, F, L, D]` a text per frame (windows take their frames').
 
     With `uncond`, one UNet call on 2B videos: sample b's unconditional and conditional copies
     are adjacent (a per-sample `concat([uncond, cond])`), so a batch sharded over devices stays
@@ -145,12 +147,17 @@ def predict_noise(
     if not _cfg_enabled(guidance_scale):
         uncond = None
 
-    def run(xw: jax.Array) -> jax.Array:
+    def frames(c: jax.Array | None, ix: jax.Array | None) -> jax.Array | None:
+        """A per-frame context `[B, F, L, D]` cut to the window's frames (one per video stays)."""
+        return c if c is None or ix is None or c.ndim == 3 else jnp.take(c, ix, axis=1)
+
+    def run(xw: jax.Array, ix: jax.Array | None = None) -> jax.Array:
         b = xw.shape[0]
-        if uncond is None:
-            return apply(xw, t, cond).astype(jnp.float32)
+        c, u = frames(cond, ix), frames(uncond, ix)
+        if u is None:
+            return apply(xw, t, c).astype(jnp.float32)
         x2 = jnp.stack([xw, xw], axis=1).reshape((2 * b,) + xw.shape[1:])
-        ctx = jnp.stack([uncond, cond], axis=1).reshape((2 * b,) + cond.shape[1:])
+        ctx = jnp.stack([u, c], axis=1).reshape((2 * b,) + c.shape[1:])
         out = apply(x2, t, ctx).astype(jnp.float32).reshape((b, 2) + xw.shape[1:])
         eps_u, eps_c = out[:, 0], out[:, 1]
         return eps_u + guidance_scale * (eps_c - eps_u)
@@ -183,7 +190,7 @@ def denoise(
 ) -> jax.Array:
     """Runs every step of `sched` from `latents` (already times `init_noise_sigma`) in one `lax.scan`.
 
-    `cond`/`uncond`: text embeddings `[B, L, D]`; guidance is on when `uncond` is given and
+    `cond`/`uncond`: text embeddings `[B, L, D]` (or `[B, F, L, D]`, one per frame); guidance is on when `uncond` is given and
     `guidance_scale > 1` (or traced). `key`: one key, or one per sample (typed or raw key
     data); step `i` of sample `b` uses `fold_in(key_b, i)`. `progress_cb(i)` is called from the
     compiled loop after step `i` (via `jax.debug.callback`). `windows`: frame windows from
@@ -249,6 +256,108 @@ def encode_text(
 
 
 # ----------------------------------------------------------------------------------------------
+# Prompt travel: a text per frame, interpolated between keyframes.
+# ----------------------------------------------------------------------------------------------
+
+Prompt = Union[str, Mapping[int, str]]
+INTERPOLATIONS = ("linear", "slerp")
+
+
+def keyframes(prompt: Prompt, num_frames: int, name: str) -> list[tuple[int, str]]:
+    """The sorted `(frame, text)` keyframes of a prompt: a string is one keyframe at frame 0; a map
+    `{frame: text}` (keys may be digit strings, as config files give them) must have frame 0 and
+    stay inside the video."""
+    if isinstance(prompt, str):
+        return [(0, prompt)]
+    if not isinstance(prompt, Mapping) or not prompt:
+        raise ValueError(f"{name}={prompt!r}: expected a string or a non-empty {{frame: prompt}} map")
+    out = []
+    for k, v in prompt.items():
+        if isinstance(k, bool) or not (isinstance(k, (int, np.integer)) or (isinstance(k, str) and k.strip().isdigit())):
+            raise ValueError(f"{name}: key {k!r} is not a frame number")
+        if not isinstance(v, str):
+            raise ValueError(f"{name}[{k}]={v!r}: expected a string")
+        out.append((int(k), v))
+    out.sort()
+    frames = [f for f, _ in out]
+    if len(set(frames)) != len(frames):
+        raise ValueError(f"{name}: frame {next(f for f in frames if frames.count(f) > 1)} is given twice")
+    if frames[0] != 0:
+        raise ValueError(f"{name}: no prompt at frame 0 (keyframes {frames}): the video must start from one")
+    if frames[-1] >= num_frames:
+        raise ValueError(f"{name}: frame {frames[-1]} is outside the video (frames 0 to {num_frames - 1})")
+    return out
+
+
+def _travel(keys: list[tuple[int, str]], num_frames: int, row: Mapping[str, int]) -> tuple[np.ndarray, ...]:
+    """Per frame: the two embeddings (rows of the unique texts) it lies between, and where (0..1).
+    As diffusers' FreeNoise: keyframe k to k+1 inclusive, the last keyframe held to the last frame."""
+    frames, texts = [f for f, _ in keys], [t for _, t in keys]
+    if frames[-1] != num_frames - 1:
+        frames, texts = frames + [num_frames - 1], texts + [texts[-1]]
+    i = np.full(num_frames, row[texts[0]], np.int32)
+    j, t = i.copy(), np.zeros(num_frames, np.float32)
+    for a in range(len(frames) - 1):
+        start, end = frames[a], frames[a + 1]
+        for f in range(start, end + 1):
+            i[f], j[f], t[f] = row[texts[a]], row[texts[a + 1]], (f - start) / (end - start)
+    return i, j, t
+
+
+def interpolate(emb: jax.Array, i: jax.Array, j: jax.Array, t: jax.Array, method: str = "linear") -> jax.Array:
+    """`emb[i]` to `emb[j]` at `t` (`[F]` each) for embeddings `emb` `[K, L, D]` -> `[F, L, D]`.
+
+    "linear": `(1 - t) a + t b` (diffusers' FreeNoise `_lerp`); "slerp": along the great circle
+    between each token's two vectors (linear where they are parallel)."""
+    a, b = emb[i].astype(jnp.float32), emb[j].astype(jnp.float32)
+    tt = t.astype(jnp.float32)[:, None, None]
+    if method == "linear":
+        return (1 - tt) * a + tt * b
+    if method != "slerp":
+        raise ValueError(f"prompt interpolation {method!r}: expected one of {INTERPOLATIONS}")
+    norm = jnp.linalg.norm(a, axis=-1, keepdims=True) * jnp.linalg.norm(b, axis=-1, keepdims=True)
+    cos = jnp.clip(jnp.sum(a * b, axis=-1, keepdims=True) / jnp.maximum(norm, 1e-12), -1.0, 1.0)
+    theta = jnp.arccos(cos)
+    sin = jnp.sin(theta)
+    parallel = sin < 1e-4
+    safe = jnp.where(parallel, 1.0, sin)
+    wa = jnp.where(parallel, 1 - tt, jnp.sin((1 - tt) * theta) / safe)
+    wb = jnp.where(parallel, tt, jnp.sin(tt * theta) / safe)
+    return wa * a + wb * b
+
+
+def encode_prompts(
+    pipe: AnimationPipeline,
+    prompts: Sequence[Prompt],
+    negative_prompts: Sequence[Prompt] | None,
+    num_frames: int,
+    clip_skip: int = 0,
+    interpolation: str = "linear",
+) -> tuple[jax.Array, jax.Array | None, float]:
+    """`encode_text` for prompts that may travel: `[N, 77, D]` embeddings when every prompt is one
+    string, else `[N, F, 77, D]`, each frame's text interpolated between its keyframes (each unique
+    text encoded once)."""
+    texts = list(prompts) + list(negative_prompts or [])
+    if all(isinstance(p, str) for p in texts):
+        return encode_text(pipe, list(prompts), None if negative_prompts is None else list(negative_prompts), clip_skip)
+    pos = [keyframes(p, num_frames, f"prompts[{b}]") for b, p in enumerate(prompts)]
+    neg = None if negative_prompts is None else [
+        keyframes(p, num_frames, f"negative_prompts[{b}]") for b, p in enumerate(negative_prompts)]
+    unique_pos = list(dict.fromkeys(t for k in pos for _, t in k))
+    unique_neg = None if neg is None else list(dict.fromkeys(t for k in neg for _, t in k))
+    cond_u, uncond_u, compile_s = encode_text(pipe, unique_pos, unique_neg, clip_skip)
+
+    def per_frame(emb, keys, texts):
+        row = {t: r for r, t in enumerate(texts)}
+        return jnp.stack([interpolate(emb, *map(jnp.asarray, _travel(k, num_frames, row)), interpolation)
+                          for k in keys])
+
+    cond = per_frame(cond_u, pos, unique_pos)
+    uncond = None if neg is None else per_frame(uncond_u, neg, unique_neg)
+    return cond.astype(cond_u.dtype), None if uncond is None else uncond.astype(uncond_u.dtype), compile_s
+
+
+# ----------------------------------------------------------------------------------------------
 # generate: validation, placement, compile, run.
 # ----------------------------------------------------------------------------------------------
 
@@ -287,14 +396,15 @@ def check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] 
 
 
 def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
-              scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows):
+              scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows,
+              prompt_interpolation="linear"):
     """Every check of generate's arguments that can fail, before anything is compiled; returns the
     resolved pieces. (A sample config's checks call the pieces a config also has: `check_windows`,
     `per_prompt`, the scheduler's.)"""
     prompts = _as_list("prompts", prompts)
     seeds = _as_list("seeds", seeds)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if not prompts or not all(isinstance(p, (str, Mapping)) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings (or {{frame: prompt}} maps), got {prompts!r}")
     n = len(prompts)
     if len(seeds) != n:
         raise ValueError(f"{n} prompts but {len(seeds)} seeds: give one seed per prompt")
@@ -310,6 +420,11 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
             raise ValueError(f"{name}={v} must be a positive multiple of {m} (VAE factor x UNet downsampling)")
     if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+    for name, values in (("prompts", prompts), ("negative_prompts", negative_prompts or [])):
+        for b, p in enumerate(values):
+            keyframes(p, num_frames, f"{name}[{b}]")  # a travelling prompt's keyframes inside the video
+    if prompt_interpolation not in INTERPOLATIONS:
+        raise ValueError(f"prompt_interpolation={prompt_interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
     layers = pipe.text_config.num_layers
     if not 0 <= int(clip_skip) <= layers:
         raise ValueError(f"clip_skip={clip_skip}: the text encoder has {layers} layers (expected 0 to {layers})")
@@ -372,8 +487,8 @@ class _Progress:
 
 def generate(
     pipe: AnimationPipeline,
-    prompts: list[str],
-    negative_prompts: list[str] | None,
+    prompts: list[Prompt],
+    negative_prompts: list[Prompt] | None,
     seeds: list[int],
     *,
     num_frames: int = 16,
@@ -389,6 +504,7 @@ def generate(
     progress: bool | Callable[[int], None] = True,
     init_latents: np.ndarray | None = None,
     context_windows: Mapping[str, int] | None = None,
+    prompt_interpolation: str = "linear",
 ) -> GenerateResult:
     """One video per (prompt, seed) pair: text -> scan of `steps` denoising steps -> VAE decode.
 
@@ -400,12 +516,15 @@ def generate(
     `dict(length=16, overlap=4)` to denoise in overlapping frame windows (needed beyond the
     motion module's position table; overlap defaults to length // 4; None or length 0: off).
     `progress`: a tqdm bar (True), nothing (False) or a callable given each finished step index.
+    Prompt travel: a prompt (or negative prompt) may be a map `{frame: text}` from frame 0: each
+    frame is conditioned on its own text embedding, interpolated between the keyframes'
+    (`prompt_interpolation` "linear", as diffusers' FreeNoise, or "slerp"); with context windows too.
     Every argument is checked before anything compiles (a `ValueError` naming it).
     """
     t_start = time.perf_counter()
     prompts, negative_prompts, seeds, sched, windows, shape = _validate(
         pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
-        scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows,
+        scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows, prompt_interpolation,
     )
     n = shape[0]
     use_cfg = guidance_scale > 1.0
@@ -416,7 +535,10 @@ def generate(
 
     # Text embeddings, before the loop.
     t0 = time.perf_counter()
-    cond, uncond, c_text = encode_text(pipe, prompts, negative_prompts if use_cfg else None, clip_skip)
+    cond, uncond, c_text = encode_prompts(pipe, prompts, negative_prompts if use_cfg else None, num_frames,
+                                          clip_skip, prompt_interpolation)
+    if uncond is not None and uncond.ndim != cond.ndim:  # one side travels: both per frame
+        cond, uncond = (c if c.ndim == 4 else jnp.repeat(c[:, None], num_frames, axis=1) for c in (cond, uncond))
     jax.block_until_ready(cond)
     timings["compile_text_s"] = c_text
     timings["text_s"] = time.perf_counter() - t0 - c_text

@@ -39,7 +39,15 @@ from typing import Any
 import numpy as np
 
 from animatediff_jax.cli import parse_config_flags, run_command
-from animatediff_jax.sampling.config import ConfigError, attention_note, output_folder, plain, to_yaml, validate
+from animatediff_jax.sampling.config import (
+    ConfigError,
+    attention_note,
+    output_folder,
+    plain,
+    to_yaml,
+    validate,
+    video_prompts,
+)
 from animatediff_jax.sampling.generate import generate, make_mesh
 from animatediff_jax.sampling.outputs import timing_summary, write_outputs
 from animatediff_jax.sampling.pipeline import AnimationPipeline, load_pipeline
@@ -95,9 +103,13 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
         pipe = pipeline if pipeline is not None else load_pipeline(c)
     timings = {"load_s": time.perf_counter() - t0}
+    scales = float(c["motion_scale"]), tuple(sorted((k, float(v)) for k, v in c["motion_block_scales"].items()))
+    if (pipe.motion_scale, pipe.motion_block_scales) != scales:  # (another UNet to compile)
+        pipe = dataclasses.replace(pipe, motion_scale=scales[0], motion_block_scales=scales[1])
 
+    prompts = video_prompts(c)
     size = c["batch_size"] or mesh.shape["data"]
-    n = len(c["prompt"])
+    n = len(prompts)
     batches = _batches(n, size)
     _log(f"sampling {n} video(s) of {c['L']} frames {c['H']}x{c['W']}, {c['scheduler']} {c['steps']} steps, "
          f"guidance {c['guidance_scale']}, {c['dtype']}, attention {attention_note(c)}, "
@@ -107,10 +119,11 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
         if len(batches) > 1:
             _log(f"batch {b + 1}/{len(batches)}")
         res = generate(
-            pipe, [c["prompt"][i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx],
+            pipe, [prompts[i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx],
             num_frames=c["L"], height=c["H"], width=c["W"], steps=c["steps"], guidance_scale=c["guidance_scale"],
             scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
             decode_chunk=c["decode_chunk"], mesh=mesh, progress=True, context_windows=c["context_windows"],
+            prompt_interpolation=c["prompt_interpolation"],
         )
         frames.append(res.frames[:len(dict.fromkeys(idx))])
         for k, v in res.timings.items():
@@ -119,7 +132,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
 
     t0 = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
-    files = write_outputs(folder, frames_np, c["prompt"], c)
+    files = write_outputs(folder, frames_np, prompts, c)
     timings["write_s"] = time.perf_counter() - t0
     with open(os.path.join(folder, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -180,3 +182,55 @@ def jax_normal(shape):
     import jax
 
     return jax.random.normal(jax.random.key(11), shape)
+
+
+# ------------------------------------------------------------------ from a sample config
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sample", "tiny.py")
+FAST = ["--config.L=6", "--config.steps=2", "--config.seed=(5,)"]
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    from animatediff_jax.testing.tiny import write_tiny_models
+
+    folder = tmp_path_factory.mktemp("tiny")
+    write_tiny_models(folder)
+    return f"{TINY}:{folder}"
+
+
+def _run(spec, out, *overrides):
+    from animatediff_jax import sample as S
+
+    return S.sample(S.load_config(spec, *FAST, f"--config.output.dir={out}", *overrides))
+
+
+def test_sample_config_prompt_travel_and_motion_scale(tiny_spec, tmp_path, capsys):
+    from animatediff_jax import sample as S
+    from animatediff_jax.cli import main as cli
+
+    plain = _run(tiny_spec, tmp_path / "plain", "--config.prompt=('best, a cat',)")
+    travel = _run(tiny_spec, tmp_path / "travel", "--config.prompt=()", "--config.head_prompt=best",
+                  "--config.prompt_map={'0': 'a cat', '4': 'the dog'}")
+    assert travel.frames.shape == plain.frames.shape == (1, 6, 32, 32, 3)
+    # Frame 0's text is the plain prompt's; from there it travels to "best, the dog" (an other video).
+    assert np.abs(travel.frames.astype(int) - plain.frames.astype(int)).max() > 0
+    assert travel.config["prompt_map"] == {"0": "a cat", "4": "the dog"}
+    # The saved config replays the travelling video exactly.
+    replay = S.sample(S.load_config(os.path.join(os.path.dirname(TINY), "replay.py") + ":"
+                                    + os.path.join(travel.folder, "config.yaml"),
+                                    f"--config.output.dir={tmp_path / 'replay'}"))
+    np.testing.assert_array_equal(replay.frames, travel.frames)
+
+    still = _run(tiny_spec, tmp_path / "still", "--config.prompt=('best, a cat',)", "--config.motion_scale=0.0")
+    assert np.abs(still.frames.astype(int) - plain.frames.astype(int)).max() > 0  # the motion modules' share
+
+    capsys.readouterr()
+    bad = [("--config.prompt_map={'2': 'a dog'}", "prompt_map: no prompt at frame 0"),
+           ("--config.prompt_map={'0': 'a', '9': 'b'}", "prompt_map: frame 9 is outside the video"),
+           ("--config.motion_block_scales={'middle': 0.5}", "motion_block_scales: no block 'middle'")]
+    for override, message in bad:
+        extra = ["--config.prompt=()"] if "prompt_map" in override else []
+        assert cli(["sample", "--config", tiny_spec, *FAST, *extra, override]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import sys
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from ml_collections import ConfigDict
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("gif", "mp4", "png")
 GROUPS = ("output", "context_windows")  # fixed groups of fields
-_OPEN = ("scheduler_options",)  # free-form: any key may be set
+_OPEN = ("scheduler_options", "prompt_map", "motion_block_scales")  # free-form: any key may be set
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,12 @@ def base_config() -> ConfigDict:
     c.guidance_scale = 7.5
     c.prompt = ()  # the prompts: one video each
     c.n_prompt = ("",)  # negative prompts: one (broadcast) or one per prompt
+    # Prompt travel, instead of `prompt`: {"0": text, "8": text, ...} (frame: prompt, from frame 0), one video
+    # per seed whose every frame is conditioned on its own text embedding, interpolated between keyframes.
+    c.prompt_map = {}
+    c.head_prompt = ""  # prompt travel: put before every keyframe's text ("masterpiece, a girl")
+    c.tail_prompt = ""  # ... and after it
+    c.prompt_interpolation = "linear"  # between keyframes: linear (diffusers' FreeNoise) | slerp
     c.W = 512
     c.H = 512
     c.L = 16  # frames
@@ -61,6 +68,10 @@ def base_config() -> ConfigDict:
     # on CPU, for long sequences; XLA for short ones) | xla | chunked | cudnn | splash
     c.attention = "auto"
     c.allow_nonfinite = False  # load weight files holding NaN/Inf (with a warning) instead of refusing them
+    # Motion strength: what every motion module adds to its input is scaled (1: as trained, 0: no motion);
+    # per block on top: {"mid_block": 0.5, "up_blocks_1": 1.2} (down_blocks_i, mid_block, up_blocks_i).
+    c.motion_scale = 1.0
+    c.motion_block_scales = {}
     # Videos longer than the motion module's position table: overlapping windows of `length` frames over
     # the temporal attention, predictions averaged; length 0 = off (one pass over all frames).
     c.context_windows = ConfigDict(dict(length=0, overlap=4))
@@ -262,6 +273,16 @@ def attention_note(c: Mapping) -> str:
     return f"{c['attention']} ({kernel} at {tokens} tokens)"
 
 
+def video_prompts(c: Mapping) -> list:
+    """One prompt per video of a validated config: its `prompt`s, or with `prompt_map` the travelling
+    prompt `{frame: head, text, tail}` once per seed (what `generate` takes)."""
+    if not c["prompt_map"]:
+        return list(c["prompt"])
+    join = lambda text: ", ".join(p for p in (c["head_prompt"], text, c["tail_prompt"]) if p)  # noqa: E731
+    travel = {int(k): join(v) for k, v in c["prompt_map"].items()}
+    return [travel] * len(c["seed"])
+
+
 # ----------------------------------------------------------------------------------------------
 # validate: every check before loading anything.
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +294,7 @@ def validate(config: Any) -> dict:
     dicts with `prompt`, `n_prompt` and `seed` one per prompt (random seeds drawn) and
     `output.formats` a list."""
     from animatediff_jax import schedulers as S
-    from animatediff_jax.sampling.generate import check_windows, per_prompt
+    from animatediff_jax.sampling.generate import INTERPOLATIONS, check_windows, keyframes, per_prompt
 
     schema = plain(base_config())
     c = plain(config)
@@ -288,9 +309,21 @@ def validate(config: Any) -> dict:
     prompts = c["prompt"]
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"prompt={prompts!r}: expected a non-empty tuple of strings")
-    n = len(prompts)
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"prompt={prompts!r}: expected a tuple of strings")
+    if not isinstance(c["prompt_map"], Mapping):
+        raise ConfigError(f"prompt_map={c['prompt_map']!r}: expected a {{frame: prompt}} dict")
+    for name in ("head_prompt", "tail_prompt"):
+        if not isinstance(c[name], str):
+            raise ConfigError(f"{name}={c[name]!r}: expected a string")
+    if c["prompt_map"] and prompts:
+        raise ConfigError("prompt and prompt_map: give one (prompt_map is one travelling prompt, a video per seed)")
+    if not c["prompt_map"] and not prompts:
+        raise ConfigError("prompt: required (a tuple of prompts, or prompt_map for prompt travel)")
+    if c["prompt_interpolation"] not in INTERPOLATIONS:
+        raise ConfigError(f"prompt_interpolation={c['prompt_interpolation']!r}: expected one of "
+                          f"{', '.join(INTERPOLATIONS)}")
+    n = len(prompts) if prompts else len(c["seed"]) if isinstance(c["seed"], (list, tuple)) else 1
     neg = [c["n_prompt"]] if isinstance(c["n_prompt"], str) else c["n_prompt"]
     if not isinstance(neg, (list, tuple)) or not all(isinstance(p, str) for p in neg):
         raise ConfigError(f"n_prompt={c['n_prompt']!r}: expected a tuple of strings")
@@ -314,8 +347,19 @@ def validate(config: Any) -> dict:
     _int("decode_chunk", c["decode_chunk"], 1)
     if _int("devices", c["devices"], -1) == 0:
         raise ConfigError("devices=0: expected -1 (all) or a positive count")
-    for name in ("lora_alpha", "adapter_lora_scale"):
+    for name in ("lora_alpha", "adapter_lora_scale", "motion_scale"):
         _number(name, c[name])
+    if not isinstance(c["motion_block_scales"], Mapping):
+        raise ConfigError(f"motion_block_scales={c['motion_block_scales']!r}: expected a {{block: scale}} dict")
+    for block, scale in c["motion_block_scales"].items():
+        if not re.fullmatch(r"(down|up)_blocks_\d+|mid_block", str(block)):
+            raise ConfigError(f"motion_block_scales: no block {block!r} (blocks: down_blocks_i, mid_block, up_blocks_i)")
+        _number(f"motion_block_scales.{block}", scale)
+    if c["prompt_map"]:
+        try:
+            keyframes(video_prompts(c)[0], int(c["L"]), "prompt_map")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for name in ("length", "overlap"):
         _int(f"context_windows.{name}", c["context_windows"][name], 0)
     if c["dtype"] not in DTYPES:

@@ -12,8 +12,11 @@ import numpy as np
 from animatediff_jax.sampling.config import to_yaml
 
 
-def slug(prompt: str, words: int = 10, limit: int = 80) -> str:
-    """A file-name piece from a prompt: its first words joined by '-' (as the original names files)."""
+def slug(prompt: str | Mapping[int, str], words: int = 10, limit: int = 80) -> str:
+    """A file-name piece from a prompt (a travelling one: its first keyframe's): its first words joined
+    by '-' (as the original names files)."""
+    if isinstance(prompt, Mapping):
+        prompt = prompt[min(prompt)]
     s = "-".join(prompt.replace("/", "").split()[:words])
     s = re.sub(r"[^\w,.+-]", "", s)[:limit]
     return s or "prompt"

@@ -44,6 +44,8 @@ class AnimationPipeline:
     tokenizer: Any = None
     dtype: Any = jnp.float32
     attention: str = "auto"
+    motion_scale: float = 1.0  # the UNet's motion strength (`UNet3D.motion_scale`, `motion_block_scales`)
+    motion_block_scales: tuple[tuple[str, float], ...] = ()
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     _on_step: list = dataclasses.field(default_factory=lambda: [None], init=False, repr=False, compare=False)
@@ -66,7 +68,8 @@ class AnimationPipeline:
 
     @property
     def unet(self) -> UNet3D:
-        return UNet3D(self.unet_config, dtype=self.dtype, attention=self.attention)
+        return UNet3D(self.unet_config, dtype=self.dtype, attention=self.attention, motion_scale=self.motion_scale,
+                      motion_block_scales=self.motion_block_scales)
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -195,5 +198,7 @@ def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
         raise ConfigError(f"tokenizer: {c['base_model']} has no tokenizer/ folder; set tokenizer to a CLIP tokenizer folder")
     merged = SD15(unet_config, model.vae_config, model.text_config,
                   dict(model.params, unet=unet, text_encoder=text), tok_path)
-    return AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=jnp.dtype(c["dtype"]),
+    pipe = AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=jnp.dtype(c["dtype"]),
                                        attention=c["attention"])
+    block_scales = tuple(sorted((k, float(v)) for k, v in dict(c.get("motion_block_scales") or {}).items()))
+    return dataclasses.replace(pipe, motion_scale=float(c.get("motion_scale", 1.0)), motion_block_scales=block_scales)

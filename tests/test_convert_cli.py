@@ -157,7 +157,7 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
     clip = TCLIP.from_pretrained(sd_folder / "text_encoder")
     sd, _ = kohya_file(unet2d, clip)
     save_state_dict(tmp_path / "kohya.safetensors", {k: v.numpy() for k, v in sd.items()})
-    out = tmp_path / "kohya_bundle.safetensors"
+    out = tmp_path / "kohya_params.safetensors"
     assert cli_main(["convert", "lora", str(tmp_path / "kohya.safetensors"), "--kind", "lora", "--out", str(out),
                      "--base-config", str(sd_folder)]) == 0
     tcfg = CLIPTextConfig.tiny()
@@ -168,7 +168,7 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
     assert _tree_equal(b.unet, ref.unet) and _tree_equal(b.text_encoder, ref.text_encoder)
     lf = load_lora(out, "lora", base=base, text_config=tcfg)
     assert _tree_equal(lf.unet, ref.unet) and _tree_equal(lf.text_encoder, ref.text_encoder)
-    with pytest.raises(CheckpointError, match=r"kohya_bundle\.safetensors .*does not fit the model"):
+    with pytest.raises(CheckpointError, match=r"kohya_params\.safetensors .*does not fit the model"):
         load_lora(out, "lora", base=base, text_config=CLIPTextConfig.sd15())  # another text encoder
     # A file with text-encoder layers and no text config: refused without a text encoder to check them on.
     save_lora(tmp_path / "no_text_config.safetensors", b.unet, "lora", base, b.text_encoder)
@@ -176,7 +176,7 @@ def test_convert_motion_and_lora(sd_folder, torch_files, tmp_path, capsys):
         load_lora(tmp_path / "no_text_config.safetensors", "lora")
 
 
-def test_bundles_load_without_torch(sd_folder, torch_files, tmp_path):
+def test_motion_params_file_loads_without_torch(sd_folder, torch_files, tmp_path):
     d, _, _ = torch_files
     out = tmp_path / "mm.safetensors"
     assert cli_main(["convert", "motion", str(d / "mm_v2.ckpt"), "--out", str(out), "--base-config", str(sd_folder)]) == 0

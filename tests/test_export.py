@@ -233,10 +233,10 @@ def test_round_trips_bit_exact(ref_unet, tmp_path, capsys):
     base = base_json(tmp_path)
 
     def round_trip(kind_args, src, out, export_args, name):
-        bundle = tmp_path / f"{name}.bundle.safetensors"
-        rc, err = run(["convert", *kind_args, src, "--out", bundle, "--base-config", base], capsys)
+        converted = tmp_path / f"{name}.params.safetensors"
+        rc, err = run(["convert", *kind_args, src, "--out", converted, "--base-config", base], capsys)
         assert rc == 0, err
-        rc, err = run(["export", *export_args, bundle, "--out", tmp_path / out], capsys)
+        rc, err = run(["export", *export_args, converted, "--out", tmp_path / out], capsys)
         assert rc == 0, err
         return tmp_path / out
 

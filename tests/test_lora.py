@@ -448,7 +448,8 @@ def test_errors(ref_unet, tmp_path):
         {f"{good}.lora_down.weight": np.zeros((2, 31), np.float32), f"{good}.lora_up.weight": u},
         r"(?s)do not fit.*\(32, 32\)",
     )
-    check({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": d}, r"naming no layer")
+    check({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": d},
+          r"text-encoder layers, but no text-encoder model was given to load them into: lora_te_text_model")
     torch.save(
         {"down_blocks.0.motion_modules.0.temporal_transformer.norm.weight": torch.zeros(3)}, tmp_path / "mm.ckpt"
     )
@@ -461,7 +462,7 @@ def test_errors(ref_unet, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot be read"):
         load_lora(tmp_path / "cut.safetensors", "lora", base=CFG)
-    mixed = r"k\.safetensors \(kohya LoRA\): not a domain adapter: it adapts layers inside motion modules"
+    mixed = r"k\.safetensors: no domain adapter in it: it holds a LoRA on motion modules and spatial layers \(kohya"
     with pytest.raises(CheckpointError, match=mixed):
         load_lora(tmp_path / "k.safetensors", "domain_adapter", base=CFG)
     with pytest.raises(ValueError, match="does not fit the params"):

@@ -205,6 +205,20 @@ def test_motion_adapter_export(v2_motion, tmp_path):
         assert json.load(f)["_class_name"] == "MotionAdapter"
 
 
+def test_whole_unet_checkpoint(tmp_path):
+    """A whole `UNetMotionModel` checkpoint is refused as a motion module (one line saying what else it
+    holds) unless `ignore_spatial`: then its motion modules, as the whole-UNet converter reads them."""
+    cfg = tiny_unet("v2")
+    tm = torch_motion_unet(cfg, seed=8)
+    torch.save(tm.state_dict(), tmp_path / "whole.ckpt")
+    besides = r"whole\.ckpt: holds \d+ keys besides the motion modules .*ignore_spatial"
+    with pytest.raises(CheckpointError, match=besides):
+        load_motion(tmp_path / "whole.ckpt", BASE)
+    motion_params, loaded = load_motion(tmp_path / "whole.ckpt", BASE, ignore_spatial=True)
+    assert loaded == cfg
+    assert_trees_equal(motion_params, motion_subtree(convert_unet_state_dict(tm.state_dict(), cfg)))
+
+
 def test_errors(v2_motion, tmp_path):
     """Wrong kind, truncated file, wrong layout or channels: CheckpointError naming file and keys."""
     cfg, motion = v2_motion

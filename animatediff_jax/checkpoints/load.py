@@ -85,13 +85,17 @@ def describe_state_dict(sd: Mapping[str, Any]) -> tuple[str, str]:
     mm = [k for k in keys if "motion_modules" in k]
     if lora:
         inside = [k for k in lora if "motion_modules" in k]
-        text = any(k.startswith(("text_encoder.", "lora_te_")) for k in lora)
+        n_text = sum(k.startswith(("text_encoder.", "lora_te_", "lora_te1_", "lora_te2_")) for k in lora)
+        text = n_text > 0
         naming = _naming(lora)
         if inside and len(inside) == len(lora):
             return "motion_lora", f"a MotionLoRA ({naming} naming, {len(lora)} tensors)"
         if not inside and not text:
             return "spatial_lora", f"a spatial LoRA (a domain adapter or an image LoRA; {naming} naming, {len(lora)} tensors)"
-        return "lora", f"a LoRA ({naming} naming, {len(lora)} tensors{', text encoder included' if text else ''})"
+        spatial = len(inside) + n_text < len(lora)
+        parts = [w for w, has in (("motion modules", inside), ("spatial layers", spatial), ("the text encoder", text))
+                 if has]
+        return "lora", f"a LoRA on {' and '.join(parts)} ({naming} naming, {len(lora)} tensors)"
     if mm:
         naming = "original AnimateDiff" if any("temporal_transformer" in k for k in mm) else "diffusers"
         try:
@@ -147,9 +151,11 @@ def _norms(per_frame: bool) -> str:
     return "per frame (the original's)" if per_frame else "across frames (diffusers')"
 
 
-def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str] = MOTION_FIELDS) -> UNetConfig:
-    """The UNet a motion module runs in: `base` with the module's layout. `found` is the module's
-    config, of whose motion fields the file records `recorded` (the others came from `base`).
+def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str] = MOTION_FIELDS,
+        noun: str = "motion module") -> UNetConfig:
+    """The UNet a motion module (or a MotionLoRA: `noun`) runs in: `base` with the module's layout.
+    `found` is the module's config, of whose motion fields the file records `recorded` (the others
+    came from `base`).
 
     The blocks must be the base's, and every recorded layout field (mid-block module, table length,
     heads, depth, groups) the base's motion layout when it has one: else an error naming each
@@ -163,7 +169,7 @@ def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str]
                   for n in sorted(recorded - {"norm_per_frame"})
                   if getattr(found.motion, n) != getattr(base.motion, n)]
     if diffs:
-        raise CheckpointError(f"{what}: a {found.motion.version} motion module that does not fit the base UNet: "
+        raise CheckpointError(f"{what}: a {found.motion.version} {noun} that does not fit the base UNet: "
                               f"{'; '.join(diffs)}")
     if base.motion is not None and "norm_per_frame" in recorded and found.motion.norm_per_frame != base.motion.norm_per_frame:
         _note(f"{what}: its motion modules were trained with GroupNorm {_norms(found.motion.norm_per_frame)}; "
@@ -295,10 +301,9 @@ def _made_for(path: str, kind: str, base: UNetConfig, motion_version: MotionVers
                                                      norm_num_groups=base.norm_num_groups))
 
 
-_DESCRIBED_AS = {  # what `describe` may call a file that is a LoRA of this kind (a mixed "lora" is
-    # refused by the kind check, whose message names the layers of the wrong kind)
-    "motion_lora": ("motion_lora", "lora"),
-    "domain_adapter": ("spatial_lora", "lora"),
+_DESCRIBED_AS = {  # what `describe` may call a file that is a LoRA of this kind
+    "motion_lora": ("motion_lora",),
+    "domain_adapter": ("spatial_lora",),
     "lora": ("motion_lora", "spatial_lora", "lora"),
 }
 
@@ -327,13 +332,13 @@ def load_lora(
     p = params_file(path)
     if p is not None:
         lora = _lora_params_file(p, kind)
+        what = f"{p} (animatediff-jax {KIND_NAMES[lora.kind]})"
         if base is None:
             target = lora.unet_config
-        elif base.motion is None and lora.unet_config.motion is not None:
-            target = fit(lora.unet_config, base, p)
+        elif base.motion is None and lora.unet_config.motion is not None and lora.kind != "domain_adapter":
+            target = fit(lora.unet_config, base, what, noun=KIND_NAMES[lora.kind])  # the layout it was made for
         else:
             target = base
-        what = f"{p} (animatediff-jax {KIND_NAMES[lora.kind]})"
         _check_fits(lora.unet, unet_shapes(target), what)
         if lora.text_encoder:
             if text_config is None and lora.text_config is None:

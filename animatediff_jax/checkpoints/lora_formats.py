@@ -127,12 +127,17 @@ class _Builder:
     def __init__(self, path: str, fmt: str, targets: dict[str, Mapping[str, Any] | None]):
         self.path, self.fmt = path, fmt
         self.kernels = {name: _kernels(t) for name, t in targets.items()}
+        self.no_model = {name for name, t in targets.items() if not t}  # components without a target model
         self.parts: dict[tuple[str, Path], dict[str, Any]] = collections.defaultdict(dict)
         self.keys: dict[tuple[str, Path], list[str]] = collections.defaultdict(list)
         self.unknown: list[str] = []
         self.unmatched: list[str] = []
+        self.without_model: dict[str, list[str]] = collections.defaultdict(list)
 
     def add(self, key: str, component: str, path: Path | None, part: str, value) -> None:
+        if component in self.no_model:
+            self.without_model[component].append(key)
+            return
         if path is None or path not in self.kernels.get(component, {}):
             self.unmatched.append(key)
             return
@@ -146,6 +151,9 @@ class _Builder:
             lines.append(f"  keys of no LoRA layout this reader knows: {_few(self.unknown)}")
         if self.unmatched:
             lines.append(f"  keys naming no layer of the target model: {_few(self.unmatched)}")
+        for component, keys in sorted(self.without_model.items()):
+            name = component.replace("_", "-")
+            lines.append(f"  {name} layers, but no {name} model was given to load them into: {_few(keys)}")
         trees: dict[str, dict[Path, dict]] = {"unet": {}, "text_encoder": {}}
         bad = []
         for (component, path), parts in self.parts.items():

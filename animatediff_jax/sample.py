@@ -123,7 +123,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
             num_frames=c["L"], height=c["H"], width=c["W"], steps=c["steps"], guidance_scale=c["guidance_scale"],
             scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
             decode_chunk=c["decode_chunk"], mesh=mesh, progress=True, context_windows=c["context_windows"],
-            prompt_interpolation=c["prompt_interpolation"],
+            prompt_interpolation=c["prompt_interpolation"], free_init=dict(c["free_init"]) or None,
         )
         frames.append(res.frames[:len(dict.fromkeys(idx))])
         for k, v in res.timings.items():

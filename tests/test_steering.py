@@ -224,13 +224,89 @@ def test_sample_config_prompt_travel_and_motion_scale(tiny_spec, tmp_path, capsy
 
     still = _run(tiny_spec, tmp_path / "still", "--config.prompt=('best, a cat',)", "--config.motion_scale=0.0")
     assert np.abs(still.frames.astype(int) - plain.frames.astype(int)).max() > 0  # the motion modules' share
+    freeinit = _run(tiny_spec, tmp_path / "freeinit", "--config.prompt=('best, a cat',)",
+                    "--config.free_init={'num_iters': 2, 'method': 'gaussian'}")
+    assert np.abs(freeinit.frames.astype(int) - plain.frames.astype(int)).max() > 0
 
     capsys.readouterr()
     bad = [("--config.prompt_map={'2': 'a dog'}", "prompt_map: no prompt at frame 0"),
            ("--config.prompt_map={'0': 'a', '9': 'b'}", "prompt_map: frame 9 is outside the video"),
-           ("--config.motion_block_scales={'middle': 0.5}", "motion_block_scales: no block 'middle'")]
+           ("--config.motion_block_scales={'middle': 0.5}", "motion_block_scales: no block 'middle'"),
+           ("--config.free_init={'num_iters': 2, 'method': 'box'}", "free_init.method='box'")]
     for override, message in bad:
         extra = ["--config.prompt=()"] if "prompt_map" in override else []
         assert cli(["sample", "--config", tiny_spec, *FAST, *extra, override]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------ FreeInit
+
+
+@pytest.mark.parametrize("method", ["butterworth", "gaussian", "ideal"])
+def test_free_init_filter_and_mix_are_diffusers(pipes, method):
+    from animatediff_jax.sampling.generate import free_init_filter, freq_mix
+
+    torch_pipe, _ = pipes
+    ref = torch_pipe._get_free_init_freq_filter((1, 4, F, 8, 8), "cpu", method, 4, 0.25, 0.3)
+    ours = free_init_filter(F, 8, 8, method, 4, 0.25, 0.3)
+    np.testing.assert_allclose(ours, ref[0, 0].numpy(), rtol=1e-6, atol=1e-7)
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(2, 4, F, 8, 8, generator=g), torch.randn(2, 4, F, 8, 8, generator=g)
+    mixed = torch_pipe._apply_freq_filter(x, noise, ref).numpy()
+    to_ours = lambda v: jnp.asarray(v.permute(0, 2, 3, 4, 1).numpy())  # noqa: E731
+    got = np.asarray(freq_mix(to_ours(x), to_ours(noise), ours)).transpose(0, 4, 1, 2, 3)
+    assert_close(got, mixed, rtol=1e-5, what=f"FreeInit frequency mix ({method}) vs diffusers")
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_generate_with_free_init_is_diffusers(pipes, monkeypatch, fast):
+    """`enable_free_init(num_iters=3)` from the same initial latents, diffusers' fresh noise per
+    iteration replaced by ours (`free_init_noise`): the latents after the last iteration agree."""
+    import jax
+    from diffusers.pipelines import free_init_utils
+
+    from animatediff_jax.sampling import generate
+    from animatediff_jax.sampling.generate import free_init_noise, seed_key
+
+    torch_pipe, ours = pipes
+    shape = (1, F, H // 2, W // 2, 4)
+    noise = np.array(jax_normal(shape))
+    key_data = jnp.stack([jax.random.key_data(seed_key(7))])
+    fresh = [torch.from_numpy(np.array(free_init_noise(key_data, it, shape))).permute(0, 4, 1, 2, 3)
+             for it in (1, 2)]
+    monkeypatch.setattr(free_init_utils, "randn_tensor", lambda *a, **k: fresh.pop(0))
+    torch_pipe.disable_free_noise()
+    torch_pipe.enable_free_init(num_iters=3, use_fast_sampling=fast)
+    try:
+        with torch.no_grad():
+            ref = torch_pipe(prompt="the cat", negative_prompt="dog", num_frames=F, height=H, width=W,
+                             num_inference_steps=3, guidance_scale=7.5, output_type="latent",
+                             latents=torch.from_numpy(noise).permute(0, 4, 1, 2, 3)).frames
+    finally:
+        torch_pipe.disable_free_init()
+        torch_pipe.enable_free_noise(context_length=F, context_stride=4)
+    assert not fresh  # diffusers drew exactly the two fresh noises
+    seen = []
+    res = generate(ours, ["the cat"], ["dog"], [7], num_frames=F, height=H, width=W, steps=3, init_latents=noise,
+                   progress=seen.append, free_init=dict(num_iters=3, use_fast_sampling=fast))
+    err = assert_close(res.latents, ref.permute(0, 2, 3, 4, 1).numpy(), rtol=1e-5,
+                       what=f"FreeInit (fast sampling {fast}) latents vs diffusers")
+    assert sorted(set(seen)) == list(range(6 if fast else 9))  # every iteration's steps, in one compiled call
+    plain = generate(ours, ["the cat"], ["dog"], [7], num_frames=F, height=H, width=W, steps=3, init_latents=noise,
+                     progress=False)
+    assert np.abs(plain.latents - res.latents).max() > 1e-3
+    print(f"FreeInit 3 iterations (fast {fast}): latents max abs err {err:.2e} vs diffusers")
+
+
+def test_free_init_errors(pipes):
+    from animatediff_jax.sampling import generate
+
+    _, ours = pipes
+    kw = dict(num_frames=F, height=H, width=W, steps=2, progress=False)
+    with pytest.raises(ValueError, match="free_init.method='box'"):
+        generate(ours, ["a"], None, [0], free_init=dict(method="box"), **kw)
+    with pytest.raises(ValueError, match="unknown option"):
+        generate(ours, ["a"], None, [0], free_init=dict(iters=2), **kw)
+    with pytest.raises(ValueError, match="free_init with scheduler 'euler'"):
+        generate(ours, ["a"], None, [0], free_init=dict(num_iters=2), scheduler="euler", **kw)

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("gif", "mp4", "png")
 GROUPS = ("output", "context_windows")  # fixed groups of fields
-_OPEN = ("scheduler_options", "prompt_map", "motion_block_scales")  # free-form: any key may be set
+_OPEN = ("scheduler_options", "prompt_map", "motion_block_scales", "free_init")  # free-form: any key may be set
 
 
 class ConfigError(ValueError):
@@ -72,6 +72,10 @@ def base_config() -> ConfigDict:
     # per block on top: {"mid_block": 0.5, "up_blocks_1": 1.2} (down_blocks_i, mid_block, up_blocks_i).
     c.motion_scale = 1.0
     c.motion_block_scales = {}
+    # FreeInit (diffusers' enable_free_init): {"num_iters": 3, "method": "butterworth" | "gaussian" | "ideal",
+    # "order": 4, "spatial_stop_frequency": 0.25, "temporal_stop_frequency": 0.25, "use_fast_sampling": False};
+    # {} = off. Denoises num_iters times, each from the last video's low frequencies (ddim / pndm).
+    c.free_init = {}
     # Videos longer than the motion module's position table: overlapping windows of `length` frames over
     # the temporal attention, predictions averaged; length 0 = off (one pass over all frames).
     c.context_windows = ConfigDict(dict(length=0, overlap=4))
@@ -294,7 +298,13 @@ def validate(config: Any) -> dict:
     dicts with `prompt`, `n_prompt` and `seed` one per prompt (random seeds drawn) and
     `output.formats` a list."""
     from animatediff_jax import schedulers as S
-    from animatediff_jax.sampling.generate import INTERPOLATIONS, check_windows, keyframes, per_prompt
+    from animatediff_jax.sampling.generate import (
+        INTERPOLATIONS,
+        check_windows,
+        check_free_init,
+        keyframes,
+        per_prompt,
+    )
 
     schema = plain(base_config())
     c = plain(config)
@@ -360,6 +370,9 @@ def validate(config: Any) -> dict:
             keyframes(video_prompts(c)[0], int(c["L"]), "prompt_map")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if not isinstance(c["free_init"], Mapping):
+        raise ConfigError(f"free_init={c['free_init']!r}: expected a dict of FreeInit options ({{}}: off)")
+
     for name in ("length", "overlap"):
         _int(f"context_windows.{name}", c["context_windows"][name], 0)
     if c["dtype"] not in DTYPES:
@@ -370,8 +383,9 @@ def validate(config: Any) -> dict:
     if not isinstance(c["scheduler_options"], Mapping):
         raise ConfigError(f"scheduler_options={c['scheduler_options']!r}: expected a dict")
     try:  # generate's own checks of what a config also has
-        S.make_scheduler(c["scheduler"], steps, **c["scheduler_options"])
+        sched = S.make_scheduler(c["scheduler"], steps, **c["scheduler_options"])
         check_windows(c["context_windows"])
+        check_free_init(dict(c["free_init"]) or None, sched)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     _check_memory(c)

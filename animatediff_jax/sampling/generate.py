@@ -358,6 +358,93 @@ def encode_prompts(
 
 
 # ----------------------------------------------------------------------------------------------
+# FreeInit: re-initialise the noise's low frequencies from the last video, then denoise again.
+# ----------------------------------------------------------------------------------------------
+
+FREE_INIT_METHODS = ("butterworth", "gaussian", "ideal")
+FREE_INIT_DEFAULTS = dict(num_iters=3, method="butterworth", order=4, spatial_stop_frequency=0.25,
+                          temporal_stop_frequency=0.25, use_fast_sampling=False)  # diffusers' enable_free_init
+_FREE_INIT_KINDS = ("ddim", "pndm")  # samplers whose add_noise is sqrt(abar) x + sqrt(1 - abar) noise
+_FREE_INIT_SALT = 0x46524545  # folded into a video's key for each iteration's fresh noise ("FREE")
+
+
+def free_init_options(free_init: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`free_init` with diffusers' defaults filled in and checked (None or num_iters <= 1: off)."""
+    if free_init is None:
+        return None
+    unknown = sorted(set(free_init) - set(FREE_INIT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"free_init: unknown option(s) {unknown} (valid: {', '.join(FREE_INIT_DEFAULTS)})")
+    o = {**FREE_INIT_DEFAULTS, **free_init}
+    if not isinstance(o["num_iters"], (int, np.integer)) or isinstance(o["num_iters"], bool) or o["num_iters"] < 0:
+        raise ValueError(f"free_init.num_iters={o['num_iters']!r}: expected an integer >= 0 (<= 1: off)")
+    if o["method"] not in FREE_INIT_METHODS:
+        raise ValueError(f"free_init.method={o['method']!r}: expected one of {', '.join(FREE_INIT_METHODS)}")
+    for name in ("order", "spatial_stop_frequency", "temporal_stop_frequency"):
+        v = o[name]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"free_init.{name}={v!r}: expected a number >= 0")
+    if not isinstance(o["use_fast_sampling"], bool):
+        raise ValueError(f"free_init.use_fast_sampling={o['use_fast_sampling']!r}: expected True or False")
+    return o if o["num_iters"] > 1 else None
+
+
+def check_free_init(free_init: Mapping[str, Any] | None, sched: S.Scheduler) -> dict[str, Any] | None:
+    """`free_init_options`, and a sampler FreeInit can re-noise for (its add_noise is DDPM's)."""
+    fi = free_init_options(free_init)
+    if fi is not None and sched.kind not in _FREE_INIT_KINDS:
+        raise ValueError(f"free_init with scheduler {sched.kind!r}: FreeInit re-noises as DDPM does, which "
+                         f"{', '.join(_FREE_INIT_KINDS)} share; use one of those")
+    return fi
+
+
+def free_init_filter(frames: int, height: int, width: int, method: str = "butterworth", order: float = 4,
+                     spatial_stop_frequency: float = 0.25, temporal_stop_frequency: float = 0.25) -> np.ndarray:
+    """FreeInit's low-pass filter `[F, h, w]` over the centred (fftshift-ed) frequencies, as diffusers'
+    `_get_free_init_freq_filter` (the same for every channel)."""
+    if spatial_stop_frequency == 0 or temporal_stop_frequency == 0:
+        return np.zeros((frames, height, width), np.float32)
+    t = (spatial_stop_frequency / temporal_stop_frequency) * (2 * np.arange(frames) / frames - 1)
+    h, w = 2 * np.arange(height) / height - 1, 2 * np.arange(width) / width - 1
+    d2 = t[:, None, None] ** 2 + h[None, :, None] ** 2 + w[None, None, :] ** 2
+    if method == "butterworth":
+        mask = 1 / (1 + (d2 / spatial_stop_frequency**2) ** order)
+    elif method == "gaussian":
+        mask = np.exp(-1 / (2 * spatial_stop_frequency**2) * d2)
+    elif method == "ideal":
+        mask = (d2 <= spatial_stop_frequency * 2).astype(np.float64)
+    else:
+        raise ValueError(f"free_init method {method!r}: expected one of {FREE_INIT_METHODS}")
+    return mask.astype(np.float32)
+
+
+def freq_mix(x: jax.Array, noise: jax.Array, low_pass: jax.Array) -> jax.Array:
+    """`x`'s low frequencies and `noise`'s high ones, over (frames, height, width) of `[B, F, h, w, C]`
+    videos (diffusers' `_apply_freq_filter`)."""
+    axes = (1, 2, 3)
+    lp = jnp.asarray(low_pass, jnp.float32)[None, :, :, :, None]
+    xf = jnp.fft.fftshift(jnp.fft.fftn(x.astype(jnp.float32), axes=axes), axes=axes)
+    nf = jnp.fft.fftshift(jnp.fft.fftn(noise.astype(jnp.float32), axes=axes), axes=axes)
+    mixed = jnp.fft.ifftshift(xf * lp + nf * (1 - lp), axes=axes)
+    return jnp.fft.ifftn(mixed, axes=axes).real
+
+
+def free_init_noise(key_data: jax.Array, iteration: int, shape: tuple[int, ...]) -> jax.Array:
+    """The fresh standard-normal noise iteration `iteration` of FreeInit mixes in, per video from its key."""
+    keys = _sample_keys(key_data, shape[0])
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _FREE_INIT_SALT + iteration), shape[1:],
+                                                jnp.float32))(keys)
+
+
+def free_init_steps(steps: int, options: Mapping[str, Any]) -> list[int]:
+    """Denoising steps of each FreeInit iteration: all of them, or coarse to fine with `use_fast_sampling`."""
+    n = int(options["num_iters"])
+    if not options["use_fast_sampling"]:
+        return [steps] * n
+    return [max(1, int(steps / n * (k + 1))) for k in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
 # generate: validation, placement, compile, run.
 # ----------------------------------------------------------------------------------------------
 
@@ -397,7 +484,7 @@ def check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] 
 
 def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
               scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows,
-              prompt_interpolation="linear"):
+              prompt_interpolation="linear", free_init=None):
     """Every check of generate's arguments that can fail, before anything is compiled; returns the
     resolved pieces. (A sample config's checks call the pieces a config also has: `check_windows`,
     `per_prompt`, the scheduler's.)"""
@@ -433,6 +520,9 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
     if mesh is not None and DATA not in mesh.axis_names:
         raise ValueError(f"mesh must have a {DATA!r} axis, has {mesh.axis_names}")
     sched = S.make_scheduler(scheduler, steps, **dict(scheduler_options or {}))
+    fi = check_free_init(free_init, sched)
+    scheds = [sched] if fi is None else [S.make_scheduler(scheduler, k, **dict(scheduler_options or {}))
+                                         for k in free_init_steps(steps, fi)]
 
     win = check_windows(context_windows)
     motion = pipe.unet_config.motion
@@ -450,7 +540,7 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
     shape = (n, num_frames, h, w, pipe.unet_config.in_channels)
     if init_latents is not None and tuple(np.shape(init_latents)) != shape:
         raise ValueError(f"init_latents must have shape {shape} (N, F, h, w, C), got {tuple(np.shape(init_latents))}")
-    return prompts, negative_prompts, [int(s) for s in seeds], sched, windows, shape
+    return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, shape
 
 
 def context_windows_or_none(num_frames: int, length: int, overlap: int) -> Windows | None:
@@ -505,6 +595,7 @@ def generate(
     init_latents: np.ndarray | None = None,
     context_windows: Mapping[str, int] | None = None,
     prompt_interpolation: str = "linear",
+    free_init: Mapping[str, Any] | None = None,
 ) -> GenerateResult:
     """One video per (prompt, seed) pair: text -> scan of `steps` denoising steps -> VAE decode.
 
@@ -519,12 +610,18 @@ def generate(
     Prompt travel: a prompt (or negative prompt) may be a map `{frame: text}` from frame 0: each
     frame is conditioned on its own text embedding, interpolated between the keyframes'
     (`prompt_interpolation` "linear", as diffusers' FreeNoise, or "slerp"); with context windows too.
+    `free_init`: FreeInit (diffusers' `enable_free_init` options: `num_iters` (3), `method`
+    butterworth/gaussian/ideal, `order`, `spatial_stop_frequency`, `temporal_stop_frequency`,
+    `use_fast_sampling`): after each full denoise the video is re-noised to the last timestep, its low
+    frequencies kept and the high ones drawn afresh (`free_init_noise`), and denoised again; all
+    iterations in the one compiled call. None or `num_iters` <= 1: off.
     Every argument is checked before anything compiles (a `ValueError` naming it).
     """
     t_start = time.perf_counter()
-    prompts, negative_prompts, seeds, sched, windows, shape = _validate(
+    prompts, negative_prompts, seeds, scheds, fi, windows, shape = _validate(
         pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
         scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows, prompt_interpolation,
+        free_init,
     )
     n = shape[0]
     use_cfg = guidance_scale > 1.0
@@ -560,26 +657,41 @@ def generate(
 
     noise, key_data, cond, uncond = place(noise), place(key_data), place(cond), place(uncond)
     batch_sharding = NamedSharding(mesh, P(DATA))
-    sched = jax.device_put(sched, NamedSharding(mesh, P()))
+    scheds = jax.device_put(tuple(scheds), NamedSharding(mesh, P()))
     unet_params = pipe.replicated(mesh, "unet")
     vae_params = pipe.replicated(mesh, "vae")
     g = jax.device_put(jnp.asarray(guidance_scale if use_cfg else 1.0, jnp.float32), NamedSharding(mesh, P()))
     unet, vae = pipe.unet, pipe.vae
     emit = pipe._emit if progress else None
 
-    def sample_fn(params, sched, noise, cond, uncond, g, key_data):
-        x = noise * sched.init_noise_sigma
-        return denoise(unet, params, sched, x, cond, uncond, g, key_data, emit, windows)
+    low_pass = None if fi is None else free_init_filter(
+        shape[1], shape[2], shape[3], fi["method"], fi["order"], fi["spatial_stop_frequency"],
+        fi["temporal_stop_frequency"])
+
+    offsets = np.cumsum([0] + [int(x.num_inference_steps) for x in scheds]).tolist()
+
+    def step_cb(it: int):  # progress over all FreeInit iterations' steps
+        return None if emit is None else (lambda i: emit(i + offsets[it]))
+
+    def sample_fn(params, scheds, noise, cond, uncond, g, key_data):
+        first = noise * scheds[0].init_noise_sigma
+        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows)
+        for it, sched in enumerate(scheds[1:], start=1):  # FreeInit: back to the last timestep, low frequencies kept
+            t_last = jnp.full((x.shape[0],), sched.alphas_cumprod.shape[0] - 1)
+            z_t = S.add_noise(sched.alphas_cumprod, x, first, t_last)
+            x = freq_mix(z_t, free_init_noise(key_data, it, x.shape), low_pass)
+            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows)
+        return x
 
     def decode_fn(params, latents):
         return to_uint8(decode_video(vae, params, latents, decode_chunk))
 
-    args = (unet_params, sched, noise, cond, uncond, g, key_data)
-    static = (unet, windows, progress is not False)
+    args = (unet_params, scheds, noise, cond, uncond, g, key_data)
+    static = (unet, windows, progress is not False, None if fi is None else tuple(sorted(fi.items())))
     sample_c, c_denoise = pipe._compiled("denoise", sample_fn, static, args, out_shardings=batch_sharding)
     timings["compile_denoise_s"] = c_denoise
 
-    bar = _Progress(sched.num_inference_steps, progress) if progress else None
+    bar = _Progress(sum(int(x.num_inference_steps) for x in scheds), progress) if progress else None
     pipe._on_step[0] = bar
     try:
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from animatediff_jax import schedulers as S
 from animatediff_jax.io.video import to_uint8
 from animatediff_jax.models.unet import UNet3D
-from animatediff_jax.models.vae import decode_video
+from animatediff_jax.models.vae import decode_video, encode_video
 from animatediff_jax.sampling.pipeline import AnimationPipeline
 
 Params = dict[str, Any]
@@ -187,8 +187,10 @@ def denoise(
     key: jax.Array,
     progress_cb: Callable[[int], None] | None = None,
     windows: Windows | None = None,
+    start: int = 0,
 ) -> jax.Array:
-    """Runs every step of `sched` from `latents` (already times `init_noise_sigma`) in one `lax.scan`.
+    """Runs the steps `start..` of `sched` from `latents` (already times `init_noise_sigma`, or noised
+    to the start step's timestep: video-to-video) in one `lax.scan`.
 
     `cond`/`uncond`: text embeddings `[B, L, D]` (or `[B, F, L, D]`, one per frame); guidance is on when `uncond` is given and
     `guidance_scale > 1` (or traced). `key`: one key, or one per sample (typed or raw key
@@ -218,7 +220,7 @@ def denoise(
             jax.debug.callback(lambda s: progress_cb(int(s)), done, ordered=False)
         return (x, carry), None
 
-    (x, _), _ = jax.lax.scan(body, (latents, carry0), jnp.arange(sched.num_inference_steps))
+    (x, _), _ = jax.lax.scan(body, (latents, carry0), jnp.arange(start, sched.num_inference_steps))
     return x
 
 
@@ -445,6 +447,27 @@ def free_init_steps(steps: int, options: Mapping[str, Any]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Video to video: start from a video's latents noised to `strength`.
+# ----------------------------------------------------------------------------------------------
+
+_VIDEO_SALT = 0x56494456  # folded into a video's key for its VAE posterior sample ("VIDV")
+
+
+def video_start(steps: int, strength: float) -> int:
+    """The first step a video-to-video run takes: the last `int(steps * strength)` run (diffusers'
+    `get_timesteps`; strength 1 is every step, from pure noise over the video's latents)."""
+    return steps - min(int(steps * strength), steps)
+
+
+def video_pixels(video: np.ndarray) -> np.ndarray:
+    """Frames `[..., H, W, 3]` as float32 in [-1, 1] (uint8 0..255 as diffusers' video processor maps them)."""
+    video = np.asarray(video)
+    if video.dtype == np.uint8:
+        return video.astype(np.float32) / 127.5 - 1.0
+    return video.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
 # generate: validation, placement, compile, run.
 # ----------------------------------------------------------------------------------------------
 
@@ -484,7 +507,7 @@ def check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] 
 
 def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
               scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows,
-              prompt_interpolation="linear", free_init=None):
+              prompt_interpolation="linear", free_init=None, init_video=None, strength=0.8):
     """Every check of generate's arguments that can fail, before anything is compiled; returns the
     resolved pieces. (A sample config's checks call the pieces a config also has: `check_windows`,
     `per_prompt`, the scheduler's.)"""
@@ -538,9 +561,26 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
 
     h, w = height // pipe.vae_config.downscale, width // pipe.vae_config.downscale
     shape = (n, num_frames, h, w, pipe.unet_config.in_channels)
+    start = 0
+    if init_video is not None:
+        got = tuple(np.shape(init_video))
+        if len(got) != 5 or got[0] not in (1, n) or got[2:] != (height, width, 3):
+            raise ValueError(f"init_video must be frames [N or 1, F, {height}, {width}, 3], got {got}")
+        if got[1] < num_frames:
+            raise ValueError(f"init_video has {got[1]} frames, fewer than num_frames={num_frames}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength={strength!r}: expected a number in (0, 1]")
+        if sched.kind not in _FREE_INIT_KINDS:
+            raise ValueError(f"init_video with scheduler {sched.kind!r}: the video is noised as DDPM does, which "
+                             f"{', '.join(_FREE_INIT_KINDS)} share; use one of those")
+        if fi is not None:
+            raise ValueError("init_video with free_init: FreeInit starts each iteration from pure noise; give one")
+        start = video_start(steps, float(strength))
+        if start >= steps:
+            raise ValueError(f"strength={strength} with steps={steps} leaves no step to run")
     if init_latents is not None and tuple(np.shape(init_latents)) != shape:
         raise ValueError(f"init_latents must have shape {shape} (N, F, h, w, C), got {tuple(np.shape(init_latents))}")
-    return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, shape
+    return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, shape, start
 
 
 def context_windows_or_none(num_frames: int, length: int, overlap: int) -> Windows | None:
@@ -596,6 +636,9 @@ def generate(
     context_windows: Mapping[str, int] | None = None,
     prompt_interpolation: str = "linear",
     free_init: Mapping[str, Any] | None = None,
+    init_video: np.ndarray | None = None,
+    strength: float = 0.8,
+    sample_posterior: bool = True,
 ) -> GenerateResult:
     """One video per (prompt, seed) pair: text -> scan of `steps` denoising steps -> VAE decode.
 
@@ -615,13 +658,17 @@ def generate(
     `use_fast_sampling`): after each full denoise the video is re-noised to the last timestep, its low
     frequencies kept and the high ones drawn afresh (`free_init_noise`), and denoised again; all
     iterations in the one compiled call. None or `num_iters` <= 1: off.
+    Video to video (diffusers' `AnimateDiffVideoToVideoPipeline`): `init_video` frames `[N or 1, F', H, W,
+    3]` (uint8, or float in [-1, 1]; the first `num_frames` used) are VAE-encoded `decode_chunk` frames at a
+    time (a posterior sample from each video's key, or its mean without `sample_posterior`), noised to
+    the timestep of step `video_start(steps, strength)` with the seeds' noise, and denoised from there.
     Every argument is checked before anything compiles (a `ValueError` naming it).
     """
     t_start = time.perf_counter()
-    prompts, negative_prompts, seeds, scheds, fi, windows, shape = _validate(
+    prompts, negative_prompts, seeds, scheds, fi, windows, shape, start = _validate(
         pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
         scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows, prompt_interpolation,
-        free_init,
+        free_init, init_video, strength,
     )
     n = shape[0]
     use_cfg = guidance_scale > 1.0
@@ -655,7 +702,11 @@ def generate(
         x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
         return jax.device_put(x, NamedSharding(mesh, P(DATA)))
 
-    noise, key_data, cond, uncond = place(noise), place(key_data), place(cond), place(uncond)
+    video = None
+    if init_video is not None:
+        video = jnp.asarray(video_pixels(np.asarray(init_video)[:, :shape[1]]))
+        video = jnp.repeat(video, n, axis=0) if video.shape[0] != n else video
+    noise, key_data, cond, uncond, video = place(noise), place(key_data), place(cond), place(uncond), place(video)
     batch_sharding = NamedSharding(mesh, P(DATA))
     scheds = jax.device_put(tuple(scheds), NamedSharding(mesh, P()))
     unet_params = pipe.replicated(mesh, "unet")
@@ -668,14 +719,19 @@ def generate(
         shape[1], shape[2], shape[3], fi["method"], fi["order"], fi["spatial_stop_frequency"],
         fi["temporal_stop_frequency"])
 
-    offsets = np.cumsum([0] + [int(x.num_inference_steps) for x in scheds]).tolist()
+    offsets = np.cumsum([-start] + [int(x.num_inference_steps) for x in scheds]).tolist()
 
     def step_cb(it: int):  # progress over all FreeInit iterations' steps
         return None if emit is None else (lambda i: emit(i + offsets[it]))
 
-    def sample_fn(params, scheds, noise, cond, uncond, g, key_data):
+    def sample_fn(params, scheds, noise, cond, uncond, g, key_data, vae_params=None, video=None):
         first = noise * scheds[0].init_noise_sigma
-        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows)
+        if video is not None:  # video to video: its latents noised to the start step's timestep
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, _VIDEO_SALT))(_sample_keys(key_data, noise.shape[0]))
+            z0 = encode_video(vae, vae_params, video, keys if sample_posterior else None, decode_chunk)
+            t0 = jnp.full((noise.shape[0],), scheds[0].timesteps[start])
+            first = S.add_noise(scheds[0].alphas_cumprod, z0, noise, t0)
+        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start)
         for it, sched in enumerate(scheds[1:], start=1):  # FreeInit: back to the last timestep, low frequencies kept
             t_last = jnp.full((x.shape[0],), sched.alphas_cumprod.shape[0] - 1)
             z_t = S.add_noise(sched.alphas_cumprod, x, first, t_last)
@@ -687,11 +743,14 @@ def generate(
         return to_uint8(decode_video(vae, params, latents, decode_chunk))
 
     args = (unet_params, scheds, noise, cond, uncond, g, key_data)
-    static = (unet, windows, progress is not False, None if fi is None else tuple(sorted(fi.items())))
+    if video is not None:
+        args += (vae_params, video)
+    static = (unet, windows, progress is not False, None if fi is None else tuple(sorted(fi.items())),
+              None if video is None else (vae, start, decode_chunk, sample_posterior))
     sample_c, c_denoise = pipe._compiled("denoise", sample_fn, static, args, out_shardings=batch_sharding)
     timings["compile_denoise_s"] = c_denoise
 
-    bar = _Progress(sum(int(x.num_inference_steps) for x in scheds), progress) if progress else None
+    bar = _Progress(sum(int(x.num_inference_steps) for x in scheds) - start, progress) if progress else None
     pipe._on_step[0] = bar
     try:
         t0 = time.perf_counter()

@@ -108,6 +108,14 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
         pipe = dataclasses.replace(pipe, motion_scale=scales[0], motion_block_scales=scales[1])
 
     prompts = video_prompts(c)
+    video = None
+    if c["init_video"]:
+        from animatediff_jax.io.video import VideoReadError, read_frames
+
+        try:
+            video = read_frames(c["init_video"], c["L"], (c["H"], c["W"]))[None]
+        except (VideoReadError, ValueError) as e:
+            raise ConfigError(f"init_video: {e}") from None
     size = c["batch_size"] or mesh.shape["data"]
     n = len(prompts)
     batches = _batches(n, size)
@@ -124,6 +132,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
             scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
             decode_chunk=c["decode_chunk"], mesh=mesh, progress=True, context_windows=c["context_windows"],
             prompt_interpolation=c["prompt_interpolation"], free_init=dict(c["free_init"]) or None,
+            init_video=video, strength=c["strength"],
         )
         frames.append(res.frames[:len(dict.fromkeys(idx))])
         for k, v in res.timings.items():

@@ -249,3 +249,34 @@ def read_video(path: PathLike, indices: Iterable[int] | None = None) -> np.ndarr
     if missing:
         raise VideoReadError(f"{path}: has fewer frames than needed (frame {missing[0]} missing)")
     return np.stack([kept[i] for i in wanted])
+
+
+def read_frames(path: PathLike, num_frames: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The first `num_frames` frames of a GIF / MP4 (or a folder of PNG/JPG frames, in name order) as
+    uint8 `[F, H, W, 3]`, resized to `size` = (height, width) with Lanczos (as diffusers' image
+    processor resizes PIL frames). Fewer frames than asked, or an unreadable file, is a `VideoReadError`."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        if len(names) < num_frames:
+            raise VideoReadError(f"{path}: {len(names)} image frames, fewer than the {num_frames} needed")
+        try:
+            frames = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names[:num_frames]]
+        except OSError as e:
+            raise VideoReadError(f"{path}: cannot read a frame ({e})") from e
+        if len({f.shape for f in frames}) != 1:
+            raise VideoReadError(f"{path}: frames of different sizes")
+        video = np.stack(frames)
+    else:
+        if not os.path.isfile(path):
+            raise VideoReadError(f"{path}: no such file or folder")
+        video = read_video(path)
+        if len(video) < num_frames:
+            raise VideoReadError(f"{path}: {len(video)} frames, fewer than the {num_frames} needed")
+        video = video[:num_frames]
+    if size is not None and video.shape[1:3] != tuple(size):
+        h, w = size
+        video = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.LANCZOS)) for f in video])
+    return video

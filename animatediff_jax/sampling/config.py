@@ -76,6 +76,10 @@ def base_config() -> ConfigDict:
     # "order": 4, "spatial_stop_frequency": 0.25, "temporal_stop_frequency": 0.25, "use_fast_sampling": False};
     # {} = off. Denoises num_iters times, each from the last video's low frequencies (ddim / pndm).
     c.free_init = {}
+    # Video to video: a GIF / MP4 / folder of frames (its first L, resized to W x H) noised to `strength`
+    # (0..1: the share of the steps that run) and denoised with the prompts; "" = text to video (ddim / pndm).
+    c.init_video = ""
+    c.strength = 0.8
     # Videos longer than the motion module's position table: overlapping windows of `length` frames over
     # the temporal attention, predictions averaged; length 0 = off (one pass over all frames).
     c.context_windows = ConfigDict(dict(length=0, overlap=4))
@@ -302,6 +306,7 @@ def validate(config: Any) -> dict:
         INTERPOLATIONS,
         check_windows,
         check_free_init,
+        check_video_options,
         keyframes,
         per_prompt,
     )
@@ -385,7 +390,9 @@ def validate(config: Any) -> dict:
     try:  # generate's own checks of what a config also has
         sched = S.make_scheduler(c["scheduler"], steps, **c["scheduler_options"])
         check_windows(c["context_windows"])
-        check_free_init(dict(c["free_init"]) or None, sched)
+        fi = check_free_init(dict(c["free_init"]) or None, sched)
+        if c["init_video"]:
+            check_video_options(c["strength"], sched, fi)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     _check_memory(c)
@@ -396,7 +403,7 @@ def validate(config: Any) -> dict:
         if c[name] % m:
             raise ConfigError(f"{name}={c[name]} must be a multiple of {m} for this base model "
                               "(VAE factor x UNet downsampling)")
-    for name in ("tokenizer", "dreambooth_path", "lora_model_path", "motion_module", "adapter_lora_path"):
+    for name in ("tokenizer", "dreambooth_path", "lora_model_path", "motion_module", "adapter_lora_path", "init_video"):
         _existing(name, c[name])
     loras = c["motion_module_lora_configs"]
     if not isinstance(loras, (list, tuple)):

@@ -459,6 +459,21 @@ def video_start(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+def check_video_options(strength: Any, sched: S.Scheduler, free_init: Mapping | None) -> int:
+    """The start step of a video-to-video run, after checking `strength` and the sampler."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength={strength!r}: expected a number in (0, 1]")
+    if sched.kind not in _FREE_INIT_KINDS:
+        raise ValueError(f"init_video with scheduler {sched.kind!r}: the video is noised as DDPM does, which "
+                         f"{', '.join(_FREE_INIT_KINDS)} share; use one of those")
+    if free_init:
+        raise ValueError("init_video with free_init: FreeInit starts each iteration from pure noise; give one")
+    start = video_start(sched.num_inference_steps, float(strength))
+    if start >= sched.num_inference_steps:
+        raise ValueError(f"strength={strength} with steps={sched.num_inference_steps} leaves no step to run")
+    return start
+
+
 def video_pixels(video: np.ndarray) -> np.ndarray:
     """Frames `[..., H, W, 3]` as float32 in [-1, 1] (uint8 0..255 as diffusers' video processor maps them)."""
     video = np.asarray(video)
@@ -568,16 +583,7 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
             raise ValueError(f"init_video must be frames [N or 1, F, {height}, {width}, 3], got {got}")
         if got[1] < num_frames:
             raise ValueError(f"init_video has {got[1]} frames, fewer than num_frames={num_frames}")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength={strength!r}: expected a number in (0, 1]")
-        if sched.kind not in _FREE_INIT_KINDS:
-            raise ValueError(f"init_video with scheduler {sched.kind!r}: the video is noised as DDPM does, which "
-                             f"{', '.join(_FREE_INIT_KINDS)} share; use one of those")
-        if fi is not None:
-            raise ValueError("init_video with free_init: FreeInit starts each iteration from pure noise; give one")
-        start = video_start(steps, float(strength))
-        if start >= steps:
-            raise ValueError(f"strength={strength} with steps={steps} leaves no step to run")
+        start = check_video_options(strength, sched, fi)
     if init_latents is not None and tuple(np.shape(init_latents)) != shape:
         raise ValueError(f"init_latents must have shape {shape} (N, F, h, w, C), got {tuple(np.shape(init_latents))}")
     return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, shape, start

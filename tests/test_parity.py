@@ -34,8 +34,11 @@ def check(stages):
     [
         dict(scheduler="ddim", steps=5, guidance_scale=7.5, clip_skip=0),
         dict(scheduler="dpmpp_2m", steps=4, guidance_scale=1.0, clip_skip=1, num_frames=5),
+        # AnimateDiff-Lightning's setup (configs/sample/lightning.py): Euler, trailing spacing, no CFG
+        dict(scheduler="euler", steps=4, guidance_scale=1.0, clip_skip=0,
+             scheduler_options={"preset": "diffusers_sd15", "timestep_spacing": "trailing", "beta_schedule": "linear"}),
     ],
-    ids=["ddim-cfg", "dpmpp2m-nocfg-clipskip"],
+    ids=["ddim-cfg", "dpmpp2m-nocfg-clipskip", "lightning-euler-trailing"],
 )
 def test_tiny_parity_with_animatediff_pipeline(pipes, options):
     torch_pipe, ours = pipes

@@ -217,3 +217,28 @@ def test_bad_names_and_options_are_rejected():
         S.make_scheduler("euler", 10, timestep_spacing="middle")
     with pytest.raises(ValueError, match="skip_prk_steps"):
         S.make_scheduler("pndm", 10, skip_prk_steps=False)
+
+
+# The few-step models' samplers, built as their model cards build them in diffusers.
+FEW_STEP = {
+    "lightning.py:4": lambda: diffusers.EulerDiscreteScheduler.from_config(
+        SD15_SCHEDULER_CONFIG, timestep_spacing="trailing", beta_schedule="linear"),
+    "lightning.py:2": lambda: diffusers.EulerDiscreteScheduler.from_config(
+        SD15_SCHEDULER_CONFIG, timestep_spacing="trailing", beta_schedule="linear"),
+    "animatelcm.py": lambda: diffusers.LCMScheduler.from_config(SD15_SCHEDULER_CONFIG, beta_schedule="linear"),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(FEW_STEP))
+def test_few_step_configs_use_their_model_cards_scheduler(spec, monkeypatch):
+    from pathlib import Path
+
+    from animatediff_jax.sample import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "sample" / spec.split(":")[0]
+    c = load_config(str(path) + spec[len(spec.split(":")[0]):])
+    ref = FEW_STEP[spec]()
+    ref.set_timesteps(c["steps"])
+    ours = S.make_scheduler(c["scheduler"], c["steps"], **c["scheduler_options"])
+    _compare_loops(c["scheduler"], ref, 0.0, ours, monkeypatch)
+    assert c["guidance_scale"] == (1.0 if "lightning" in spec else 2.0)

@@ -382,3 +382,87 @@ def test_video_to_video_keeps_the_video_at_low_strength(pipes):
         generate(ours, ["a"], None, [1], init_video=video[:, :3], **kw)
     with pytest.raises(ValueError, match="strength=0: expected a number in \\(0, 1\\]"):
         generate(ours, ["a"], None, [1], init_video=video, strength=0, **kw)
+
+
+# ------------------------------------------------------------------ FreeNoise: weights, noise, looped windows
+
+
+@pytest.mark.parametrize("length", [4, 5, 16])
+@pytest.mark.parametrize("weighting", ["flat", "pyramid", "delayed_reverse_sawtooth"])
+def test_window_weights_are_free_noises(length, weighting):
+    from diffusers.models.attention import FreeNoiseTransformerBlock
+
+    from animatediff_jax.sampling.generate import window_weights
+
+    assert window_weights(length, weighting) == tuple(
+        float(w) for w in FreeNoiseTransformerBlock._get_frame_weights(None, length, weighting))
+
+
+def test_weighted_windows_average_by_position():
+    """Where windows overlap, each prediction counts by its position's weight (pyramid: the middle most)."""
+    from animatediff_jax.sampling.generate import WindowPlan, _windowed, context_windows, window_weights
+
+    frames = context_windows(10, 4, 2)
+    plan = WindowPlan(frames, window_weights(4, "pyramid"))
+    x = jnp.zeros((1, 10, 1))
+    out = np.asarray(_windowed(lambda xw, ix: xw + ix[0].astype(jnp.float32), x, plan))[0, :, 0]
+    # By hand: each window predicts its start frame for all its frames; weights [1, 2, 2, 1].
+    want, total = np.zeros(10), np.zeros(10)
+    for win in frames:
+        for p, f in enumerate(win):
+            want[f] += plan.weights[p] * win[0]
+            total[f] += plan.weights[p]
+    np.testing.assert_allclose(out, want / total, rtol=1e-6)
+
+
+def test_looped_windows_wrap_around():
+    from animatediff_jax.sampling.generate import context_windows
+
+    assert context_windows(12, 8, 4, looped=True) == (
+        tuple(range(8)), tuple(range(4, 12)), (8, 9, 10, 11, 0, 1, 2, 3))
+    assert context_windows(12, 8, 4) == (tuple(range(8)), tuple(range(4, 12)))
+
+
+def test_shuffle_context_noise_is_free_noises(pipes, monkeypatch):
+    """diffusers' `_prepare_latents_free_noise` ("shuffle_context", length 4, stride 2, 11 frames) from
+    the same drawn noise and the same permutations: the same latents."""
+    from diffusers.pipelines import free_noise_utils
+
+    from animatediff_jax.sampling.generate import free_noise
+
+    torch_pipe, _ = pipes
+    base = np.random.default_rng(2).standard_normal((1, 11, 2, 2, 4)).astype(np.float32)  # ours: [N, F, h, w, C]
+    rng = np.random.default_rng(5)
+    perms = []
+
+    def perm(n):
+        perms.append(rng.permutation(n))
+        return perms[-1]
+
+    ours = free_noise(base, 4, 2, "shuffle_context", perm)
+    replay = iter(perms)
+    monkeypatch.setattr(free_noise_utils, "randn_tensor", lambda *a, **k: torch.from_numpy(base.copy()).permute(0, 4, 1, 2, 3))
+    monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.from_numpy(next(replay)))
+    monkeypatch.setattr(torch_pipe, "_free_noise_context_length", 4)
+    monkeypatch.setattr(torch_pipe, "_free_noise_context_stride", 2)
+    monkeypatch.setattr(torch_pipe, "_free_noise_noise_type", "shuffle_context")
+    ref = torch_pipe._prepare_latents_free_noise(1, 4, 11, 4, 4, torch.float32, "cpu", None)
+    np.testing.assert_array_equal(ours, ref.permute(0, 2, 3, 4, 1).numpy())
+    assert not np.array_equal(ours, base) and len(perms) > 1
+    # repeat_context repeats the first window's noise (diffusers 0.42 draws every frame's, comparing the
+    # length with the string "repeat_context", so its repeat has nothing to repeat: ours follows its docstring).
+    rep = free_noise(base, 4, 2, "repeat_context", perm)
+    np.testing.assert_array_equal(rep[:, 4:8], base[:, :4])
+
+
+def test_generate_with_free_noise_windows(pipes):
+    from animatediff_jax.sampling import generate
+
+    _, ours = pipes
+    kw = dict(num_frames=10, height=H, width=W, steps=2, progress=False)
+    plain = generate(ours, ["the cat"], None, [1], context_windows=dict(length=4, overlap=2), **kw)
+    free = generate(ours, ["the cat"], None, [1], **kw, context_windows=dict(
+        length=4, overlap=2, weighting="pyramid", noise="shuffle_context", schedule="looped_uniform"))
+    assert np.isfinite(free.latents).all() and np.abs(free.latents - plain.latents).max() > 1e-4
+    with pytest.raises(ValueError, match="context_windows.weighting='steep'"):
+        generate(ours, ["the cat"], None, [1], context_windows=dict(length=4, weighting="steep"), **kw)

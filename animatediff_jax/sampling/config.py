@@ -82,7 +82,10 @@ def base_config() -> ConfigDict:
     c.strength = 0.8
     # Videos longer than the motion module's position table: overlapping windows of `length` frames over
     # the temporal attention, predictions averaged; length 0 = off (one pass over all frames).
-    c.context_windows = ConfigDict(dict(length=0, overlap=4))
+    # weighting where windows overlap: flat | pyramid | delayed_reverse_sawtooth (diffusers' FreeNoise weights);
+    # noise: random | shuffle_context | repeat_context (FreeNoise's initial noise); schedule: uniform |
+    # looped_uniform (windows wrap around the end: a seamless loop).
+    c.context_windows = ConfigDict(dict(length=0, overlap=4, weighting="flat", noise="random", schedule="uniform"))
     c.devices = -1  # devices to spread the videos over; -1 = all
     c.batch_size = 0  # videos per compiled call; 0 = one per device
     c.decode_chunk = 4  # frames per VAE decode step (bounds memory)

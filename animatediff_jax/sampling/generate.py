@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -78,38 +79,103 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 # ----------------------------------------------------------------------------------------------
 
 
-def context_windows(num_frames: int, length: int, overlap: int = 4) -> Windows:
-    """Overlapping windows of `length` frames covering `0..num_frames-1`, the last one flush with the end.
-
-    Windows start every `length - overlap` frames (AnimateDiff-Evolved's "uniform" schedule
-    without looping); one window of all frames when `length >= num_frames`.
+def context_windows(num_frames: int, length: int, overlap: int = 4, looped: bool = False) -> Windows:
+    """Overlapping windows of `length` frames covering `0..num_frames-1`, starting every
+    `length - overlap` frames: the last one flush with the end (AnimateDiff-Evolved's "uniform"), or
+    with `looped` wrapping around it ("looped_uniform": the last frames see the first, for seamless
+    loops). One window of all frames when `length >= num_frames`.
     """
     if length < 1 or not 0 <= overlap < length:
         raise ValueError(f"context windows need length >= 1 and 0 <= overlap < length, got {length}, {overlap}")
     if length >= num_frames:
         return (tuple(range(num_frames)),)
-    starts = list(range(0, num_frames - length + 1, length - overlap))
+    stride = length - overlap
+    if looped:
+        return tuple(tuple((s + j) % num_frames for j in range(length)) for s in range(0, num_frames, stride))
+    starts = list(range(0, num_frames - length + 1, stride))
     if starts[-1] + length < num_frames:
         starts.append(num_frames - length)
     return tuple(tuple(range(s, s + length)) for s in starts)
 
 
-def _windowed(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, windows: Windows) -> jax.Array:
+WEIGHTINGS = ("flat", "pyramid", "delayed_reverse_sawtooth")
+NOISE_TYPES = ("random", "shuffle_context", "repeat_context")
+SCHEDULES = ("uniform", "looped_uniform")
+
+
+def window_weights(length: int, weighting: str = "flat") -> tuple[float, ...]:
+    """How much each position of a window counts where windows overlap (diffusers' FreeNoise
+    `_get_frame_weights`): flat 1s; pyramid [1, 2, .., 2, 1]; delayed_reverse_sawtooth [0.01, .., mid, .., 1]."""
+    if weighting == "flat":
+        return (1.0,) * length
+    mid = length // 2 if length % 2 == 0 else (length + 1) // 2
+    if weighting == "pyramid":
+        up = list(range(1, mid + 1)) if length % 2 == 0 else list(range(1, mid))
+        return tuple(float(w) for w in (up + up[::-1] if length % 2 == 0 else up + [mid] + up[::-1]))
+    if weighting == "delayed_reverse_sawtooth":
+        head = [0.01] * (mid - 1) + [mid] if length % 2 == 0 else [0.01] * mid
+        return tuple(float(w) for w in head + list(range(mid, 0, -1)))
+    raise ValueError(f"context_windows.weighting={weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """Windows of frame indices and the weight of each position in a window (static: part of the compile)."""
+
+    frames: Windows
+    weights: tuple[float, ...]
+
+
+def _windowed(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, windows: Windows | WindowPlan
+              ) -> jax.Array:
     """`fn(frames, their indices)` (-> per-frame prediction) on each window of `x`'s frame axis,
-    overlaps averaged.
+    overlaps averaged (weighted by position in the window with a `WindowPlan`).
 
     Windows run one after another (`lax.map`), so memory is one window's worth of activations.
     """
-    idx = np.asarray(windows, np.int32)  # [W, L], static
+    plan = windows if isinstance(windows, WindowPlan) else WindowPlan(windows, (1.0,) * len(windows[0]))
+    idx = np.asarray(plan.frames, np.int32)  # [W, L], static
     w, length = idx.shape
-    counts = np.bincount(idx.reshape(-1), minlength=x.shape[1])
+    pos = np.broadcast_to(np.asarray(plan.weights, np.float64), idx.shape)
+    counts = np.bincount(idx.reshape(-1), weights=pos.reshape(-1), minlength=x.shape[1])
     if (counts == 0).any():
         raise ValueError(f"context windows leave frames {np.flatnonzero(counts == 0).tolist()} uncovered")
     preds = jax.lax.map(lambda ix: fn(jnp.take(x, ix, axis=1), ix), jnp.asarray(idx))  # [W, B, L, ...]
+    preds = preds * jnp.asarray(pos, preds.dtype).reshape((w, 1, length) + (1,) * (preds.ndim - 3))
     preds = jnp.moveaxis(preds, 0, 1).reshape((x.shape[0], w * length) + preds.shape[3:])
     total = jnp.zeros(preds.shape[:1] + x.shape[1:2] + preds.shape[2:], preds.dtype)
     total = total.at[:, idx.reshape(-1)].add(preds)
     return total / jnp.asarray(counts, preds.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def free_noise_perms(key: jax.Array) -> Callable[[int], np.ndarray]:
+    """The permutations `free_noise` shuffles a video's noise with, drawn in turn from its key."""
+    counter = itertools.count(1)
+    return lambda n: np.asarray(jax.random.permutation(jax.random.fold_in(key, 0x4E4F4953 + next(counter)), n))
+
+
+def free_noise(noise: np.ndarray, length: int, stride: int, noise_type: str, perms: Callable[[int], np.ndarray]
+               ) -> np.ndarray:
+    """FreeNoise's initial noise over `[N, F, ...]` (diffusers' `_prepare_latents_free_noise`):
+    "repeat_context" repeats the first `length` frames; "shuffle_context" fills each later stretch of
+    `stride` frames with a permutation (`perms(n)`) of the frames a window earlier; "random" keeps it."""
+    f = noise.shape[1]
+    if noise_type == "random":
+        return noise
+    if noise_type == "repeat_context":
+        return np.concatenate([noise[:, :length]] * -(-f // length), axis=1)[:, :f]
+    if noise_type != "shuffle_context":
+        raise ValueError(f"context_windows.noise={noise_type!r}: expected one of {', '.join(NOISE_TYPES)}")
+    out = np.array(noise)
+    for i in range(length, f, stride):
+        lo = max(0, i - length)
+        n = min(f, lo + stride) - lo
+        if n == 0:
+            break
+        src = np.arange(lo, lo + n)[perms(n)]
+        k = min(f, i + n) - i
+        out[:, i:i + k] = out[:, src[:k]]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,13 +569,23 @@ def per_prompt(name: str, values: Sequence[Any], n: int) -> list:
     return values
 
 
-def check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] | None:
-    """`(length, overlap)` of a `context_windows` argument, or None for off (None or length 0)."""
+class WindowSpec(NamedTuple):
+    length: int
+    overlap: int
+    weighting: str = "flat"
+    noise: str = "random"
+    schedule: str = "uniform"
+
+
+def check_windows(context_windows: Mapping[str, Any] | None) -> WindowSpec | None:
+    """The `context_windows` argument checked (`length`, `overlap`, `weighting`, `noise`, `schedule`),
+    or None for off (None or length 0)."""
     if context_windows is None:
         return None
-    unknown = sorted(set(context_windows) - {"length", "overlap"})
+    unknown = sorted(set(context_windows) - set(WindowSpec._fields))
     if unknown or "length" not in context_windows:
-        raise ValueError(f"context_windows takes length (required) and overlap; got {dict(context_windows)}")
+        raise ValueError(f"context_windows takes length (required), {', '.join(WindowSpec._fields[1:])}; "
+                         f"got {dict(context_windows)}")
     length = int(context_windows["length"])
     overlap = int(context_windows.get("overlap", length // 4))
     if length == 0:
@@ -517,7 +593,13 @@ def check_windows(context_windows: Mapping[str, int] | None) -> tuple[int, int] 
     if length < 1 or not 0 <= overlap < length:
         raise ValueError(f"context_windows needs length >= 1 (0: off) and 0 <= overlap < length, "
                          f"got length={length}, overlap={overlap}")
-    return length, overlap
+    spec = WindowSpec(length, overlap, *(context_windows.get(k, d) for k, d in
+                                         (("weighting", "flat"), ("noise", "random"), ("schedule", "uniform"))))
+    for name, value, valid in (("weighting", spec.weighting, WEIGHTINGS), ("noise", spec.noise, NOISE_TYPES),
+                               ("schedule", spec.schedule, SCHEDULES)):
+        if value not in valid:
+            raise ValueError(f"context_windows.{name}={value!r}: expected one of {', '.join(valid)}")
+    return spec
 
 
 def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
@@ -570,9 +652,10 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
             f"num_frames={num_frames} exceeds the motion module's position table ({limit} frames); sample it in "
             f"overlapping windows: context_windows length {limit}, overlap 4"
         )
-    if win is not None and limit is not None and win[0] > limit:
-        raise ValueError(f"context_windows.length={win[0]} exceeds the motion module's position table ({limit} frames)")
-    windows = None if win is None else context_windows_or_none(num_frames, *win)
+    if win is not None and limit is not None and win.length > limit:
+        raise ValueError(f"context_windows.length={win.length} exceeds the motion module's position table "
+                         f"({limit} frames)")
+    windows = None if win is None else context_windows_or_none(num_frames, win)
 
     h, w = height // pipe.vae_config.downscale, width // pipe.vae_config.downscale
     shape = (n, num_frames, h, w, pipe.unet_config.in_channels)
@@ -586,13 +669,15 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
         start = check_video_options(strength, sched, fi)
     if init_latents is not None and tuple(np.shape(init_latents)) != shape:
         raise ValueError(f"init_latents must have shape {shape} (N, F, h, w, C), got {tuple(np.shape(init_latents))}")
-    return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, shape, start
+    return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, win, shape, start
 
 
-def context_windows_or_none(num_frames: int, length: int, overlap: int) -> Windows | None:
-    """`context_windows(...)`, or None when one window holds every frame (the plain path)."""
-    windows = context_windows(num_frames, length, overlap)
-    return None if len(windows) == 1 else windows
+def context_windows_or_none(num_frames: int, spec: WindowSpec) -> WindowPlan | None:
+    """The windows of `spec` over `num_frames`, or None when one window holds every frame (the plain path)."""
+    frames = context_windows(num_frames, spec.length, spec.overlap, looped=spec.schedule == "looped_uniform")
+    if len(frames) == 1:
+        return None
+    return WindowPlan(frames, window_weights(len(frames[0]), spec.weighting))
 
 
 class _Progress:
@@ -671,7 +756,7 @@ def generate(
     Every argument is checked before anything compiles (a `ValueError` naming it).
     """
     t_start = time.perf_counter()
-    prompts, negative_prompts, seeds, scheds, fi, windows, shape, start = _validate(
+    prompts, negative_prompts, seeds, scheds, fi, windows, win, shape, start = _validate(
         pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
         scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows, prompt_interpolation,
         free_init, init_video, strength,
@@ -699,6 +784,10 @@ def generate(
         noise = jnp.stack([jax.random.normal(k, shape[1:], jnp.float32) for k in keys])
     else:
         noise = jnp.asarray(init_latents, jnp.float32)
+    if win is not None and windows is not None and win.noise != "random":  # FreeNoise's initial noise, per video
+        noise = jnp.asarray(np.concatenate([
+            free_noise(np.asarray(noise[b:b + 1]), win.length, win.length - win.overlap, win.noise,
+                       free_noise_perms(keys[b])) for b in range(n)]))
     key_data = jnp.stack([jax.random.key_data(k) for k in keys])
     pad = -n % mesh.shape[DATA]
 

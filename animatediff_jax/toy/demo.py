@@ -305,6 +305,12 @@ def evaluate(toy: Toy, out: str, settings: Settings = FULL, log=print) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from animatediff_jax.cli import run_command
+
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="animatediff-jax demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=recipe.DEFAULT_ROOT, help="folder of the run (default %(default)s)")

@@ -204,6 +204,26 @@ def test_shipped_checkpoint_moves_as_prompted(shipped):
     assert plain.accuracy >= 0.7, plain
 
 
+def _shape_colour(frame: np.ndarray, weight: np.ndarray) -> str:
+    """The world colour nearest the mean of a frame's shape pixels."""
+    rgb = frame[weight > 0.5].astype(float).mean(0)
+    return min(world.COLOURS, key=lambda c: float(((np.array(world.COLOURS[c]) - rgb) ** 2).sum()))
+
+
+def test_shipped_checkpoint_travels_between_prompts(shipped):
+    """Prompt travel from "a red circle moving left" (frame 0) to "a blue circle moving up" (frame 4):
+    the colour turns at the keyframe and the motion after it is the second prompt's.
+    Measured (8 seeds): red at frame 0 and blue at frame 7 in 8/8, "up" over frames 4-7 in 7/8."""
+    pipe = demo.pipeline(shipped, motion=True)
+    travel = {0: "a red circle moving left", 4: "a blue circle moving up"}
+    videos = demo.sample(shipped, pipe, [travel] * 8, list(range(8)), demo.FULL)
+    weights = [metrics.shape_weights(v) for v in videos]
+    turned = sum(_shape_colour(v[0], w[0]) == "red" and _shape_colour(v[-1], w[-1]) == "blue"
+                 for v, w in zip(videos, weights))
+    up_after = sum(metrics.measure(v[4:]).predicted == "up" for v in videos)
+    assert turned >= 7 and up_after >= 5, (turned, up_after)
+
+
 def test_shipped_motion_lora_zooms(shipped):
     prompts, seeds = demo.prompt_set(("zoom in",), 4 * PER_DIRECTION)
     rows = {}

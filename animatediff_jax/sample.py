@@ -99,6 +99,14 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     except ValueError as e:
         raise ConfigError(f"devices: {e}") from None
     folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
+    video = None  # read before any weights load: a short or unreadable clip is the first error
+    if c["init_video"]:
+        from animatediff_jax.io.video import VideoReadError, read_frames
+
+        try:
+            video = read_frames(c["init_video"], c["L"], (c["H"], c["W"]))[None]
+        except (VideoReadError, ValueError) as e:
+            raise ConfigError(f"init_video: {e}") from None
     t0 = time.perf_counter()
     with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
         pipe = pipeline if pipeline is not None else load_pipeline(c)
@@ -108,14 +116,6 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
         pipe = dataclasses.replace(pipe, motion_scale=scales[0], motion_block_scales=scales[1])
 
     prompts = video_prompts(c)
-    video = None
-    if c["init_video"]:
-        from animatediff_jax.io.video import VideoReadError, read_frames
-
-        try:
-            video = read_frames(c["init_video"], c["L"], (c["H"], c["W"]))[None]
-        except (VideoReadError, ValueError) as e:
-            raise ConfigError(f"init_video: {e}") from None
     size = c["batch_size"] or mesh.shape["data"]
     n = len(prompts)
     batches = _batches(n, size)

@@ -5,9 +5,17 @@ the VAE encoder (~1/3 of the step). Exit codes (`animatediff_jax.cli`): 0 writte
 nothing readable, 1 a write failed.
 
   animatediff-jax prepare --model PATH --csv webvid.csv --videos VIDEO_DIR --out cache/ \
-      [--n-frames 16 --stride 4 --size 256 --batch-size 8 --num-shards 16]
+      [--n-frames 16 --stride 4 --size 256 --batch-size 8 --num-shards 16 --clips-per-video 1 \
+       --latent-dtype float32|float16|bfloat16 --read-threads 8 --workers 0]
 
 PATH: a converted model folder, a diffusers SD1.5 folder, or (with --base) a single-file checkpoint.
+
+On several hosts (a TPU slice, a GPU cluster) run the same command on every host, with an --out folder
+that all of them see: JAX's distributed runtime starts as for training (found by itself on Cloud TPU
+and from JAX_COORDINATOR_ADDRESS & co.; elsewhere --coordinator HOST:PORT --num-processes P
+--process-id I). Process I writes shards I, I+P, ... (each over its own devices); process 0 writes
+the index, cache_info.json, when all are done. Rerun the same command after an interruption: the
+shards already complete are kept, the others rewritten.
 """
 
 from __future__ import annotations
@@ -35,11 +43,37 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--n-frames", type=int, default=16)
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--latent-dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--limit", type=int, help="encode only the first N clips")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="clips per encoder call in each process (rounded up to a multiple of its devices)")
+    p.add_argument("--num-shards", type=int, help="shards in all (default: one per process); each process "
+                   "writes whole shards, so more shards lose less work to an interruption")
+    p.add_argument("--clips-per-video", type=int, default=1, help="clips cut from each video, each from its own "
+                   "random start (and flip)")
+    p.add_argument("--latent-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="clip sampling (start frames, flips)")
+    p.add_argument("--limit", type=int, help="encode only the first N rows of the CSV")
+    p.add_argument("--read-threads", type=int, default=8, help="decoding threads (in each worker, with --workers)")
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes (0: threads of this one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (process 0 shows one)")
+    p.add_argument("--distributed", default="auto", choices=["auto", "true", "false"],
+                   help="jax.distributed.initialize(): auto (Cloud TPU, JAX_COORDINATOR_ADDRESS, ...) | true | false")
+    p.add_argument("--coordinator", default="", help="HOST:PORT of process 0 (off Cloud TPU)")
+    p.add_argument("--num-processes", type=int, default=0)
+    p.add_argument("--process-id", type=int, default=-1)
     args = p.parse_args(argv)
+    for name in ("n_frames", "stride", "size", "batch_size", "clips_per_video", "num_shards"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value}: must be >= 1")
+    if args.read_threads < 0 or args.workers < 0:
+        raise ValueError("--read-threads and --workers must be >= 0")
+
+    from animatediff_jax import parallel
+
+    # Before anything touches a JAX backend, as training does.
+    parallel.maybe_initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
+
+    import jax
 
     from animatediff_jax.checkpoints.sd15 import load_sd15
     from animatediff_jax.data.cache import prepare_cache
@@ -59,11 +93,14 @@ def _main(argv: list[str]) -> int:
         AutoencoderKL(model.vae_config), model.params["vae"],
         CLIPTextModel(model.text_config), model.params["text_encoder"],
         Tokenizer(tok_dir), args.out,
-        batch_size=args.batch_size, num_shards=args.num_shards,
-        latent_dtype=args.latent_dtype, limit=args.limit,
+        batch_size=args.batch_size, num_shards=args.num_shards, seed=args.seed,
+        latent_dtype=args.latent_dtype, limit=args.limit, clips_per_video=args.clips_per_video,
+        read_threads=args.read_threads, worker_count=args.workers, progress=not args.no_progress,
     )
     if not info.get("num_records"):
         raise FileNotFoundError(f"no clip of {args.csv} could be read from {args.videos} "
                                 f"({info.get('skipped', 0)} skipped): nothing was cached")
-    print(f"cached {info.get('num_records')} clips to {args.out} ({info.get('skipped', 0)} skipped)", file=sys.stderr)
+    if jax.process_index() == 0:
+        print(f"cached {info.get('num_records')} clips to {args.out} ({info.get('skipped', 0)} skipped)",
+              file=sys.stderr)
     return 0

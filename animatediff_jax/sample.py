@@ -4,7 +4,8 @@ Text to video from a prompt config, as the original AnimateDiff's `scripts/anima
 an SD1.5 base (converted folder, diffusers folder or single file), optionally a personalised model
 over it (`dreambooth_path`) and a personalised LoRA (`lora_model_path`, `lora_alpha`), a motion
 module, MotionLoRAs (`motion_module_lora_configs`, each with its alpha) and a v3 domain adapter
-(`adapter_lora_path`, `adapter_lora_scale`), all merged into the weights once; then one compiled
+(`adapter_lora_path`, `adapter_lora_scale`), all merged into the weights once; ControlNets (`controlnet`)
+and SparseCtrl (`sparsectrl`: keyframes, image to video) steering every step; then one compiled
 sampler over all devices. Every field can be overridden:
 
     animatediff-jax sample --config configs/sample/v2_motion_lora_zoom_in.py \\
@@ -48,6 +49,7 @@ from animatediff_jax.sampling.config import (
     validate,
     video_prompts,
 )
+from animatediff_jax.sampling.control import load_controls, read_conditions
 from animatediff_jax.sampling.generate import generate, make_mesh
 from animatediff_jax.sampling.outputs import timing_summary, write_outputs
 from animatediff_jax.sampling.pipeline import AnimationPipeline, load_pipeline
@@ -107,13 +109,16 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
             video = read_frames(c["init_video"], c["L"], (c["H"], c["W"]))[None]
         except (VideoReadError, ValueError) as e:
             raise ConfigError(f"init_video: {e}") from None
+    conditions = read_conditions(c)  # control images too: read (and counted) before any weights load
     t0 = time.perf_counter()
     with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
         pipe = pipeline if pipeline is not None else load_pipeline(c)
+        controls = load_controls(conditions, pipe.unet_config, pipe.dtype)
     timings = {"load_s": time.perf_counter() - t0}
-    scales = float(c["motion_scale"]), tuple(sorted((k, float(v)) for k, v in c["motion_block_scales"].items()))
-    if (pipe.motion_scale, pipe.motion_block_scales) != scales:  # (another UNet to compile)
-        pipe = dataclasses.replace(pipe, motion_scale=scales[0], motion_block_scales=scales[1])
+    scales = (float(c["motion_scale"]), tuple(sorted((k, float(v)) for k, v in c["motion_block_scales"].items())),
+              tuple(c["pe_stretch"]) or None)
+    if (pipe.motion_scale, pipe.motion_block_scales, pipe.position_stretch) != scales:  # (another UNet to compile)
+        pipe = dataclasses.replace(pipe, motion_scale=scales[0], motion_block_scales=scales[1], position_stretch=scales[2])
 
     prompts = video_prompts(c)
     size = c["batch_size"] or mesh.shape["data"]
@@ -132,7 +137,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
             scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
             decode_chunk=c["decode_chunk"], mesh=mesh, progress=True, context_windows=c["context_windows"],
             prompt_interpolation=c["prompt_interpolation"], free_init=dict(c["free_init"]) or None,
-            init_video=video, strength=c["strength"],
+            init_video=video, strength=c["strength"], controls=controls,
         )
         frames.append(res.frames[:len(dict.fromkeys(idx))])
         for k, v in res.timings.items():

@@ -425,7 +425,8 @@ def test_cache_roundtrip_matches_direct_encoding(tmp_path):
     src = SyntheticVideoSource(5, n_frames=3, size=16, seed=1, caption_dropout=0.5)
     out = tmp_path / "cache"
     info = prepare_cache(src, vae, vae_params, clip, clip_params, tok, out, batch_size=2, num_shards=2)
-    assert info["num_records"] == 5 and info["skipped"] == 0 and len(os.listdir(out)) == 4
+    assert info["num_records"] == 5 and info["skipped"] == 0 and info["shard_records"] == [2, 3]
+    assert len(os.listdir(out)) == 6  # 2 shards + their done files, null_text.npz, cache_info.json
     assert info["latent_shape"] == [3, 8, 8, 4] and info["context_shape"] == [77, 32]
 
     cached = CachedLatentSource(out, sample_posterior=False, caption_dropout=0.0)

@@ -98,6 +98,31 @@ def test_motion_scale_names_the_blocks(reference):
         ours(params, x, t, ctx, motion_block_scales=(("up_blocks_7", 1.0),))
 
 
+@pytest.mark.parametrize("stretch", [(2, 4), (32, 40)])
+def test_pe_stretch_is_animatediff_evolveds(reference, stretch):
+    """`position_stretch=(n, m)` vs the diffusers UNet whose every motion position table is replaced as
+    AnimateDiff-Evolved does it: `F.interpolate(pe[:, :n], size=(m, C), mode="bilinear")`."""
+    import copy
+
+    import torch.nn.functional as TF
+
+    tm, params, x, t, ctx = reference
+    n, m = stretch
+    tm = copy.deepcopy(tm)
+    tables = 0
+    for mod in tm.modules():
+        if hasattr(mod, "pe") and isinstance(mod.pe, torch.Tensor) and mod.pe.ndim == 3:
+            mod.pe = TF.interpolate(mod.pe[:, :n][None], size=(m, mod.pe.shape[-1]), mode="bilinear")[0]
+            tables += 1
+    assert tables > 0
+    with torch.no_grad():
+        ref = tm(x, t, ctx.reshape(-1, *ctx.shape[2:])).sample.numpy()
+    got = ours(params, x, t, ctx, position_stretch=stretch)
+    err = assert_close(got, ref, rtol=1e-5, what=f"PE stretch {stretch} vs interpolated tables")
+    assert np.abs(got - ours(params, x, t, ctx)).max() > 1e-3  # the stretch changes the output
+    print(f"PE stretch {stretch}: max abs err {err:.2e}")
+
+
 # ------------------------------------------------------------------ prompt travel in the sampler
 
 F, H, W = 6, 16, 16

@@ -1,8 +1,9 @@
 """Training data: clip sources (WebVid CSV, TFDS, synthetic, cached latents) and the grain pipeline.
 
 Sources are grain random-access sources (`len`, `[i]`) with `get(index, epoch, seed=...)`;
-records are `{"video": float32 [F, H, W, 3] in [-1, 1], "text": str}` (cached latents:
-`{"latents", "context", "input_ids", "text"}`). `make_dataset` batches them per process.
+records are `{"video": float32 [F, H, W, 3] in [-1, 1], "text": str}` (with `pixels="uint8"`:
+uint8 video, scaled on the device by the train step; cached latents: `{"latents", "context",
+"input_ids", "text"}`). `make_dataset` batches them per process.
 
 The cache module (which imports JAX and the models) loads on first use, so data-loading
 worker processes, which import this package to unpickle their work, stay light.

@@ -6,10 +6,15 @@ The pipeline is one global stream of examples `g = 0, 1, 2, ...`: example `g` is
 the examples `g ≡ p (mod P)`, so global step `s` is examples `[s*B, (s+1)*B)` spread over the
 processes, each holding `B / P` of them, and the processes' shards are disjoint.
 
-Iterators come from grain (`iter(pipeline)`), and `it.get_state()` / `it.set_state(state)`
-resume exactly: every element is a pure function of its position in the stream. Decoding
-runs in `read_threads` threads, or in `worker_count` processes (`mp_prefetch`); skipped
-records are dropped (and counted) in the main process after the workers, then batched.
+Decoding runs in `read_threads` threads, or in `worker_count` processes (grain's `mp_prefetch`,
+`read_threads` threads each); skipped records come back from the workers as markers and are
+dropped (and counted, for every worker together) in the main process, then batched.
+
+`iter(pipeline)` gives a `PipelineIterator`; `it.get_state()` is `{"next_index": k}`, the number
+of this process's examples consumed so far, and `it.set_state(state)` restarts the readers at
+example `k`: every element is a pure function of its position in the stream, so a run resumes
+exactly, also with another `worker_count` / `read_threads` / `prefetch` than it was saved with
+(and from the states of earlier, thread-only versions, which were grain's own `next_index`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from animatediff_jax.data.webvid import Record, Skipped
+from animatediff_jax.data.webvid import PIXELS, ClipSource, Record, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,15 @@ class _Load:
     seed: int
     shuffle: bool
     tokenizer: Callable[[Sequence[str]], np.ndarray] | None
+    pixels: str = "float32"
 
     def __call__(self, g: int) -> Record | Skipped:
         epoch, position = divmod(int(g), self.n)
         index = shuffled_index(position, self.n, self.seed, epoch) if self.shuffle else position
         get = getattr(self.source, "get", None)
-        if get is not None:
+        if isinstance(self.source, ClipSource):
+            record = self.source.get(index, epoch, seed=self.seed, pixels=self.pixels)
+        elif get is not None:
             record = get(index, epoch, seed=self.seed)
         else:  # a plain grain RandomAccessDataSource
             try:
@@ -126,25 +134,105 @@ def _describe(source) -> str:
     return f"{type(source).__name__} ({len(source)} records)"
 
 
-@dataclasses.dataclass
-class DataPipeline:
-    """A grain `IterDataset` of per-process batches plus the count of skipped records.
+class _Position:
+    """grain filter in front of the skip counter: counts the examples one iterator consumed."""
 
-    `iter(pipeline)` gives a grain `DatasetIterator` (`get_state` / `set_state`).
+    def __init__(self, counter: SkipCounter) -> None:
+        self.counter, self.seen = counter, 0
+
+    def __call__(self, element: Any) -> bool:
+        self.seen += 1
+        return self.counter(element)
+
+
+class PipelineIterator:
+    """Batches of a `DataPipeline`, with a state that does not depend on how they are decoded.
+
+    `get_state()` is `{"next_index": k}`: this process's examples consumed so far (skipped ones
+    included; grain's own state of a thread-only pipeline is the same number). `set_state` starts
+    the readers (threads or worker processes) again at example `k`; they start lazily, at the
+    first `next`, so `set_state` right after `iter` costs nothing. `close()` ends the workers.
     """
 
-    dataset: grain.IterDataset
+    def __init__(self, pipeline: "DataPipeline", position: int = 0) -> None:
+        self._pipeline = pipeline
+        self._it: grain.DatasetIterator | None = None
+        self._base, self._pos = int(position), None
+
+    def __iter__(self) -> "PipelineIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._pos = _Position(self._pipeline.skip_counter)
+            self._it = iter(self._pipeline.build(self._base, self._pos))
+        return next(self._it)
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_index": self._base + (self._pos.seen if self._pos is not None else 0)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or set(state) != {"next_index"}:
+            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a data-pipeline state (expected {{'next_index': k}}, got {keys}): a state saved "
+                             "by grain's worker processes (data.worker_count > 0) of an earlier version cannot be "
+                             "restored; resume from a later checkpoint or start the run again")
+        position = int(state["next_index"])
+        if position < 0:
+            raise ValueError(f"data state next_index={position} is negative")
+        self.close()
+        self._base, self._pos = position, None
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None:
+            if self._pos is not None:  # keep the position reached
+                self._base, self._pos = self._base + self._pos.seen, None
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+@dataclasses.dataclass
+class DataPipeline:
+    """Per-process batches of a source plus the count of skipped records (all its iterators).
+
+    `iter(pipeline)` gives a `PipelineIterator` (`get_state` / `set_state` / `close`);
+    `build(position)` the grain `IterDataset` from example `position` on.
+    """
+
+    load: "_Load"
     skip_counter: SkipCounter
     per_process_batch_size: int
     shard_index: int
     shard_count: int
+    total: int
+    read_options: grain.ReadOptions
+    multiprocessing: grain.MultiprocessingOptions | None = None
+    drop_remainder: bool = True
 
-    def __iter__(self) -> grain.DatasetIterator:
-        return iter(self.dataset)
+    def build(self, position: int = 0, position_counter: Callable[[Any], bool] | None = None) -> grain.IterDataset:
+        """The grain dataset of this process's batches from its example `position` on (example `k` of
+        this process is global example `shard_index + k * shard_count`)."""
+        start = self.shard_index + int(position) * self.shard_count
+        ds = grain.MapDataset.range(min(start, self.total), self.total, self.shard_count).map(self.load)
+        it = ds.to_iter_dataset(self.read_options)
+        if self.multiprocessing is not None:
+            _absl_flags_parsed()
+            it = it.mp_prefetch(self.multiprocessing)
+        keep = self.skip_counter if position_counter is None else position_counter
+        return it.filter(keep).batch(self.per_process_batch_size, drop_remainder=self.drop_remainder, batch_fn=collate)
+
+    @property
+    def dataset(self) -> grain.IterDataset:
+        return self.build(0)
+
+    def __iter__(self) -> PipelineIterator:
+        return PipelineIterator(self)
 
     @property
     def skipped(self) -> int:
-        """Records skipped so far by this process's iterators."""
+        """Records skipped so far by this process's iterators (in every worker)."""
         return self.skip_counter.count
 
 
@@ -164,17 +252,19 @@ def make_dataset(
     drop_remainder: bool = True,
     tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None,
     max_skips_in_a_row: int = 1000,
+    pixels: str = "float32",
 ) -> DataPipeline:
     """A batched, sharded pipeline over `source` (a `ClipSource` or any grain random-access source).
 
     Each process gets `global_batch_size // shard_count` examples per step (shard defaults:
     `jax.process_index()` of `jax.process_count()`). `num_epochs=None` repeats forever.
     `tokenizer` (e.g. `animatediff_jax.text.Tokenizer`) adds `input_ids` int32 `[b, 77]`.
-    `prefetch` is the read-ahead in elements per reader; `worker_count > 0` decodes in
-    that many processes (`read_threads` threads each). An iterator state restores only into a
-    pipeline made with the same arguments (grain's state layout depends on `worker_count`).
-    `max_skips_in_a_row` skipped records in a row (at most two passes over the source: nothing
-    readable) raise `NoReadableData` from the iterator; 0: never.
+    `prefetch` is the read-ahead in elements per reader; `worker_count > 0` decodes in that many
+    processes (`read_threads` threads and `prefetch` read-ahead each, `worker_buffer_size`
+    elements queued per worker); the batches are the same whatever the worker count.
+    `pixels="uint8"`: a `ClipSource`'s clips stay uint8 (the train step scales them on the
+    device, `webvid.pixels_to_float`). `max_skips_in_a_row` skipped records in a row (at most two
+    passes over the source: nothing readable) raise `NoReadableData` from the iterator; 0: never.
     """
     if shard_index is None or shard_count is None:
         import jax
@@ -192,18 +282,19 @@ def make_dataset(
         raise ValueError("the data source is empty")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels={pixels!r} is not one of: {', '.join(PIXELS)}")
+    if worker_count < 0 or worker_buffer_size < 1 or read_threads < 0 or prefetch < 0:
+        raise ValueError(f"need worker_count >= 0, worker_buffer_size >= 1, read_threads >= 0, prefetch >= 0; got "
+                         f"{worker_count}, {worker_buffer_size}, {read_threads}, {prefetch}")
     per_process = global_batch_size // shard_count
     total = sys.maxsize if num_epochs is None else n * num_epochs
-
-    ds = grain.MapDataset.range(total)[shard_index::shard_count]
-    ds = ds.map(_Load(source, n, int(seed), shuffle, tokenizer))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
-    if worker_count > 0:
-        _absl_flags_parsed()
-        it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
-        )
     limit = min(int(max_skips_in_a_row), 2 * n) if max_skips_in_a_row > 0 else 0
-    counter = SkipCounter(limit, _describe(source))
-    it = it.filter(counter).batch(per_process, drop_remainder=drop_remainder, batch_fn=collate)
-    return DataPipeline(it, counter, per_process, shard_index, shard_count)
+    mp = (grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+          if worker_count > 0 else None)
+    return DataPipeline(
+        load=_Load(source, n, int(seed), shuffle, tokenizer, pixels),
+        skip_counter=SkipCounter(limit, _describe(source)),
+        per_process_batch_size=per_process, shard_index=shard_index, shard_count=shard_count, total=total,
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch),
+        multiprocessing=mp, drop_remainder=drop_remainder)

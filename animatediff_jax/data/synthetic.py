@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from animatediff_jax.data.webvid import STREAM_CLIP, ClipSource, Record, record_rng, to_float
+from animatediff_jax.data.webvid import STREAM_CLIP, ClipSource, Record, record_rng
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -84,4 +84,4 @@ class SyntheticVideoSource(ClipSource):
         if self.is_image:
             t = int(record_rng(seed, index, epoch, STREAM_CLIP).integers(self.n_frames))
             video = video[t : t + 1]
-        return {"video": to_float(video), "text": f"a {d['colour']} square moving {d['direction']}"}
+        return {"video": video, "text": f"a {d['colour']} square moving {d['direction']}"}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from animatediff_jax.data.webvid import STREAM_CLIP, ClipOptions, ClipSource, Record, make_clip, record_rng
+from animatediff_jax.data.webvid import STREAM_CLIP, ClipOptions, ClipSource, Record, clip_frames, record_rng
 
 _INSTALL_HINT = (
     "TFDSSource needs tensorflow-datasets: `pip install tensorflow-datasets` "
@@ -102,5 +102,5 @@ class TFDSSource(ClipSource):
         if len(frames) < self.opts.required_frames:
             raise ValueError(f"{len(frames)} frames, need at least {self.opts.required_frames}")
         rng = record_rng(seed, index, epoch, STREAM_CLIP)
-        video = make_clip(len(frames), lambda idx: frames[idx], self.opts, rng)
+        video = clip_frames(len(frames), lambda idx: frames[idx], self.opts, rng)
         return {"video": video, "text": _text(_lookup(example, self.caption_key))}

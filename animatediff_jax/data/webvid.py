@@ -7,6 +7,11 @@ shorter side is `size` (bilinear, antialiased), center-cropped to `size x size`,
 flipped left-right, and scaled to [-1, 1]. `is_image=True` takes one random frame instead
 (stage 1, the domain adapter), as a 1-frame clip.
 
+Sources cut clips as uint8; `get(..., pixels="float32")` (the default) scales them to [-1, 1] on
+the host, `pixels="uint8"` keeps them uint8 so the training step scales them on the device
+(`pixels_to_float`, bit-identical to the host's `to_float`): a quarter of the bytes through the
+data-loading workers and the host-to-device copy.
+
 Records are deterministic functions of `(seed, index, epoch)`, so a pipeline can be stopped
 and resumed exactly. A record that cannot be produced (missing, unreadable or too short video)
 comes back as a `Skipped` marker that the pipeline drops and counts; it never raises.
@@ -18,6 +23,7 @@ import csv
 import dataclasses
 import functools
 import os
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -93,6 +99,27 @@ def to_float(frames: np.ndarray) -> np.ndarray:
     return frames.astype(np.float32) / 127.5 - 1.0
 
 
+PIXELS = ("float32", "uint8")
+_PIXEL_TABLE = to_float(np.arange(256, dtype=np.uint8))  # to_float of every uint8 value
+
+
+def pixels_to_float(video):
+    """uint8 pixels -> float32 in [-1, 1], the very values `to_float` gives; anything else unchanged.
+
+    numpy in, numpy out; a JAX array (also inside `jit`: the train step calls this on the batch's
+    `video`) is converted on its device by a lookup in the 256 values of `to_float`, because XLA
+    compiles `x / 127.5` as `x * (1 / 127.5)`, which is one ulp off for 205 of the 256 values.
+    """
+    if np.dtype(video.dtype) != np.uint8:
+        return video
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(video, jax.Array):
+        import jax.numpy as jnp
+
+        return jnp.asarray(_PIXEL_TABLE)[video]
+    return to_float(np.asarray(video))
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipOptions:
     """How clips are cut from a video (shared by WebVid and TFDS sources)."""
@@ -115,16 +142,23 @@ class ClipOptions:
         return 1 if self.is_image else self.n_frames
 
 
-def make_clip(
+def clip_frames(
     num_frames: int, read: Callable[[np.ndarray], np.ndarray], opts: ClipOptions, rng: np.random.Generator
 ) -> np.ndarray:
-    """float32 `[F, size, size, 3]` in [-1, 1] from a video of `num_frames` frames; `read(indices)` -> uint8 frames."""
+    """uint8 `[F, size, size, 3]` from a video of `num_frames` frames; `read(indices)` -> uint8 frames."""
     indices = sample_clip_indices(num_frames, opts.n_frames, opts.stride, rng, opts.is_image)
     flip = opts.flip and bool(rng.random() < 0.5)
     frames = resize_center_crop(np.asarray(read(indices)), opts.size)
     if flip:
         frames = frames[:, :, ::-1]
-    return to_float(frames)
+    return np.ascontiguousarray(frames)
+
+
+def make_clip(
+    num_frames: int, read: Callable[[np.ndarray], np.ndarray], opts: ClipOptions, rng: np.random.Generator
+) -> np.ndarray:
+    """float32 `[F, size, size, 3]` in [-1, 1]: `clip_frames` scaled by `to_float`."""
+    return to_float(clip_frames(num_frames, read, opts, rng))
 
 
 class ClipSource:
@@ -133,7 +167,8 @@ class ClipSource:
     `source[i]` is record `i` of epoch 0 with the source's own seed; the pipeline calls `get`
     with its seed and the epoch so augmentations change per epoch yet stay reproducible.
     Subclasses implement `_load(index, epoch, seed) -> {"video": ..., "text": ...}` and may raise
-    anything: the failure becomes a counted `Skipped` record.
+    anything: the failure becomes a counted `Skipped` record. A uint8 `video` is scaled to [-1, 1]
+    by `get` unless it is asked for `pixels="uint8"`; other dtypes are returned as they are.
     """
 
     def __init__(self, *, caption_dropout: float = 0.1, seed: int = 0):
@@ -153,9 +188,13 @@ class ClipSource:
         raise NotImplementedError
 
     def get(
-        self, index: int, epoch: int = 0, *, seed: int | None = None, caption_dropout: float | None = None
+        self, index: int, epoch: int = 0, *, seed: int | None = None, caption_dropout: float | None = None,
+        pixels: str = "float32",
     ) -> Record | Skipped:
-        """Record `index` in `epoch`; `caption_dropout=0.0` keeps the caption (e.g. for caching)."""
+        """Record `index` in `epoch`; `caption_dropout=0.0` keeps the caption (e.g. for caching);
+        `pixels="uint8"` keeps the clip's pixels uint8 (see `pixels_to_float`)."""
+        if pixels not in PIXELS:
+            raise ValueError(f"pixels={pixels!r} is not one of: {', '.join(PIXELS)}")
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} records")
@@ -168,6 +207,8 @@ class ClipSource:
             return Skipped(index, f"{type(e).__name__}: {e}")
         if drop_caption(seed, index, epoch, p):
             record["text"] = ""
+        if pixels == "float32" and "video" in record:
+            record["video"] = pixels_to_float(record["video"])
         return record
 
 
@@ -253,12 +294,12 @@ class WebVidSource(ClipSource):
             raise VideoReadError(f"{path}: {num} frames, need at least {self.opts.required_frames}")
         read = functools.partial(read_video, path)
         try:
-            video = make_clip(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
+            video = clip_frames(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
         except VideoReadError:
             # The container's frame count can exceed what decodes (edit lists, truncated files):
             # count by decoding and sample again, with the same random stream.
             num = count_frames(path, decode=True)
             if num < self.opts.required_frames:
                 raise
-            video = make_clip(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
+            video = clip_frames(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
         return {"video": video, "text": self.caption(index)}

@@ -280,3 +280,21 @@ def read_frames(path: PathLike, num_frames: int, size: tuple[int, int] | None = 
         h, w = size
         video = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.LANCZOS)) for f in video])
     return video
+
+
+def read_image(path: PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One PNG / JPG (or a GIF's first frame) as uint8 `[H, W, 3]`, resized to `size` = (height, width)
+    with Lanczos, as diffusers' control image processor resizes a PIL image. Unreadable: `VideoReadError`."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VideoReadError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and (im.height, im.width) != tuple(size):
+                im = im.resize((size[1], size[0]), Image.LANCZOS)
+            return np.asarray(im)
+    except OSError as e:
+        raise VideoReadError(f"{path}: cannot read the image ({' '.join(str(e).split())})") from e

@@ -8,11 +8,16 @@ the generic `torch_to_flax` plus two small normalisations of the key set.
 Prompt embeddings follow diffusers' `StableDiffusionPipeline.encode_prompt`:
 the last layer's output through `final_layer_norm`, or with `clip_skip=k` the output of
 layer `num_layers - k` (`hidden_states[-(k + 1)]`) through the same `final_layer_norm`.
+
+CLIP's own text embeddings (for metrics): `CLIPTextWithProjection` pools the end-of-text token
+(`pool_eos`, transformers' rule) and applies `text_projection`; `text_embeddings` normalises them.
+The encoder layers here are shared with the vision tower (`clip_vision.py`, `causal=False`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -24,6 +29,7 @@ from animatediff_jax.models import attention
 from animatediff_jax.models.layers import dense
 
 Dtype = Any
+Params = dict[str, Any]
 
 
 
@@ -82,12 +88,23 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+# transformers' `hidden_act` names of the CLIP towers we run (OpenAI CLIP: quick_gelu; OpenCLIP: gelu).
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
 class CLIPAttention(nn.Module):
-    """Causal self-attention with biased `q/k/v/out_proj`, scale `1/sqrt(head_dim)` on the logits."""
+    """Self-attention with biased `q/k/v/out_proj`, scale `1/sqrt(head_dim)` on the logits;
+    causal for the text tower, full for the vision tower (`causal=False`)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,7 +114,7 @@ class CLIPAttention(nn.Module):
         q = split(dense(d, "q_proj", **kw)(x))
         k = split(dense(d, "k_proj", **kw)(x))
         v = split(dense(d, "v_proj", **kw)(x))
-        o = attention.dot_product_attention(q, k, v, is_causal=True)
+        o = attention.dot_product_attention(q, k, v, is_causal=self.causal)
         return dense(d, "out_proj", **kw)(o.reshape(x.shape))
 
 
@@ -105,27 +122,33 @@ class CLIPMLP(nn.Module):
     intermediate_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    act: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = quick_gelu(dense(self.intermediate_size, "fc1", **kw)(x))
+        h = ACTIVATIONS[self.act](dense(self.intermediate_size, "fc1", **kw)(x))
         return dense(x.shape[-1], "fc2", **kw)(h)
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`."""
+    """Pre-norm block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
 
-    config: CLIPTextConfig
+    Shared by both towers: `config` is a `CLIPTextConfig` or a `clip_vision.CLIPVisionConfig`
+    (`num_heads`, `intermediate_size`, `eps`, and `hidden_act` when it has one)."""
+
+    config: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: nn.LayerNorm(epsilon=c.eps, name=name, **kw)
-        x = x + CLIPAttention(c.num_heads, name="self_attn", **kw)(ln("layer_norm1")(x))
-        return x + CLIPMLP(c.intermediate_size, name="mlp", **kw)(ln("layer_norm2")(x))
+        act = getattr(c, "hidden_act", "quick_gelu")
+        x = x + CLIPAttention(c.num_heads, name="self_attn", causal=self.causal, **kw)(ln("layer_norm1")(x))
+        return x + CLIPMLP(c.intermediate_size, name="mlp", act=act, **kw)(ln("layer_norm2")(x))
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -146,14 +169,15 @@ class CLIPTextEmbeddings(nn.Module):
 class _Encoder(nn.Module):
     """transformers' `CLIPEncoder`: only a list of layers (`encoder/layers_i`), run the first `num_layers`."""
 
-    config: CLIPTextConfig
+    config: Any  # CLIPTextConfig or CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, h: jax.Array, num_layers: int) -> jax.Array:
         for i in range(num_layers):
-            h = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(h)
+            h = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.causal, name=f"layers_{i}")(h)
         return h
 
 
@@ -170,6 +194,14 @@ class CLIPTextTransformer(nn.Module):
         h = CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids)
         h = _Encoder(c, name="encoder", **kw)(h, c.num_layers - clip_skip)
         return nn.LayerNorm(epsilon=c.eps, name="final_layer_norm", **kw)(h)
+
+
+def _check_ids(input_ids: Any, c: CLIPTextConfig) -> None:
+    if np.ndim(input_ids) != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {np.shape(input_ids)}")
+    length = np.shape(input_ids)[-1]
+    if length > c.max_positions:
+        raise ValueError(f"{length} tokens exceed the {c.max_positions} positions of the text encoder")
 
 
 class CLIPTextModel(nn.Module):
@@ -195,14 +227,74 @@ class CLIPTextModel(nn.Module):
         clip_skip = 0 if clip_skip is None else int(clip_skip)
         if not 0 <= clip_skip <= c.num_layers:
             raise ValueError(f"clip_skip must be in [0, {c.num_layers}], got {clip_skip}")
-        if np.ndim(input_ids) != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {np.shape(input_ids)}")
-        length = np.shape(input_ids)[-1]
-        if length > c.max_positions:
-            raise ValueError(f"{length} tokens exceed the {c.max_positions} positions of the text encoder")
+        _check_ids(input_ids, c)
         with attention.using(self.attention):
             return CLIPTextTransformer(c, self.dtype, self.param_dtype, name="text_model")(
                 jnp.asarray(input_ids, jnp.int32), clip_skip
             )
 
 
+# ----------------------------------------------------------------------------- CLIP's text embeddings
+
+
+def pool_eos(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """transformers' `CLIPTextModel` pooler: `(B, T, D) -> (B, D)` at the first `eos_token_id` of each
+    row, or, for configs with the legacy `eos_token_id == 2` (before transformers PR #24773, e.g.
+    SD1.5's and OpenAI's released configs), at the largest id of the row (CLIP's end-of-text token is
+    the last of the vocabulary). A row without the eos id pools position 0, as transformers does."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if int(eos_token_id) == 2:
+        pos = jnp.argmax(ids, axis=-1)
+    else:
+        pos = jnp.argmax((ids == int(eos_token_id)).astype(jnp.int32), axis=-1)
+    return jnp.take_along_axis(hidden, pos[:, None, None], axis=1)[:, 0]
+
+
+class CLIPTextWithProjection(nn.Module):
+    """transformers' `CLIPTextModelWithProjection` (and `CLIPModel.get_text_features`):
+    `input_ids (B, T) -> text_embeds (B, projection_dim)`, not normalised.
+
+    Params are `CLIPTextModel`'s tree plus `text_projection/kernel` (no bias), so the same
+    `text_model` subtree serves both. `eos_token_id` is the text config's (see `pool_eos`).
+    """
+
+    config: CLIPTextConfig
+    projection_dim: int = 768
+    eos_token_id: int = 49407  # transformers 5's default; released OpenAI/SD configs say 2 (legacy rule)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        _check_ids(input_ids, self.config)
+        ids = jnp.asarray(input_ids, jnp.int32)
+        with attention.using(self.attention):
+            h = CLIPTextTransformer(self.config, self.dtype, self.param_dtype, name="text_model")(ids)
+        pooled = pool_eos(h, ids, self.eos_token_id)
+        return dense(self.projection_dim, "text_projection", use_bias=False,
+                     dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """`x / |x|` over the last axis, in float32 (CLIP's embeddings before cosine similarities)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "normalize"))
+def _text_embeddings(model: CLIPTextWithProjection, params: Params, input_ids: jax.Array, normalize: bool):
+    e = model.apply({"params": params}, input_ids)
+    return l2_normalize(e) if normalize else e
+
+
+def text_embeddings(
+    model: CLIPTextWithProjection, params: Params, input_ids: Any, *, normalize: bool = True
+) -> jax.Array:
+    """CLIP text embeddings `(B, projection_dim)` float32, L2-normalised unless `normalize=False`.
+
+    `input_ids` from `animatediff_jax.text.Tokenizer(folder)(prompts)` (padded to 77; the causal mask
+    and EOS pooling make padding irrelevant, so this equals transformers with `padding=True`).
+    """
+    _check_ids(input_ids, model.config)
+    return _text_embeddings(model, params, jnp.asarray(input_ids, jnp.int32), normalize)

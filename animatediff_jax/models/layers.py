@@ -135,18 +135,45 @@ def sinusoidal_table(length: int, dim: int) -> jax.Array:
     return table.at[:, 1::2].set(jnp.cos(pos * div))
 
 
+def stretch_table(table: jax.Array, length: int) -> jax.Array:
+    """`table` `[n, dim]` resampled to `[length, dim]` along its rows, linearly between row centres
+    (torch's `F.interpolate(..., mode="bilinear", align_corners=False)` on `[1, 1, n, dim]`, which is
+    AnimateDiff-Evolved's PE stretch)."""
+    n = table.shape[0]
+    src = jnp.maximum((jnp.arange(length, dtype=jnp.float32) + 0.5) * (n / length) - 0.5, 0.0)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n - 1)
+    i1 = jnp.minimum(i0 + 1, n - 1)
+    w = (src - i0)[:, None]
+    return table[i0] * (1.0 - w) + table[i1] * w
+
+
+def position_table(max_positions: int, dim: int, stretch: tuple[int, int] | None = None) -> jax.Array:
+    """The motion module's position table: `sinusoidal_table(max_positions)`, or with `stretch = (n, m)`
+    its first n rows stretched over m (AnimateDiff-Evolved's "sweetspot stretch"; its "PE stretch" by k
+    is `(max_positions, max_positions + k)`): a module trained on n frames spread over m."""
+    table = sinusoidal_table(max_positions, dim)
+    if stretch:
+        n, m = stretch
+        if not 1 <= n <= max_positions or m < 1:
+            raise ValueError(f"position stretch {tuple(stretch)}: expected (n, m) with 1 <= n <= {max_positions} "
+                             "(the table) and m >= 1")
+        table = stretch_table(table[:n], m)
+    return table
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: attn1 (self), attn2 (cross, or self when `double_self`), GEGLU FF.
 
     `max_positions > 0` adds a sinusoidal position table to the normed input of both
     attentions: that is the motion module's temporal block (attention runs along axis -2,
-    the frame axis).
+    the frame axis). `position_stretch`: see `position_table`.
     """
 
     heads: int
     dim_head: int
     double_self: bool = False
     max_positions: int = 0
+    position_stretch: tuple[int, int] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -156,11 +183,10 @@ class BasicTransformerBlock(nn.Module):
         attn = lambda name: Attention(self.heads, self.dim_head, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.max_positions:
             length = x.shape[-2]
-            if length > self.max_positions:
-                raise ValueError(
-                    f"{length} frames exceed the motion module's position table ({self.max_positions})"
-                )
-            pe = sinusoidal_table(self.max_positions, x.shape[-1])[:length].astype(self.dtype)
+            table = position_table(self.max_positions, x.shape[-1], self.position_stretch)
+            if length > table.shape[0]:
+                raise ValueError(f"{length} frames exceed the motion module's position table ({table.shape[0]})")
+            pe = table[:length].astype(self.dtype)
             add_pe = lambda h: h + pe
         else:
             add_pe = lambda h: h

@@ -26,6 +26,7 @@ class MotionModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scale: float = 1.0  # multiplies what the module adds to its input (motion strength; 0: no motion)
+    position_stretch: tuple[int, int] | None = None  # (n, m): its first n positions spread over m frames
 
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
@@ -42,6 +43,7 @@ class MotionModule(nn.Module):
                 c // cfg.heads,
                 double_self=True,
                 max_positions=cfg.max_positions,
+                position_stretch=self.position_stretch,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"transformer_blocks_{i}",

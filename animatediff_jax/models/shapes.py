@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.models.config import UNetConfig
+from animatediff_jax.models.controlnet import ControlNet, ControlNetConfig
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -29,6 +30,22 @@ def _unet_shapes(config: UNetConfig) -> Params:  # tracing SD1.5's UNet takes se
     x = jnp.zeros((1, 2, 8, 8, config.in_channels))
     ctx = jnp.zeros((1, 1, config.cross_attention_dim))
     return jax.eval_shape(UNet3D(config).init, jax.random.key(0), x, jnp.zeros((1,)), ctx)["params"]
+
+
+def controlnet_shapes(config: ControlNetConfig) -> Params:
+    """`ControlNet(config)`'s params tree (SparseCtrl's motion modules included)."""
+    return jax.tree.map(lambda s: s, _controlnet_shapes(config))
+
+
+@functools.lru_cache(maxsize=8)
+def _controlnet_shapes(config: ControlNetConfig) -> Params:
+    h = 8
+    x = jnp.zeros((1, 2, h, h, config.unet.in_channels))
+    side = h * config.condition_downscale
+    cond = jnp.zeros((1, 2, side, side, config.conditioning_channels))
+    ctx = jnp.zeros((1, 1, config.unet.cross_attention_dim))
+    mask = jnp.ones((1, 2)) if config.concat_conditioning_mask else None
+    return jax.eval_shape(ControlNet(config).init, jax.random.key(0), x, jnp.zeros((1,)), ctx, cond, mask)["params"]
 
 
 def vae_shapes(config: VAEConfig) -> Params:
@@ -57,3 +74,41 @@ def motion_shapes(config: UNetConfig) -> Params:
     if config.motion is None:
         raise ValueError("the UNet config has no motion modules (config.motion is None)")
     return motion_subtree(unet_shapes(config))
+
+
+# ----------------------------------------------------------------------------- CLIP towers, safety checker
+
+from animatediff_jax.models.clip_text import CLIPTextWithProjection  # noqa: E402
+from animatediff_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionWithProjection  # noqa: E402
+from animatediff_jax.models.safety import SafetyChecker  # noqa: E402
+
+
+def _pixels(config: CLIPVisionConfig) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_vision_shapes(config: CLIPVisionConfig) -> Params:
+    return jax.eval_shape(CLIPVisionWithProjection(config).init, jax.random.key(0), _pixels(config))["params"]
+
+
+def clip_vision_shapes(config: CLIPVisionConfig) -> Params:
+    """`CLIPVisionWithProjection(config)`'s tree: `vision_model/...`, `visual_projection/kernel`."""
+    return jax.tree.map(lambda s: s, _clip_vision_shapes(config))
+
+
+def clip_text_projection_shapes(config: CLIPTextConfig, projection_dim: int) -> Params:
+    """`CLIPTextWithProjection`'s tree: `clip_shapes(config)` plus `text_projection/kernel`."""
+    ids = jnp.zeros((1, config.max_positions), jnp.int32)
+    model = CLIPTextWithProjection(config, projection_dim=int(projection_dim))
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+@functools.lru_cache(maxsize=4)
+def _safety_checker_shapes(config: CLIPVisionConfig) -> Params:
+    return jax.eval_shape(SafetyChecker(config).init, jax.random.key(0), _pixels(config))["params"]
+
+
+def safety_checker_shapes(config: CLIPVisionConfig) -> Params:
+    """`SafetyChecker(config)`'s tree (vision tower, projection, concept embeddings and thresholds)."""
+    return jax.tree.map(lambda s: s, _safety_checker_shapes(config))

@@ -116,13 +116,17 @@ class _Layers:
     """The per-call context every block needs: config, time embedding, text context, frames."""
 
     def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict, remat: str = "none",
-                 motion_scales: dict[str, float] | None = None):
+                 motion_scales: dict[str, float] | None = None, motion_module: type = MotionModule,
+                 position_stretch: tuple[int, int] | None = None):
         self.cfg, self.temb, self.context, self.f, self.kw = cfg, temb, context, num_frames, kw
         self.motion_scales = motion_scales or {}
+        self.motion_kw = {"position_stretch": tuple(position_stretch)} if position_stretch else {}
         # argnums count `self`: num_frames is static for resnets (3) and motion modules (2).
         self.Resnet = _remat(ResnetBlock, remat, (3,))
         self.Transformer = _remat(Transformer2D, remat)
-        self.Motion = _remat(MotionModule, remat, (2,))
+        # `motion_module(config, name=, scale=, dtype=, param_dtype=)(x, num_frames)`: AnimateDiff's by
+        # default; SparseCtrl's control model has its own (one temporal self-attention per block).
+        self.Motion = _remat(motion_module, remat, (2,))
 
     def resnet(self, x, out: int, name: str):
         c = self.cfg
@@ -138,7 +142,7 @@ class _Layers:
         mm = self.cfg.motion
         if not mm:
             return x
-        return self.Motion(mm, name=name, scale=self.motion_scales.get(block, 1.0), **self.kw)(x, self.f)
+        return self.Motion(mm, name=name, scale=self.motion_scales.get(block, 1.0), **self.motion_kw, **self.kw)(x, self.f)
 
 
 class DownBlock(nn.Module):
@@ -198,6 +202,51 @@ class UpBlock(nn.Module):
         return x
 
 
+def frame_conditioning(cfg: UNetConfig, timesteps, context, batch: int, num_frames: int, kw: dict):
+    """The time embedding (module `time_embedding` of the calling model) and the text context, one per
+    frame (spatial layers see frames as batch): `(temb [B*F, T], context [B*F, L, D])`.
+
+    `timesteps` is `[B]` or a scalar; `context` is `[B, L, D]` (one per video) or `[B, F, L, D]`
+    (one per frame: prompt travel). Called inside a model's compact `__call__` (UNet3D, ControlNet).
+    """
+    b, f = batch, num_frames
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+    chans = cfg.block_out_channels
+    temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(timestep_embedding(timesteps, chans[0]))
+    context = context.astype(kw["dtype"])
+    if context.ndim == 4:
+        if context.shape[:2] != (b, f):
+            raise ValueError(f"per-frame context {context.shape} for {b} videos of {f} frames")
+        frame_context = context.reshape((b * f,) + context.shape[2:])
+    else:
+        frame_context = jnp.repeat(context, f, axis=0)
+    return jnp.repeat(temb, f, axis=0), frame_context
+
+
+def down_path(x: jax.Array, ctx: _Layers) -> tuple[jax.Array, list[jax.Array]]:
+    """The down blocks (`down_blocks_{i}` of the calling model) from the `conv_in` output `x`.
+
+    Returns the deepest features and every skip in the UNet's order: `conv_in`'s output, then per
+    level one per layer and the downsampler's (but the last level) -- what a control model's
+    residuals line up with (`num_skips`).
+    """
+    cfg = ctx.cfg
+    chans = cfg.block_out_channels
+    n = len(chans)
+    skips = [x]
+    for i in range(n):
+        block = DownBlock(chans[i], cfg.cross_attn_blocks[i], i == n - 1, cfg.layers_per_block, name=f"down_blocks_{i}")
+        x, s = block(x, ctx)
+        skips += s
+    return x, skips
+
+
+def num_skips(cfg: UNetConfig) -> int:
+    """How many skip connections (= control residuals) a UNet of `cfg` has."""
+    n = len(cfg.block_out_channels)
+    return 1 + n * cfg.layers_per_block + (n - 1)
+
+
 class UNet3D(nn.Module):
     """`__call__(sample[B,F,H,W,C], timesteps[B] or scalar, context[B,L,D] or [B,F,L,D]) -> noise[B,F,H,W,C]`.
 
@@ -220,11 +269,19 @@ class UNet3D(nn.Module):
     # `motion_scale` for all, times `motion_block_scales` per block (("down_blocks_0", 1.2), ("mid_block", 0.5)).
     motion_scale: float = 1.0
     motion_block_scales: tuple[tuple[str, float], ...] = ()
+    # (n, m): every motion module's first n positions stretched over m frames (`layers.position_table`;
+    # AnimateDiff-Evolved's PE stretch), for more frames than the table holds. None: as trained.
+    position_stretch: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
+                 down_residuals: tuple[jax.Array, ...] | None = None, mid_residual: jax.Array | None = None) -> jax.Array:
+        """`down_residuals` / `mid_residual`: a control model's outputs (`ControlNet`), frames folded into
+        batch (`[B*F, h_i, w_i, c_i]`, one per skip in `down_path`'s order), added to the skips and to the
+        mid block's output as diffusers' `UNetMotionModel` adds `down_block_additional_residuals` /
+        `mid_block_additional_residual` (the mid block itself sees the skip without its residual)."""
         with attention.using(self.attention):
-            return self._forward(sample, timesteps, context)
+            return self._forward(sample, timesteps, context, down_residuals, mid_residual)
 
     def _motion_scales(self) -> dict[str, float]:
         n = len(self.config.block_out_channels)
@@ -235,32 +292,29 @@ class UNet3D(nn.Module):
             raise ValueError(f"motion_block_scales: no block {unknown} (blocks: {', '.join(names)})")
         return {name: float(self.motion_scale) * float(per_block.get(name, 1.0)) for name in names}
 
-    def _forward(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+    def _forward(self, sample, timesteps, context, down_residuals, mid_residual) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, f, hh, ww, _ = sample.shape
         chans = cfg.block_out_channels
         n = len(chans)
 
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-        temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(timestep_embedding(timesteps, chans[0]))
-        # Spatial layers see frames as batch: one time embedding and one text context per frame.
-        context = context.astype(self.dtype)
-        if context.ndim == 4:
-            if context.shape[:2] != (b, f):
-                raise ValueError(f"per-frame context {context.shape} for {b} videos of {f} frames")
-            frame_context = context.reshape((b * f,) + context.shape[2:])
-        else:
-            frame_context = jnp.repeat(context, f, axis=0)
-        ctx = _Layers(cfg, jnp.repeat(temb, f, axis=0), frame_context, f, kw, self.remat, self._motion_scales())
+        temb, frame_context = frame_conditioning(cfg, timesteps, context, b, f, kw)
+        ctx = _Layers(cfg, temb, frame_context, f, kw, self.remat, self._motion_scales(),
+                      position_stretch=self.position_stretch)
 
         x = conv(chans[0], "conv_in", **kw)(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
-        skips = [x]
-        for i in range(n):
-            block = DownBlock(chans[i], cfg.cross_attn_blocks[i], i == n - 1, cfg.layers_per_block, name=f"down_blocks_{i}")
-            x, s = block(x, ctx)
-            skips += s
+        x, skips = down_path(x, ctx)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {len(skips)} skips")
+            for k, (s, r) in enumerate(zip(skips, down_residuals)):
+                if r.shape[0] != s.shape[0] or r.shape[-1] != s.shape[-1]:
+                    raise ValueError(f"down residual {k} {tuple(r.shape)} does not fit skip {tuple(s.shape)}")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
         x = MidBlock(chans[-1], name="mid_block")(x, ctx)
+        if mid_residual is not None:
+            x = x + mid_residual.astype(x.dtype)
         for i in range(n):
             k = n - 1 - i
             take = cfg.layers_per_block + 1

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("gif", "mp4", "png")
 GROUPS = ("output", "context_windows")  # fixed groups of fields
-_OPEN = ("scheduler_options", "prompt_map", "motion_block_scales", "free_init")  # free-form: any key may be set
+_OPEN = ("scheduler_options", "prompt_map", "motion_block_scales", "free_init", "sparsectrl")  # free-form: any key may be set
 
 
 class ConfigError(ValueError):
@@ -72,6 +72,10 @@ def base_config() -> ConfigDict:
     # per block on top: {"mid_block": 0.5, "up_blocks_1": 1.2} (down_blocks_i, mid_block, up_blocks_i).
     c.motion_scale = 1.0
     c.motion_block_scales = {}
+    # PE stretch (AnimateDiff-Evolved's): (n, m) spreads the motion modules' first n positions over m frames
+    # (linear interpolation), e.g. (16, 24) for a 16-frame sweet spot over 24 frames, (32, 40) for 40 frames
+    # with a 32-position table. () = off (the table as trained).
+    c.pe_stretch = ()
     # FreeInit (diffusers' enable_free_init): {"num_iters": 3, "method": "butterworth" | "gaussian" | "ideal",
     # "order": 4, "spatial_stop_frequency": 0.25, "temporal_stop_frequency": 0.25, "use_fast_sampling": False};
     # {} = off. Denoises num_iters times, each from the last video's low frequencies (ddim / pndm).
@@ -80,6 +84,14 @@ def base_config() -> ConfigDict:
     # (0..1: the share of the steps that run) and denoised with the prompts; "" = text to video (ddim / pndm).
     c.init_video = ""
     c.strength = 0.8
+    # ControlNets (SD1.5, diffusers folder or control_v11*.pth single file), each conditioning every frame:
+    # ({"path": ..., "video": GIF/MP4/frames folder | "images": (one PNG/JPG per frame, ...), "scale": 1.0,
+    #   "start": 0.0, "end": 1.0}, ...); start/end: the share of the steps it acts in. () = none.
+    c.controlnet = ()
+    # SparseCtrl (v3_sd15_sparsectrl_rgb/scribble.ckpt or a diffusers folder): a few keyframes steer the video,
+    # {"path": ..., "images": (PNG/JPG, ...), "frame_indices": (0, ...), "scale": 1.0}; one RGB image at frame 0
+    # is image-to-video. {} = none.
+    c.sparsectrl = {}
     # Videos longer than the motion module's position table: overlapping windows of `length` frames over
     # the temporal attention, predictions averaged; length 0 = off (one pass over all frames).
     # weighting where windows overlap: flat | pyramid | delayed_reverse_sawtooth (diffusers' FreeNoise weights);
@@ -373,6 +385,10 @@ def validate(config: Any) -> dict:
         if not re.fullmatch(r"(down|up)_blocks_\d+|mid_block", str(block)):
             raise ConfigError(f"motion_block_scales: no block {block!r} (blocks: down_blocks_i, mid_block, up_blocks_i)")
         _number(f"motion_block_scales.{block}", scale)
+    stretch = c["pe_stretch"]
+    if not isinstance(stretch, (list, tuple)) or len(stretch) not in (0, 2) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in stretch):
+        raise ConfigError(f"pe_stretch={stretch!r}: expected () (off) or (n, m): the first n positions over m frames")
     if c["prompt_map"]:
         try:
             keyframes(video_prompts(c)[0], int(c["L"]), "prompt_map")
@@ -417,6 +433,8 @@ def validate(config: Any) -> dict:
         _existing(f"motion_module_lora_configs[{i}].path", entry["path"], required=True)
         _number(f"motion_module_lora_configs[{i}].alpha", entry.get("alpha", 1.0))
 
+    _check_controls(c)
+
     out = c["output"]
     formats = [out["formats"]] if isinstance(out["formats"], str) else list(out["formats"])
     bad = [f for f in formats if f not in FORMATS]
@@ -428,6 +446,55 @@ def validate(config: Any) -> dict:
         raise ConfigError(f"output.dir={out['dir']!r}: expected a folder")
     return dict(c, prompt=list(prompts), n_prompt=neg, seed=seeds, motion_module_lora_configs=[dict(e) for e in loras],
                 output=dict(out, formats=formats))
+
+
+_CONTROL_FIELDS = {"controlnet": ("path", "video", "images", "scale", "start", "end"),
+                   "sparsectrl": ("path", "images", "frame_indices", "scale", "start", "end")}
+
+
+def _check_controls(c: dict) -> None:
+    """`controlnet` entries and `sparsectrl`: their fields, files and numbers (counts and indices against
+    the video are the sampler's check, `sampling.control.check_controls`, once the images are read)."""
+    nets = c["controlnet"]
+    if not isinstance(nets, (list, tuple)):
+        raise ConfigError(f"controlnet={nets!r}: expected a tuple of {{path, video | images, scale, start, end}}")
+    entries = [(f"controlnet[{i}]", e, "controlnet") for i, e in enumerate(nets)]
+    if not isinstance(c["sparsectrl"], Mapping):
+        raise ConfigError(f"sparsectrl={c['sparsectrl']!r}: expected a dict {{path, images, frame_indices, scale}}")
+    if c["sparsectrl"]:
+        entries.append(("sparsectrl", c["sparsectrl"], "sparsectrl"))
+    for name, e, kind in entries:
+        fields = _CONTROL_FIELDS[kind]
+        if not isinstance(e, Mapping) or set(e) - set(fields):
+            raise ConfigError(f"{name}={e!r}: expected a dict of {', '.join(fields)}")
+        _existing(f"{name}.path", e.get("path", ""), required=True)
+        sources = [k for k in ("video", "images") if e.get(k)]
+        if len(sources) != 1:
+            raise ConfigError(f"{name}: give {'video or images' if kind == 'controlnet' else 'images'} "
+                              "(the condition), exactly one")
+        if e.get("video"):
+            _existing(f"{name}.video", e["video"], required=True)
+        images = e.get("images") or ()
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, (list, tuple)):
+            raise ConfigError(f"{name}.images={images!r}: expected a tuple of image files")
+        for j, path in enumerate(images):
+            _existing(f"{name}.images[{j}]", path, required=True)
+        if kind == "sparsectrl":
+            idx = e.get("frame_indices", ())
+            if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+                raise ConfigError(f"{name}.frame_indices={idx!r}: expected a tuple of frame numbers")
+            if len(idx) != len(images):
+                raise ConfigError(f"{name}: {len(images)} image(s) but {len(idx)} frame_indices: give one index per image")
+            bad = [i for i in idx if not -c["L"] <= i < c["L"]]
+            if bad:
+                raise ConfigError(f"{name}.frame_indices {bad} outside the video (frames 0..{c['L'] - 1}, "
+                                  "or negative from the end)")
+        for k, default in (("scale", 1.0), ("start", 0.0), ("end", 1.0)):
+            _number(f"{name}.{k}", e.get(k, default))
+        if not 0.0 <= e.get("start", 0.0) < e.get("end", 1.0) <= 1.0:
+            raise ConfigError(f"{name}: start={e.get('start', 0.0)}, end={e.get('end', 1.0)}: expected "
+                              "0 <= start < end <= 1")
 
 
 def output_folder(folder: str) -> str:

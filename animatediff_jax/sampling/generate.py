@@ -34,6 +34,7 @@ from animatediff_jax import schedulers as S
 from animatediff_jax.io.video import to_uint8
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import decode_video, encode_video
+from animatediff_jax.sampling.control import Control, check_controls, control_inputs, control_residuals, latent_conditions
 from animatediff_jax.sampling.pipeline import AnimationPipeline
 
 Params = dict[str, Any]
@@ -200,6 +201,7 @@ def predict_noise(
     uncond: jax.Array | None,
     guidance_scale: Any,
     windows: Windows | None = None,
+    control: Callable[..., tuple[Any, Any]] | None = None,
 ) -> jax.Array:
     """Guided float32 noise prediction for the (already scaled) model input `x` `[B, F, h, w, C]`;
     `cond`/`uncond` `[B, L, D]`, or `[B, F, L, D]` a text per frame (windows take their frames').
@@ -207,7 +209,8 @@ def predict_noise(
     With `uncond`, one UNet call on 2B videos: sample b's unconditional and conditional copies
     are adjacent (a per-sample `concat([uncond, cond])`), so a batch sharded over devices stays
     local; then `uncond + g * (cond - uncond)`. Without `uncond`, or with a concrete scale <= 1,
-    the conditional prediction alone.
+    the conditional prediction alone. `control(x, t, context, frames, pairs) -> (down, mid)`: the
+    control models' residuals for that same UNet input (`sampling.control`), or None.
     """
     apply = functools.partial(unet.apply, {"params": unet_params})
     if not _cfg_enabled(guidance_scale):
@@ -220,11 +223,16 @@ def predict_noise(
     def run(xw: jax.Array, ix: jax.Array | None = None) -> jax.Array:
         b = xw.shape[0]
         c, u = frames(cond, ix), frames(uncond, ix)
+
+        def unet(x_, ctx_, pairs):
+            res = (None, None) if control is None else control(x_, t, ctx_, ix, pairs)
+            return apply(x_, t, ctx_, *res).astype(jnp.float32)
+
         if u is None:
-            return apply(xw, t, c).astype(jnp.float32)
+            return unet(xw, c, False)
         x2 = jnp.stack([xw, xw], axis=1).reshape((2 * b,) + xw.shape[1:])
         ctx = jnp.stack([u, c], axis=1).reshape((2 * b,) + c.shape[1:])
-        out = apply(x2, t, ctx).astype(jnp.float32).reshape((b, 2) + xw.shape[1:])
+        out = unet(x2, ctx, True).reshape((b, 2) + xw.shape[1:])
         eps_u, eps_c = out[:, 0], out[:, 1]
         return eps_u + guidance_scale * (eps_c - eps_u)
 
@@ -254,6 +262,7 @@ def denoise(
     progress_cb: Callable[[int], None] | None = None,
     windows: Windows | None = None,
     start: int = 0,
+    controls: tuple | None = None,
 ) -> jax.Array:
     """Runs the steps `start..` of `sched` from `latents` (already times `init_noise_sigma`, or noised
     to the start step's timestep: video-to-video) in one `lax.scan`.
@@ -262,7 +271,8 @@ def denoise(
     `guidance_scale > 1` (or traced). `key`: one key, or one per sample (typed or raw key
     data); step `i` of sample `b` uses `fold_in(key_b, i)`. `progress_cb(i)` is called from the
     compiled loop after step `i` (via `jax.debug.callback`). `windows`: frame windows from
-    `context_windows`, or None to run the UNet on all frames at once. Returns float32 latents.
+    `context_windows`, or None to run the UNet on all frames at once. `controls`: `(specs, params,
+    scales, arrays)` of `sampling.control` (arrays batched like the latents), or None. Returns float32 latents.
     """
     latents = latents.astype(jnp.float32)
     b = latents.shape[0]
@@ -275,7 +285,10 @@ def denoise(
     def body(state, i):
         x, carry = state
         x_in = S.scale_model_input(sched, i, x)
-        eps = predict_noise(unet, unet_params, x_in, sched.timesteps[i], cond, uncond, guidance_scale, windows)
+        control = None if not controls else functools.partial(
+            control_residuals, *controls, i - start, sched.num_inference_steps - start)
+        eps = predict_noise(unet, unet_params, x_in, sched.timesteps[i], cond, uncond, guidance_scale, windows,
+                            control)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
         update = lambda c, e, s, k: S.step(sched, c, i, e, s, k)
         x, carry = jax.vmap(update)(carry, eps, x, step_keys)
@@ -517,6 +530,7 @@ def free_init_steps(steps: int, options: Mapping[str, Any]) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 _VIDEO_SALT = 0x56494456  # folded into a video's key for its VAE posterior sample ("VIDV")
+_CONTROL_SALT = 0x53504354  # ... for an RGB SparseCtrl's keyframes ("SPCT", + the control's index)
 
 
 def video_start(steps: int, strength: float) -> int:
@@ -604,7 +618,7 @@ def check_windows(context_windows: Mapping[str, Any] | None) -> WindowSpec | Non
 
 def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
               scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows,
-              prompt_interpolation="linear", free_init=None, init_video=None, strength=0.8):
+              prompt_interpolation="linear", free_init=None, init_video=None, strength=0.8, controls=()):
     """Every check of generate's arguments that can fail, before anything is compiled; returns the
     resolved pieces. (A sample config's checks call the pieces a config also has: `check_windows`,
     `per_prompt`, the scheduler's.)"""
@@ -647,10 +661,16 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
     win = check_windows(context_windows)
     motion = pipe.unet_config.motion
     limit = motion.max_positions if motion is not None else None
+    stretch = pipe.position_stretch
+    if stretch and limit is not None:
+        if len(stretch) != 2 or not 1 <= stretch[0] <= limit or stretch[1] < 1:
+            raise ValueError(f"pe_stretch={tuple(stretch)}: expected (n, m) with 1 <= n <= {limit} (the motion "
+                             "module's position table) and m >= 1")
+        limit = int(stretch[1])
     if win is None and limit is not None and num_frames > limit:
         raise ValueError(
             f"num_frames={num_frames} exceeds the motion module's position table ({limit} frames); sample it in "
-            f"overlapping windows: context_windows length {limit}, overlap 4"
+            f"overlapping windows (context_windows length {limit}, overlap 4) or stretch the table (pe_stretch)"
         )
     if win is not None and limit is not None and win.length > limit:
         raise ValueError(f"context_windows.length={win.length} exceeds the motion module's position table "
@@ -667,6 +687,7 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
         if got[1] < num_frames:
             raise ValueError(f"init_video has {got[1]} frames, fewer than num_frames={num_frames}")
         start = check_video_options(strength, sched, fi)
+    check_controls(controls, num_frames, height, width, pipe.unet_config, win.length if windows is not None else None)
     if init_latents is not None and tuple(np.shape(init_latents)) != shape:
         raise ValueError(f"init_latents must have shape {shape} (N, F, h, w, C), got {tuple(np.shape(init_latents))}")
     return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, win, shape, start
@@ -730,6 +751,7 @@ def generate(
     init_video: np.ndarray | None = None,
     strength: float = 0.8,
     sample_posterior: bool = True,
+    controls: Sequence[Control] = (),
 ) -> GenerateResult:
     """One video per (prompt, seed) pair: text -> scan of `steps` denoising steps -> VAE decode.
 
@@ -753,13 +775,16 @@ def generate(
     3]` (uint8, or float in [-1, 1]; the first `num_frames` used) are VAE-encoded `decode_chunk` frames at a
     time (a posterior sample from each video's key, or its mean without `sample_posterior`), noised to
     the timestep of step `video_start(steps, strength)` with the seeds' noise, and denoised from there.
+    `controls`: ControlNets and SparseCtrl (`sampling.control.Control`: model, params, condition images,
+    scale, start/end) whose residuals join the UNet's in every step; an RGB SparseCtrl's keyframes are
+    VAE-encoded inside the call (a posterior sample, or the mean without `sample_posterior`).
     Every argument is checked before anything compiles (a `ValueError` naming it).
     """
     t_start = time.perf_counter()
     prompts, negative_prompts, seeds, scheds, fi, windows, win, shape, start = _validate(
         pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
         scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows, prompt_interpolation,
-        free_init, init_video, strength,
+        free_init, init_video, strength, controls,
     )
     n = shape[0]
     use_cfg = guidance_scale > 1.0
@@ -802,6 +827,15 @@ def generate(
         video = jnp.asarray(video_pixels(np.asarray(init_video)[:, :shape[1]]))
         video = jnp.repeat(video, n, axis=0) if video.shape[0] != n else video
     noise, key_data, cond, uncond, video = place(noise), place(key_data), place(cond), place(uncond), place(video)
+    specs, control_arrays = [], []
+    for c in controls:  # each video's condition, laid out with it; params and scales replicated
+        spec, arrays = control_inputs(c, shape[1], pipe.dtype, pipe.attention)
+        specs.append(spec)
+        control_arrays.append({k: place(jnp.repeat(jnp.asarray(v)[None], n, axis=0)) for k, v in arrays.items()})
+    control_params = [pipe.placed(mesh, c.params) for c in controls]
+    control_scales = jax.device_put(jnp.asarray([c.scale for c in controls], jnp.float32), NamedSharding(mesh, P()))
+    specs = tuple(specs)
+    needs_vae = video is not None or any(s.latent for s in specs)
     batch_sharding = NamedSharding(mesh, P(DATA))
     scheds = jax.device_put(tuple(scheds), NamedSharding(mesh, P()))
     unet_params = pipe.replicated(mesh, "unet")
@@ -819,29 +853,40 @@ def generate(
     def step_cb(it: int):  # progress over all FreeInit iterations' steps
         return None if emit is None else (lambda i: emit(i + offsets[it]))
 
-    def sample_fn(params, scheds, noise, cond, uncond, g, key_data, vae_params=None, video=None):
+    def sample_fn(params, scheds, noise, cond, uncond, g, key_data, ctrl_params, ctrl_scales, ctrl_arrays,
+                  vae_params=None, video=None):
         first = noise * scheds[0].init_noise_sigma
+        keys = _sample_keys(key_data, noise.shape[0])
+
+        def encode_keyframes(pixels, j):  # an RGB SparseCtrl's keyframes, each video's posterior from its key
+            ks = jax.vmap(lambda k: jax.random.fold_in(k, _CONTROL_SALT + j))(keys)
+            return encode_video(vae, vae_params, pixels, ks if sample_posterior else None, decode_chunk)
+
+        controls = None
+        if specs:
+            controls = (specs, ctrl_params, ctrl_scales, latent_conditions(specs, ctrl_arrays, encode_keyframes,
+                                                                           noise.shape[1]))
         if video is not None:  # video to video: its latents noised to the start step's timestep
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, _VIDEO_SALT))(_sample_keys(key_data, noise.shape[0]))
-            z0 = encode_video(vae, vae_params, video, keys if sample_posterior else None, decode_chunk)
+            vkeys = jax.vmap(lambda k: jax.random.fold_in(k, _VIDEO_SALT))(keys)
+            z0 = encode_video(vae, vae_params, video, vkeys if sample_posterior else None, decode_chunk)
             t0 = jnp.full((noise.shape[0],), scheds[0].timesteps[start])
             first = S.add_noise(scheds[0].alphas_cumprod, z0, noise, t0)
-        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start)
+        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start, controls)
         for it, sched in enumerate(scheds[1:], start=1):  # FreeInit: back to the last timestep, low frequencies kept
             t_last = jnp.full((x.shape[0],), sched.alphas_cumprod.shape[0] - 1)
             z_t = S.add_noise(sched.alphas_cumprod, x, first, t_last)
             x = freq_mix(z_t, free_init_noise(key_data, it, x.shape), low_pass)
-            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows)
+            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows, 0, controls)
         return x
 
     def decode_fn(params, latents):
         return to_uint8(decode_video(vae, params, latents, decode_chunk))
 
-    args = (unet_params, scheds, noise, cond, uncond, g, key_data)
-    if video is not None:
+    args = (unet_params, scheds, noise, cond, uncond, g, key_data, control_params, control_scales, control_arrays)
+    if needs_vae:
         args += (vae_params, video)
     static = (unet, windows, progress is not False, None if fi is None else tuple(sorted(fi.items())),
-              None if video is None else (vae, start, decode_chunk, sample_posterior))
+              None if video is None else start, (vae, decode_chunk, sample_posterior) if needs_vae else None, specs)
     sample_c, c_denoise = pipe._compiled("denoise", sample_fn, static, args, out_shardings=batch_sharding)
     timings["compile_denoise_s"] = c_denoise
 

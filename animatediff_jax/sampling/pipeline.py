@@ -46,6 +46,7 @@ class AnimationPipeline:
     attention: str = "auto"
     motion_scale: float = 1.0  # the UNet's motion strength (`UNet3D.motion_scale`, `motion_block_scales`)
     motion_block_scales: tuple[tuple[str, float], ...] = ()
+    position_stretch: tuple[int, int] | None = None  # `UNet3D.position_stretch` (PE stretch); None: off
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     _on_step: list = dataclasses.field(default_factory=lambda: [None], init=False, repr=False, compare=False)
@@ -69,7 +70,7 @@ class AnimationPipeline:
     @property
     def unet(self) -> UNet3D:
         return UNet3D(self.unet_config, dtype=self.dtype, attention=self.attention, motion_scale=self.motion_scale,
-                      motion_block_scales=self.motion_block_scales)
+                      motion_block_scales=self.motion_block_scales, position_stretch=self.position_stretch)
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -108,11 +109,14 @@ class AnimationPipeline:
 
     def replicated(self, mesh: Mesh, name: str) -> Params:
         """`params[name]` replicated over `mesh`; kept while `params[name]` is the same object."""
-        src = self.params[name]
-        key = ("params", name, mesh)
+        return self.placed(mesh, self.params[name])
+
+    def placed(self, mesh: Mesh, params: Params) -> Params:
+        """Any params tree (a control model's too) replicated over `mesh`, kept while it is alive."""
+        key = (id(params), mesh)
         held = self._placed.get(key)
-        if held is None or held[0] is not src:
-            self._placed[key] = (src, jax.device_put(src, NamedSharding(mesh, P())))
+        if held is None or held[0] is not params:
+            self._placed[key] = (params, jax.device_put(params, NamedSharding(mesh, P())))
         return self._placed[key][1]
 
 
@@ -201,4 +205,6 @@ def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
     pipe = AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=jnp.dtype(c["dtype"]),
                                        attention=c["attention"])
     block_scales = tuple(sorted((k, float(v)) for k, v in dict(c.get("motion_block_scales") or {}).items()))
-    return dataclasses.replace(pipe, motion_scale=float(c.get("motion_scale", 1.0)), motion_block_scales=block_scales)
+    stretch = tuple(int(v) for v in c.get("pe_stretch") or ()) or None
+    return dataclasses.replace(pipe, motion_scale=float(c.get("motion_scale", 1.0)), motion_block_scales=block_scales,
+                               position_stretch=stretch)

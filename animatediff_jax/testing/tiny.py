@@ -89,6 +89,9 @@ TINY_FILES = dict(
     motion_lora_pan_left="v2_lora_TinyPanLeft.safetensors",
     adapter_lora_path="tiny_adapter.safetensors",
     lora_model_path="tiny_personal_lora.safetensors",
+    controlnet="tiny_controlnet.safetensors",
+    sparsectrl_rgb="tiny_sparsectrl_rgb.safetensors",
+    keyframe="tiny_keyframe.png",
 )
 
 
@@ -98,7 +101,9 @@ def write_tiny_models(folder: str | os.PathLike, seed: int = 0) -> dict[str, str
     - `sd15/`: a converted SD1.5-like model (2-level UNet, 2-level VAE, 3-layer CLIP, tokenizer);
     - `mm_tiny_v2.safetensors`: a v2-layout motion module in the original AnimateDiff naming;
     - two MotionLoRAs and a domain adapter in the original naming;
-    - `tiny_personal_lora.safetensors`: a kohya LoRA on spatial attention and the text encoder.
+    - `tiny_personal_lora.safetensors`: a kohya LoRA on spatial attention and the text encoder;
+    - `tiny_controlnet.safetensors`, `tiny_sparsectrl_rgb.safetensors`: a ControlNet and an RGB SparseCtrl
+      for that UNet (diffusers naming, single files), and `tiny_keyframe.png` (32x32) to condition on.
 
     Returns `{name: path}` (names as `TINY_FILES`). No torch needed; a second or so.
     """
@@ -138,6 +143,18 @@ def write_tiny_models(folder: str | os.PathLike, seed: int = 0) -> dict[str, str
     save_lora_original(paths["adapter_lora_path"], random_lora(full, domain_adapter_targets, 2, seed + 7))
     text_lora = random_lora(params["text_encoder"], lambda p: "self_attn" in p and p[-1].endswith("_proj"), 2, seed + 8)
     save_lora_kohya(paths["lora_model_path"], random_lora(full, domain_adapter_targets, 2, seed + 9), text_lora)
+    from PIL import Image
+
+    from animatediff_jax.checkpoints.lora_formats import sd15_conv1x1
+    from animatediff_jax.checkpoints.torch_io import flax_to_torch, save_state_dict
+    from animatediff_jax.models.controlnet import tiny_controlnet
+    from animatediff_jax.models.shapes import controlnet_shapes
+
+    for name, kind, s in (("controlnet", False, 10), ("sparsectrl_rgb", "rgb", 11)):
+        cfg = tiny_controlnet(kind, cross_attention_dim=text_cfg.hidden_size)
+        save_state_dict(paths[name], flax_to_torch(random_params(controlnet_shapes(cfg), seed + s), conv1x1=sd15_conv1x1))
+    rng = np.random.default_rng(seed + 12)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths["keyframe"])
     with open(done, "w") as f:
         f.write("tiny random models for configs/sample/tiny.py\n")
     return paths

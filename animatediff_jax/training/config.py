@@ -95,9 +95,13 @@ def base_config() -> ConfigDict:
     d.tokenizer = ""  # CLIP tokenizer folder ("" = <pretrained>/tokenizer); "hash" = toy word hashing
     d.seed = 0
     d.shuffle = True
+    # Decoding: worker_count processes (grain mp_prefetch) of read_threads threads each, or 0: threads
+    # of the training process. The batches, and the data state a checkpoint keeps, are the same either
+    # way, so a run may resume with another worker_count.
     d.worker_count = 0
+    d.worker_buffer_size = 2  # decoded clips queued per worker process
     d.read_threads = 8
-    d.prefetch = 64
+    d.prefetch = 64  # read-ahead in clips of each reader (the training process, or each worker)
     # Unreadable records (missing / broken videos) are skipped and counted; this many in a row
     # (or two passes over the data with nothing readable) stop the run. 0: never.
     d.max_skips_in_a_row = 1000
@@ -198,8 +202,10 @@ def validate_config(c: ConfigDict) -> ConfigDict:
                  "train.grad_accum_steps", "checkpoint.every", "log.every"):
         _number(c, name, 1)
     for name in ("train.max_nonfinite_steps", "optim.warmup_steps", "checkpoint.keep", "checkpoint.export_every",
-                 "data.max_skips_in_a_row", "log.validate_every"):
+                 "data.max_skips_in_a_row", "log.validate_every", "data.worker_count", "data.read_threads",
+                 "data.prefetch"):
         _number(c, name, 0)
+    _number(c, "data.worker_buffer_size", 1)
     for name in ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.eps"):
         _number(c, name, 0, integer=False)
     for name in ("optim.b1", "optim.b2"):

@@ -660,7 +660,8 @@ def make_data(config, trainer: Trainer):
     tokenizer = make_tokenizer(config, trainer) if d.source != "cache" else None
     return data_lib.make_dataset(
         source, global_batch_size=trainer.global_batch, seed=int(d.seed), shuffle=bool(d.shuffle),
-        worker_count=int(d.worker_count), read_threads=int(d.read_threads), prefetch=int(d.prefetch),
+        worker_count=int(d.worker_count), worker_buffer_size=int(d.get("worker_buffer_size", 2)),
+        read_threads=int(d.read_threads), prefetch=int(d.prefetch), pixels="uint8",  # scaled on the device
         tokenizer=tokenizer, max_skips_in_a_row=int(d.get("max_skips_in_a_row", 1000)))
 
 

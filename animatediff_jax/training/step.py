@@ -22,6 +22,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import parallel
+from animatediff_jax.data.webvid import pixels_to_float
 from animatediff_jax.models.vae import AutoencoderKL, encode_video
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod, velocity
 from animatediff_jax.training.stages import Stage, apply_unet
@@ -149,7 +150,8 @@ def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax
         if spec.vae is None:
             raise ValueError("batch holds pixels ('video') but no VAE was given to encode them")
         # (each clip's posterior sample from its own key)
-        latents = encode_video(spec.vae, frozen["vae"], batch["video"], keys if spec.vae_sample_posterior else None)
+        video = pixels_to_float(batch["video"])  # uint8 from the pipeline -> [-1, 1], exactly as on the host
+        latents = encode_video(spec.vae, frozen["vae"], video, keys if spec.vae_sample_posterior else None)
     else:
         raise ValueError(f"batch needs 'latents' or 'video', has {sorted(batch)}")
     if "context" in batch:

@@ -30,7 +30,7 @@ setup(
         "torch": ["torch", "transformers", "diffusers"],
         "data": ["grain", "av"],
         "train": ["grain", "av", "tensorboardX"],
-        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "grain", "av", "tensorboardX"],
+        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "pytest-xdist", "grain", "av", "tensorboardX"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},
 )

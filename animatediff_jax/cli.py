@@ -125,6 +125,7 @@ def parse_config_flags(argv: Sequence[str], command: str, example: str):
 COMMANDS = {
     "convert": ("animatediff_jax.convert", "PyTorch weights (SD1.5, motion modules, LoRAs) -> params files"),
     "demo": ("animatediff_jax.toy.demo", "the whole recipe in a toy world on CPU: train or load, GIFs, motion metrics"),
+    "evaluate": ("animatediff_jax.evaluate", "CLIP metrics of videos: text alignment, domain similarity, smoothness"),
     "export": ("animatediff_jax.export", "motion modules, MotionLoRAs, domain adapters -> PyTorch files"),
     "prepare": ("animatediff_jax.prepare", "VAE/text-encode a WebVid-style dataset once into a latent cache"),
     "parity": ("animatediff_jax.testing.parity", "compare each sampling stage with diffusers' AnimateDiffPipeline"),

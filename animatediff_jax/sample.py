@@ -21,7 +21,9 @@ resolved). `--print_config` prints the resolved config and exits.
 
 Outputs in `output.dir` (`{time}` is replaced by the start time): `sample/<i>-<prompt>.gif`
 (and/or `.mp4`, `<i>-<prompt>/0000.png` frames), `sample.gif` (a grid of all videos),
-`config.yaml` (the resolved config) and `timings.json`. Everything that can be checked is checked
+`config.yaml` (the resolved config), `timings.json` (with `safety_checker`: `nsfw_flags`, one per
+video, flagged ones written black) and, with `evaluate.clip`, `metrics.json` (the CLIP metrics of
+`animatediff_jax.evaluation`, also printed). Everything that can be checked is checked
 before any weights are loaded or anything is compiled. Exit codes: 0 done; 2 a bad config, argument
 or weight file (one line `error: ...` naming the field); 1 writing the outputs failed.
 """
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from animatediff_jax.cli import parse_config_flags, run_command
+from animatediff_jax.evaluation.sample_checks import SampleChecks
 from animatediff_jax.sampling.config import (
     ConfigError,
     attention_note,
@@ -110,6 +113,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
         except (VideoReadError, ValueError) as e:
             raise ConfigError(f"init_video: {e}") from None
     conditions = read_conditions(c)  # control images too: read (and counted) before any weights load
+    checks = SampleChecks(c)  # safety_checker / evaluate.clip: loaded (and checked) before the pipeline
     t0 = time.perf_counter()
     with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
         pipe = pipeline if pipeline is not None else load_pipeline(c)
@@ -127,27 +131,34 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     _log(f"sampling {n} video(s) of {c['L']} frames {c['H']}x{c['W']}, {c['scheduler']} {c['steps']} steps, "
          f"guidance {c['guidance_scale']}, {c['dtype']}, attention {attention_note(c)}, "
          f"on {mesh.shape['data']} device(s), {len(batches)} batch(es) of {size}")
-    frames = []
-    for b, idx in enumerate(batches):
-        if len(batches) > 1:
-            _log(f"batch {b + 1}/{len(batches)}")
-        res = generate(
-            pipe, [prompts[i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx],
-            num_frames=c["L"], height=c["H"], width=c["W"], steps=c["steps"], guidance_scale=c["guidance_scale"],
-            scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
-            decode_chunk=c["decode_chunk"], mesh=mesh, progress=True, context_windows=c["context_windows"],
-            prompt_interpolation=c["prompt_interpolation"], free_init=dict(c["free_init"]) or None,
-            init_video=video, strength=c["strength"], controls=controls,
-        )
-        frames.append(res.frames[:len(dict.fromkeys(idx))])
-        for k, v in res.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
-    frames_np = np.concatenate(frames)
+    def run(pipe: AnimationPipeline, timings: dict) -> np.ndarray:
+        frames = []
+        for b, idx in enumerate(batches):
+            if len(batches) > 1:
+                _log(f"batch {b + 1}/{len(batches)}")
+            res = generate(
+                pipe, [prompts[i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx],
+                num_frames=c["L"], height=c["H"], width=c["W"], steps=c["steps"], guidance_scale=c["guidance_scale"],
+                scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
+                decode_chunk=c["decode_chunk"], mesh=mesh, progress=True, context_windows=c["context_windows"],
+                prompt_interpolation=c["prompt_interpolation"], free_init=dict(c["free_init"]) or None,
+                init_video=video, strength=c["strength"], controls=controls,
+            )
+            frames.append(res.frames[:len(dict.fromkeys(idx))])
+            for k, v in res.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        return np.concatenate(frames)
+
+    frames_np = checks.check(run(pipe, timings), prompts, timings)  # (safety_checker: flagged videos black)
 
     t0 = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     files = write_outputs(folder, frames_np, prompts, c)
     timings["write_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if checks.metrics(folder, frames_np, prompts, lambda: run(dataclasses.replace(pipe, motion_scale=0.0), {})):
+        files.append(os.path.join(folder, "metrics.json"))
+        timings["evaluate_s"] = time.perf_counter() - t0
     with open(os.path.join(folder, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
     files.append(os.path.join(folder, "timings.json"))

@@ -43,3 +43,16 @@ def _seed():
 
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+# CI runs the suite on two workers (`pytest -n 2`, README): each file stays on one worker (its module
+# fixtures are built once), and the files that hold real-size models share one worker, so two of them
+# never sit in the 24 GiB at once (test_real_size alone peaks at ~15 GiB).
+HEAVY = {"test_real_size.py", "test_sd15_released.py", "test_memory_bench.py", "test_train_memory.py",
+         "test_clip_vision.py", "test_clip_text.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        item.add_marker(pytest.mark.xdist_group("real-size" if name in HEAVY else name))

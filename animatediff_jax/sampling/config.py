@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("gif", "mp4", "png")
-GROUPS = ("output", "context_windows")  # fixed groups of fields
+GROUPS = ("output", "context_windows", "evaluate")  # fixed groups of fields
 _OPEN = ("scheduler_options", "prompt_map", "motion_block_scales", "free_init", "sparsectrl")  # free-form: any key may be set
 
 
@@ -98,6 +98,13 @@ def base_config() -> ConfigDict:
     # noise: random | shuffle_context | repeat_context (FreeNoise's initial noise); schedule: uniform |
     # looped_uniform (windows wrap around the end: a seamless loop).
     c.context_windows = ConfigDict(dict(length=0, overlap=4, weighting="flat", noise="random", schedule="uniform"))
+    # SD's safety checker (SD1.5's safety_checker/ folder, or the pipeline folder holding it): every decoded
+    # frame is checked, a video with a flagged frame is written black, the flags go to timings.json; "" = off.
+    c.safety_checker = ""
+    # CLIP metrics of the videos made (animatediff_jax.evaluation), written to metrics.json: clip = a transformers
+    # CLIP folder (e.g. openai/clip-vit-large-patch14), "" = off; reference = True also samples the motion-free
+    # videos (motion_scale 0, same seeds: the T2I model's own images) for domain similarity.
+    c.evaluate = ConfigDict(dict(clip="", reference=False))
     c.devices = -1  # devices to spread the videos over; -1 = all
     c.batch_size = 0  # videos per compiled call; 0 = one per device
     c.decode_chunk = 4  # frames per VAE decode step (bounds memory)
@@ -422,8 +429,14 @@ def validate(config: Any) -> dict:
         if c[name] % m:
             raise ConfigError(f"{name}={c[name]} must be a multiple of {m} for this base model "
                               "(VAE factor x UNet downsampling)")
-    for name in ("tokenizer", "dreambooth_path", "lora_model_path", "motion_module", "adapter_lora_path", "init_video"):
+    for name in ("tokenizer", "dreambooth_path", "lora_model_path", "motion_module", "adapter_lora_path", "init_video",
+                 "safety_checker"):
         _existing(name, c[name])
+    _existing("evaluate.clip", c["evaluate"]["clip"])
+    if not isinstance(c["evaluate"]["reference"], bool):
+        raise ConfigError(f"evaluate.reference={c['evaluate']['reference']!r}: expected True or False")
+    if c["evaluate"]["reference"] and not c["evaluate"]["clip"]:
+        raise ConfigError("evaluate.reference: needs evaluate.clip (the CLIP model that measures domain similarity)")
     loras = c["motion_module_lora_configs"]
     if not isinstance(loras, (list, tuple)):
         raise ConfigError(f"motion_module_lora_configs={loras!r}: expected a tuple of {{path, alpha}}")

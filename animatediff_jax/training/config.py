@@ -123,6 +123,13 @@ def base_config() -> ConfigDict:
     lg.sample_frames = 0  # 0: train.num_frames
     lg.sample_size = 0  # 0: train.resolution
     lg.sample_seed = 42  # prompt i uses seed sample_seed + i
+    # CLIP metrics (animatediff_jax.evaluation: text alignment, smoothness, consistency) of videos sampled with
+    # the current params every N steps, as the validation samples are made, logged as eval/* (metrics.jsonl,
+    # TensorBoard); 0 = never. eval_clip: a transformers CLIP folder (CLIPModel with its tokenizer).
+    lg.eval_every = 0
+    lg.eval_clip = ""
+    lg.eval_prompts = ()  # the fixed prompt set; () = log.sample_prompts
+    lg.eval_seeds = ()  # one per prompt (or one for all); () = sample_seed + i
     return c
 
 
@@ -206,6 +213,7 @@ def validate_config(c: ConfigDict) -> ConfigDict:
                  "data.prefetch"):
         _number(c, name, 0)
     _number(c, "data.worker_buffer_size", 1)
+    _check_eval(c)
     for name in ("optim.learning_rate", "optim.weight_decay", "optim.grad_clip", "optim.eps"):
         _number(c, name, 0, integer=False)
     for name in ("optim.b1", "optim.b2"):
@@ -233,6 +241,29 @@ def validate_config(c: ConfigDict) -> ConfigDict:
             raise ConfigError(f"train.resolution={t.resolution} must be a multiple of {m} for this model "
                               "(VAE factor x UNet downsampling)")
     return c
+
+
+def _check_eval(c: ConfigDict) -> None:
+    """`log.eval_*`: a CLIP folder, a prompt set and seeds that fit it, when `log.eval_every` is on."""
+    import os
+
+    lg = c.log
+    _number(c, "log.eval_every", 0)
+    if not lg.eval_every:
+        return
+    if not lg.eval_clip or not os.path.isdir(lg.eval_clip):
+        raise ConfigError(f"log.eval_clip={lg.eval_clip!r}: no such folder (a transformers CLIP folder, e.g. "
+                          "openai/clip-vit-large-patch14, for log.eval_every)")
+    prompts = tuple(lg.eval_prompts) or tuple(lg.sample_prompts)
+    if not prompts:
+        raise ConfigError("log.eval_every: no prompts to sample (set log.eval_prompts or log.sample_prompts)")
+    seeds = tuple(lg.eval_seeds)
+    if len(seeds) not in (0, 1, len(prompts)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                         for s in seeds):
+        raise ConfigError(f"log.eval_seeds={seeds!r}: expected () or one non-negative integer for all prompts or "
+                          f"one per prompt ({len(prompts)})")
+    if not (c.model.vae and c.model.text_encoder):
+        raise ConfigError("log.eval_every: sampling needs the VAE and the text encoder (model.vae / model.text_encoder)")
 
 
 def check_batch(c: ConfigDict, divisor: int, processes: int = 1) -> None:

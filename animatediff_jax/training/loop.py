@@ -400,6 +400,7 @@ def run(
     data: Iterator[Mapping[str, Any]],
     *,
     validate: ValidateFn | None = None,
+    evaluate: ValidateFn | None = None,
     num_steps: int | None = None,
     resume: bool = True,
     skipped: Callable[[], int] | None = None,
@@ -467,10 +468,7 @@ def run(
             if ck.export_every and step % ck.export_every == 0 and step != end:
                 _check_finite(trainer, f"an export at step {step}")
                 checkpointing.export_trainable(export_path, trainer.state.params, trainer.export_meta())
-            if validate is not None and config.log.validate_every and step % config.log.validate_every == 0:
-                extra = validate(step, trainer)
-                if extra:
-                    writer.write(step, {f"val/{k}": v for k, v in extra.items()})
+            run_hooks(writer, config, step, trainer, validate, evaluate)
         if end > start:
             _check_finite(trainer, "the export")
             checkpointing.export_trainable(export_path, trainer.state.params, trainer.export_meta())
@@ -480,6 +478,19 @@ def run(
         ckpt.close()
         writer.close()
     return last
+
+
+def run_hooks(writer: MetricsWriter, config, step: int, trainer: Trainer, validate: ValidateFn | None,
+              evaluate: ValidateFn | None) -> None:
+    """At step `step`: the validation hook every `log.validate_every` steps (its numbers logged as
+    `val/*`), the evaluation hook (`make_eval_hook`: CLIP metrics of samples) every `log.eval_every`
+    (`eval/*`). Every process calls it (the hooks gather the params)."""
+    for hook, every, prefix in ((validate, config.log.validate_every, "val"),
+                                (evaluate, config.log.get("eval_every", 0), "eval")):
+        if hook is not None and every and step % every == 0:
+            extra = hook(step, trainer)
+            if extra:
+                writer.write(step, {f"{prefix}/{k}": v for k, v in extra.items()})
 
 
 class StopRequest:
@@ -665,6 +676,33 @@ def make_data(config, trainer: Trainer):
         tokenizer=tokenizer, max_skips_in_a_row=int(d.get("max_skips_in_a_row", 1000)))
 
 
+def _sampler(config, trainer: Trainer, tokenizer: Callable | None = None, what: str = "validation samples"):
+    """`sample(trainer, prompts, seeds)`: videos of the current params as the validation samples are
+    made (the sampler of `animatediff_jax.sampling`, CFG, `log.sample_*`): `generate`'s result on
+    process 0, None on the others. Every process must call it (the params are gathered)."""
+    from animatediff_jax.sampling import AnimationPipeline, generate
+
+    m, lg = trainer.models, config.log
+    if m.vae is None or m.text_encoder is None:
+        raise ValueError(f"{what} need the VAE and the text encoder (model.vae / model.text_encoder)")
+    tokenizer = make_tokenizer(config, trainer) if tokenizer is None else tokenizer
+    frames = 1 if trainer.stage.single_frame else int(lg.sample_frames or config.train.num_frames)
+    size = int(lg.sample_size or config.train.resolution)
+    pipe = AnimationPipeline(m.unet_config, m.vae_config, m.text_config,
+                             {"unet": None, "vae": m.vae, "text_encoder": m.text_encoder}, tokenizer)
+
+    def sample(trainer: Trainer, prompts: list[str], seeds: list[int]):
+        unet = parallel.fetch(trainer.full_params())
+        if jax.process_index() != 0:
+            return None
+        pipe.params["unet"] = unet
+        return generate(pipe, prompts, None, seeds, num_frames=frames, height=size, width=size,
+                        steps=int(lg.sample_steps), guidance_scale=float(lg.sample_guidance),
+                        scheduler=lg.sample_scheduler, progress=False)
+
+    return sample
+
+
 def make_sample_hook(config, trainer: Trainer, tokenizer: Callable | None = None) -> ValidateFn:
     """A validation hook that samples `config.log.sample_prompts` with the current params (the
     sampler of `animatediff_jax.sampling`, CFG, `sample_steps` steps) and writes one GIF per
@@ -672,27 +710,16 @@ def make_sample_hook(config, trainer: Trainer, tokenizer: Callable | None = None
     gathered); process 0 samples.
     """
     from animatediff_jax.io.video import write_gif
-    from animatediff_jax.sampling import AnimationPipeline, generate
 
-    m, lg = trainer.models, config.log
-    if m.vae is None or m.text_encoder is None:
-        raise ValueError("validation samples need the VAE and the text encoder (model.vae / model.text_encoder)")
-    tokenizer = make_tokenizer(config, trainer) if tokenizer is None else tokenizer
+    lg = config.log
+    sample = _sampler(config, trainer, tokenizer)
     prompts = [str(p) for p in lg.sample_prompts]
-    frames = 1 if trainer.stage.single_frame else int(lg.sample_frames or config.train.num_frames)
-    size = int(lg.sample_size or config.train.resolution)
-    pipe = AnimationPipeline(m.unet_config, m.vae_config, m.text_config,
-                             {"unet": None, "vae": m.vae, "text_encoder": m.text_encoder}, tokenizer)
     folder = os.path.join(config.workdir, "samples")
 
     def validate(step: int, trainer: Trainer) -> dict[str, float] | None:
-        unet = parallel.fetch(trainer.full_params())
-        if jax.process_index() != 0:
+        res = sample(trainer, prompts, [int(lg.sample_seed) + i for i in range(len(prompts))])
+        if res is None:
             return None
-        pipe.params["unet"] = unet
-        res = generate(pipe, prompts, None, [int(lg.sample_seed) + i for i in range(len(prompts))],
-                       num_frames=frames, height=size, width=size, steps=int(lg.sample_steps),
-                       guidance_scale=float(lg.sample_guidance), scheduler=lg.sample_scheduler, progress=False)
         for i, video in enumerate(res.frames):
             write_gif(os.path.join(folder, f"step_{step:07d}_{i}.gif"), video)
         return {"sample_s": res.timings["run_s"], "sample_compile_s": res.timings["compile_s"]}
@@ -700,11 +727,45 @@ def make_sample_hook(config, trainer: Trainer, tokenizer: Callable | None = None
     return validate
 
 
-def train(config, *, validate: ValidateFn | None = None) -> dict[str, float]:
+def make_eval_hook(config, trainer: Trainer, tokenizer: Callable | None = None, clip=None) -> ValidateFn:
+    """A hook for `log.eval_every`: samples the fixed prompt set (`log.eval_prompts`, default the
+    validation prompts; `log.eval_seeds`, default `sample_seed + i`) as the validation samples are
+    made and returns the CLIP metrics of `animatediff_jax.evaluation` averaged over the prompts:
+    `text_alignment`, `clip_score`, `smoothness`, `consistency` (and `eval_s`). The CLIP model
+    (`log.eval_clip`, or `clip` as loaded by `load_clip`) loads once, the prompts' text embeddings
+    are computed once. Every process must call it; process 0 samples and measures."""
+    from animatediff_jax.evaluation import clip_eval
+
+    lg = config.log
+    prompts = [str(p) for p in (tuple(lg.eval_prompts) or tuple(lg.sample_prompts))]
+    seeds = [int(s) for s in lg.eval_seeds] or [int(lg.sample_seed) + i for i in range(len(prompts))]
+    seeds = seeds * len(prompts) if len(seeds) == 1 else seeds
+    sample = _sampler(config, trainer, tokenizer, what="log.eval_every samples")
+    if clip is None:
+        from animatediff_jax.checkpoints.clip import load_clip
+
+        clip = load_clip(lg.eval_clip, require=("vision", "text"))
+    text = clip_eval.TextEmbedder(clip)
+
+    def evaluate(step: int, trainer: Trainer) -> dict[str, float] | None:
+        t0 = time.perf_counter()
+        res = sample(trainer, prompts, seeds)
+        if res is None:
+            return None
+        result = clip_eval.evaluate_videos(clip, list(res.frames), prompts, text=text)
+        out = {k: result["metrics"][k]["mean"] for k in ("text_alignment", "clip_score", "smoothness", "consistency")}
+        out = {k: v for k, v in out.items() if v is not None}
+        return {**out, "eval_s": time.perf_counter() - t0}
+
+    return evaluate
+
+
+def train(config, *, validate: ValidateFn | None = None, evaluate: ValidateFn | None = None) -> dict[str, float]:
     """The whole run of one stage from its config (what `animatediff-jax train` calls).
 
     Without a `validate` hook, one that writes sample GIFs is made when `log.validate_every`
-    and `log.sample_prompts` are set.
+    and `log.sample_prompts` are set; without an `evaluate` hook, one that logs CLIP metrics
+    (`make_eval_hook`) when `log.eval_every` is set.
     """
     validate_config(config)
     p = config.parallel
@@ -718,8 +779,10 @@ def train(config, *, validate: ValidateFn | None = None) -> dict[str, float]:
     trainer = build_trainer(config, mesh=mesh)
     if validate is None and config.log.validate_every and config.log.sample_prompts:
         validate = make_sample_hook(config, trainer)
+    if evaluate is None and config.log.get("eval_every"):
+        evaluate = make_eval_hook(config, trainer)
     _log(f"stage {trainer.stage.name}: {stages.count_params(trainer.state.params):,} trainable / "
          f"{stages.count_params(trainer.frozen):,} frozen params; mesh {dict(trainer.mesh.shape)}; "
          f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
     pipeline = make_data(config, trainer)
-    return run(trainer, config, iter(pipeline), validate=validate, skipped=lambda: pipeline.skipped)
+    return run(trainer, config, iter(pipeline), validate=validate, evaluate=evaluate, skipped=lambda: pipeline.skipped)

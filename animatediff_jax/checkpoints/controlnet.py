@@ -150,7 +150,7 @@ def infer_config(sd: Mapping[str, Any], base: UNetConfig | None = None, what: st
     lengths = {np.shape(v)[-2] for k, v in sd.items() if k.endswith(".pe")}
     heads = base.motion.heads if base is not None and base.motion is not None else 8  # SparseCtrl's (and v3's): 8
     motion = MotionConfig(heads=heads, num_layers=max(temporal, 1), max_positions=lengths.pop() if len(lengths) == 1 else 32,
-                          mid_block=False, norm_num_groups=unet.norm_num_groups)
+                          mid_block=False, norm_num_groups=unet.norm_num_groups, self_attentions=1)
     return ControlNetConfig(
         unet=unet.with_motion(motion), conditioning_channels=cond_in - 1, conditioning_embedding_out_channels=embed,
         concat_conditioning_mask=True, simplified_condition_embedding=simplified, zero_sample=True,

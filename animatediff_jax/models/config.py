@@ -23,6 +23,9 @@ class MotionConfig:
     mid_block: bool = True
     norm_per_frame: bool = True
     norm_num_groups: int = 32
+    # Temporal self-attentions per transformer block: 2 in every AnimateDiff release ("Temporal_Self" x 2),
+    # 1 in SparseCtrl's condition encoder (no attn2 / norm2).
+    self_attentions: int = 2
 
     @property
     def version(self) -> MotionVersion:

@@ -11,7 +11,7 @@ block), takes a per-frame mask of the frames that hold a condition (concatenated
 as one more channel), and replaces the noisy sample by zeros (its conv_in sees only its bias).
 Its motion modules have one temporal self-attention per block (the original's
 `attention_block_types: ["Temporal_Self"]`, diffusers' `temporal_double_self_attention=False`):
-`SparseMotionModule` below. Their GroupNorm follows `MotionConfig.norm_per_frame` (per frame, as
+`models.motion_module.MotionModule` with `MotionConfig.self_attentions=1`. Their GroupNorm follows `MotionConfig.norm_per_frame` (per frame, as
 the original trained them, by default; diffusers normalises across frames).
 
 Param names follow diffusers' `ControlNetModel` / `SparseControlNetModel`, so their state dicts
@@ -29,16 +29,7 @@ import jax.numpy as jnp
 
 from animatediff_jax.models import attention
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
-from animatediff_jax.models.layers import (
-    Attention,
-    Dtype,
-    FeedForward,
-    GroupNorm,
-    conv,
-    dense,
-    group_norm_frames,
-    sinusoidal_table,
-)
+from animatediff_jax.models.layers import Dtype, conv
 from animatediff_jax.models.unet import MidBlock, _Layers, down_path, frame_conditioning
 
 _SPARSE_DOWN = {"CrossAttnDownBlockMotion": "CrossAttnDownBlock2D", "DownBlockMotion": "DownBlock2D"}
@@ -131,6 +122,7 @@ class ControlNetConfig:
                 max_positions=int(cfg.get("motion_max_seq_length", 32)),
                 mid_block=False,
                 norm_num_groups=unet.norm_num_groups,  # diffusers builds the motion norms with the resnets' groups
+                self_attentions=1,  # SparseCtrl's temporal blocks: one self-attention ("Temporal_Self")
             )
             unet = unet.with_motion(motion)
         return cls(
@@ -180,6 +172,11 @@ class ControlNetConfig:
         }
 
 
+def _one_attention(unet: UNetConfig) -> UNetConfig:
+    """`unet` with SparseCtrl's motion modules: one temporal self-attention per block."""
+    return unet.replace(motion=unet.motion.replace(self_attentions=1))
+
+
 def sd15_controlnet(**kw) -> ControlNetConfig:
     """An SD1.5 ControlNet (1.0 / 1.1: pixels in [0, 1], 3 channels); `kw`: ControlNetConfig fields."""
     return ControlNetConfig(unet=kw.pop("unet", sd15_unet()), **kw)
@@ -192,7 +189,7 @@ def sparsectrl_config(kind: Literal["rgb", "scribble"]) -> ControlNetConfig:
         raise ValueError(f"SparseCtrl kind {kind!r}: expected 'rgb' or 'scribble'")
     rgb = kind == "rgb"
     return ControlNetConfig(
-        unet=sd15_unet("v3"),
+        unet=_one_attention(sd15_unet("v3")),
         conditioning_channels=4 if rgb else 3,
         concat_conditioning_mask=True,
         simplified_condition_embedding=rgb,
@@ -216,6 +213,8 @@ def tiny_controlnet(sparse: bool | Literal["rgb", "scribble"] = False, **kw) -> 
                     simplified_condition_embedding=kind == "rgb", zero_sample=True)
     base.update(own)
     unet = base.pop("unet", None) or tiny_unet("v3" if kind else None, **unet_kw)
+    if kind and unet.motion is not None:
+        unet = _one_attention(unet)
     return ControlNetConfig(unet=unet, **base)
 
 
@@ -243,55 +242,6 @@ class ConditioningEmbedding(nn.Module):
             x = nn.silu(conv(self.channels[i], f"blocks_{2 * i}", **kw)(x))
             x = nn.silu(conv(self.channels[i + 1], f"blocks_{2 * i + 1}", stride=2, **kw)(x))
         return zero_conv(self.out_channels, "conv_out", kernel=3, **kw)(x)
-
-
-class TemporalSelfBlock(nn.Module):
-    """A temporal transformer block with one self-attention: norm1 -> + positions -> attn1, norm3 -> GEGLU FF.
-
-    diffusers' `BasicTransformerBlock` without attn2 (the original's `attention_block_types:
-    ["Temporal_Self"]`); attention runs along axis -2 (frames).
-    """
-
-    heads: int
-    dim_head: int
-    max_positions: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        length = x.shape[-2]
-        if length > self.max_positions:
-            raise ValueError(f"{length} frames exceed the motion module's position table ({self.max_positions})")
-        pe = sinusoidal_table(self.max_positions, x.shape[-1])[:length].astype(self.dtype)
-        h = nn.LayerNorm(epsilon=1e-5, name="norm1", **kw)(x) + pe
-        x = Attention(self.heads, self.dim_head, name="attn1", **kw)(h) + x
-        return FeedForward(4, name="ff", **kw)(nn.LayerNorm(epsilon=1e-5, name="norm3", **kw)(x)) + x
-
-
-class SparseMotionModule(nn.Module):
-    """SparseCtrl's motion module: `models.motion_module.MotionModule` with `TemporalSelfBlock`s
-    (same names: `norm`, `proj_in`, `transformer_blocks_K`, `proj_out`; `scale` multiplies its output)."""
-
-    config: MotionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scale: float = 1.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bf, h, w, c = x.shape
-        b = bf // num_frames
-        norm = GroupNorm(cfg.norm_num_groups, 1e-6, name="norm", **kw)
-        hs = group_norm_frames(norm, x.reshape(b, num_frames, h, w, c), per_frame=cfg.norm_per_frame)
-        hs = dense(c, "proj_in", **kw)(hs.transpose(0, 2, 3, 1, 4).reshape(b * h * w, num_frames, c))
-        for i in range(cfg.num_layers):
-            hs = TemporalSelfBlock(cfg.heads, c // cfg.heads, cfg.max_positions, name=f"transformer_blocks_{i}", **kw)(hs)
-        hs = nn.Dense(c, kernel_init=nn.initializers.zeros, name="proj_out", **kw)(hs)
-        hs = hs.reshape(b, h, w, num_frames, c).transpose(0, 3, 1, 2, 4).reshape(bf, h, w, c)
-        return (hs if self.scale == 1.0 else self.scale * hs) + x
 
 
 class ControlNet(nn.Module):
@@ -349,7 +299,7 @@ class ControlNet(nn.Module):
         c0 = u.block_out_channels[0]
 
         temb, frame_context = frame_conditioning(u, timesteps, context, b, f, kw)
-        ctx = _Layers(u, temb, frame_context, f, kw, motion_module=SparseMotionModule)
+        ctx = _Layers(u, temb, frame_context, f, kw)
 
         x = sample.reshape((b * f, hh, ww, -1)).astype(self.dtype)
         if cfg.zero_sample:

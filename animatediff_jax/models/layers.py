@@ -166,7 +166,8 @@ class BasicTransformerBlock(nn.Module):
 
     `max_positions > 0` adds a sinusoidal position table to the normed input of both
     attentions: that is the motion module's temporal block (attention runs along axis -2,
-    the frame axis). `position_stretch`: see `position_table`.
+    the frame axis). `position_stretch`: see `position_table`. `second_attention=False` drops
+    attn2 and its norm (SparseCtrl's temporal blocks: one self-attention, then the FF).
     """
 
     heads: int
@@ -174,6 +175,7 @@ class BasicTransformerBlock(nn.Module):
     double_self: bool = False
     max_positions: int = 0
     position_stretch: tuple[int, int] | None = None
+    second_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -191,8 +193,9 @@ class BasicTransformerBlock(nn.Module):
         else:
             add_pe = lambda h: h
         x = attn("attn1")(add_pe(ln("norm1")(x))) + x
-        h = add_pe(ln("norm2")(x))
-        x = attn("attn2")(h, None if self.double_self else context) + x
+        if self.second_attention:
+            h = add_pe(ln("norm2")(x))
+            x = attn("attn2")(h, None if self.double_self else context) + x
         return FeedForward(4, self.dtype, self.param_dtype, name="ff")(ln("norm3")(x)) + x
 
 

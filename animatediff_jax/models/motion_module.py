@@ -31,6 +31,8 @@ class MotionModule(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
         cfg = self.config
+        if cfg.self_attentions not in (1, 2):
+            raise ValueError(f"MotionConfig.self_attentions={cfg.self_attentions}: expected 1 or 2")
         bf, h, w, c = x.shape
         b = bf // num_frames
         norm = GroupNorm(cfg.norm_num_groups, 1e-6, self.dtype, self.param_dtype, name="norm")
@@ -44,6 +46,7 @@ class MotionModule(nn.Module):
                 double_self=True,
                 max_positions=cfg.max_positions,
                 position_stretch=self.position_stretch,
+                second_attention=cfg.self_attentions == 2,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"transformer_blocks_{i}",

@@ -31,6 +31,9 @@ sequences):
   train    the stage-2 gradient: `jax.grad` of the epsilon MSE w.r.t. the motion-module params
            (float32), the frozen rest bf16, bf16 compute, latents [B, F, T/8, T/8, 4] (T =
            `--train-size`, 256), context [B, 77, 768], per `--batch` and `--remat` policy.
+  control  the CFG UNet call with a control model's residuals (`sampling.control`): an SD1.5 ControlNet
+           (condition pixels [2, F, S, S, 3]) and SparseCtrl RGB (latents + mask, its motion modules):
+           what a ControlNet / SparseCtrl adds to every step, against the "unet" row.
   tpu      the UNet call lowered for TPU on this host (`target_platform("tpu")`,
            `lowering_platforms=("tpu",)`) with "splash" and with "auto": the number of Pallas
            kernels ("tpu_custom_call") in the module.
@@ -53,7 +56,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # measured peak
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GiB = 2**30
-PARTS = ("unet", "sampler", "train", "tpu")
+PARTS = ("unet", "sampler", "train", "tpu", "control")
 DEFAULT_REMAT = ("none", "full", "dots_with_no_batch_dims_saveable")
 
 # Targets of the issue (full size only): (description, part, selector, metric, limit).
@@ -260,6 +263,44 @@ def unet_program(cfg, impl: str, frames: int, size: int):
             jax.ShapeDtypeStruct((2, frames, lat, lat, cfg.in_channels), jnp.float32),
             jax.ShapeDtypeStruct((2,), jnp.int32),
             jax.ShapeDtypeStruct((2, 77, cfg.cross_attention_dim), jnp.bfloat16))
+    return fn, args
+
+
+def control_config(cfg, kind: str):
+    """The control model for the UNet `cfg` (its spatial layout): an SD1.5 ControlNet or SparseCtrl RGB."""
+    from animatediff_jax.models.controlnet import sd15_controlnet, sparsectrl_config
+
+    spatial = cfg.replace(motion=None)
+    if kind == "controlnet":
+        return sd15_controlnet(unet=spatial)
+    motion = cfg.motion.replace(mid_block=False, self_attentions=1)
+    return sparsectrl_config("rgb").replace(unet=spatial.with_motion(motion))
+
+
+def control_program(cfg, impl: str, frames: int, size: int, kind: str):
+    import jax
+    import jax.numpy as jnp
+
+    from animatediff_jax.models.controlnet import ControlNet
+    from animatediff_jax.models.shapes import controlnet_shapes
+    from animatediff_jax.models.unet import UNet3D
+
+    ccfg = control_config(cfg, kind)
+    unet = UNet3D(cfg, dtype=jnp.bfloat16, attention=impl)
+    control = ControlNet(ccfg, dtype=jnp.bfloat16, attention=impl)
+    lat = size // 8
+    side = lat if ccfg.latent_condition else size
+
+    def fn(params, cparams, x, t, ctx, cond, mask):
+        down, mid = control.apply({"params": cparams}, x, t, ctx, cond, mask, 1.0)
+        return unet.apply({"params": params}, x, t, ctx, down, mid)
+
+    args = (unet_params(cfg, jnp.bfloat16), _cast_shapes(controlnet_shapes(ccfg), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, frames, lat, lat, cfg.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.int32),
+            jax.ShapeDtypeStruct((2, 77, cfg.cross_attention_dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, frames, side, side, ccfg.conditioning_channels), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, frames), jnp.bfloat16) if ccfg.concat_conditioning_mask else None)
     return fn, args
 
 
@@ -629,6 +670,13 @@ def main(argv=None) -> int:
             run(f"train grad {args.frames}x{args.train_size}²", "train", impl,
                 functools.partial(train_program, unet_cfg, impl, args.frames, args.train_size, b, remat),
                 remat=remat, batch=b)
+    if "control" in parts:
+        print(f"[control] one CFG UNet call + a control model's residuals, latents [2, {args.frames}, {lat}, {lat}, 4]",
+              flush=True)
+        for kind in ("controlnet", "sparsectrl"):
+            for impl in impls:
+                run(f"UNet + {'ControlNet' if kind == 'controlnet' else 'SparseCtrl RGB'} {args.frames}x{args.size}²",
+                    "control", impl, functools.partial(control_program, unet_cfg, impl, args.frames, args.size, kind))
     if "tpu" in parts:
         print("[tpu] the UNet call lowered for TPU on this host", flush=True)
         for impl in ("splash", "auto"):

@@ -49,7 +49,7 @@ def _seed():
 # fixtures are built once), and the files that hold real-size models share one worker, so two of them
 # never sit in the 24 GiB at once (test_real_size alone peaks at ~15 GiB).
 HEAVY = {"test_real_size.py", "test_sd15_released.py", "test_memory_bench.py", "test_train_memory.py",
-         "test_clip_vision.py", "test_clip_text.py"}
+         "test_clip_vision.py", "test_clip_text.py", "test_controlnet.py"}
 
 
 def pytest_collection_modifyitems(config, items):

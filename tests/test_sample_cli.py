@@ -68,7 +68,8 @@ def test_override_parsing(models, tmp_path):
     assert c["W"] == 48 and c["guidance_scale"] == 8.0 and isinstance(c["guidance_scale"], float)
     assert c["seed"] == (3, 4) and c["prompt"] == ("a", "b") and c["n_prompt"] == ("x",)
     assert c["output"] == dict(dir="out/{time}=x", formats=("gif", "png"), fps=8.0, grid=False)
-    assert c["scheduler_options"] == {"eta": 0.5} and c["context_windows"] == {"length": 8, "overlap": 4, "weighting": "flat", "noise": "random", "schedule": "uniform"}
+    assert c["scheduler_options"] == {"eta": 0.5} and c["context_windows"] == {"length": 8, "overlap": 4, "weighting": "flat", "noise": "random", "schedule": "uniform",
+                                                                   "scope": "unet"}
     assert c["motion_module_lora_configs"] == () and c["H"] == 32 and c["lora_alpha"] == 0.7  # untouched: tiny.py's
     v = validate(c)
     assert v["n_prompt"] == ["x", "x"] and v["seed"] == [3, 4]
@@ -193,7 +194,7 @@ def test_context_windows_length_override_runs_windows(run, models, tmp_path):
                            "--config.context_windows.overlap=2", "--config.steps=1", "--config.prompt=('the cat',)",
                            "--config.seed=5", f"--config.output.dir={tmp_path}/w", "--config.output.formats=png")
     assert config["context_windows"] == {"length": 6, "overlap": 2, "weighting": "flat", "noise": "random",
-                                         "schedule": "uniform"}
+                                         "schedule": "uniform", "scope": "unet"}
     res = S.sample(config, pipe)
     want = generate(pipe, ["the cat"], ["bad quality"], [5], num_frames=10, height=32, width=32, steps=1,
                     context_windows=dict(length=6, overlap=2), progress=lambda i: None)
@@ -367,7 +368,8 @@ def test_cli_help_and_print_config(models, capsys, tmp_path, monkeypatch):
 
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["L"] == 5 and printed["motion_module"] == models[1]["motion_module"]
-    assert printed["context_windows"] == {"length": 0, "overlap": 4, "weighting": "flat", "noise": "random", "schedule": "uniform"} and len(printed["seed"]) == 2
+    assert printed["context_windows"] == {"length": 0, "overlap": 4, "weighting": "flat", "noise": "random", "schedule": "uniform",
+                                         "scope": "unet"} and len(printed["seed"]) == 2
 
     # tiny.py's get_config writes nothing (not even with --print_config); before the models are written
     # (`python -m animatediff_jax.testing.tiny DIR`, its docstring's first step) the error says what is missing.

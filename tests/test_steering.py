@@ -491,3 +491,40 @@ def test_generate_with_free_noise_windows(pipes):
     assert np.isfinite(free.latents).all() and np.abs(free.latents - plain.latents).max() > 1e-4
     with pytest.raises(ValueError, match="context_windows.weighting='steep'"):
         generate(ours, ["the cat"], None, [1], context_windows=dict(length=4, weighting="steep"), **kw)
+
+
+@pytest.mark.parametrize("frames,weighting", [(8, "flat"), (8, "pyramid"), (7, "pyramid")])
+def test_motion_scope_windows_are_diffusers_free_noise(pipes, frames, weighting):
+    """scope "motion": one UNet call on all frames, every motion module's transformer blocks windowed as
+    diffusers' `FreeNoiseTransformerBlock` (`enable_free_noise(context_length=4, context_stride=2)`): the
+    latents after 3 DDIM steps with CFG from the same noise. 7 frames: diffusers' flush-to-end last window."""
+    from animatediff_jax.sampling import generate
+
+    torch_pipe, ours = pipes
+    noise = np.array(jax_normal((1, frames, H // 2, W // 2, 4)))
+    torch_pipe.enable_free_noise(context_length=4, context_stride=2, weighting_scheme=weighting, noise_type="random")
+    try:
+        with torch.no_grad():
+            ref = torch_pipe(prompt="the cat", negative_prompt="dog", num_frames=frames, height=H, width=W,
+                             num_inference_steps=3, guidance_scale=7.5, output_type="latent",
+                             latents=torch.from_numpy(noise).permute(0, 4, 1, 2, 3)).frames
+    finally:
+        torch_pipe.enable_free_noise(context_length=F, context_stride=4)
+    kw = dict(num_frames=frames, height=H, width=W, steps=3, init_latents=noise, progress=False)
+    windows = dict(length=4, overlap=2, weighting=weighting, noise="random")
+    res = generate(ours, ["the cat"], ["dog"], [0], context_windows=dict(windows, scope="motion"), **kw)
+    err = assert_close(res.latents, ref.permute(0, 2, 3, 4, 1).numpy(), rtol=2e-5,
+                       what=f"scope='motion' ({frames} frames, {weighting}) latents vs diffusers FreeNoise")
+    unet = generate(ours, ["the cat"], ["dog"], [0], context_windows=windows, **kw)  # the UNet per window
+    assert np.abs(unet.latents - res.latents).max() > 1e-4
+    print(f"FreeNoise in the motion modules ({frames} frames, {weighting}), 3 DDIM steps: latents max abs err "
+          f"{err:.2e} vs diffusers; scope 'unet' differs by {np.abs(unet.latents - res.latents).max():.2e}")
+
+
+def test_context_windows_scope_error(pipes):
+    from animatediff_jax.sampling import generate
+
+    _, ours = pipes
+    with pytest.raises(ValueError, match=r"^context_windows.scope='spatial': expected one of unet, motion$"):
+        generate(ours, ["the cat"], None, [1], num_frames=8, height=H, width=W, steps=2, progress=False,
+                 context_windows=dict(length=4, overlap=2, scope="spatial"))

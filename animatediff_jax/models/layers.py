@@ -7,12 +7,14 @@ Every module takes `dtype` (compute) and `param_dtype` (storage) separately.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from animatediff_jax.models import attention
 
@@ -161,6 +163,58 @@ def position_table(max_positions: int, dim: int, stretch: tuple[int, int] | None
     return table
 
 
+def frame_weights(length: int, weighting: str = "flat") -> tuple[float, ...]:
+    """How much each position of a window counts where windows overlap (diffusers' FreeNoise
+    `_get_frame_weights`): flat 1s; pyramid [1, 2, .., 2, 1]; delayed_reverse_sawtooth [0.01, .., mid, .., 1]."""
+    if weighting == "flat":
+        return (1.0,) * length
+    mid = length // 2 if length % 2 == 0 else (length + 1) // 2
+    if weighting == "pyramid":
+        up = list(range(1, mid + 1)) if length % 2 == 0 else list(range(1, mid))
+        return tuple(float(w) for w in (up + up[::-1] if length % 2 == 0 else up + [mid] + up[::-1]))
+    if weighting == "delayed_reverse_sawtooth":
+        head = [0.01] * (mid - 1) + [mid] if length % 2 == 0 else [0.01] * mid
+        return tuple(float(w) for w in head + list(range(mid, 0, -1)))
+    raise ValueError(f"context_windows.weighting={weighting!r}: expected one of flat, pyramid, "
+                     "delayed_reverse_sawtooth")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalWindows:
+    """Windows of frames for the temporal transformer blocks (diffusers' FreeNoise, static: part of the compile).
+
+    `frames`: each window's frame indices (all of one length L); `weighting`: `frame_weights` of a
+    window's positions. `tail > 0`: the last window is diffusers' flush-to-end one (the frame count off
+    the stride grid) and adds only its last `tail` frames, each counted with the weight of its position
+    `L - tail` (what `FreeNoiseTransformerBlock` does, that quirk included).
+    """
+
+    frames: tuple[tuple[int, ...], ...]
+    weighting: str = "flat"
+    tail: int = 0
+
+    def plan(self, num_frames: int) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+        """Per window `(frames, positions, weights)` of what it adds, and each frame's float32 total weight."""
+        length = len(self.frames[0])
+        if any(len(w) != length for w in self.frames) or not 0 <= self.tail <= length:
+            raise ValueError(f"temporal windows {self.frames} (tail {self.tail}): expected windows of one length")
+        w = np.asarray(frame_weights(length, self.weighting), np.float32)
+        counts = np.zeros(num_frames, np.float32)
+        out = []
+        for k, win in enumerate(self.frames):
+            idx = np.asarray(win, np.int32)
+            if idx.min() < 0 or idx.max() >= num_frames:
+                raise ValueError(f"temporal window {win} outside the {num_frames} frames")
+            pos = np.arange(length)
+            cw = w
+            if self.tail and k == len(self.frames) - 1:
+                pos = pos[length - self.tail:]
+                cw = np.full(self.tail, w[length - self.tail], np.float32)
+            np.add.at(counts, idx[pos], cw)
+            out.append((idx, pos, w[pos]))
+        return out, counts
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: attn1 (self), attn2 (cross, or self when `double_self`), GEGLU FF.
 
@@ -168,6 +222,9 @@ class BasicTransformerBlock(nn.Module):
     attentions: that is the motion module's temporal block (attention runs along axis -2,
     the frame axis). `position_stretch`: see `position_table`. `second_attention=False` drops
     attn2 and its norm (SparseCtrl's temporal blocks: one self-attention, then the FF).
+    `windows` (`TemporalWindows`, axis -2 the frames): diffusers' `FreeNoiseTransformerBlock`: norm1/attn1
+    and norm2/attn2 run per window (positions 0.. within it), the windows' outputs are averaged with their
+    positions' weights (frames no window adds keep the sum, 0), then norm3/ff on all frames.
     """
 
     heads: int
@@ -176,6 +233,7 @@ class BasicTransformerBlock(nn.Module):
     max_positions: int = 0
     position_stretch: tuple[int, int] | None = None
     second_attention: bool = True
+    windows: TemporalWindows | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -184,7 +242,7 @@ class BasicTransformerBlock(nn.Module):
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.max_positions:
-            length = x.shape[-2]
+            length = x.shape[-2] if self.windows is None else len(self.windows.frames[0])
             table = position_table(self.max_positions, x.shape[-1], self.position_stretch)
             if length > table.shape[0]:
                 raise ValueError(f"{length} frames exceed the motion module's position table ({table.shape[0]})")
@@ -192,10 +250,26 @@ class BasicTransformerBlock(nn.Module):
             add_pe = lambda h: h + pe
         else:
             add_pe = lambda h: h
-        x = attn("attn1")(add_pe(ln("norm1")(x))) + x
-        if self.second_attention:
-            h = add_pe(ln("norm2")(x))
-            x = attn("attn2")(h, None if self.double_self else context) + x
+        norm1, attn1 = ln("norm1"), attn("attn1")
+        norm2, attn2 = (ln("norm2"), attn("attn2")) if self.second_attention else (None, None)
+
+        def attentions(x):
+            x = attn1(add_pe(norm1(x))) + x
+            if attn2 is not None:
+                x = attn2(add_pe(norm2(x)), None if self.double_self else context) + x
+            return x
+
+        if self.windows is None:
+            x = attentions(x)
+        else:  # diffusers' FreeNoiseTransformerBlock: the attentions per window, weighted average, then the FF
+            plan, counts = self.windows.plan(x.shape[-2])
+            total = jnp.zeros_like(x)
+            for idx, pos, w in plan:
+                h = attentions(jnp.take(x, jnp.asarray(idx), axis=-2))
+                h = jnp.take(h, jnp.asarray(pos), axis=-2) * jnp.asarray(w, x.dtype)[:, None]
+                total = total.at[..., jnp.asarray(idx[pos]), :].add(h)
+            n = jnp.asarray(counts, jnp.float32)[:, None]
+            x = jnp.where(n > 0, total / jnp.where(n > 0, n, 1.0), total).astype(x.dtype)
         return FeedForward(4, self.dtype, self.param_dtype, name="ff")(ln("norm3")(x)) + x
 
 

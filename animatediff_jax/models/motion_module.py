@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from animatediff_jax.models.config import MotionConfig
-from animatediff_jax.models.layers import BasicTransformerBlock, Dtype, GroupNorm, dense, group_norm_frames
+from animatediff_jax.models.layers import (BasicTransformerBlock, Dtype, GroupNorm, TemporalWindows, dense,
+                                          group_norm_frames)
 
 
 class MotionModule(nn.Module):
@@ -27,6 +28,8 @@ class MotionModule(nn.Module):
     param_dtype: Dtype = jnp.float32
     scale: float = 1.0  # multiplies what the module adds to its input (motion strength; 0: no motion)
     position_stretch: tuple[int, int] | None = None  # (n, m): its first n positions spread over m frames
+    # diffusers' FreeNoise: the blocks' attentions per window of frames (`layers.TemporalWindows`); None: all frames
+    windows: TemporalWindows | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
@@ -46,6 +49,7 @@ class MotionModule(nn.Module):
                 double_self=True,
                 max_positions=cfg.max_positions,
                 position_stretch=self.position_stretch,
+                windows=self.windows,
                 second_attention=cfg.self_attentions == 2,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,

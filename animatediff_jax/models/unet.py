@@ -18,6 +18,7 @@ from animatediff_jax.models.layers import (
     BasicTransformerBlock,
     Dtype,
     GroupNorm,
+    TemporalWindows,
     TimestepEmbedding,
     conv,
     dense,
@@ -117,10 +118,12 @@ class _Layers:
 
     def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict, remat: str = "none",
                  motion_scales: dict[str, float] | None = None, motion_module: type = MotionModule,
-                 position_stretch: tuple[int, int] | None = None):
+                 position_stretch: tuple[int, int] | None = None, motion_windows: TemporalWindows | None = None):
         self.cfg, self.temb, self.context, self.f, self.kw = cfg, temb, context, num_frames, kw
         self.motion_scales = motion_scales or {}
         self.motion_kw = {"position_stretch": tuple(position_stretch)} if position_stretch else {}
+        if motion_windows is not None:
+            self.motion_kw["windows"] = motion_windows
         # argnums count `self`: num_frames is static for resnets (3) and motion modules (2).
         self.Resnet = _remat(ResnetBlock, remat, (3,))
         self.Transformer = _remat(Transformer2D, remat)
@@ -272,6 +275,9 @@ class UNet3D(nn.Module):
     # (n, m): every motion module's first n positions stretched over m frames (`layers.position_table`;
     # AnimateDiff-Evolved's PE stretch), for more frames than the table holds. None: as trained.
     position_stretch: tuple[int, int] | None = None
+    # diffusers' FreeNoise (`enable_free_noise`): every motion module's transformer blocks run their
+    # attentions per window of frames, blended by position weights (`layers.TemporalWindows`). None: off.
+    motion_windows: TemporalWindows | None = None
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
@@ -301,7 +307,7 @@ class UNet3D(nn.Module):
 
         temb, frame_context = frame_conditioning(cfg, timesteps, context, b, f, kw)
         ctx = _Layers(cfg, temb, frame_context, f, kw, self.remat, self._motion_scales(),
-                      position_stretch=self.position_stretch)
+                      position_stretch=self.position_stretch, motion_windows=self.motion_windows)
 
         x = conv(chans[0], "conv_in", **kw)(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
         x, skips = down_path(x, ctx)

@@ -96,8 +96,11 @@ def base_config() -> ConfigDict:
     # the temporal attention, predictions averaged; length 0 = off (one pass over all frames).
     # weighting where windows overlap: flat | pyramid | delayed_reverse_sawtooth (diffusers' FreeNoise weights);
     # noise: random | shuffle_context | repeat_context (FreeNoise's initial noise); schedule: uniform |
-    # looped_uniform (windows wrap around the end: a seamless loop).
-    c.context_windows = ConfigDict(dict(length=0, overlap=4, weighting="flat", noise="random", schedule="uniform"))
+    # looped_uniform (windows wrap around the end: a seamless loop). scope: unet (the whole UNet per window,
+    # AnimateDiff-Evolved's) | motion (one UNet pass, only the motion modules' attentions per window:
+    # diffusers' FreeNoise, `enable_free_noise(context_length=length, context_stride=length - overlap)`).
+    c.context_windows = ConfigDict(dict(length=0, overlap=4, weighting="flat", noise="random", schedule="uniform",
+                                        scope="unet"))
     # SD's safety checker (SD1.5's safety_checker/ folder, or the pipeline folder holding it): every decoded
     # frame is checked, a video with a flagged frame is written black, the flags go to timings.json; "" = off.
     c.safety_checker = ""
@@ -277,8 +280,8 @@ def _check_memory(c: Mapping) -> None:
     scale = int(c["W"]) * int(c["H"]) / 512**2 * (2 if c["dtype"] == "float32" else 1)
     videos = int(c["batch_size"]) or 1
     frames = int(c["L"])
-    if c["context_windows"]["length"]:
-        frames = min(frames, int(c["context_windows"]["length"]))
+    if c["context_windows"]["length"] and c["context_windows"].get("scope", "unet") == "unet":
+        frames = min(frames, int(c["context_windows"]["length"]))  # (scope "motion": the UNet sees every frame)
     need = scale * (_UNET_BYTES_PER_FRAME_512 * 2 * videos * frames + _VAE_BYTES_PER_FRAME_512 * int(c["decode_chunk"]))
     have = _available_bytes()
     if have is not None and need > have:

@@ -9,7 +9,8 @@ per shape and sharding, and the samples (one per prompt/seed pair) are laid out 
 
 Videos longer than the motion module's position table are sampled with context windows
 (AnimateDiff-Evolved / FreeNoise style): each step runs the UNet on overlapping windows of
-frames and averages the predictions where windows overlap.
+frames and averages the predictions where windows overlap; or (scope "motion", diffusers' FreeNoise)
+runs the UNet once on all frames with only the motion modules' attentions windowed.
 
 Randomness is per sample: sample `b` starts from `normal(key(seed_b), (F, h, w, 4))` times
 the scheduler's `init_noise_sigma`, and stochastic samplers draw step `i`'s noise from
@@ -32,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from animatediff_jax import schedulers as S
 from animatediff_jax.io.video import to_uint8
+from animatediff_jax.models.layers import TemporalWindows, frame_weights
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import decode_video, encode_video
 from animatediff_jax.sampling.control import Control, check_controls, control_inputs, control_residuals, latent_conditions
@@ -102,21 +104,14 @@ def context_windows(num_frames: int, length: int, overlap: int = 4, looped: bool
 WEIGHTINGS = ("flat", "pyramid", "delayed_reverse_sawtooth")
 NOISE_TYPES = ("random", "shuffle_context", "repeat_context")
 SCHEDULES = ("uniform", "looped_uniform")
+SCOPES = ("unet", "motion")  # what runs per window: the whole UNet, or only the motion modules' attentions
 
 
 def window_weights(length: int, weighting: str = "flat") -> tuple[float, ...]:
     """How much each position of a window counts where windows overlap (diffusers' FreeNoise
-    `_get_frame_weights`): flat 1s; pyramid [1, 2, .., 2, 1]; delayed_reverse_sawtooth [0.01, .., mid, .., 1]."""
-    if weighting == "flat":
-        return (1.0,) * length
-    mid = length // 2 if length % 2 == 0 else (length + 1) // 2
-    if weighting == "pyramid":
-        up = list(range(1, mid + 1)) if length % 2 == 0 else list(range(1, mid))
-        return tuple(float(w) for w in (up + up[::-1] if length % 2 == 0 else up + [mid] + up[::-1]))
-    if weighting == "delayed_reverse_sawtooth":
-        head = [0.01] * (mid - 1) + [mid] if length % 2 == 0 else [0.01] * mid
-        return tuple(float(w) for w in head + list(range(mid, 0, -1)))
-    raise ValueError(f"context_windows.weighting={weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    `_get_frame_weights`, `layers.frame_weights`): flat 1s; pyramid [1, 2, .., 2, 1]; delayed_reverse_sawtooth
+    [0.01, .., mid, .., 1]."""
+    return frame_weights(length, weighting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -589,11 +584,12 @@ class WindowSpec(NamedTuple):
     weighting: str = "flat"
     noise: str = "random"
     schedule: str = "uniform"
+    scope: str = "unet"  # "unet": the UNet per window (AnimateDiff-Evolved); "motion": diffusers' FreeNoise
 
 
 def check_windows(context_windows: Mapping[str, Any] | None) -> WindowSpec | None:
-    """The `context_windows` argument checked (`length`, `overlap`, `weighting`, `noise`, `schedule`),
-    or None for off (None or length 0)."""
+    """The `context_windows` argument checked (`length`, `overlap`, `weighting`, `noise`, `schedule`,
+    `scope`), or None for off (None or length 0)."""
     if context_windows is None:
         return None
     unknown = sorted(set(context_windows) - set(WindowSpec._fields))
@@ -608,9 +604,10 @@ def check_windows(context_windows: Mapping[str, Any] | None) -> WindowSpec | Non
         raise ValueError(f"context_windows needs length >= 1 (0: off) and 0 <= overlap < length, "
                          f"got length={length}, overlap={overlap}")
     spec = WindowSpec(length, overlap, *(context_windows.get(k, d) for k, d in
-                                         (("weighting", "flat"), ("noise", "random"), ("schedule", "uniform"))))
+                                         (("weighting", "flat"), ("noise", "random"), ("schedule", "uniform"),
+                                          ("scope", "unet"))))
     for name, value, valid in (("weighting", spec.weighting, WEIGHTINGS), ("noise", spec.noise, NOISE_TYPES),
-                               ("schedule", spec.schedule, SCHEDULES)):
+                               ("schedule", spec.schedule, SCHEDULES), ("scope", spec.scope, SCOPES)):
         if value not in valid:
             raise ValueError(f"context_windows.{name}={value!r}: expected one of {', '.join(valid)}")
     return spec
@@ -687,10 +684,23 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
         if got[1] < num_frames:
             raise ValueError(f"init_video has {got[1]} frames, fewer than num_frames={num_frames}")
         start = check_video_options(strength, sched, fi)
-    check_controls(controls, num_frames, height, width, pipe.unet_config, win.length if windows is not None else None)
+    check_controls(controls, num_frames, height, width, pipe.unet_config,  # scope "motion": controls see all frames
+                   win.length if windows is not None and win.scope == "unet" else None)
     if init_latents is not None and tuple(np.shape(init_latents)) != shape:
         raise ValueError(f"init_latents must have shape {shape} (N, F, h, w, C), got {tuple(np.shape(init_latents))}")
     return prompts, negative_prompts, [int(s) for s in seeds], scheds, fi, windows, win, shape, start
+
+
+def motion_windows(num_frames: int, spec: WindowSpec) -> TemporalWindows | None:
+    """`spec`'s windows for the motion modules (scope "motion", diffusers' FreeNoise): `context_windows`'
+    frames; off the stride grid, the last (flush with the end) adds only the frames past the window before
+    it, as `FreeNoiseTransformerBlock`'s; None when one window holds every frame."""
+    looped = spec.schedule == "looped_uniform"
+    frames = context_windows(num_frames, spec.length, spec.overlap, looped=looped)
+    if len(frames) == 1:
+        return None
+    end = list(range(0, num_frames - spec.length + 1, spec.length - spec.overlap))[-1] + spec.length
+    return TemporalWindows(frames, spec.weighting, 0 if looped else num_frames - end)
 
 
 def context_windows_or_none(num_frames: int, spec: WindowSpec) -> WindowPlan | None:
@@ -761,7 +771,9 @@ def generate(
     normal noise `[N, F, h, w, C]` to start from instead of the seeds' (still multiplied by
     `init_noise_sigma`, as diffusers does with `latents=`). `context_windows`:
     `dict(length=16, overlap=4)` to denoise in overlapping frame windows (needed beyond the
-    motion module's position table; overlap defaults to length // 4; None or length 0: off).
+    motion module's position table; overlap defaults to length // 4; None or length 0: off; `scope`
+    "unet" (default) windows the whole UNet, "motion" only the motion modules' attentions, as diffusers'
+    `enable_free_noise` with `context_stride = length - overlap`).
     `progress`: a tqdm bar (True), nothing (False) or a callable given each finished step index.
     Prompt travel: a prompt (or negative prompt) may be a map `{frame: text}` from frame 0: each
     frame is conditioned on its own text embedding, interpolated between the keyframes'
@@ -787,6 +799,10 @@ def generate(
         free_init, init_video, strength, controls,
     )
     n = shape[0]
+    windowed = windows is not None
+    unet = pipe.unet
+    if windowed and win.scope == "motion":  # one UNet call on all frames, windows inside its motion modules
+        unet, windows = dataclasses.replace(unet, motion_windows=motion_windows(num_frames, win)), None
     use_cfg = guidance_scale > 1.0
     if use_cfg and negative_prompts is None:
         negative_prompts = [""] * n
@@ -809,7 +825,7 @@ def generate(
         noise = jnp.stack([jax.random.normal(k, shape[1:], jnp.float32) for k in keys])
     else:
         noise = jnp.asarray(init_latents, jnp.float32)
-    if win is not None and windows is not None and win.noise != "random":  # FreeNoise's initial noise, per video
+    if windowed and win.noise != "random":  # FreeNoise's initial noise, per video
         noise = jnp.asarray(np.concatenate([
             free_noise(np.asarray(noise[b:b + 1]), win.length, win.length - win.overlap, win.noise,
                        free_noise_perms(keys[b])) for b in range(n)]))
@@ -841,7 +857,7 @@ def generate(
     unet_params = pipe.replicated(mesh, "unet")
     vae_params = pipe.replicated(mesh, "vae")
     g = jax.device_put(jnp.asarray(guidance_scale if use_cfg else 1.0, jnp.float32), NamedSharding(mesh, P()))
-    unet, vae = pipe.unet, pipe.vae
+    vae = pipe.vae
     emit = pipe._emit if progress else None
 
     low_pass = None if fi is None else free_init_filter(

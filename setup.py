@@ -17,6 +17,7 @@ setup(
         "flax>=0.10",
         "optax",
         "orbax-checkpoint",
+        "etils[epath]",  # every path, local or gs:// (animatediff_jax/io/fs.py), as orbax
         "ml-collections",
         "numpy",
         "safetensors",
@@ -30,6 +31,8 @@ setup(
         "torch": ["torch", "transformers", "diffusers"],
         "data": ["grain", "av"],
         "train": ["grain", "av", "tensorboardX"],
+        # gs:// paths for real (epath's fsspec backend; orbax's gs:// checkpoints use google-cloud-storage).
+        "gcs": ["gcsfs", "google-cloud-storage"],
         "test": ["torch", "transformers", "diffusers", "peft", "pytest", "pytest-xdist", "grain", "av", "tensorboardX"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},

@@ -27,6 +27,7 @@ import time
 
 from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
 from animatediff_jax.cli import run_command
+from animatediff_jax.io import fs
 
 
 def resolve_base(spec: str | None):
@@ -41,7 +42,7 @@ def resolve_base(spec: str | None):
 
     def from_json(path: str):
         try:
-            with open(path) as f:
+            with fs.open(path) as f:
                 d = json.load(f)
             if "_class_name" in d or "down_block_types" in d:
                 return UNetConfig.from_diffusers(d)
@@ -57,16 +58,16 @@ def resolve_base(spec: str | None):
         text = meta.get("text_config")
         return (params_io.config_from_dict(UNetConfig, meta["unet_config"]),
                 params_io.config_from_dict(CLIPTextConfig, text) if text else None)
-    if os.path.isdir(spec):
+    if fs.isdir(spec):
         unet_json = os.path.join(spec, "unet", "config.json")
-        if os.path.isfile(unet_json):  # a diffusers SD folder
+        if fs.isfile(unet_json):  # a diffusers SD folder
             text_json = os.path.join(spec, "text_encoder", "config.json")
             text = None
-            if os.path.isfile(text_json):
-                with open(text_json) as f:
+            if fs.isfile(text_json):
+                with fs.open(text_json) as f:
                     text = CLIPTextConfig.from_transformers(json.load(f))
             return from_json(unet_json), text
-        if os.path.isfile(os.path.join(spec, "config.json")):
+        if fs.isfile(os.path.join(spec, "config.json")):
             return from_json(os.path.join(spec, "config.json")), None
         raise CheckpointError(f"{spec}: no unet/config.json, config.json or params file: not a base model folder")
     if spec.lower().endswith(".json"):

@@ -9,9 +9,11 @@ nothing readable, 1 a write failed.
        --latent-dtype float32|float16|bfloat16 --read-threads 8 --workers 0]
 
 PATH: a converted model folder, a diffusers SD1.5 folder, or (with --base) a single-file checkpoint.
+Every path (the model, --csv, --videos, --out) may be in a bucket (gs://...; needs gcsfs): each video
+is read through a temporary local copy, each shard written locally and uploaded when complete.
 
 On several hosts (a TPU slice, a GPU cluster) run the same command on every host, with an --out folder
-that all of them see: JAX's distributed runtime starts as for training (found by itself on Cloud TPU
+that all of them see (a bucket folder, or a shared filesystem): JAX's distributed runtime starts as for training (found by itself on Cloud TPU
 and from JAX_COORDINATOR_ADDRESS & co.; elsewhere --coordinator HOST:PORT --num-processes P
 --process-id I). Process I writes shards I, I+P, ... (each over its own devices); process 0 writes
 the index, cache_info.json, when all are done. Rerun the same command after an interruption: the

@@ -43,6 +43,7 @@ import numpy as np
 
 from animatediff_jax.cli import parse_config_flags, run_command
 from animatediff_jax.evaluation.sample_checks import SampleChecks
+from animatediff_jax.io import fs
 from animatediff_jax.sampling.config import (
     ConfigError,
     attention_note,
@@ -152,14 +153,14 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     frames_np = checks.check(run(pipe, timings), prompts, timings)  # (safety_checker: flagged videos black)
 
     t0 = time.perf_counter()
-    os.makedirs(folder, exist_ok=True)
+    fs.makedirs(folder, exist_ok=True)
     files = write_outputs(folder, frames_np, prompts, c)
     timings["write_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if checks.metrics(folder, frames_np, prompts, lambda: run(dataclasses.replace(pipe, motion_scale=0.0), {})):
         files.append(os.path.join(folder, "metrics.json"))
         timings["evaluate_s"] = time.perf_counter() - t0
-    with open(os.path.join(folder, "timings.json"), "w") as f:
+    with fs.open(os.path.join(folder, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
     files.append(os.path.join(folder, "timings.json"))
     _log(timing_summary(timings, n))

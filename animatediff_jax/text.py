@@ -1,6 +1,7 @@
 """Prompts to CLIP token ids to prompt embeddings, as diffusers' SD1.5 pipelines do it.
 
-Tokenisation is transformers' own `CLIPTokenizer` (read from a local folder only), called
+Tokenisation is transformers' own `CLIPTokenizer` (read from a local folder; a bucket folder is
+copied to this host once, `io.fs.local_copy`), called
 the way `StableDiffusionPipeline.encode_prompt` calls it: pad to 77 with the pad token,
 truncate longer prompts (keeping the end-of-text token last).
 """
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from animatediff_jax.models.clip_text import CLIPTextModel
+from animatediff_jax.io import fs
 
 Params = dict[str, Any]
 
@@ -28,9 +30,9 @@ class Tokenizer:
         from transformers import CLIPTokenizer
 
         folder = os.fspath(folder)
-        if not os.path.isdir(folder):
+        if not fs.isdir(folder):
             raise FileNotFoundError(f"{folder}: no such tokenizer folder")
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = CLIPTokenizer.from_pretrained(fs.local_copy(folder), local_files_only=True)
         self.max_length = max_length
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Params,
@@ -112,7 +113,7 @@ class SafetyCheckerWeights:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
@@ -123,11 +124,11 @@ def _read_json(path: str) -> dict:
 
 def _folder_config(folder: str, wanted: str) -> dict:
     """`folder/config.json`, or a one-line error saying what the folder is instead of `wanted`."""
-    if not os.path.isdir(folder):
+    if not fs.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder (expected {wanted})")
     path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(folder, "model_index.json")):
+    if not fs.isfile(path):
+        if fs.isfile(os.path.join(folder, "model_index.json")):
             raise CheckpointError(f"{folder}: a diffusers pipeline folder (model_index.json), not {wanted}")
         raise CheckpointError(f"{folder}: no config.json, so not {wanted}")
     return _read_json(path)
@@ -161,7 +162,7 @@ def _describe(kind: str) -> str:
 
 def _tokenizer_path(folder: str) -> str | None:
     for d in (folder, os.path.join(folder, "tokenizer")):
-        if any(os.path.isfile(os.path.join(d, n)) for n in _TOKENIZER_FILES):
+        if any(fs.isfile(os.path.join(d, n)) for n in _TOKENIZER_FILES):
             return d
     return None
 
@@ -191,7 +192,7 @@ def _vision_config(cfg: Mapping[str, Any], where: str) -> CLIPVisionConfig:
 
 def _processor(folder: str, vision: CLIPVisionConfig) -> ImageProcessing:
     path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         return ImageProcessing.for_image_size(vision.image_size)
     try:
         return ImageProcessing.from_preprocessor_config(_read_json(path))
@@ -329,7 +330,7 @@ def load_safety_checker(path: str | os.PathLike) -> SafetyCheckerWeights:
     `SafetyCheckerWeights`. The image processing is the pipeline's `feature_extractor/` (the sibling
     folder) when present, else CLIP's default at the tower's resolution (which is SD1.5's)."""
     folder = os.fspath(path)
-    if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isdir(os.path.join(folder, "safety_checker")):
+    if fs.isfile(os.path.join(folder, "model_index.json")) and fs.isdir(os.path.join(folder, "safety_checker")):
         folder = os.path.join(folder, "safety_checker")
     wanted = "an SD safety checker folder (StableDiffusionSafetyChecker)"
     cfg = _folder_config(folder, wanted)
@@ -339,6 +340,6 @@ def load_safety_checker(path: str | os.PathLike) -> SafetyCheckerWeights:
     config = _vision_config(cfg, os.path.join(folder, "config.json"))
     file = find_weights_file(folder)
     params = convert_safety_checker(load_state_dict(file), config, what=f"{file} (diffusers {SAFETY_CHECKER})")
-    fe = os.path.join(os.path.dirname(os.path.abspath(folder)), "feature_extractor")
-    processor = _processor(fe, config) if os.path.isdir(fe) else ImageProcessing.for_image_size(config.image_size)
+    fe = os.path.join(os.path.dirname(fs.abspath(folder)), "feature_extractor")
+    processor = _processor(fe, config) if fs.isdir(fe) else ImageProcessing.for_image_size(config.image_size)
     return SafetyCheckerWeights(config=config, params=params, processor=processor, path=folder)

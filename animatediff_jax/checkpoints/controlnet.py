@@ -31,6 +31,7 @@ import numpy as np
 
 from animatediff_jax.checkpoints.motion import original_to_diffusers_key, split_position_tables
 from animatediff_jax.checkpoints.sd15 import _with_file_names
+from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Params,
@@ -213,7 +214,8 @@ def _read_file(path: str) -> StateDict:
     if not sd and path.lower().endswith(_PICKLES):  # every tensor one level down
         import torch
 
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with fs.local_file(path) as local:
+            obj = torch.load(local, map_location="cpu", weights_only=True)
         inner = obj.get("controlnet") if isinstance(obj, Mapping) else None
         if isinstance(inner, Mapping):
             sd = {k: v.detach().float().numpy() if hasattr(v, "detach") else v for k, v in inner.items()
@@ -227,7 +229,7 @@ def _read_file(path: str) -> StateDict:
 def _load_folder(folder: str, base: UNetConfig | None) -> tuple[ControlNetConfig, Params]:
     cfg_path = os.path.join(folder, "config.json")
     try:
-        with open(cfg_path) as f:
+        with fs.open(cfg_path) as f:
             raw = json.load(f)
         config = ControlNetConfig.from_diffusers(raw)
     except FileNotFoundError:
@@ -275,8 +277,8 @@ def load_controlnet(path: str | os.PathLike, base: UNetConfig | None = None) -> 
     width is refused in one line, and the heads / GroupNorm groups of a single file come from it.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if fs.isdir(path):
         return _load_folder(path, base)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise CheckpointError(f"{path}: no such file or folder")
     return controlnet_from_state_dict(_read_file(path), base, what=path)

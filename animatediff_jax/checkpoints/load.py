@@ -20,6 +20,7 @@ from flax import traverse_util
 
 from animatediff_jax.checkpoints import lora_formats, motion, params_io
 from animatediff_jax.checkpoints.params_io import KIND_NAMES, LORA_KINDS, MOTION_MODULE, file_kind, params_file
+from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, check_tree, load_state_dict
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
 from animatediff_jax.models.clip_text import CLIPTextConfig
@@ -118,13 +119,13 @@ def describe(path: str | os.PathLike) -> tuple[str, str]:
     if p is not None:
         tree, meta = params_io.load_params(p)
         return file_kind(meta) or "unknown", "an animatediff-jax params file holding " + _describe_params(tree, meta)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "model_index.json")):
+    if fs.isdir(path):
+        if fs.isfile(os.path.join(path, "model_index.json")):
             return "sd15", "a diffusers pipeline folder"
         cfg = os.path.join(path, "config.json")
-        if os.path.isfile(cfg):
+        if fs.isfile(cfg):
             try:
-                with open(cfg) as f:
+                with fs.open(cfg) as f:
                     cls = json.load(f).get("_class_name", "unknown model")
             except (OSError, ValueError):
                 cls = "unreadable config"

@@ -115,10 +115,9 @@ def _kernels(target: Mapping[str, Any] | None) -> dict[Path, tuple[int, ...]]:
 def _file_metadata(path: str) -> dict:
     if not path.lower().endswith(".safetensors"):
         return {}
-    from safetensors import safe_open
+    from animatediff_jax.checkpoints.torch_io import safetensors_metadata
 
-    with safe_open(path, "np") as f:
-        return dict(f.metadata() or {})
+    return safetensors_metadata(path)
 
 
 class _Builder:

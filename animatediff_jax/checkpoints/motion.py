@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Params,
@@ -223,7 +224,7 @@ def read_motion_file(path: str | os.PathLike, *, ignore_spatial: bool = False) -
     semantics (`norm_per_frame`): both mean the original's per-frame norms.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if fs.isdir(path):
         return _read_motion_adapter(path)
     sd = load_state_dict(path)
     motion, naming = _motion_state_dict(sd, path, ignore_spatial)
@@ -271,7 +272,7 @@ def _adapter_motion_config(cfg: Mapping[str, Any], what: str) -> tuple[MotionCon
 def _read_motion_adapter(folder: str) -> MotionFile:
     cfg_path = os.path.join(folder, "config.json")
     try:
-        with open(cfg_path) as f:
+        with fs.open(cfg_path) as f:
             cfg = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: no config.json (expected a diffusers MotionAdapter folder)") from None

@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from animatediff_jax.checkpoints.torch_io import CheckpointError, Params
+from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, safetensors_metadata
+from animatediff_jax.io import fs
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 SEP = "/"
@@ -79,10 +80,10 @@ def load_params(path: str | os.PathLike) -> tuple[Params, dict[str, Any]]:
     from safetensors import safe_open
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
-        with safe_open(path, framework="numpy") as f:
+        with fs.local_file(path) as local, safe_open(local, framework="numpy") as f:
             md = dict(f.metadata() or {})
             flat = {tuple(k.split(SEP)): f.get_tensor(k) for k in f.keys()}
     except Exception as e:
@@ -119,15 +120,12 @@ def config_from_dict(cls: type, d: Mapping[str, Any]):
 def params_file(path: str | os.PathLike) -> str | None:
     """The params file `path` names (a converted folder names its `params.safetensors`), or None."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if fs.isdir(path):
         path = os.path.join(path, PARAMS_FILE)
-    if not (os.path.isfile(path) and path.lower().endswith(".safetensors")):
+    if not (path.lower().endswith(".safetensors") and fs.isfile(path)):
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            marker = (f.metadata() or {}).get("format")
+        marker = safetensors_metadata(path).get("format")
     except Exception:  # unreadable: let the PyTorch readers report it
         return None
     return path if marker == FORMAT else None

@@ -30,6 +30,7 @@ from animatediff_jax.checkpoints.torch_io import (
     load_state_dict,
     torch_to_flax,
 )
+from animatediff_jax.io import fs
 from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.models.config import UNetConfig, sd15_unet
 from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
@@ -54,7 +55,7 @@ class SD15:
 def _read_config(path: str, parse: Callable[[dict], Any]) -> Any:
     """A component's `config.json`, parsed; any problem is a `CheckpointError` naming the file."""
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             return parse(json.load(f))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (is this a diffusers Stable Diffusion folder?)") from None
@@ -103,7 +104,7 @@ def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", 
     (every naming `from_pretrained` reads for SD1.5).
     """
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
+    if not fs.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")
     sub = functools.partial(os.path.join, folder)
     unet_cfg = _read_config(sub("unet", "config.json"), UNetConfig.from_diffusers)
@@ -123,7 +124,7 @@ def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", 
             what=f"{weights['text_encoder']} (transformers CLIPTextModel)",
         )
     tok = sub("tokenizer")
-    return SD15(unet_cfg, vae_cfg, text_cfg, params, tok if os.path.isdir(tok) else None)
+    return SD15(unet_cfg, vae_cfg, text_cfg, params, tok if fs.isdir(tok) else None)
 
 
 def is_ldm_checkpoint(state_dict: Mapping[str, Any]) -> bool:
@@ -275,9 +276,9 @@ def load_single_file(
 def load_sd15(path: str | os.PathLike, *, base: SD15 | None = None, **configs) -> SD15:
     """A converted folder (`animatediff-jax convert sd15`), a diffusers folder or an LDM single file."""
     path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, PARAMS_FILE)):
+    if fs.isfile(os.path.join(path, PARAMS_FILE)):
         return load_converted(path)
-    if os.path.isdir(path):
+    if fs.isdir(path):
         return load_diffusers_folder(path)
     return load_single_file(path, base=base, **configs)
 
@@ -324,13 +325,11 @@ def convert_unet_state_dict(state_dict: Mapping, config: UNetConfig, *, what: st
 def save_converted(folder: str | os.PathLike, model: SD15) -> None:
     """Writes an `sd15.SD15` as `folder/params.safetensors` (+ `folder/tokenizer/` when known)."""
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
+    fs.makedirs(folder, exist_ok=True)
     meta = {"unet_config": model.unet_config, "vae_config": model.vae_config, "text_config": model.text_config}
     save_params(os.path.join(folder, PARAMS_FILE), model.params, meta)
     if model.tokenizer_path:
-        import shutil
-
-        shutil.copytree(model.tokenizer_path, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
+        fs.copytree(model.tokenizer_path, os.path.join(folder, "tokenizer"))
 
 
 def load_converted(folder: str | os.PathLike) -> SD15:
@@ -346,7 +345,7 @@ def load_converted(folder: str | os.PathLike) -> SD15:
         config_from_dict(VAEConfig, meta["vae_config"]),
         config_from_dict(CLIPTextConfig, meta["text_config"]),
         params,
-        tok if os.path.isdir(tok) else None,
+        tok if fs.isdir(tok) else None,
     )
     # The params against the configs the file names (a damaged base is reported here, by name,
     # not later as a misfit of whatever is merged into it).

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 from flax import traverse_util
 
+from animatediff_jax.io import fs
+
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]
 
@@ -128,46 +130,66 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     A `state_dict` wrapper (as in `mm_sd_v15.ckpt` and LDM checkpoints) is unwrapped.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     lower = path.lower()
+    if not lower.endswith(_SAFETENSORS + _PICKLES):
+        raise CheckpointError(
+            f"{path}: unknown weight file extension (expected one of {_SAFETENSORS + _PICKLES})"
+        )
     try:
-        if lower.endswith(_SAFETENSORS):
-            from safetensors.numpy import load_file
+        with fs.local_file(path) as local:  # a bucket object: through a temporary local copy
+            if lower.endswith(_SAFETENSORS):
+                from safetensors.numpy import load_file
 
-            try:
-                sd = dict(load_file(path))
-            except Exception:  # dtypes numpy cannot hold (without ml_dtypes): go through torch.
-                from safetensors.torch import load_file as load_torch
+                try:
+                    sd = dict(load_file(local))
+                except Exception:  # dtypes numpy cannot hold (without ml_dtypes): go through torch.
+                    from safetensors.torch import load_file as load_torch
 
-                sd = {k: _to_numpy(v) for k, v in load_torch(path).items()}
-        elif lower.endswith(_PICKLES):
-            import torch
+                    sd = {k: _to_numpy(v) for k, v in load_torch(local).items()}
+            else:
+                import torch
 
-            import pickle
+                import pickle
 
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                raise CheckpointError(
-                    f"{path}: refused: unsafe or not a checkpoint (a pickle holding more than tensors; "
-                    "only weights-only loading is allowed)"
-                ) from None
-            if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-                obj = obj["state_dict"]
-            if not isinstance(obj, Mapping):
-                raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-            sd = {k: _to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
-        else:
-            raise CheckpointError(
-                f"{path}: unknown weight file extension (expected one of {_SAFETENSORS + _PICKLES})"
-            )
+                try:
+                    obj = torch.load(local, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError:
+                    raise CheckpointError(
+                        f"{path}: refused: unsafe or not a checkpoint (a pickle holding more than tensors; "
+                        "only weights-only loading is allowed)"
+                    ) from None
+                if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+                    obj = obj["state_dict"]
+                if not isinstance(obj, Mapping):
+                    raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+                sd = {k: _to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
     except CheckpointError:
         raise
     except Exception as e:  # truncated / corrupt / not a checkpoint at all
         raise CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: {e})") from e
     check_finite(sd, path)
     return sd
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file, read from its header only (also in a bucket:
+    the first bytes of the object, not the whole file). Unreadable: the reader's exception."""
+    path = os.fspath(path)
+    if not fs.is_remote(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            return dict(f.metadata() or {})
+    import json
+
+    with fs.open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 100 << 20:
+            raise ValueError(f"{path}: not a safetensors file (header size {n})")
+        header = json.loads(f.read(n))
+    return dict(header.get("__metadata__") or {})
 
 
 _DIFFUSERS_WEIGHT_NAMES = (
@@ -190,13 +212,13 @@ def find_weights_file(folder: str | os.PathLike) -> str:
     before `.bin`; an fp16-only folder loads its fp16 file (weights are upcast on conversion).
     """
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
+    if not fs.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")
     for name in _DIFFUSERS_WEIGHT_NAMES:
         p = os.path.join(folder, name)
-        if os.path.isfile(p):
+        if fs.isfile(p):
             return p
-    names = sorted(os.listdir(folder))
+    names = sorted(fs.listdir(folder))
     if any(n.endswith(".index.json") for n in names):
         raise CheckpointError(f"{folder}: sharded checkpoints are not supported yet (found {names})")
     raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(_DIFFUSERS_WEIGHT_NAMES)}; found {names})")

@@ -22,6 +22,12 @@ Layout of `out_dir` (`n` rows, `N` shards, `P` processes):
 * `cache_info.json`, the index, written last, by process 0 once every process is done: the shards
   in row order with their record counts. Readers read only the shards it lists, and it is
   removed when a run starts, so an interrupted run leaves no valid-looking cache.
+
+`out_dir` may be a bucket folder (`gs://...`, `io.fs`); ArrayRecord reads and writes local files
+only, so each shard is written to a local temporary file and uploaded whole when complete (then its
+done file), and a reader copies the shards its index lists to this host's disk once
+(`io.fs.local_copy`: kept under `$ANIMATEDIFF_JAX_LOCAL_CACHE` or the temp dir, reused while the
+objects are unchanged). Every host needs room for the whole cache.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import functools
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 import zlib
 from typing import Any
@@ -48,6 +56,7 @@ from animatediff_jax.data.webvid import (
     pixels_to_float,
     record_rng,
 )
+from animatediff_jax.io import fs
 from animatediff_jax.models.vae import AutoencoderKL, encode_moments
 
 INFO_FILE, NULL_TEXT_FILE, DONE_SUFFIX = "cache_info.json", "null_text.npz", ".done.json"
@@ -113,7 +122,11 @@ def _describe(source) -> dict:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    """Atomically: a temporary file, flushed to disk, renamed over `path`."""
+    """Atomically: a temporary file, flushed to disk, renamed over `path` (in a bucket: `fs.atomic_file`)."""
+    if fs.is_remote(path):
+        with fs.atomic_file(path) as tmp, open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        return
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
@@ -123,7 +136,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -131,8 +144,7 @@ def _read_json(path: str) -> Any:
 
 def _remove(*paths: str) -> None:
     for p in paths:
-        if os.path.lexists(p):
-            os.remove(p)
+        fs.remove(p, missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -209,7 +221,7 @@ def prepare_cache(
     if batch_size < 1 or clips_per_video < 1:
         raise ValueError(f"batch_size and clips_per_video must be >= 1; got {batch_size}, {clips_per_video}")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, INFO_FILE)
     if proc == 0:
         _remove(info_path)  # the cache is invalid until this run completes
@@ -228,10 +240,8 @@ def prepare_cache(
     null_ids = np.asarray(tokenizer([""]), np.int32)
     null_ctx = np.asarray(_encode_ids(text_model, text_params, null_ids, clip_skip), np.float32)
     if proc == 0:
-        null_path = os.path.join(out_dir, NULL_TEXT_FILE)
-        with open(null_path + ".tmp.npz", "wb") as f:
+        with fs.atomic_file(os.path.join(out_dir, NULL_TEXT_FILE)) as tmp, open(tmp, "wb") as f:
             np.savez(f, context=null_ctx[0], input_ids=null_ids[0])
-        os.replace(null_path + ".tmp.npz", null_path)
 
     def paths(s: int, p: int | None = None) -> tuple[str, str]:
         path = os.path.join(out_dir, shard_name(s, num_shards, proc if p is None else p))
@@ -240,7 +250,7 @@ def prepare_cache(
     def complete(s: int, p: int | None = None) -> dict | None:
         path, done = paths(s, p)
         d = _read_json(done)
-        ok = isinstance(d, dict) and d.get("made_from") == made_from and os.path.isfile(path)
+        ok = isinstance(d, dict) and d.get("made_from") == made_from and fs.isfile(path)
         return d if ok and d.get("rows") == list(shard_rows(s, num_shards, n)) else None
 
     mine = list(range(proc, num_shards, num_proc))
@@ -291,11 +301,14 @@ def prepare_cache(
         return list(mean.shape[1:]), list(ctx.shape[1:])
 
     k = 0
+    stage = tempfile.mkdtemp(prefix="animatediff-jax-cache-") if fs.is_remote(out_dir) else None
     try:
         for s in todo:
             path, done = paths(s)
             _remove(done, path, path + ".tmp")
-            writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
+            # ArrayRecord writes local files: a shard for a bucket is staged locally, uploaded when complete.
+            tmp = path + ".tmp" if stage is None else os.path.join(stage, os.path.basename(path) + ".tmp")
+            writer = ArrayRecordWriter(tmp, "group_size:1")
             lo, hi = shard_rows(s, num_shards, n)
             written = skipped = 0
             shapes: tuple[list | None, list | None] = (None, None)
@@ -320,12 +333,14 @@ def prepare_cache(
                 shapes = encode(pending, writer)
                 written += len(pending)
             writer.close()
-            with open(path + ".tmp", "rb") as f:
+            with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
+            fs.put(tmp, path)
             _write_json(done, dict(shard=os.path.basename(path), records=written, skipped=skipped, rows=[lo, hi],
                                    latent_shape=shapes[0], context_shape=shapes[1], made_from=made_from))
     finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         bar.close()
         close = getattr(loader, "close", None)
         if close is not None:
@@ -381,12 +396,14 @@ class CachedLatentSource:
 
         out_dir = os.fspath(out_dir)
         info_path = os.path.join(out_dir, INFO_FILE)
-        if not os.path.exists(info_path):
+        if not fs.exists(info_path):
             raise FileNotFoundError(f"{out_dir}: no {INFO_FILE}; run prepare_cache (an interrupted run leaves none)")
-        with open(info_path) as f:
+        with fs.open(info_path) as f:
             self.info = json.load(f)
-        self._records = ArrayRecordDataSource([os.path.join(out_dir, s) for s in self.info["shards"]])
-        with np.load(os.path.join(out_dir, NULL_TEXT_FILE)) as z:
+        # ArrayRecord reads local files: a cache in a bucket is copied to this host once.
+        local = fs.local_copy(out_dir, [*self.info["shards"], NULL_TEXT_FILE])
+        self._records = ArrayRecordDataSource([os.path.join(local, s) for s in self.info["shards"]])
+        with np.load(os.path.join(local, NULL_TEXT_FILE)) as z:
             self.null_context, self.null_input_ids = z["context"], z["input_ids"]
         self.scaling_factor = float(self.info["scaling_factor"])
         self.sample_posterior, self.caption_dropout, self.seed = sample_posterior, float(caption_dropout), int(seed)

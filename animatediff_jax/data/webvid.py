@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from animatediff_jax.io.video import VideoReadError, count_frames, read_video
+from animatediff_jax.io import fs
+from animatediff_jax.io.video import VideoReadError, count_frames, local_video, read_video
 
 Record = dict[str, Any]
 
@@ -213,7 +214,7 @@ class ClipSource:
 
 
 def _open_text(path: str):
-    return open(path, newline="", encoding="utf-8")
+    return fs.open(path, newline="", encoding="utf-8")
 
 
 class WebVidSource(ClipSource):
@@ -277,7 +278,7 @@ class WebVidSource(ClipSource):
 
     def _find(self, videoid: str, page_dir: str) -> str | None:
         for path in self._candidates(videoid, page_dir):
-            if os.path.isfile(path):
+            if fs.isfile(path):
                 return path
         return None
 
@@ -289,17 +290,18 @@ class WebVidSource(ClipSource):
         if path is None:
             tried = dict.fromkeys(self._candidates(str(self._ids[index]), str(self._dirs[index])))
             raise FileNotFoundError(f"no video for videoid {self._ids[index]} (tried {', '.join(tried)})")
-        num = count_frames(path)
-        if num < self.opts.required_frames:
-            raise VideoReadError(f"{path}: {num} frames, need at least {self.opts.required_frames}")
-        read = functools.partial(read_video, path)
-        try:
-            video = clip_frames(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
-        except VideoReadError:
-            # The container's frame count can exceed what decodes (edit lists, truncated files):
-            # count by decoding and sample again, with the same random stream.
-            num = count_frames(path, decode=True)
+        with local_video(path) as local:  # a video in a bucket: one temporary local copy
+            num = count_frames(local)
             if num < self.opts.required_frames:
-                raise
-            video = clip_frames(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
+                raise VideoReadError(f"{path}: {num} frames, need at least {self.opts.required_frames}")
+            read = functools.partial(read_video, local)
+            try:
+                video = clip_frames(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
+            except VideoReadError:
+                # The container's frame count can exceed what decodes (edit lists, truncated files):
+                # count by decoding and sample again, with the same random stream.
+                num = count_frames(local, decode=True)
+                if num < self.opts.required_frames:
+                    raise
+                video = clip_frames(num, read, self.opts, record_rng(seed, index, epoch, STREAM_CLIP))
         return {"video": video, "text": self.caption(index)}

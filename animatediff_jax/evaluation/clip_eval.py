@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from animatediff_jax.evaluation import metrics as M
+from animatediff_jax.io import fs
 
 Prompt = str | Mapping[int, str]
 
@@ -32,7 +33,7 @@ def model_name(clip) -> str:
     """The CLIP folder's model name: its config's `_name_or_path` (what `save_pretrained` recorded,
     e.g. `openai/clip-vit-large-patch14`), else the folder's name."""
     try:
-        with open(os.path.join(clip.path, "config.json")) as f:
+        with fs.open(os.path.join(clip.path, "config.json")) as f:
             name = json.load(f).get("_name_or_path") or ""
     except (OSError, ValueError, TypeError, AttributeError):
         name = ""
@@ -51,7 +52,7 @@ def architecture(vision) -> str:
 
 def clip_info(clip) -> dict[str, Any]:
     """What the numbers were measured with: path, model name, architecture, preprocessing."""
-    return {"path": os.path.abspath(clip.path) if clip.path else None, "name": model_name(clip),
+    return {"path": fs.abspath(clip.path) if clip.path else None, "name": model_name(clip),
             "architecture": architecture(clip.vision_config),
             "preprocessing": dataclasses.asdict(clip.processor) if clip.processor else None}
 
@@ -220,7 +221,7 @@ def evaluate_videos(
         _, flags, counts = check_videos(safety, videos)
         for row, f, c in zip(out_rows, flags, counts):
             row["nsfw"], row["nsfw_frames"] = f, c
-        result["safety_checker"] = os.path.abspath(safety.path) if safety.path else None
+        result["safety_checker"] = fs.abspath(safety.path) if safety.path else None
         result["nsfw_flags"] = flags
     return result
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from animatediff_jax.evaluation import clip_eval
+from animatediff_jax.io import fs
 
 
 def _log(msg: str) -> None:
@@ -45,7 +46,7 @@ class SampleChecks:
         except CheckpointError as e:
             raise type(e)(f"evaluate.clip: {e}") from None
         base = c["base_model"]
-        if not c["safety_checker"] and os.path.isdir(os.path.join(base, "safety_checker")):
+        if not c["safety_checker"] and fs.isdir(os.path.join(base, "safety_checker")):
             _log(f"note: {base} has a safety_checker/ but safety_checker is off "
                  f"(--config.safety_checker={os.path.join(base, 'safety_checker')} turns it on)")
 

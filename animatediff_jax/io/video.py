@@ -1,5 +1,8 @@
 """Reading and writing videos as uint8 `[F, H, W, 3]` arrays: GIF (Pillow), MP4 (PyAV), PNG frames, grids.
 
+Paths may be in a bucket (`io.fs`): a remote file is read from a temporary local copy and written
+through one (uploaded when complete); errors name the bucket path.
+
 Decoding is PyAV (FFmpeg), so anything FFmpeg reads works (mp4, webm, gif, ...). `read_video`
 can keep only some frame indices, which is what training needs: a 16-frame clip out of a
 30-second video without holding the whole video in memory.
@@ -7,6 +10,7 @@ can keep only some frame indices, which is what training needs: a 16-frame clip 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -14,6 +18,8 @@ from fractions import Fraction
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from animatediff_jax.io import fs
 
 PathLike = str | os.PathLike
 
@@ -59,7 +65,7 @@ def _check_frames(frames) -> np.ndarray:
 def _parent(path: PathLike) -> None:
     folder = os.path.dirname(os.fspath(path))
     if folder:
-        os.makedirs(folder, exist_ok=True)
+        fs.makedirs(folder, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -77,9 +83,8 @@ def write_gif(path: PathLike, frames, fps: float = 8.0, loop: int = 0) -> None:
     _parent(path)
     duration_ms = max(10, int(round(100.0 / fps)) * 10)
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(
-        os.fspath(path), format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=loop
-    )
+    with fs.local_output(path) as out:
+        images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=loop)
 
 
 def _mp4_codec() -> str:
@@ -110,7 +115,7 @@ def write_mp4(path: PathLike, frames, fps: float = 8.0, crf: int = 17) -> None:
     _parent(path)
     codec = _mp4_codec()
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(os.fspath(path), mode="w") as container:
+    with fs.local_output(path) as out, av.open(out, mode="w") as container:
         options = {"crf": str(crf)} if codec == "libx264" else {}
         stream = container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -129,12 +134,13 @@ def write_pngs(folder: PathLike, frames, prefix: str = "") -> list[str]:
 
     frames = _check_frames(frames)
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
+    fs.makedirs(folder, exist_ok=True)
     width = max(4, len(str(len(frames) - 1)))
     paths = []
     for i, frame in enumerate(frames):
         p = os.path.join(folder, f"{prefix}{i:0{width}d}.png")
-        Image.fromarray(frame).save(p)
+        with fs.local_output(p) as out:
+            Image.fromarray(frame).save(out, format="PNG")
         paths.append(p)
     return paths
 
@@ -178,6 +184,25 @@ def write_video(path: PathLike, frames, fps: float = 8.0) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
+@contextlib.contextmanager
+def local_video(path: PathLike):
+    """A local file name for reading `path`: itself, or a temporary copy of a bucket object (a
+    `VideoReadError` then names `path`, not the copy). Read a remote video several times inside one block."""
+    path = os.fspath(path)
+    if not fs.is_remote(path):
+        yield path
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            local = stack.enter_context(fs.local_file(path))
+        except OSError as e:  # missing, no access, network
+            raise VideoReadError(f"{path}: cannot open ({type(e).__name__}: {e})") from e
+        try:
+            yield local
+        except VideoReadError as e:
+            raise VideoReadError(str(e).replace(local, path)) from e
+
+
 def _open(path: PathLike):
     import av
 
@@ -196,6 +221,9 @@ def count_frames(path: PathLike, decode: bool = False) -> int:
 
     `decode=True` counts frames that actually decode (slower, exact for damaged files).
     """
+    if fs.is_remote(path):
+        with local_video(path) as local:
+            return count_frames(local, decode)
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -218,6 +246,9 @@ def read_video(path: PathLike, indices: Iterable[int] | None = None) -> np.ndarr
     Decoding is sequential and stops after the largest index asked for, so memory holds only
     the frames kept. Raises `VideoReadError` when the file is unreadable or shorter than asked.
     """
+    if fs.is_remote(path):
+        with local_video(path) as local:
+            return read_video(local, indices)
     wanted: Sequence[int] | None = None if indices is None else [int(i) for i in indices]
     if wanted is not None and (not wanted or min(wanted) < 0):
         raise ValueError(f"indices must be non-negative and non-empty, got {wanted}")
@@ -251,6 +282,13 @@ def read_video(path: PathLike, indices: Iterable[int] | None = None) -> np.ndarr
     return np.stack([kept[i] for i in wanted])
 
 
+def _read_rgb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with fs.local_file(path) as local:
+        return np.asarray(Image.open(local).convert("RGB"))
+
+
 def read_frames(path: PathLike, num_frames: int, size: tuple[int, int] | None = None) -> np.ndarray:
     """The first `num_frames` frames of a GIF / MP4 (or a folder of PNG/JPG frames, in name order) as
     uint8 `[F, H, W, 3]`, resized to `size` = (height, width) with Lanczos (as diffusers' image
@@ -258,19 +296,19 @@ def read_frames(path: PathLike, num_frames: int, size: tuple[int, int] | None = 
     from PIL import Image
 
     path = os.fspath(path)
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+    if fs.isdir(path):
+        names = sorted(n for n in fs.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg")))
         if len(names) < num_frames:
             raise VideoReadError(f"{path}: {len(names)} image frames, fewer than the {num_frames} needed")
         try:
-            frames = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names[:num_frames]]
+            frames = [_read_rgb(os.path.join(path, n)) for n in names[:num_frames]]
         except OSError as e:
             raise VideoReadError(f"{path}: cannot read a frame ({e})") from e
         if len({f.shape for f in frames}) != 1:
             raise VideoReadError(f"{path}: frames of different sizes")
         video = np.stack(frames)
     else:
-        if not os.path.isfile(path):
+        if not fs.isfile(path):
             raise VideoReadError(f"{path}: no such file or folder")
         video = read_video(path)
         if len(video) < num_frames:
@@ -288,10 +326,10 @@ def read_image(path: PathLike, size: tuple[int, int] | None = None) -> np.ndarra
     from PIL import Image
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise VideoReadError(f"{path}: no such image file")
     try:
-        with Image.open(path) as im:
+        with fs.local_file(path) as local, Image.open(local) as im:
             im = im.convert("RGB")
             if size is not None and (im.height, im.width) != tuple(size):
                 im = im.resize((size[1], size[0]), Image.LANCZOS)

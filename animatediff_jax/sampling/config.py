@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from animatediff_jax.io import fs
+
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("gif", "mp4", "png")
 GROUPS = ("output", "context_windows", "evaluate")  # fixed groups of fields
@@ -169,7 +171,7 @@ def from_yaml(path: str) -> ConfigDict:
     import yaml
 
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             saved = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot be read ({' '.join(str(e).split())})") from None
@@ -221,7 +223,7 @@ def _existing(name: str, path: Any, required: bool = False) -> str:
         if required:
             raise ConfigError(f"{name}: required")
         return ""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise ConfigError(f"{name}: {path}: no such file or folder")
     return path
 
@@ -236,17 +238,16 @@ def size_multiple(base_model: str) -> int:
     converted = os.path.join(base_model, params_io.PARAMS_FILE)
     source = converted
     try:
-        if os.path.isfile(converted):
-            from safetensors import safe_open
+        if fs.isfile(converted):
+            from animatediff_jax.checkpoints.torch_io import safetensors_metadata
 
-            with safe_open(converted, framework="numpy") as f:
-                meta = f.metadata() or {}
+            meta = safetensors_metadata(converted)
             blocks = len(json.loads(meta["unet_config"])["block_out_channels"])
             vae_blocks = len(json.loads(meta["vae_config"])["block_out_channels"])
-        elif os.path.isdir(base_model):
+        elif fs.isdir(base_model):
             for name in ("unet", "vae"):
                 source = os.path.join(base_model, name, "config.json")
-                with open(source) as f:
+                with fs.open(source) as f:
                     n = len(json.load(f)["block_out_channels"])
                 blocks, vae_blocks = (n, vae_blocks) if name == "unet" else (blocks, n)
     except FileNotFoundError:
@@ -516,7 +517,10 @@ def _check_controls(c: dict) -> None:
 def output_folder(folder: str) -> str:
     """The folder this run writes, checked before anything loads: never a file, never an unwritable
     place, and never an existing non-empty folder (old videos beside a new config.yaml): then the first
-    free `<folder>-2`, `-3`, ... is used, and said."""
+    free `<folder>-2`, `-3`, ... is used, and said. A bucket folder (gs://...) is checked by writing
+    and removing a probe object."""
+    if fs.is_remote(folder):
+        return _bucket_output_folder(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"output.dir={folder!r}: is a file, not a folder")
     chosen, i = folder, 1
@@ -530,4 +534,26 @@ def output_folder(folder: str) -> str:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"output.dir={folder!r}: cannot be created ({parent} is not a writable folder)")
+    return chosen
+
+
+def _bucket_output_folder(folder: str) -> str:
+    import uuid
+
+    folder = folder.rstrip("/")
+    if fs.isfile(folder):
+        raise ConfigError(f"output.dir={folder!r}: is a file, not a folder")
+    chosen, i = folder, 1
+    while fs.isdir(chosen) and fs.listdir(chosen):
+        i += 1
+        chosen = f"{folder}-{i}"
+    if chosen != folder:
+        print(f"output.dir {folder} is not empty: writing {chosen} instead", file=sys.stderr, flush=True)
+    probe = f"{chosen}/.write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.write_bytes(probe, b"")
+        fs.remove(probe)
+    except Exception as e:  # no credentials, no such bucket, no permission
+        raise ConfigError(f"output.dir={folder!r}: cannot be written ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
     return chosen

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from animatediff_jax.io import fs
 from animatediff_jax.sampling.config import to_yaml
 
 
@@ -46,7 +47,7 @@ def write_outputs(folder: str, frames: np.ndarray, prompts: Sequence[str], confi
                 write_grid(os.path.join(folder, f"sample.{ext}"), frames, fps, cols=cols)
                 files.append(os.path.join(folder, f"sample.{ext}"))
     path = os.path.join(folder, "config.yaml")
-    with open(path, "w") as f:
+    with fs.open(path, "w") as f:
         f.write(to_yaml(config))
     files.append(path)
     return files

@@ -28,6 +28,7 @@ from etils import epath
 
 from animatediff_jax import parallel
 from animatediff_jax.checkpoints import params_io
+from animatediff_jax.io import fs
 from flax.traverse_util import flatten_dict
 from animatediff_jax.training.config import ConfigError, TrainingError
 from animatediff_jax.training.step import TrainState
@@ -88,7 +89,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, every: int = 1000, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = fs.abspath(directory)  # a bucket path (gs://) as it is: orbax writes it through epath
         self.every = max(1, int(every))
         self.keep = int(keep) if keep and keep > 0 else None
         self._saved = False
@@ -247,11 +248,11 @@ class Checkpointer:
         """Renames a damaged step out of the manager's folder (so it never counts towards `keep`)."""
         root = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
         dest, k = os.path.join(root, str(step)), 1
-        while os.path.exists(dest):
+        while fs.exists(dest):
             dest, k = os.path.join(root, f"{step}.{k}"), k + 1
         if jax.process_index() == 0:
-            os.makedirs(root, exist_ok=True)
-            os.rename(os.path.join(self.directory, str(step)), dest)
+            fs.makedirs(root, exist_ok=True)
+            fs.rename(os.path.join(self.directory, str(step)), dest)
             older = [s for s in self.all_steps() if s < step]
             then = f"resuming from step {max(older)}" if older else "no older checkpoint: starting from step 0"
             print(f"[train] warning: checkpoint step {step} is damaged ({reason[:200]}); moved to {dest}; {then}",
@@ -295,5 +296,5 @@ def export_trainable(path: str | os.PathLike, trainable: Any, meta: Mapping[str,
         raise TrainingError(f"refusing to export {os.fspath(path)}: {len(bad)} tensor(s) hold NaN/inf "
                             f"(e.g. {'/'.join(bad[0])}); lower optim.learning_rate and rerun", exit_code=3)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+        fs.makedirs(os.path.dirname(fs.abspath(path)), exist_ok=True)
         params_io.save_params(path, {"unet": tree}, meta)

@@ -173,9 +173,10 @@ def size_multiple(c: ConfigDict) -> int:
         import os
 
         from animatediff_jax.checkpoints.params_io import PARAMS_FILE
+        from animatediff_jax.io import fs
         from animatediff_jax.sampling import config as sample_config
 
-        if not os.path.isfile(os.path.join(c.model.pretrained, PARAMS_FILE)):
+        if not fs.isfile(os.path.join(c.model.pretrained, PARAMS_FILE)):
             raise ConfigError(f"model.pretrained={c.model.pretrained!r}: no {PARAMS_FILE} there: not a converted "
                               "SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`)")
         try:
@@ -229,11 +230,11 @@ def validate_config(c: ConfigDict) -> ConfigDict:
     if d.source not in _SOURCES:
         raise ConfigError(f"data.source={d.source!r} is not one of: {', '.join(_SOURCES)}")
     if d.source == "webvid":
-        import os
+        from animatediff_jax.io import fs
 
-        if not d.csv or not os.path.isfile(d.csv):
+        if not d.csv or not fs.isfile(d.csv):
             raise ConfigError(f"data.csv={d.csv!r}: no such file (the WebVid CSV: videoid, name, page_dir)")
-        if not d.video_folder or not os.path.isdir(d.video_folder):
+        if not d.video_folder or not fs.isdir(d.video_folder):
             raise ConfigError(f"data.video_folder={d.video_folder!r}: no such folder")
     if d.source != "cache":
         m = size_multiple(c)
@@ -245,13 +246,13 @@ def validate_config(c: ConfigDict) -> ConfigDict:
 
 def _check_eval(c: ConfigDict) -> None:
     """`log.eval_*`: a CLIP folder, a prompt set and seeds that fit it, when `log.eval_every` is on."""
-    import os
+    from animatediff_jax.io import fs
 
     lg = c.log
     _number(c, "log.eval_every", 0)
     if not lg.eval_every:
         return
-    if not lg.eval_clip or not os.path.isdir(lg.eval_clip):
+    if not lg.eval_clip or not fs.isdir(lg.eval_clip):
         raise ConfigError(f"log.eval_clip={lg.eval_clip!r}: no such folder (a transformers CLIP folder, e.g. "
                           "openai/clip-vit-large-patch14, for log.eval_every)")
     prompts = tuple(lg.eval_prompts) or tuple(lg.sample_prompts)

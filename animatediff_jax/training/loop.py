@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import lora as lora_lib
 from animatediff_jax import parallel
+from animatediff_jax.io import fs
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.checkpoints.load import load_lora, load_motion
 from animatediff_jax.checkpoints.sd15 import load_converted
@@ -307,15 +308,20 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
 
 
 class MetricsWriter:
-    """`workdir/metrics.jsonl` always; TensorBoard event files too when `tensorboardX` is importable."""
+    """`workdir/metrics.jsonl` always; TensorBoard event files too when `tensorboardX` is importable.
+
+    A workdir in a bucket: both are written to a local folder and uploaded whole at every write
+    (`io.fs.SyncedFolder`), the JSONL first downloaded to append to it."""
 
     def __init__(self, workdir: str, tensorboard: bool = True, start: int | None = None):
         self.enabled = jax.process_index() == 0
         self.tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
+        fs.makedirs(workdir, exist_ok=True)
+        self.folder = fs.SyncedFolder(workdir)
+        self.folder.fetch("metrics.jsonl")
+        path = os.path.join(self.folder.path, "metrics.jsonl")
         if start is not None and os.path.exists(path):
             _truncate_metrics(path, start)
         self.jsonl = open(path, "a")
@@ -323,7 +329,7 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(self.folder.path, "tensorboard"))
             except ImportError:
                 print("[train] tensorboardX not installed: metrics go to metrics.jsonl only", file=sys.stderr)
 
@@ -338,12 +344,14 @@ class MetricsWriter:
                 if row[k] is not None:  # TensorBoard gets no NaN/inf either
                     self.tb.add_scalar(f"train/{k}", float(v), step)
             self.tb.flush()
+        self.folder.sync()
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+            self.folder.close()
 
 
 def _json_number(v) -> float | int | None:
@@ -463,7 +471,7 @@ def run(
             if stopping and step < end:
                 ckpt.wait()
                 _log(f"stopped by {stop.name} at step {step}/{end}, checkpoint saved; "
-                     f"resume with the same command: workdir {os.path.abspath(workdir)}, step {step}")
+                     f"resume with the same command: workdir {fs.abspath(workdir)}, step {step}")
                 return last
             if ck.export_every and step % ck.export_every == 0 and step != end:
                 _check_finite(trainer, f"an export at step {step}")

@@ -44,7 +44,6 @@ import zlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from animatediff_jax.data.webvid import (

@@ -209,6 +209,33 @@ def gather_per_layer(mesh: Mesh, rules: ShardingRules):
         yield
 
 
+class OnMesh:
+    """A jitted function that is traced, lowered and run under its mesh (`jax.set_mesh`).
+
+    Pallas kernels (TPU splash attention) cannot be partitioned by XLA: on a multi-device mesh
+    they must sit in a `shard_map`, which the attention code builds from the mesh in context at
+    trace time. `jax.jit` traces at the first call (or at `.lower`), so the mesh has to be in
+    context then, not only when the function was made: without it a pod's step fails to lower
+    ("Mosaic kernels cannot be automatically partitioned").
+    """
+
+    def __init__(self, jitted: Any, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
+def jit_on_mesh(fun: Any, mesh: Mesh, **jit_kwargs) -> OnMesh:
+    """`jax.jit(fun, **jit_kwargs)`, always traced under `mesh` (see `OnMesh`)."""
+    return OnMesh(jax.jit(fun, **jit_kwargs), mesh)
+
+
 def put_global(tree: PyTree, shardings: PyTree) -> PyTree:
     """Host arrays that every process holds in full -> global arrays laid out by `shardings`.
 

@@ -1,7 +1,8 @@
 """The three AnimateDiff training stages (domain adapter, motion module, MotionLoRA), SPMD-sharded.
 
-`stages` says what trains in each stage, `step` is the loss and the jitted step, `loop` builds
-the models and runs them with `checkpointing`; `config.base_config()` holds every option.
+`stages` says what trains in each stage, `step` is the loss and the jitted step, `models` loads
+(or, for `compile`, only shapes) the models, `program` lays the step out on a mesh, `loop` places
+the weights and runs them with `checkpointing`; `config.base_config()` holds every option.
 """
 
 from animatediff_jax.training.config import (
@@ -12,7 +13,9 @@ from animatediff_jax.training.config import (
     check_config,
     validate_config,
 )
-from animatediff_jax.training.loop import Models, Trainer, build_trainer, load_models, run, train
+from animatediff_jax.training.loop import Trainer, build_trainer, run, train
+from animatediff_jax.training.models import Models, abstract_models, load_models
+from animatediff_jax.training.program import TrainProgram, batch_shapes, make_program
 from animatediff_jax.training.stages import STAGES, Stage, get_stage
 from animatediff_jax.training.step import LossConfig, OptimConfig, StepSpec, TrainState, make_optimizer, make_train_step
 
@@ -24,6 +27,10 @@ __all__ = [
     "validate_config",
     "LossConfig",
     "Models",
+    "TrainProgram",
+    "abstract_models",
+    "batch_shapes",
+    "make_program",
     "OptimConfig",
     "Stage",
     "StepSpec",

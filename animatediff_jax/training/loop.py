@@ -11,7 +11,6 @@ files in `workdir/tensorboard`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -23,21 +22,12 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import lora as lora_lib
 from animatediff_jax import parallel
 from animatediff_jax.io import fs
-from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from animatediff_jax.checkpoints.load import load_lora, load_motion
-from animatediff_jax.checkpoints.sd15 import load_converted
-from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
-from animatediff_jax.models.unet import UNet3D
-from animatediff_jax.models.shapes import unet_shapes
-from animatediff_jax.testing.tiny import random_params
-from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 from animatediff_jax.training import checkpointing, stages
 from animatediff_jax.training.config import (
     ConfigError,
@@ -47,181 +37,43 @@ from animatediff_jax.training.config import (
     check_config,
     validate_config,
 )
-from animatediff_jax.training.step import (
-    LossConfig,
-    OptimConfig,
-    StepSpec,
-    TrainState,
-    init_state,
-    jit_train_step,
-    make_optimizer,
-    select_batch,
-    state_shardings,
-    tree_all_finite,
-)
+from animatediff_jax.training.models import Models, load_models
+from animatediff_jax.training.program import TrainProgram, make_program
+from animatediff_jax.training.step import TrainState, init_state, make_optimizer, select_batch, tree_all_finite
 
 Params = dict[str, Any]
 ValidateFn = Callable[[int, "Trainer"], Mapping[str, float] | None]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _dtype(name: str):
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r}: expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-# ------------------------------------------------------------------------- models
-
-
-def _flax_init(module, seed: int, *args) -> Params:
-    params = jax.jit(module.init)(jax.random.key(seed), *args)["params"]
-    return jax.tree.map(np.asarray, params)
-
-
-@dataclasses.dataclass
-class Models:
-    """The stage's model configs and host params, before sharding.
-
-    `unet` is the full UNet of the stage (base + motion modules when the stage has them);
-    `attached` the adapters merged into the frozen base; `trainable_init` trained params to
-    continue from (None: fresh LoRA / the motion modules inside `unet`).
-    """
-
-    unet_config: UNetConfig
-    unet: Params
-    vae_config: VAEConfig | None = None
-    vae: Params | None = None
-    text_config: CLIPTextConfig | None = None
-    text_encoder: Params | None = None
-    attached: dict[str, tuple[Params, float]] = dataclasses.field(default_factory=dict)
-    trainable_init: Params | None = None
-    tokenizer_path: str | None = None
-
-
-def _random_base(config) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, Callable[[str], Params]]:
-    m = config.model
-    if m.size == "tiny":
-        text = CLIPTextConfig.tiny()
-        unet, vae = tiny_unet(None, cross_attention_dim=text.hidden_size), VAEConfig.tiny()
-    elif m.size == "sd15":
-        unet, vae, text = sd15_unet(), VAEConfig.sd15(), CLIPTextConfig.sd15()
-    else:
-        raise ValueError(f"model.size {m.size!r}: expected 'sd15' or 'tiny'")
-
-    def init(which: str) -> Params:
-        from animatediff_jax.models.shapes import clip_shapes, vae_shapes
-
-        seed = m.init_seed + {"unet": 0, "vae": 1, "text_encoder": 2}[which]
-        if m.random_init == "fast":
-            shapes = {"unet": lambda: unet_shapes(unet), "vae": lambda: vae_shapes(vae),
-                      "text_encoder": lambda: clip_shapes(text)}[which]()
-            return random_params(shapes, seed, like_init=True)
-        if which == "unet":
-            return _flax_init(UNet3D(unet), seed, jnp.zeros((1, 1, 8, 8, unet.in_channels)), jnp.zeros((1,)),
-                              jnp.zeros((1, 1, unet.cross_attention_dim)))
-        if which == "vae":
-            return _flax_init(AutoencoderKL(vae), seed, jnp.zeros((1, 16, 16, vae.in_channels)))
-        return _flax_init(CLIPTextModel(text), seed, jnp.zeros((1, text.max_positions), jnp.int32))
-
-    return unet, vae, text, init
-
-
-def _motion_init(config, unet_config: UNetConfig) -> Params:
-    """Fresh motion modules (the motion-module subtrees of a randomly initialised inflated UNet)."""
-    m = config.model
-    if m.random_init == "fast":
-        full = random_params(unet_shapes(unet_config), m.init_seed + 3, like_init=True)
-    else:
-        full = _flax_init(UNet3D(unet_config), m.init_seed + 3, jnp.zeros((1, 2, 8, 8, unet_config.in_channels)),
-                          jnp.zeros((1,)), jnp.zeros((1, 1, unet_config.cross_attention_dim)))
-    return stages.partition(full, stages.is_motion_module)[0]
-
-
-@contextlib.contextmanager
-def _field(name: str) -> Iterator[None]:
-    """A weight file that cannot serve as config field `name`: one line naming the field (rc 2)."""
-    from animatediff_jax.checkpoints.torch_io import CheckpointError
-
-    try:
-        yield
-    except CheckpointError as e:
-        raise ConfigError(f"{name}: {' '.join(line.strip() for line in str(e).splitlines())}") from None
-
-
-def load_models(config) -> Models:
-    """The stage's models from the config: a converted SD1.5 folder (or random weights), plus the
-    motion modules / adapters named by `config.model`.
-    """
-    stage = stages.get_stage(config.stage)
-    m = config.model
-    if m.pretrained:
-        with _field("model.pretrained"):
-            sd = load_converted(m.pretrained)
-        unet_config, vae_config, text_config = sd.unet_config, sd.vae_config, sd.text_config
-        unet = stages.partition(sd.params["unet"], stages.is_motion_module)[1]
-        vae = sd.params.get("vae") if m.vae else None
-        text = sd.params.get("text_encoder") if m.text_encoder else None
-        tokenizer = sd.tokenizer_path
-    else:
-        unet_config, vae_config, text_config, init = _random_base(config)
-        unet = init("unet")
-        vae = init("vae") if m.vae else None
-        text = init("text_encoder") if m.text_encoder else None
-        tokenizer = None
-    unet_config = unet_config.replace(motion=None)
-    if stage.motion_modules:
-        unet_config = unet_config.with_motion(
-            MotionConfig.for_version(m.motion_version, norm_per_frame=bool(m.motion_norm_per_frame)))
-        if m.motion_module:  # a stage-2 export or a PyTorch motion module; its layout must be this one
-            with _field("model.motion_module"):
-                motion, unet_config = load_motion(m.motion_module, unet_config)
-        else:
-            motion = _motion_init(config, unet_config)
-        unet = stages.union(unet, motion)
-    attached = {}
-    if m.domain_adapter and "domain_adapter" in stage.attach:
-        with _field("model.domain_adapter"):
-            adapter = load_lora(m.domain_adapter, "domain_adapter", base=unet_config).unet
-        attached["domain_adapter"] = (adapter, float(m.domain_adapter_scale))
-    with _field("model.init_lora"):
-        trainable_init = (load_lora(m.init_lora, stage.name, base=unet_config).unet
-                          if m.init_lora and stage.kind == "lora" else None)
-    return Models(unet_config, unet, vae_config if vae is not None else None, vae,
-                  text_config if text is not None else None, text, attached, trainable_init, tokenizer)
-
 
 # ------------------------------------------------------------------------- trainer
 
 
 @dataclasses.dataclass
 class Trainer:
-    """Everything a run needs, laid out on the mesh. `state` is donated by every step."""
+    """A `TrainProgram` with its weights placed on the mesh. `state` is donated by every step."""
 
-    stage: stages.Stage
-    spec: StepSpec
+    program: TrainProgram
     models: Models
-    mesh: Mesh
-    rules: parallel.ShardingRules
     state: TrainState
     frozen: Params
-    state_sharding: TrainState
-    frozen_sharding: Params
-    optim: OptimConfig
-    global_batch: int
     _steps: dict = dataclasses.field(default_factory=dict)
 
-    def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-        return {k: NamedSharding(self.mesh, self.rules.batch_spec(self.mesh, np.ndim(v))) for k, v in batch.items()}
+    stage = property(lambda self: self.program.stage)
+    spec = property(lambda self: self.program.spec)
+    mesh = property(lambda self: self.program.mesh)
+    rules = property(lambda self: self.program.rules)
+    optim = property(lambda self: self.program.optim)
+    global_batch = property(lambda self: self.program.global_batch)
+    state_sharding = property(lambda self: self.program.state_sharding)
+    frozen_sharding = property(lambda self: self.program.frozen_sharding)
 
-    def step_fn(self, batch: Mapping[str, Any]):
+    def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return self.program.batch_sharding(batch)
+
+    def step_fn(self, batch: Mapping[str, Any]) -> parallel.OnMesh:
         """The jitted step for this batch's entries (compiled once per set of keys)."""
         key = tuple(sorted(batch))
         if key not in self._steps:
-            tx, schedule = make_optimizer(self.optim)
-            self._steps[key] = jit_train_step(self.spec, tx, schedule, self.mesh, self.rules, self.state_sharding,
-                                              self.frozen_sharding, self.batch_sharding(batch))
+            self._steps[key] = self.program.step(batch)
         return self._steps[key]
 
     def put_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -248,60 +100,33 @@ class Trainer:
 
 
 def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None) -> Trainer:
-    """Models (loaded from the config unless given), mesh, sharded state and frozen weights."""
+    """Models (loaded from the config unless given), mesh, sharded state and frozen weights: the
+    config's `TrainProgram` with real weights placed as it says."""
     check_config(config)
-    stage = stages.get_stage(config.stage)
     models = load_models(config) if models is None else models
-    p = config.parallel
-    mesh = parallel.make_mesh(dict(p.mesh_shape)) if mesh is None else mesh
-    rules = parallel.ShardingRules(tuple(p.batch_axes), p.fsdp_axis, int(p.min_fsdp_size))
-    global_batch = int(config.train.batch_size)
-    div = rules.batch_size_divisor(mesh) * int(config.train.grad_accum_steps)
-    if global_batch % div:
-        raise ValueError(f"train.batch_size={global_batch} must be a multiple of {div} "
-                         f"(mesh batch axes x grad_accum_steps)")
-    if global_batch % jax.process_count():
-        raise ValueError(f"train.batch_size={global_batch} must divide among {jax.process_count()} processes")
+    mesh = parallel.make_mesh(dict(config.parallel.mesh_shape)) if mesh is None else mesh
+    program = make_program(config, models, mesh)
+    if program.global_batch % jax.process_count():
+        raise ValueError(f"train.batch_size={program.global_batch} must divide among {jax.process_count()} processes")
 
-    key = jax.random.key(int(config.seed))
-    k_init, k_train = jax.random.split(key)
+    k_init, k_train = jax.random.split(jax.random.key(int(config.seed)))
     trainable, frozen_unet = stages.init_stage(
-        stage, models.unet, k_init, lora_rank=int(config.model.lora_rank), attached=models.attached,
+        program.stage, models.unet, k_init, lora_rank=int(config.model.lora_rank), attached=models.attached,
         trainable_init=models.trainable_init)
-    trainable = jax.tree.map(lambda x: np.asarray(x, np.float32), trainable)
-    frozen_dtype = _dtype(p.frozen_dtype)
     frozen = {"unet": frozen_unet}
     if models.vae is not None:
         frozen["vae"] = models.vae
     if models.text_encoder is not None:
         frozen["text_encoder"] = models.text_encoder
-    # frozen_dtype applies to the frozen weights only: the trainable tree (above) and the optimizer
-    # state made from it stay float32.
-    frozen = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), frozen)
-
-    compute = _dtype(p.compute_dtype)
-    o, ls = config.optim, config.loss
-    optim = OptimConfig(float(o.learning_rate), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
-                        float(o.grad_clip), int(o.warmup_steps))
-    spec = StepSpec(
-        stage=stage,
-        unet=UNet3D(models.unet_config, dtype=compute, remat=p.remat, attention=p.get("attention", "auto")),
-        loss=LossConfig(ls.prediction_type, float(ls.min_snr_gamma), int(ls.num_train_timesteps),
-                        float(ls.beta_start), float(ls.beta_end), ls.beta_schedule),
-        vae=AutoencoderKL(models.vae_config, dtype=compute) if models.vae is not None else None,
-        text=CLIPTextModel(models.text_config) if models.text_encoder is not None else None,
-        lora_scale=float(config.model.lora_scale),
-        grad_accum_steps=int(config.train.grad_accum_steps),
-    )
-    tx, _ = make_optimizer(optim)
-    state_shapes = jax.eval_shape(lambda t: init_state(t, tx, k_train), trainable)
-    state_sh = state_shardings(state_shapes, mesh, rules)
-    frozen_sh = parallel.param_shardings(frozen, mesh, rules)
-    params = parallel.put_global(trainable, state_sh.params)
+    # In the program's dtypes: trainable float32, frozen `parallel.frozen_dtype`.
+    trainable = jax.tree.map(lambda x, s: np.asarray(x).astype(s.dtype), trainable, program.trainable)
+    frozen = jax.tree.map(lambda x, s: np.asarray(x).astype(s.dtype), frozen, program.frozen)
+    tx, _ = make_optimizer(program.optim)
+    params = parallel.put_global(trainable, program.state_sharding.params)
     # The optimizer state is created on the mesh directly (never materialised on one device).
-    state = jax.jit(lambda t: init_state(t, tx, k_train), out_shardings=state_sh)(params)
-    frozen = parallel.put_global(frozen, frozen_sh)
-    return Trainer(stage, spec, models, mesh, rules, state, frozen, state_sh, frozen_sh, optim, global_batch)
+    state = jax.jit(lambda t: init_state(t, tx, k_train), out_shardings=program.state_sharding)(params)
+    frozen = parallel.put_global(frozen, program.frozen_sharding)
+    return Trainer(program, models, state, frozen)
 
 
 # ------------------------------------------------------------------------- logging

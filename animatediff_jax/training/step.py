@@ -316,7 +316,8 @@ def jit_train_step(
     frozen_sharding: Params,
     batch_sharding: Mapping[str, NamedSharding],
 ):
-    """`jax.jit` of the step with explicit in/out shardings; the train state is donated.
+    """`jax.jit` of the step with explicit in/out shardings, traced under `mesh` (so splash attention
+    gets its `shard_map`: `parallel.OnMesh`); the train state is donated.
 
     Batches passed to the result must hold exactly the keys of `batch_sharding`.
     """
@@ -326,8 +327,8 @@ def jit_train_step(
     # FSDP per layer (see `make_loss_fn`) when params are sharded; on a pure data-parallel mesh they
     # are replicated already and nothing needs gathering.
     gather = (mesh, rules) if mesh.shape.get(rules.fsdp_axis, 1) > 1 else None
-    return jax.jit(
-        make_train_step(spec, tx, schedule, sharding, gather),
+    return parallel.jit_on_mesh(
+        make_train_step(spec, tx, schedule, sharding, gather), mesh,
         in_shardings=(state_sharding, frozen_sharding, dict(batch_sharding)),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=(0,),

@@ -1,0 +1,149 @@
+"""The abstract half of a trainer: what a stage's step computes, on which mesh, with which shapes and
+shardings, and the jitted step itself, from a config and models that may be real arrays or only
+`jax.ShapeDtypeStruct`s. `build_trainer` places real weights by it; `animatediff-jax compile train`
+lowers the very same step from it for a TPU topology without a weight or a chip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from animatediff_jax import parallel
+from animatediff_jax.models.clip_text import CLIPTextModel
+from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.vae import AutoencoderKL
+from animatediff_jax.training import stages
+from animatediff_jax.training.models import Models, _dtype
+from animatediff_jax.training.step import (
+    LossConfig,
+    OptimConfig,
+    StepSpec,
+    TrainState,
+    init_state,
+    jit_train_step,
+    make_optimizer,
+    state_shardings,
+)
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """A stage's step on a mesh: spec, optimizer, rules, and the abstract train state and frozen weights.
+
+    `trainable` / `frozen` / `state` are `ShapeDtypeStruct` trees in the dtypes the step sees
+    (trainable params and optimizer state float32, frozen weights `parallel.frozen_dtype`).
+    """
+
+    stage: stages.Stage
+    spec: StepSpec
+    optim: OptimConfig
+    mesh: Mesh
+    rules: parallel.ShardingRules
+    global_batch: int
+    trainable: Params
+    frozen: Params
+    state: TrainState
+    state_sharding: TrainState
+    frozen_sharding: Params
+    seed: int
+
+    def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return {k: NamedSharding(self.mesh, self.rules.batch_spec(self.mesh, np.ndim(v))) for k, v in batch.items()}
+
+    def step(self, batch: Mapping[str, Any]) -> parallel.OnMesh:
+        """The jitted step for batches with `batch`'s entries (traced under the mesh: see `parallel.OnMesh`)."""
+        tx, schedule = make_optimizer(self.optim)
+        return jit_train_step(self.spec, tx, schedule, self.mesh, self.rules, self.state_sharding,
+                              self.frozen_sharding, self.batch_sharding(batch))
+
+    def abstract_args(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[TrainState, Params, dict]:
+        """`(state, frozen, batch)` as sharded `ShapeDtypeStruct`s: what `step(batch).lower` takes."""
+        def spec(tree, shardings):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+        return (spec(self.state, self.state_sharding), spec(self.frozen, self.frozen_sharding),
+                spec(dict(batch), self.batch_sharding(batch)))
+
+
+def check_global_batch(global_batch: int, mesh: Mesh, rules: parallel.ShardingRules, grad_accum: int) -> None:
+    div = rules.batch_size_divisor(mesh) * grad_accum
+    if global_batch % div:
+        raise ValueError(f"train.batch_size={global_batch} must be a multiple of {div} "
+                         f"(mesh batch axes {dict(mesh.shape)} x grad_accum_steps)")
+
+
+def make_program(config, models: Models, mesh: Mesh) -> TrainProgram:
+    """The stage's program from the config and its models (arrays or `ShapeDtypeStruct`s)."""
+    stage = stages.get_stage(config.stage)
+    p = config.parallel
+    rules = parallel.ShardingRules(tuple(p.batch_axes), p.fsdp_axis, int(p.min_fsdp_size))
+    global_batch = int(config.train.batch_size)
+    check_global_batch(global_batch, mesh, rules, int(config.train.grad_accum_steps))
+
+    def split(unet, attached, trainable_init):
+        key = jax.random.key(int(config.seed))
+        return stages.init_stage(stage, unet, jax.random.split(key)[0], lora_rank=int(config.model.lora_rank),
+                                 attached=attached, trainable_init=trainable_init)
+
+    trainable, frozen_unet = jax.eval_shape(split, models.unet, models.attached, models.trainable_init)
+    f32 = np.dtype(np.float32)
+    trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, f32), trainable)
+    frozen = {"unet": frozen_unet}
+    if models.vae is not None:
+        frozen["vae"] = models.vae
+    if models.text_encoder is not None:
+        frozen["text_encoder"] = models.text_encoder
+    # frozen_dtype applies to the frozen weights only: the trainable tree and its optimizer state stay float32.
+    frozen_dtype = np.dtype(_dtype(p.frozen_dtype))
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), frozen_dtype), frozen)
+
+    compute = _dtype(p.compute_dtype)
+    o, ls = config.optim, config.loss
+    optim = OptimConfig(float(o.learning_rate), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
+                        float(o.grad_clip), int(o.warmup_steps))
+    spec = StepSpec(
+        stage=stage,
+        unet=UNet3D(models.unet_config, dtype=compute, remat=p.remat, attention=p.get("attention", "auto")),
+        loss=LossConfig(ls.prediction_type, float(ls.min_snr_gamma), int(ls.num_train_timesteps),
+                        float(ls.beta_start), float(ls.beta_end), ls.beta_schedule),
+        vae=AutoencoderKL(models.vae_config, dtype=compute) if models.vae is not None else None,
+        text=CLIPTextModel(models.text_config) if models.text_encoder is not None else None,
+        lora_scale=float(config.model.lora_scale),
+        grad_accum_steps=int(config.train.grad_accum_steps),
+    )
+    tx, _ = make_optimizer(optim)
+    state = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable)
+    return TrainProgram(stage, spec, optim, mesh, rules, global_batch, trainable, frozen, state,
+                        state_shardings(state, mesh, rules), parallel.param_shardings(frozen, mesh, rules),
+                        int(config.seed))
+
+
+def batch_shapes(config, program: TrainProgram, models: Models, latent_dtype: Any = np.float32
+                 ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the data pipeline of `config.data` feeds the step, as `ShapeDtypeStruct`s.
+
+    `data.source="cache"`: VAE latents (`latent_dtype`, as `prepare --latent-dtype` wrote them) and
+    text contexts; otherwise uint8 pixels and token ids, encoded inside the step.
+    """
+    t = config.train
+    b = program.global_batch
+    frames = 1 if program.stage.single_frame else int(t.num_frames)
+    size = int(t.resolution)
+    if config.data.source == "cache":
+        down = models.vae_config.downscale if models.vae_config is not None else 8
+        text = models.text_config
+        length, width = (text.max_positions, text.hidden_size) if text is not None else (
+            77, models.unet_config.cross_attention_dim)
+        return {"latents": jax.ShapeDtypeStruct((b, frames, size // down, size // down,
+                                                 models.unet_config.in_channels), np.dtype(latent_dtype)),
+                "context": jax.ShapeDtypeStruct((b, length, width), np.dtype(np.float32))}
+    length = models.text_config.max_positions if models.text_config is not None else 77
+    return {"video": jax.ShapeDtypeStruct((b, frames, size, size, 3), np.dtype(np.uint8)),
+            "input_ids": jax.ShapeDtypeStruct((b, length), np.dtype(np.int32))}

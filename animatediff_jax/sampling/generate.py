@@ -615,7 +615,8 @@ def check_windows(context_windows: Mapping[str, Any] | None) -> WindowSpec | Non
 
 def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler,
               scheduler_options, clip_skip, decode_chunk, mesh, init_latents, context_windows,
-              prompt_interpolation="linear", free_init=None, init_video=None, strength=0.8, controls=()):
+              prompt_interpolation="linear", free_init=None, init_video=None, strength=0.8, controls=(),
+              need_tokenizer=True):
     """Every check of generate's arguments that can fail, before anything is compiled; returns the
     resolved pieces. (A sample config's checks call the pieces a config also has: `check_windows`,
     `per_prompt`, the scheduler's.)"""
@@ -630,7 +631,7 @@ def _validate(pipe, prompts, negative_prompts, seeds, num_frames, height, width,
         raise ValueError(f"seeds must be integers in [0, 2**64), got {seeds!r}")
     if negative_prompts is not None:
         negative_prompts = per_prompt("negative_prompts", _as_list("negative_prompts", negative_prompts), n)
-    if pipe.tokenizer is None:
+    if pipe.tokenizer is None and need_tokenizer:
         raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
     m = pipe.size_multiple
     for name, v in (("height", height), ("width", width)):
@@ -737,6 +738,123 @@ class _Progress:
             self.bar.close()
 
 
+
+def _sampler_fns(pipe: AnimationPipeline, unet: UNet3D, scheds: Sequence[S.Scheduler], fi: Mapping | None,
+                 shape: tuple[int, ...], start: int, windows, specs: tuple, has_video: bool,
+                 decode_chunk: int | None, sample_posterior: bool, progress) -> tuple[Callable, Callable, tuple, bool]:
+    """The two programs `generate` compiles, `(sample_fn, decode_fn, static, needs_vae)`: the denoising
+    call (video / keyframe encoding, every FreeInit iteration's scan) and the VAE decode. `static`
+    keys the compiled cache; the same functions are what `abstract_sampler` lowers for a TPU."""
+    needs_vae = has_video or any(s.latent for s in specs)
+    vae = pipe.vae
+    emit = pipe._emit if progress else None
+    low_pass = None if fi is None else free_init_filter(
+        shape[1], shape[2], shape[3], fi["method"], fi["order"], fi["spatial_stop_frequency"],
+        fi["temporal_stop_frequency"])
+    offsets = np.cumsum([-start] + [int(x.num_inference_steps) for x in scheds]).tolist()
+
+    def step_cb(it: int):  # progress over all FreeInit iterations' steps
+        return None if emit is None else (lambda i: emit(i + offsets[it]))
+
+    def sample_fn(params, scheds, noise, cond, uncond, g, key_data, ctrl_params, ctrl_scales, ctrl_arrays,
+                  vae_params=None, video=None):
+        first = noise * scheds[0].init_noise_sigma
+        keys = _sample_keys(key_data, noise.shape[0])
+
+        def encode_keyframes(pixels, j):  # an RGB SparseCtrl's keyframes, each video's posterior from its key
+            ks = jax.vmap(lambda k: jax.random.fold_in(k, _CONTROL_SALT + j))(keys)
+            return encode_video(vae, vae_params, pixels, ks if sample_posterior else None, decode_chunk)
+
+        controls = None
+        if specs:
+            controls = (specs, ctrl_params, ctrl_scales, latent_conditions(specs, ctrl_arrays, encode_keyframes,
+                                                                           noise.shape[1]))
+        if video is not None:  # video to video: its latents noised to the start step's timestep
+            vkeys = jax.vmap(lambda k: jax.random.fold_in(k, _VIDEO_SALT))(keys)
+            z0 = encode_video(vae, vae_params, video, vkeys if sample_posterior else None, decode_chunk)
+            t0 = jnp.full((noise.shape[0],), scheds[0].timesteps[start])
+            first = S.add_noise(scheds[0].alphas_cumprod, z0, noise, t0)
+        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start, controls)
+        for it, sched in enumerate(scheds[1:], start=1):  # FreeInit: back to the last timestep, low frequencies kept
+            t_last = jnp.full((x.shape[0],), sched.alphas_cumprod.shape[0] - 1)
+            z_t = S.add_noise(sched.alphas_cumprod, x, first, t_last)
+            x = freq_mix(z_t, free_init_noise(key_data, it, x.shape), low_pass)
+            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows, 0, controls)
+        return x
+
+    def decode_fn(params, latents):
+        return to_uint8(decode_video(vae, params, latents, decode_chunk))
+
+    static = (unet, windows, progress is not False, None if fi is None else tuple(sorted(fi.items())),
+              start if has_video else None, (vae, decode_chunk, sample_posterior) if needs_vae else None, specs)
+    return sample_fn, decode_fn, static, needs_vae
+
+
+def _sampler_unet(pipe: AnimationPipeline, num_frames: int, windows, win) -> tuple[UNet3D, Any]:
+    """The UNet the loop calls and the windows it runs over: scope "motion" puts the windows inside
+    the motion modules (one UNet call on all frames), scope "unet" windows the whole UNet."""
+    if windows is not None and win.scope == "motion":
+        return dataclasses.replace(pipe.unet, motion_windows=motion_windows(num_frames, win)), None
+    return pipe.unet, windows
+
+
+def abstract_sampler(pipe: AnimationPipeline, prompts: list[Prompt], negative_prompts: list[Prompt] | None,
+                     seeds: list[int], *, mesh: Mesh, num_frames: int = 16, height: int = 512, width: int = 512,
+                     steps: int = 25, guidance_scale: float = 7.5, scheduler: str = "ddim",
+                     scheduler_options: Mapping[str, Any] | None = None, clip_skip: int = 0,
+                     decode_chunk: int | None = 4, context_windows: Mapping[str, Any] | None = None,
+                     free_init: Mapping[str, Any] | None = None, init_video_frames: int = 0,
+                     strength: float = 0.8, sample_posterior: bool = True, controls: Sequence[Control] = (),
+                     progress: bool = True) -> dict[str, tuple[Callable, tuple, NamedSharding]]:
+    """`generate`'s two compiled programs for these arguments, with `ShapeDtypeStruct` arguments laid
+    out on `mesh` as `generate` lays out its arrays: `{"denoise": (fn, args, out_sharding), "decode":
+    ...}`. `pipe.params` may be `ShapeDtypeStruct`s (nothing is read or run), and `mesh` a TPU
+    topology's abstract devices: `animatediff-jax compile sample` lowers and compiles these.
+    `init_video_frames` > 0 stands for an `init_video` of that many frames (video to video).
+    Control images are read by `control_inputs` as `generate` reads them (their values do not matter)."""
+    init_video = None if not init_video_frames else np.zeros((1, init_video_frames, height, width, 3), np.uint8)
+    prompts, negative_prompts, seeds, scheds, fi, windows, win, shape, start = _validate(
+        pipe, prompts, negative_prompts, seeds, num_frames, height, width, steps, scheduler, scheduler_options,
+        clip_skip, decode_chunk, mesh, None, context_windows, "linear", free_init, init_video, strength, controls,
+        need_tokenizer=False)
+    unet, windows = _sampler_unet(pipe, num_frames, windows, win)
+    use_cfg = guidance_scale > 1.0
+    if use_cfg and negative_prompts is None:
+        negative_prompts = [""] * len(prompts)
+    n = -(-shape[0] // mesh.shape[DATA]) * mesh.shape[DATA]  # padded to the data axis, as generate pads
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
+
+    def sds(shape_, dtype, sharding=batch):
+        return jax.ShapeDtypeStruct(tuple(shape_), jnp.dtype(dtype), sharding=sharding)
+
+    def params(tree):
+        return jax.tree.map(lambda x: sds(np.shape(x), x.dtype, rep), tree)
+
+    text = pipe.text_config
+    travels = any(not isinstance(p, str) for p in list(prompts) + list(negative_prompts or []))
+    ctx = (n, num_frames, text.max_positions, text.hidden_size) if travels else (n, text.max_positions, text.hidden_size)
+    cond = sds(ctx, pipe.dtype)
+    uncond = sds(ctx, pipe.dtype) if use_cfg else None
+    specs, control_arrays = [], []
+    for c in controls:
+        spec, arrays = control_inputs(c, shape[1], pipe.dtype, pipe.attention)
+        specs.append(spec)
+        control_arrays.append({k: sds((n,) + np.shape(v), np.asarray(v).dtype) for k, v in arrays.items()})
+    sample_fn, decode_fn, _, needs_vae = _sampler_fns(
+        pipe, unet, scheds, fi, shape, start, windows, tuple(specs), init_video is not None, decode_chunk,
+        sample_posterior, progress)
+    host_scheds = jax.tree.map(lambda x: sds(np.shape(x), np.asarray(x).dtype, rep), tuple(scheds))
+    key_data = jax.random.key_data(seed_key(0))
+    args = (params(pipe.params["unet"]), host_scheds, sds((n,) + shape[1:], jnp.float32), cond, uncond,
+            sds((), jnp.float32, rep), sds((n,) + key_data.shape, key_data.dtype),
+            [params(c.params) for c in controls], sds((len(controls),), jnp.float32, rep), control_arrays)
+    if needs_vae:
+        video = None if init_video is None else sds((n,) + init_video.shape[1:], jnp.float32)
+        args += (params(pipe.params["vae"]), video)
+    latents = sds((n,) + shape[1:], jnp.float32)
+    return {"denoise": (sample_fn, args, batch), "decode": (decode_fn, (params(pipe.params["vae"]), latents), batch)}
+
+
 def generate(
     pipe: AnimationPipeline,
     prompts: list[Prompt],
@@ -800,9 +918,7 @@ def generate(
     )
     n = shape[0]
     windowed = windows is not None
-    unet = pipe.unet
-    if windowed and win.scope == "motion":  # one UNet call on all frames, windows inside its motion modules
-        unet, windows = dataclasses.replace(unet, motion_windows=motion_windows(num_frames, win)), None
+    unet, windows = _sampler_unet(pipe, num_frames, windows, win)
     use_cfg = guidance_scale > 1.0
     if use_cfg and negative_prompts is None:
         negative_prompts = [""] * n
@@ -851,58 +967,17 @@ def generate(
     control_params = [pipe.placed(mesh, c.params) for c in controls]
     control_scales = jax.device_put(jnp.asarray([c.scale for c in controls], jnp.float32), NamedSharding(mesh, P()))
     specs = tuple(specs)
-    needs_vae = video is not None or any(s.latent for s in specs)
     batch_sharding = NamedSharding(mesh, P(DATA))
     scheds = jax.device_put(tuple(scheds), NamedSharding(mesh, P()))
     unet_params = pipe.replicated(mesh, "unet")
     vae_params = pipe.replicated(mesh, "vae")
     g = jax.device_put(jnp.asarray(guidance_scale if use_cfg else 1.0, jnp.float32), NamedSharding(mesh, P()))
-    vae = pipe.vae
-    emit = pipe._emit if progress else None
-
-    low_pass = None if fi is None else free_init_filter(
-        shape[1], shape[2], shape[3], fi["method"], fi["order"], fi["spatial_stop_frequency"],
-        fi["temporal_stop_frequency"])
-
-    offsets = np.cumsum([-start] + [int(x.num_inference_steps) for x in scheds]).tolist()
-
-    def step_cb(it: int):  # progress over all FreeInit iterations' steps
-        return None if emit is None else (lambda i: emit(i + offsets[it]))
-
-    def sample_fn(params, scheds, noise, cond, uncond, g, key_data, ctrl_params, ctrl_scales, ctrl_arrays,
-                  vae_params=None, video=None):
-        first = noise * scheds[0].init_noise_sigma
-        keys = _sample_keys(key_data, noise.shape[0])
-
-        def encode_keyframes(pixels, j):  # an RGB SparseCtrl's keyframes, each video's posterior from its key
-            ks = jax.vmap(lambda k: jax.random.fold_in(k, _CONTROL_SALT + j))(keys)
-            return encode_video(vae, vae_params, pixels, ks if sample_posterior else None, decode_chunk)
-
-        controls = None
-        if specs:
-            controls = (specs, ctrl_params, ctrl_scales, latent_conditions(specs, ctrl_arrays, encode_keyframes,
-                                                                           noise.shape[1]))
-        if video is not None:  # video to video: its latents noised to the start step's timestep
-            vkeys = jax.vmap(lambda k: jax.random.fold_in(k, _VIDEO_SALT))(keys)
-            z0 = encode_video(vae, vae_params, video, vkeys if sample_posterior else None, decode_chunk)
-            t0 = jnp.full((noise.shape[0],), scheds[0].timesteps[start])
-            first = S.add_noise(scheds[0].alphas_cumprod, z0, noise, t0)
-        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start, controls)
-        for it, sched in enumerate(scheds[1:], start=1):  # FreeInit: back to the last timestep, low frequencies kept
-            t_last = jnp.full((x.shape[0],), sched.alphas_cumprod.shape[0] - 1)
-            z_t = S.add_noise(sched.alphas_cumprod, x, first, t_last)
-            x = freq_mix(z_t, free_init_noise(key_data, it, x.shape), low_pass)
-            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows, 0, controls)
-        return x
-
-    def decode_fn(params, latents):
-        return to_uint8(decode_video(vae, params, latents, decode_chunk))
-
+    sample_fn, decode_fn, static, needs_vae = _sampler_fns(
+        pipe, unet, scheds, fi, shape, start, windows, specs, video is not None, decode_chunk, sample_posterior,
+        progress)
     args = (unet_params, scheds, noise, cond, uncond, g, key_data, control_params, control_scales, control_arrays)
     if needs_vae:
         args += (vae_params, video)
-    static = (unet, windows, progress is not False, None if fi is None else tuple(sorted(fi.items())),
-              None if video is None else start, (vae, decode_chunk, sample_posterior) if needs_vae else None, specs)
     sample_c, c_denoise = pipe._compiled("denoise", sample_fn, static, args, out_shardings=batch_sharding)
     timings["compile_denoise_s"] = c_denoise
 
@@ -918,7 +993,7 @@ def generate(
         if bar is not None:
             bar.close()
 
-    decode_c, c_decode = pipe._compiled("decode", decode_fn, (vae, decode_chunk), (vae_params, latents),
+    decode_c, c_decode = pipe._compiled("decode", decode_fn, (pipe.vae, decode_chunk), (vae_params, latents),
                                         out_shardings=batch_sharding)
     timings["compile_decode_s"] = c_decode
     t0 = time.perf_counter()

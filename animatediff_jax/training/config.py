@@ -166,10 +166,10 @@ def _number(c: ConfigDict, name: str, lo: float, *, integer: bool = True, strict
         raise ConfigError(f"{name}={node!r}: expected {what} {'>' if strict else '>='} {lo:g}")
 
 
-def size_multiple(c: ConfigDict) -> int:
+def size_multiple(c: ConfigDict, files: bool = True) -> int:
     """What `train.resolution` must divide by (VAE factor x UNet downsampling), from the model's
-    configs without loading weights."""
-    if c.model.pretrained:
+    configs without loading weights (`files=False`: a `model.pretrained` that is not here is SD1.5)."""
+    if c.model.pretrained and (files or _exists(c.model.pretrained)):
         import os
 
         from animatediff_jax.checkpoints.params_io import PARAMS_FILE
@@ -186,7 +186,7 @@ def size_multiple(c: ConfigDict) -> int:
     from animatediff_jax.models.config import sd15_unet, tiny_unet
     from animatediff_jax.models.vae import VAEConfig
 
-    if c.model.size == "tiny":
+    if c.model.size == "tiny" and not c.model.pretrained:
         unet, vae = tiny_unet(None), VAEConfig.tiny()
     elif c.model.size == "sd15":
         unet, vae = sd15_unet(), VAEConfig.sd15()
@@ -195,10 +195,17 @@ def size_multiple(c: ConfigDict) -> int:
     return 2 ** (len(vae.block_out_channels) - 1) * 2 ** (len(unet.block_out_channels) - 1)
 
 
-def validate_config(c: ConfigDict) -> ConfigDict:
+def _exists(folder: str) -> bool:
+    from animatediff_jax.io import fs
+
+    return fs.isdir(folder)
+
+
+def validate_config(c: ConfigDict, files: bool = True) -> ConfigDict:
     """Every check that needs no devices and no weights, before the workdir is made or anything
     compiles: one `ConfigError` line naming the field. (The batch size against the mesh is
-    checked by `check_batch` once the devices are known.)"""
+    checked by `check_batch` once the devices are known.) `files=False` leaves out the data and
+    model files (`compile` builds the program from the config on a host that may have neither)."""
     from animatediff_jax.training.stages import get_stage
 
     check_config(c)
@@ -229,7 +236,7 @@ def validate_config(c: ConfigDict) -> ConfigDict:
                           f"{t.grad_accum_steps}")
     if d.source not in _SOURCES:
         raise ConfigError(f"data.source={d.source!r} is not one of: {', '.join(_SOURCES)}")
-    if d.source == "webvid":
+    if d.source == "webvid" and files:
         from animatediff_jax.io import fs
 
         if not d.csv or not fs.isfile(d.csv):
@@ -237,7 +244,7 @@ def validate_config(c: ConfigDict) -> ConfigDict:
         if not d.video_folder or not fs.isdir(d.video_folder):
             raise ConfigError(f"data.video_folder={d.video_folder!r}: no such folder")
     if d.source != "cache":
-        m = size_multiple(c)
+        m = size_multiple(c, files)
         if t.resolution % m:
             raise ConfigError(f"train.resolution={t.resolution} must be a multiple of {m} for this model "
                               "(VAE factor x UNet downsampling)")

@@ -18,6 +18,7 @@ from animatediff_jax.models.clip_text import CLIPTextModel
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import AutoencoderKL
 from animatediff_jax.training import stages
+from animatediff_jax.training.config import check_batch
 from animatediff_jax.training.models import Models, _dtype
 from animatediff_jax.training.step import (
     LossConfig,
@@ -72,20 +73,13 @@ class TrainProgram:
                 spec(dict(batch), self.batch_sharding(batch)))
 
 
-def check_global_batch(global_batch: int, mesh: Mesh, rules: parallel.ShardingRules, grad_accum: int) -> None:
-    div = rules.batch_size_divisor(mesh) * grad_accum
-    if global_batch % div:
-        raise ValueError(f"train.batch_size={global_batch} must be a multiple of {div} "
-                         f"(mesh batch axes {dict(mesh.shape)} x grad_accum_steps)")
-
-
 def make_program(config, models: Models, mesh: Mesh) -> TrainProgram:
     """The stage's program from the config and its models (arrays or `ShapeDtypeStruct`s)."""
     stage = stages.get_stage(config.stage)
     p = config.parallel
     rules = parallel.ShardingRules(tuple(p.batch_axes), p.fsdp_axis, int(p.min_fsdp_size))
     global_batch = int(config.train.batch_size)
-    check_global_batch(global_batch, mesh, rules, int(config.train.grad_accum_steps))
+    check_batch(config, rules.batch_size_divisor(mesh))
 
     def split(unet, attached, trainable_init):
         key = jax.random.key(int(config.seed))

@@ -123,6 +123,7 @@ def parse_config_flags(argv: Sequence[str], command: str, example: str):
 
 
 COMMANDS = {
+    "compile": ("animatediff_jax.compile", "compile train/sample for a TPU topology here: fits HBM? FLOPs, roofline"),
     "convert": ("animatediff_jax.convert", "PyTorch weights (SD1.5, motion modules, LoRAs) -> params files"),
     "demo": ("animatediff_jax.toy.demo", "the whole recipe in a toy world on CPU: train or load, GIFs, motion metrics"),
     "evaluate": ("animatediff_jax.evaluate", "CLIP metrics of videos: text alignment, domain similarity, smoothness"),

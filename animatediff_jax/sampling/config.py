@@ -6,6 +6,7 @@ called from here, not a second copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -216,14 +217,15 @@ def _number(name: str, v: Any) -> float:
     return float(v)
 
 
-def _existing(name: str, path: Any, required: bool = False) -> str:
+def _existing_path(name: str, path: Any, required: bool = False, files: bool = True) -> str:
+    """A path field: a string, given when `required`, and (`files`) there."""
     if not isinstance(path, str):
         raise ConfigError(f"{name}={path!r}: expected a path")
     if not path:
         if required:
             raise ConfigError(f"{name}: required")
         return ""
-    if not fs.exists(path):
+    if files and not fs.exists(path):
         raise ConfigError(f"{name}: {path}: no such file or folder")
     return path
 
@@ -322,11 +324,12 @@ def video_prompts(c: Mapping) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-def validate(config: Any) -> dict:
+def validate(config: Any, files: bool = True) -> dict:
     """The config (a ConfigDict or a dict of some fields) checked field by field before anything
     loads: names, types, ranges, files, scheduler, windows, formats, memory. Returns it as plain
     dicts with `prompt`, `n_prompt` and `seed` one per prompt (random seeds drawn) and
-    `output.formats` a list."""
+    `output.formats` a list. `files=False` leaves out the files and this host's memory (`compile`
+    builds the program for another machine from the config alone; a base model that is not here is SD1.5)."""
     from animatediff_jax import schedulers as S
     from animatediff_jax.sampling.generate import (
         INTERPOLATIONS,
@@ -425,10 +428,12 @@ def validate(config: Any) -> dict:
             check_video_options(c["strength"], sched, fi)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    _check_memory(c)
+    if files:
+        _check_memory(c)
+    _existing = functools.partial(_existing_path, files=files)
 
     base = _existing("base_model", c["base_model"], required=True)
-    m = size_multiple(base)
+    m = size_multiple(base) if files or fs.exists(base) else 64
     for name in ("W", "H"):
         if c[name] % m:
             raise ConfigError(f"{name}={c[name]} must be a multiple of {m} for this base model "
@@ -450,7 +455,7 @@ def validate(config: Any) -> dict:
         _existing(f"motion_module_lora_configs[{i}].path", entry["path"], required=True)
         _number(f"motion_module_lora_configs[{i}].alpha", entry.get("alpha", 1.0))
 
-    _check_controls(c)
+    _check_controls(c, files)
 
     out = c["output"]
     formats = [out["formats"]] if isinstance(out["formats"], str) else list(out["formats"])
@@ -469,7 +474,7 @@ _CONTROL_FIELDS = {"controlnet": ("path", "video", "images", "scale", "start", "
                    "sparsectrl": ("path", "images", "frame_indices", "scale", "start", "end")}
 
 
-def _check_controls(c: dict) -> None:
+def _check_controls(c: dict, files: bool = True) -> None:
     """`controlnet` entries and `sparsectrl`: their fields, files and numbers (counts and indices against
     the video are the sampler's check, `sampling.control.check_controls`, once the images are read)."""
     nets = c["controlnet"]
@@ -480,6 +485,7 @@ def _check_controls(c: dict) -> None:
         raise ConfigError(f"sparsectrl={c['sparsectrl']!r}: expected a dict {{path, images, frame_indices, scale}}")
     if c["sparsectrl"]:
         entries.append(("sparsectrl", c["sparsectrl"], "sparsectrl"))
+    _existing = functools.partial(_existing_path, files=files)
     for name, e, kind in entries:
         fields = _CONTROL_FIELDS[kind]
         if not isinstance(e, Mapping) or set(e) - set(fields):

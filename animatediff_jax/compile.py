@@ -1,0 +1,489 @@
+"""`animatediff-jax compile train|sample --config CONFIG --topology NAME [--config.<field>=<value> ...]`
+
+Compiles the program `train` / `sample` would run with this config for a Cloud TPU slice, on this
+machine, without the TPU and without a weight: the same step (mesh, shardings, donation, remat,
+attention kernels chosen for the TPU, splash in its `shard_map`) built from the config alone
+(`jax.eval_shape`), lowered and compiled by libtpu's own compiler for abstract chips of the named
+topology. Run it before launching a pod: it says whether the program fits a chip's HBM and what it
+costs, in a minute or two instead of at step 1 on the pod.
+
+    pip install "jax[tpu]"     # libtpu; works on a CPU host
+    animatediff-jax compile train --config configs/train/stage2_motion_module.py --topology v5e-256 \\
+        --config.train.batch_size=1024
+    animatediff-jax compile sample --config configs/sample/v2_motion_lora_zoom_in.py --topology v5e-1 \\
+        --config.batch_size=4
+
+Topologies: v5e-1 ... v5e-256 (also v5litepod-N), v6e-1 ... v6e-256, v5p-8 ... (Cloud names count
+TensorCores: v5p-128 is 64 chips), v4-8 ..., `2xv5e-256` for two slices, or JAX's `v5e:2x2`.
+
+Printed per program (per chip): argument / temporary / output / aliased (donated) GiB and their total
+against the chip's usable HBM; TFLOP (XLA's count plus the Pallas kernels', which XLA counts as zero,
+added from their shapes); GiB accessed (XLA's bytes model, every loop counted as often as it runs);
+the roofline time (the larger of FLOPs / peak and bytes / bandwidth) per step and per clip or video;
+XLA's own `optimal_seconds`; Pallas kernel and collective counts; lowering and compile seconds.
+`--breakdown N` adds the N op groups that move the most bytes (TPU tiles padded), `--json FILE` writes
+it all, `--save DIR` serializes the compiled executables with what they were compiled for.
+
+Options: `--quick` lowers the compiler's effort (a real-size program in 0.5-2 min on 2 cores instead
+of 5-20; memory can read higher than a full compile). `sample` only: `--motion v1|v2|v3` (the motion
+module's layout; default read from the file name), `--sparsectrl rgb|scribble`. Models are SD1.5
+(or what a converted folder named by the config says, read from its header when it is here).
+
+Exit codes: 0 compiled and fits; 2 a bad config or topology, or a program that does not fit (one line
+saying by how much, and what to change); 1 writing `--json` / `--save` failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+GiB = 2**30
+EXAMPLES = {"train": "configs/train/stage2_motion_module.py", "sample": "configs/sample/v2_motion_lora_zoom_in.py"}
+
+
+class DoesNotFit(ValueError):
+    """A program needs more HBM than the chip has (exit 2, one line)."""
+
+
+@dataclasses.dataclass
+class Program:
+    """One jitted program and its abstract arguments; `items` clips or videos per run (global)."""
+
+    name: str
+    lower: Callable[[], Any]
+    items: int
+    unit: str
+
+
+@dataclasses.dataclass
+class Report:
+    name: str
+    chip: str
+    chips: int
+    items_per_chip: float
+    unit: str
+    arg_gib: float
+    temp_gib: float
+    out_gib: float
+    alias_gib: float
+    total_gib: float
+    hbm_gib: float
+    fits: bool
+    tflop: float
+    pallas_tflop: float
+    gib_accessed: float
+    raw_tflop: float
+    raw_gib_accessed: float
+    loop_aware: bool
+    unknown_trip_loops: int
+    roofline_s: float
+    compute_s: float
+    memory_s: float
+    optimal_s: float | None
+    pallas_calls: int
+    collectives: dict[str, int]
+    lower_s: float
+    compile_s: float
+    breakdown: list[dict] = dataclasses.field(default_factory=list)
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------ programs
+
+
+def train_programs(config, devices: list) -> list[Program]:
+    """The stage's train step, as `train` builds it (`training.program`), on `devices`."""
+    from animatediff_jax import parallel
+    from animatediff_jax.training import abstract_models, batch_shapes, make_program
+    from animatediff_jax.training.config import ConfigError, validate_config
+
+    validate_config(config, files=False)
+    p = config.parallel
+    try:
+        mesh = parallel.make_mesh(dict(p.mesh_shape), devices)
+    except ValueError as e:
+        raise ConfigError(f"parallel.mesh_shape={dict(p.mesh_shape)}: {e}") from None
+    models = abstract_models(config)
+    program = make_program(config, models, mesh)
+    batch = batch_shapes(config, program, models, _cache_latent_dtype(config))
+    step = program.step(batch)
+    args = program.abstract_args(batch)
+    return [Program(f"{program.stage.name} train step", lambda: step.lower(*args), program.global_batch, "clip")]
+
+
+def _cache_latent_dtype(config) -> str:
+    """The latents' dtype a `data.source="cache"` run reads (`prepare --latent-dtype`), float32 if unknown."""
+    d = config.data
+    if d.source != "cache" or not d.cache_dir:
+        return "float32"
+    from animatediff_jax.io import fs
+
+    path = f"{d.cache_dir.rstrip('/')}/cache_info.json"
+    if not fs.isfile(path):
+        return "float32"
+    with fs.open(path) as f:
+        return str(json.load(f).get("latent_dtype", "float32"))
+
+
+def motion_version_of(path: str) -> str:
+    """A motion module's layout from its released file name (`mm_sd_v15_v2.ckpt` v2, `v3_sd15_mm.ckpt`
+    v3, `mm_sd_v14.ckpt` / `mm_sd_v15.ckpt` v1); v2 (Lightning, AnimateLCM) when the name says nothing."""
+    name = os.path.basename(path.rstrip("/")).lower()
+    found = re.findall(r"(?<![a-z0-9])v([123])(?!\d)|_v([123])(?!\d)", name)
+    if found:
+        return "v" + [a or b for a, b in found][-1]
+    return "v1" if re.search(r"v1[45]", name) else "v2"
+
+
+def abstract_pipeline(c: dict, motion: str):
+    """An `AnimationPipeline` of `ShapeDtypeStruct` params with the sample config's layouts."""
+    import jax.numpy as jnp
+
+    from animatediff_jax.models.clip_text import CLIPTextConfig
+    from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet
+    from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
+    from animatediff_jax.models.vae import VAEConfig
+    from animatediff_jax.sampling.pipeline import AnimationPipeline
+
+    unet, vae, text = sd15_unet(), VAEConfig.sd15(), CLIPTextConfig.sd15()
+    converted = os.path.join(c["base_model"], "params.safetensors")
+    if os.path.isfile(converted):
+        from animatediff_jax.checkpoints.params_io import config_from_dict
+        from animatediff_jax.checkpoints.torch_io import safetensors_metadata
+
+        meta = safetensors_metadata(converted)
+        unet = config_from_dict(UNetConfig, json.loads(meta["unet_config"]))
+        vae = config_from_dict(VAEConfig, json.loads(meta["vae_config"]))
+        text = config_from_dict(CLIPTextConfig, json.loads(meta["text_config"]))
+    unet = unet.replace(motion=None).with_motion(MotionConfig.for_version(motion))
+    dtype = jnp.dtype(c["dtype"])
+    cast = lambda tree: {k: (cast(v) if isinstance(v, dict) else _sds(v.shape, dtype)) for k, v in tree.items()}
+    params = {"unet": cast(unet_shapes(unet)), "vae": cast(vae_shapes(vae)), "text_encoder": cast(clip_shapes(text))}
+    stretch = tuple(int(v) for v in c.get("pe_stretch") or ()) or None
+    blocks = tuple(sorted((k, float(v)) for k, v in dict(c.get("motion_block_scales") or {}).items()))
+    return AnimationPipeline(unet, vae, text, params, None, dtype, c["attention"], float(c.get("motion_scale", 1.0)),
+                             blocks, stretch)
+
+
+def _sds(shape, dtype):
+    import jax
+
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def abstract_controls(c: dict, pipe, sparsectrl: str | None) -> list:
+    """The config's ControlNets / SparseCtrl with `ShapeDtypeStruct` params and blank condition images
+    (their values do not change the program)."""
+    import numpy as np
+
+    from animatediff_jax.models.controlnet import sd15_controlnet, sparsectrl_config
+    from animatediff_jax.models.shapes import controlnet_shapes
+    from animatediff_jax.sampling.control import Control
+
+    def params(cfg):
+        import jax
+
+        return jax.tree.map(lambda s: _sds(s.shape, pipe.dtype), controlnet_shapes(cfg))
+
+    out = []
+    for i, e in enumerate(c["controlnet"]):
+        cfg = sd15_controlnet()
+        images = np.zeros((c["L"], c["H"], c["W"], 3), np.uint8)
+        out.append(Control(cfg, params(cfg), images, None, float(e.get("scale", 1.0)), float(e.get("start", 0.0)),
+                           float(e.get("end", 1.0)), f"controlnet[{i}]"))
+    e = c["sparsectrl"]
+    if e:
+        kind = sparsectrl or ("scribble" if re.search(r"scribble|sketch", str(e["path"]).lower()) else "rgb")
+        cfg = sparsectrl_config(kind)
+        idx = tuple(e.get("frame_indices") or range(len(e["images"])))
+        images = np.zeros((len(idx), c["H"], c["W"], 3), np.uint8)
+        out.append(Control(cfg, params(cfg), images, idx, float(e.get("scale", 1.0)), float(e.get("start", 0.0)),
+                           float(e.get("end", 1.0)), "sparsectrl"))
+    return out
+
+
+def sample_programs(config, devices: list, motion: str | None = None, sparsectrl: str | None = None
+                    ) -> list[Program]:
+    """`sample`'s denoising call and VAE decode for one batch (`batch_size`, or one video per chip), on `devices`."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from animatediff_jax.sampling.config import ConfigError, validate, video_prompts
+    from animatediff_jax.sampling.generate import DATA, abstract_sampler
+
+    c = validate(config, files=False)
+    count = len(devices) if c["devices"] == -1 else c["devices"]
+    if count > len(devices):
+        raise ConfigError(f"devices={c['devices']}: the topology has {len(devices)} chips")
+    mesh = Mesh(np.asarray(devices[:count], dtype=object), (DATA,))
+    size = c["batch_size"] or count
+    prompts = video_prompts(c)
+    idx = [i % len(prompts) for i in range(size)]
+    motion = motion or motion_version_of(c["motion_module"] or "")
+    pipe = abstract_pipeline(c, motion)
+    controls = abstract_controls(c, pipe, sparsectrl)
+    programs = abstract_sampler(
+        pipe, [prompts[i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx], mesh=mesh,
+        num_frames=c["L"], height=c["H"], width=c["W"], steps=c["steps"], guidance_scale=c["guidance_scale"],
+        scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
+        decode_chunk=c["decode_chunk"], context_windows=c["context_windows"], free_init=dict(c["free_init"]) or None,
+        init_video_frames=c["L"] if c["init_video"] else 0, strength=c["strength"], controls=controls)
+    out = []
+    for name, (fn, args, sharding) in programs.items():
+        def lower(fn=fn, args=args, sharding=sharding):
+            import jax
+
+            with jax.set_mesh(mesh):
+                return jax.jit(fn, out_shardings=sharding).lower(*args)
+
+        label = f"sampler ({c['steps']} steps, {c['L']}x{c['H']}x{c['W']}, motion {motion})" if name == "denoise" \
+            else f"VAE decode (chunks of {c['decode_chunk']} frames)"
+        out.append(Program(label, lower, len(idx), "video"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ compile
+
+
+@contextlib.contextmanager
+def compiler_effort(quick: bool):
+    """`quick`: the compiler's lowest time-optimisation and memory-fitting effort while compiling."""
+    import jax
+
+    if not quick:
+        yield
+        return
+    names = ("jax_exec_time_optimization_effort", "jax_memory_fitting_effort")
+    before = {n: getattr(jax.config, n) for n in names}
+    for n in names:
+        jax.config.update(n, -1.0)
+    try:
+        yield
+    finally:
+        for n, v in before.items():
+            jax.config.update(n, v)
+
+
+def compile_program(program: Program, topology, quick: bool, breakdown: int = 0) -> tuple[Report, Any]:
+    """Lowers and compiles `program` for the TPU; the report of what it needs (and the executable)."""
+    from animatediff_jax import tpu, xla_cost
+    from animatediff_jax.models import attention
+
+    chip = topology.chip
+    t0 = time.perf_counter()
+    with attention.target_platform("tpu"):
+        lowered = program.lower()
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        with compiler_effort(quick):
+            compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - libtpu's out-of-memory is an XlaRuntimeError
+        msg = tpu.oom_message(e)
+        if msg is None:
+            raise
+        raise DoesNotFit(f"{program.name} does not fit a {chip.name} ({chip.hbm_gib:g} GiB usable): {msg}; try "
+                         "--config.parallel.remat=full, a smaller batch, or more chips") from None
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    arg, temp = mem.argument_size_in_bytes / GiB, mem.temp_size_in_bytes / GiB
+    out, alias = mem.output_size_in_bytes / GiB, mem.alias_size_in_bytes / GiB
+    total = arg + temp + out - alias
+    text = xla_cost.module_text(compiled)
+    module = xla_cost.Module.parse(text)
+    cost = xla_cost.loop_aware_cost(compiled, text)
+    pallas = xla_cost.pallas_kernels(module)
+    flops = cost["flops"] + pallas["pallas_flops"]
+    compute_s = flops / (chip.peak_tflops * 1e12)
+    memory_s = cost["bytes accessed"] / (chip.hbm_gbps * 1e9)
+    try:
+        optimal = float(_cost(compiled).get("optimal_seconds"))
+    except (TypeError, ValueError):
+        optimal = None
+    report = Report(
+        name=program.name, chip=chip.name, chips=topology.chips, items_per_chip=program.items / topology.chips,
+        unit=program.unit, arg_gib=arg, temp_gib=temp, out_gib=out, alias_gib=alias, total_gib=total,
+        hbm_gib=chip.hbm_gib, fits=total <= chip.hbm_gib, tflop=flops / 1e12,
+        pallas_tflop=pallas["pallas_flops"] / 1e12, gib_accessed=cost["bytes accessed"] / GiB,
+        raw_tflop=cost["raw_flops"] / 1e12, raw_gib_accessed=cost["raw_bytes accessed"] / GiB,
+        loop_aware=bool(cost["loop_aware"]), unknown_trip_loops=int(cost["unknown_trip_loops"]),
+        roofline_s=max(compute_s, memory_s), compute_s=compute_s, memory_s=memory_s, optimal_s=optimal,
+        pallas_calls=int(pallas["pallas_calls"]), collectives=xla_cost.collectives(module),
+        lower_s=lower_s, compile_s=compile_s,
+        breakdown=xla_cost.breakdown(text, top=breakdown) if breakdown else [])
+    if not report.fits:
+        raise DoesNotFit(f"{program.name} does not fit a {chip.name}: needs {total:.2f} GiB per chip "
+                         f"({temp:.2f} GiB of temporaries), {chip.hbm_gib:g} GiB usable; try "
+                         "--config.parallel.remat=full, a smaller batch, or more chips")
+    return report, compiled
+
+
+def _cost(compiled) -> dict:
+    ca = compiled.cost_analysis()
+    return (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+
+
+def format_report(r: Report) -> str:
+    per = r.items_per_chip
+    step = f"{r.roofline_s * 1e3:.0f} ms" if r.roofline_s < 10 else f"{r.roofline_s:.1f} s"
+    bound = "compute" if r.compute_s >= r.memory_s else "memory"
+    lines = [
+        f"{r.name}: {r.chips} x {r.chip}, {per:g} {r.unit}(s) per chip",
+        f"  per chip: args {r.arg_gib:.2f} + temp {r.temp_gib:.2f} + out {r.out_gib:.2f} - aliased "
+        f"{r.alias_gib:.2f} = {r.total_gib:.2f} GiB of {r.hbm_gib:g} GiB usable: {'fits' if r.fits else 'DOES NOT FIT'}",
+        f"  {r.tflop:.1f} TFLOP (Pallas {r.pallas_tflop:.1f}; XLA alone, loops once: {r.raw_tflop:.1f}), "
+        f"{r.gib_accessed:.0f} GiB accessed (loops once: {r.raw_gib_accessed:.0f})"
+        + ("" if r.loop_aware else " [loop-aware count failed: XLA's figures]")
+        + (f" [{r.unknown_trip_loops} loop(s) of unknown trip count, counted once]" if r.unknown_trip_loops else ""),
+        f"  roofline {step} per run ({bound}-bound: compute {r.compute_s * 1e3:.0f} ms, memory "
+        f"{r.memory_s * 1e3:.0f} ms) = {r.roofline_s / per * 1e3 if per else float('nan'):.0f} ms per {r.unit} per chip"
+        + (f"; XLA optimal_seconds {r.optimal_s:.3f}" if r.optimal_s is not None else ""),
+        f"  {r.pallas_calls} Pallas kernel call(s); collectives "
+        + (", ".join(f"{k} {v}" for k, v in sorted(r.collectives.items())) or "none")
+        + f"; lowered in {r.lower_s:.0f} s, compiled in {r.compile_s:.0f} s",
+    ]
+    if r.breakdown:
+        lines.append("  bytes by op (TPU tiles padded; per run):")
+        for b in r.breakdown:
+            lines.append(f"    {b['bytes'] / GiB:9.1f} GiB ({b['untiled_bytes'] / GiB:7.1f} unpadded) {b['ops']:6d} ops  "
+                         f"{b['op']}")
+    return "\n".join(lines)
+
+
+def fingerprint(config) -> str:
+    """What a saved executable was built from (the resolved config), as a short hash."""
+    text = config.to_json_best_effort(sort_keys=True) if hasattr(config, "to_json_best_effort") else json.dumps(
+        config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import jax
+
+    out = {"jax": jax.__version__}
+    for pkg in ("jaxlib", "libtpu"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_executable(folder: str, name: str, compiled, meta: dict) -> str:
+    """`compiled` serialized (`jax.experimental.serialize_executable`) to `folder/<name>.bin`, with
+    `<name>.json`: topology, config fingerprint, versions. Written atomically."""
+    import pickle
+
+    from jax.experimental import serialize_executable
+
+    from animatediff_jax.io import fs
+
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    fs.makedirs(folder, exist_ok=True)
+    base = os.path.join(folder, re.sub(r"[^\w.-]+", "_", name).strip("_"))
+    for path, data in ((base + ".bin", pickle.dumps((payload, in_tree, out_tree))),
+                       (base + ".json", json.dumps(meta, indent=2, sort_keys=True).encode())):
+        with fs.atomic_file(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+    return base + ".bin"
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def _parse(argv: Sequence[str]):
+    if not argv or argv[0] not in EXAMPLES:
+        raise ValueError(f"compile: expected `train` or `sample` first, e.g. animatediff-jax compile train --config "
+                         f"{EXAMPLES['train']} --topology v5e-8")
+    what = argv[0]
+    p = argparse.ArgumentParser(prog=f"animatediff-jax compile {what}", add_help=False)
+    p.add_argument("--topology", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--breakdown", type=int, default=0)
+    p.add_argument("--json", default="")
+    p.add_argument("--save", default="")
+    p.add_argument("--motion", choices=("v1", "v2", "v3"))
+    p.add_argument("--sparsectrl", choices=("rgb", "scribble"))
+    own, rest = [], []
+    it = iter(argv[1:])
+    names = {a.option_strings[0] for a in p._actions}
+    for a in it:
+        key = a.split("=", 1)[0]
+        if key in names:
+            own.append(a)
+            if "=" not in a and key not in ("--quick",):
+                own.append(next(it, ""))
+        else:
+            rest.append(a)
+    try:
+        args = p.parse_args(own)
+    except SystemExit:
+        raise ValueError(f"compile {what}: --topology NAME is required (e.g. v5e-8); options: --quick, "
+                         "--breakdown N, --json FILE, --save DIR, --motion v1|v2|v3, --sparsectrl rgb|scribble") from None
+    if what == "train" and (args.motion or args.sparsectrl):
+        raise ValueError("--motion / --sparsectrl are for `compile sample` (train configs say model.motion_version)")
+    return what, args, rest
+
+
+def run(what: str, config, topology_name: str, quick: bool = False, breakdown: int = 0, motion: str | None = None,
+        sparsectrl: str | None = None, save: str = "", echo: Callable[[str], None] = print) -> list[Report]:
+    """Compiles `what`'s programs for `topology_name`; raises `DoesNotFit` (after printing the ones that fit)."""
+    from animatediff_jax import tpu
+
+    topology = tpu.topology(topology_name)
+    devices = topology.devices()
+    programs = train_programs(config, devices) if what == "train" else sample_programs(config, devices, motion,
+                                                                                      sparsectrl)
+    echo(f"compiling {len(programs)} program(s) for {topology_name} ({topology.chips} x {topology.chip.name}, "
+         f"{topology.chip.hbm_gib:g} GiB usable HBM, {topology.chip.peak_tflops:g} TFLOP/s bf16, "
+         f"{topology.chip.hbm_gbps:g} GB/s){' at reduced effort' if quick else ''}")
+    reports = []
+    for program in programs:
+        report, compiled = compile_program(program, topology, quick, breakdown)
+        reports.append(report)
+        echo(format_report(report))
+        if save:
+            meta = {"program": program.name, "topology": topology_name, "config_fingerprint": fingerprint(config),
+                    "versions": versions(), "quick": quick}
+            name = f"{what}-{program.name.split(' (')[0]}"
+            echo(f"  saved {save_executable(save, name, compiled, meta)}")
+    return reports
+
+
+def _command(argv: Sequence[str]) -> None:
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # everything but the TPU compile stays on the host
+    from animatediff_jax.cli import parse_config_flags
+
+    what, args, rest = _parse(argv)
+    config, print_only = parse_config_flags(rest, f"compile {what}", EXAMPLES[what])
+    if print_only:
+        print(config)
+        return
+    reports = run(what, config, args.topology, args.quick, args.breakdown, args.motion, args.sparsectrl, args.save)
+    if args.json:
+        from animatediff_jax.io import fs
+
+        with fs.open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from animatediff_jax.cli import run_command
+
+    return run_command(_command, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

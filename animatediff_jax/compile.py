@@ -464,6 +464,7 @@ def run(what: str, config, topology_name: str, quick: bool = False, breakdown: i
 def _command(argv: Sequence[str]) -> None:
     if "jax" not in sys.modules:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # everything but the TPU compile stays on the host
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # (a TPU VM's own training may hold libtpu's lock)
     from animatediff_jax.cli import parse_config_flags
 
     what, args, rest = _parse(argv)

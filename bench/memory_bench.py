@@ -12,9 +12,9 @@ when an earlier program peaked higher, so the figure is not this program's).
 
 XLA's `cost_analysis()` counts the body of a `while` loop once, whatever its trip count (a
 25-step `lax.scan` reads as one step, and the blockwise "chunked" attention, itself two nested
-loops, as one block). The TFLOP and "GiB accessed" columns are therefore loop-aware: every
-loop body with a known trip count is costed on its own (its computation made the entry of a
-copy of the optimised module) and multiplied by that count. XLA's raw figure is printed next
+loops, as one block). The TFLOP and "GiB accessed" columns are therefore loop-aware
+(`animatediff_jax.xla_cost.loop_aware_cost`): every loop body is costed on its own and
+multiplied by its trip count. XLA's raw figure is printed next
 to it ("raw"), as that is what `cost_analysis()` says. "bytes accessed" is XLA's model (each
 fusion's operands + result, no caches): the blockwise kernel moves about as many score bytes
 as the plain one in this model; what it removes is the live score matrix (temp).
@@ -70,116 +70,7 @@ TARGET_TPU_CALLS = 5
 # Loop-aware cost analysis
 # ----------------------------------------------------------------------------------------------
 
-_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(", re.M)
-_WHILE = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+)(.*)$", re.M)
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLS = re.compile(r"\b(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-                    r"|branch_computations=\{([^}]*)\}")
-_COST_KEYS = ("flops", "bytes accessed", "transcendentals")
-
-
-def _cost_dict(ca) -> dict:
-    if isinstance(ca, (list, tuple)):  # older JAX: one dict per program
-        ca = ca[0] if ca else {}
-    ca = ca or {}
-    return {k: float(ca.get(k, 0.0)) for k in _COST_KEYS}
-
-
-def loop_aware_cost(compiled) -> dict:
-    """`compiled.cost_analysis()` with every `while` body counted `known_trip_count` times.
-
-    Returns flops / bytes accessed / transcendentals (loop-aware), the same three as XLA reports
-    them ("raw_*": loop bodies once), how many loops had no known trip count (counted once) and
-    whether the loop-aware count could be made (`loop_aware`; if not, the raw figures).
-    T(c) = X(c) + sum over the loops w run by c of (n_w * T(body_w) - X(body_w)), where X(c) is
-    XLA's cost analysis of computation c alone (the entry of a module of c and what it calls),
-    which counts each loop body inside c once.
-    """
-    raw = _cost_dict(compiled.cost_analysis())
-    out = dict(raw, **{f"raw_{k}": v for k, v in raw.items()}, unknown_trip_loops=0, loop_aware=False)
-    try:
-        from jax._src import xla_bridge
-        from jax._src.lib import _jax
-        import jaxlib._hlo as hlo
-
-        module = compiled.runtime_executable().hlo_modules()[0]
-        opts = hlo.HloPrintOptions()
-        opts.print_metadata = False
-        opts.print_large_constants = True  # "{...}" would not parse back
-        txt = module.to_string(opts)
-        backend = xla_bridge.get_backend()
-    except Exception as e:  # noqa: BLE001 - keep XLA's own figures
-        out["loop_aware_error"] = repr(e)
-        return out
-    heads = [(m.start(), m.group(2), bool(m.group(1))) for m in _HEADER.finditer(txt)]
-    comps, order, entry = {}, [], None
-    for i, (pos, name, is_entry) in enumerate(heads):
-        end = heads[i + 1][0] if i + 1 < len(heads) else len(txt)
-        comps[name] = re.sub(r"^ENTRY ", "", txt[pos:end], count=1)
-        order.append(name)
-        if is_entry:
-            entry = name
-    if entry is None:
-        out["loop_aware_error"] = "no ENTRY computation in the module text"
-        return out
-    refs = {n: {r for r in re.findall(r"%([\w.\-]+)", body) if r in comps and r != n} for n, body in comps.items()}
-    unknown = [0]
-    xcache: dict = {}
-    tcache: dict = {}
-
-    def cost_alone(name: str) -> dict:
-        if name == entry:
-            return raw
-        if name not in xcache:
-            keep, todo = {name}, [name]
-            while todo:
-                for r in refs[todo.pop()]:
-                    if r not in keep:
-                        keep.add(r)
-                        todo.append(r)
-            parts = [("ENTRY " + comps[n]) if n == name else comps[n] for n in order if n in keep and n != name]
-            parts.append("ENTRY " + comps[name])  # callees first, as XLA prints them
-            mod = hlo.hlo_module_from_text("HloModule loop_body\n\n" + "\n".join(parts))
-            xcache[name] = _cost_dict(_jax.hlo_module_cost_analysis(backend, mod))
-        return xcache[name]
-
-    def loops(name: str, seen: set) -> list:
-        """(body, trip count) of the loops run by `name` itself or by computations it calls."""
-        text = comps.get(name, "")
-        found = []
-        for m in _WHILE.finditer(text):
-            trip = _TRIP.search(m.group(2))
-            found.append((m.group(1), int(trip.group(1)) if trip else None))
-        for m in _CALLS.finditer(text):
-            names = [m.group(1)] if m.group(1) else [r.strip().lstrip("%") for r in m.group(2).split(",")]
-            for r in names:
-                if r in comps and r not in seen:
-                    seen.add(r)
-                    found += loops(r, seen)
-        return found
-
-    def total(name: str) -> dict:
-        if name not in tcache:
-            tot = dict(cost_alone(name))
-            for body, n in loops(name, {name}):
-                if n is None:
-                    unknown[0] += 1
-                    n = 1
-                tb, xb = total(body), cost_alone(body)
-                for k in tot:
-                    tot[k] += n * tb[k] - xb[k]
-            tcache[name] = tot
-        return tcache[name]
-
-    try:
-        out.update(total(entry))
-    except Exception as e:  # noqa: BLE001 - a module text that does not parse back: XLA's figures
-        out.update(raw)
-        out["loop_aware_error"] = repr(e)
-        return out
-    out["unknown_trip_loops"] = unknown[0]
-    out["loop_aware"] = True
-    return out
+from animatediff_jax.xla_cost import loop_aware_cost  # noqa: E402  (every loop counted as often as it runs)
 
 
 # ----------------------------------------------------------------------------------------------

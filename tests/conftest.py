@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (tests/test_compile.py compiles for abstract TPU chips) holds a lock file per process; the
+# two xdist workers and the benches' subprocesses may each load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import numpy as np

@@ -460,6 +460,33 @@ def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
     return tuple(axes)
 
 
+def _default_precision(fn):
+    """`fn(q, k, v)` with its forward and backward traced at the default matmul precision.
+
+    A process-wide `jax_default_matmul_precision="highest"` would make the splash kernels ask Mosaic
+    for fp32 contractions of bf16 blocks, which it cannot compile ("Bad lhs type"); half-precision
+    inputs have nothing to gain from it. The backward kernels are traced when the gradient is
+    transposed, outside any context around the forward call, hence a `custom_vjp` that enters the
+    context in both passes.
+    """
+
+    @jax.custom_vjp
+    def call(q, k, v):
+        with jax.default_matmul_precision("default"):
+            return fn(q, k, v)
+
+    def fwd(q, k, v):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, q, k, v)
+
+    def bwd(vjp, g):
+        with jax.default_matmul_precision("default"):
+            return vjp(g)
+
+    call.defvjp(fwd, bwd)
+    return call
+
+
 def splash_attention(q, k, v, *, is_causal: bool = False, block: int = SPLASH_BLOCK) -> jax.Array:
     """TPU splash attention with `dot_product_attention`'s layout and semantics.
 
@@ -508,5 +535,7 @@ def splash_attention(q, k, v, *, is_causal: bool = False, block: int = SPLASH_BL
         spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0])
         kernel_call = jax.shard_map(kernel_call, mesh=mesh, in_specs=(spec, spec, spec),
                                     out_specs=spec, check_vma=False)
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        kernel_call = _default_precision(kernel_call)
     out = kernel_call(q, k, v)  # [B, N, Tp, Hp]
     return out.transpose(0, 2, 1, 3)[:, :t, :, :h].astype(q.dtype)

@@ -1,0 +1,178 @@
+"""Compiled by the real TPU compiler (libtpu, abstract chips, no TPU): the train step on a data x fsdp
+mesh, the sampler with splash and a ControlNet in its scan, and `animatediff-jax compile`'s exit codes.
+
+Tiny models keep each compile under a minute; the compiler runs at reduced effort. These are the only
+tests that see the TPU kernels (splash attention in its `shard_map`): CPU never picks them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason='compiling for TPU needs libtpu (pip install "jax[tpu]": the test extras)')
+
+from animatediff_jax import compile as compile_cmd  # noqa: E402
+from animatediff_jax import parallel, tpu, xla_cost  # noqa: E402
+from animatediff_jax.models import attention  # noqa: E402
+from animatediff_jax.training import abstract_models, batch_shapes, make_program  # noqa: E402
+from animatediff_jax.training.config import base_config, tiny_overrides  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _quick_compiles():
+    with compile_cmd.compiler_effort(True):
+        yield
+
+
+def tiny_stage2(mesh_shape: dict, batch: int = 4, resolution: int = 64):
+    """Tiny stage 2 from pixels; at 64² the tiny VAE leaves 32x32 = 1024 latent tokens: splash on TPU."""
+    c = tiny_overrides(base_config())
+    c.stage = "motion_module"
+    c.data.source = "synthetic"
+    c.train.num_frames = 4
+    c.train.resolution = resolution
+    c.train.batch_size = batch
+    c.parallel.mesh_shape = mesh_shape
+    c.parallel.compute_dtype = "bfloat16"
+    return c
+
+
+def test_topology_names():
+    cases = {"v5e-1": ("v5e", (1, 1), 1), "v5litepod-8": ("v5e", (2, 4), 8), "v5e-256": ("v5e", (16, 16), 256),
+             "v5p-8": ("v5p", (2, 2, 1), 4), "v5p-128": ("v5p", (4, 4, 4), 64), "v6e-8": ("v6e", (2, 4), 8),
+             "v4-8": ("v4", (2, 2, 1), 4), "2xv5e-256": ("v5e", (16, 16), 512), "v5e:2x2": ("v5e", (2, 2), 4)}
+    for name, (gen, shape, chips) in cases.items():
+        t = tpu.topology(name)
+        assert (t.generation, t.shape, t.chips) == (gen, shape, chips), name
+    assert len(tpu.topology("v5p-128").devices()) == 64
+    for bad in ("v5e-3", "v7-8", "v5p:2x2", "tpu"):
+        with pytest.raises(ValueError, match="--topology"):
+            tpu.topology(bad)
+
+
+def test_stage2_step_compiles_on_a_v5e_2x2_data_x_fsdp_mesh():
+    """The pod crash: on a multi-chip mesh the step must trace under its mesh, or splash (a Mosaic kernel)
+    cannot be partitioned. Traced without the mesh it fails to lower (the bug); the program's own step
+    (`parallel.OnMesh`) compiles, with splash kernels and FSDP all-gathers, and fits."""
+    devices = tpu.topology("v5e:2x2").devices()
+    config = tiny_stage2({"data": 2, "fsdp": 2})
+    mesh = parallel.make_mesh(dict(config.parallel.mesh_shape), devices)
+    models = abstract_models(config)
+    program = make_program(config, models, mesh)
+    batch = batch_shapes(config, program, models)
+    step = program.step(batch)
+    args = program.abstract_args(batch)
+
+    with attention.target_platform("tpu"), pytest.raises(Exception, match="Mosaic kernels cannot be automatically"):
+        step.jitted.lower(*args)  # the same jit, traced without the mesh in context: what crashed pods
+
+    report, compiled = compile_cmd.compile_program(compile_cmd.Program("step", lambda: step.lower(*args), 4, "clip"),
+                                                   tpu.topology("v5e:2x2"), quick=True)
+    assert report.pallas_calls >= 4  # splash forward + dq + dkv per long attention, inside shard_map
+    assert report.pallas_tflop > 0 and report.tflop > report.raw_tflop  # Pallas FLOPs added from shapes
+    assert report.collectives.get("all-gather", 0) > 0  # FSDP: every layer gathers its weights
+    assert report.fits and 0 < report.total_gib < 15.75
+    assert report.alias_gib > 0  # the donated train state
+
+
+def test_per_chip_state_shrinks_with_fsdp():
+    """Params and AdamW moments are split over `fsdp`: per-chip bytes of the train state fall with it."""
+    devices = tpu.topology("v5e:2x2").devices()
+
+    def per_chip_bytes(mesh_shape):
+        config = tiny_stage2(mesh_shape)
+        mesh = parallel.make_mesh(mesh_shape, devices)
+        program = make_program(config, abstract_models(config), mesh)
+        state, frozen, _ = program.abstract_args(batch_shapes(config, program, abstract_models(config)))
+        leaves = jax.tree.leaves((state, frozen))
+        return sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+
+    replicated, sharded = per_chip_bytes({"data": 4, "fsdp": 1}), per_chip_bytes({"data": 1, "fsdp": 4})
+    assert sharded < 0.4 * replicated, (sharded, replicated)
+
+
+def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
+    """`sample`'s denoising program (forced splash, CFG, a ControlNet's residuals in every step of the
+    scan) compiles for one v5e chip; the loop's trip count is read from its condition (TPU HLO has no
+    `known_trip_count`), so the loop-aware FLOPs are the steps' times one step's."""
+    from jax.sharding import Mesh
+
+    from animatediff_jax.models.clip_text import CLIPTextConfig
+    from animatediff_jax.models.config import tiny_unet
+    from animatediff_jax.models.controlnet import tiny_controlnet
+    from animatediff_jax.models.shapes import clip_shapes, controlnet_shapes, unet_shapes, vae_shapes
+    from animatediff_jax.models.vae import VAEConfig
+    from animatediff_jax.sampling.control import Control
+    from animatediff_jax.sampling.generate import abstract_sampler
+    from animatediff_jax.sampling.pipeline import AnimationPipeline
+
+    text = CLIPTextConfig.tiny()
+    unet, vae = tiny_unet("v2", cross_attention_dim=text.hidden_size), VAEConfig.tiny()
+    params = {"unet": unet_shapes(unet), "vae": vae_shapes(vae), "text_encoder": clip_shapes(text)}
+    pipe = AnimationPipeline(unet, vae, text, params, None, np.float32, "splash")
+    cnet = tiny_controlnet(cross_attention_dim=text.hidden_size)
+    control = Control(cnet, controlnet_shapes(cnet), np.zeros((4, 64, 64, 3), np.uint8))
+    topology = tpu.topology("v5e:1x1")
+    mesh = Mesh(np.asarray(topology.devices(), dtype=object), ("data",))
+    steps = 3
+    fn, args, sharding = abstract_sampler(pipe, ["a", "b"], None, [0, 1], mesh=mesh, num_frames=4, height=64,
+                                          width=64, steps=steps, controls=[control])["denoise"]
+
+    def lower():
+        with jax.set_mesh(mesh):
+            return jax.jit(fn, out_shardings=sharding).lower(*args)
+
+    report, compiled = compile_cmd.compile_program(compile_cmd.Program("sampler", lower, 2, "video"), topology, True)
+    assert report.pallas_calls >= steps  # splash in every step of the scan
+    module = xla_cost.Module.parse(xla_cost.module_text(compiled))
+    trips = [module.trip_count(i) for c in module.instrs.values() for i in c if i.opcode == "while"]
+    assert steps in trips and None not in trips, trips
+    assert report.loop_aware and report.unknown_trip_loops == 0
+    assert report.tflop > 2 * report.raw_tflop  # the scan's body counted `steps` times, not once
+
+
+def test_the_command_fits_and_does_not_fit(capsys, monkeypatch):
+    """rc 0 and the per-chip table when the step fits; rc 2 and one line saying by how much when a
+    program does not fit (a 44 GiB argument on a 15.75 GiB chip)."""
+    import jax.numpy as jnp
+
+    argv = ["train", "--config", "configs/train/tiny_stage2.py", "--topology", "v5e-1", "--quick",
+            "--config.data.source=cache", "--config.train.resolution=32", "--config.train.batch_size=1",
+            "--config.parallel.compute_dtype=bfloat16", "--breakdown", "3"]
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert compile_cmd.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fits" in out and "GiB accessed" in out and "roofline" in out and "bytes by op" in out
+
+    def too_big(config, devices):
+        big = jax.ShapeDtypeStruct((11, 2**29), jnp.float32)
+        return [compile_cmd.Program("too big", lambda: jax.jit(lambda x: x * 2).lower(big), 1, "clip")]
+
+    monkeypatch.setattr(compile_cmd, "train_programs", too_big)
+    assert compile_cmd.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "too big does not fit a TPU v5 lite: needs 44.00 GiB per chip" in err[0], err
+    assert "15.75 GiB usable" in err[0] and "remat=full" in err[0]
+
+    assert compile_cmd.main(["train", "--config", "configs/train/tiny_stage2.py", "--topology", "v9-8"]) == 2
+    assert "--topology 'v9-8'" in capsys.readouterr().err
+
+
+def test_libtpu_out_of_memory_is_one_line():
+    """What libtpu raised for the default stage-2 step at 4 clips on a v5e (remat dots, 16x256²)."""
+    raw = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (20.50G) "
+           "exceeds available HBM (15.75G).\n\nAdditional details ...")
+    msg = tpu.oom_message(RuntimeError(raw))
+    assert msg is not None and "\n" not in msg and "20.50G" in msg
+    assert tpu.oom_message(RuntimeError("INVALID_ARGUMENT: something else")) is None
+
+
+def test_motion_version_from_released_names():
+    names = {"mm_sd_v14.ckpt": "v1", "mm_sd_v15.ckpt": "v1", "mm_sd_v15_v2.ckpt": "v2", "v3_sd15_mm.ckpt": "v3",
+             "animatediff_lightning_4step_diffusers.safetensors": "v2", "models/mm_v2.safetensors": "v2"}
+    for name, version in names.items():
+        assert compile_cmd.motion_version_of(name) == version, name

@@ -33,7 +33,9 @@ setup(
         "train": ["grain", "av", "tensorboardX"],
         # gs:// paths for real (epath's fsspec backend; orbax's gs:// checkpoints use google-cloud-storage).
         "gcs": ["gcsfs", "google-cloud-storage"],
-        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "pytest-xdist", "grain", "av", "tensorboardX"],
+        # jax[tpu] brings libtpu (it runs on a CPU host): tests/test_compile.py compiles for abstract TPU chips.
+        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "pytest-xdist", "grain", "av", "tensorboardX",
+                 "jax[tpu]"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},
 )

@@ -22,7 +22,9 @@ added from their shapes); GiB accessed (XLA's bytes model, every loop counted as
 the roofline time (the larger of FLOPs / peak and bytes / bandwidth) per step and per clip or video;
 XLA's own `optimal_seconds`; Pallas kernel and collective counts; lowering and compile seconds.
 `--breakdown N` adds the N op groups that move the most bytes (TPU tiles padded), `--json FILE` writes
-it all, `--save DIR` serializes the compiled executables with what they were compiled for.
+it all, `--save DIR` serializes the compiled executables with what they were compiled for; `train
+--config.executables=DIR` on that slice then loads its step instead of compiling it (same config
+overrides, same jax / libtpu).
 
 Options: `--quick` lowers the compiler's effort (a real-size program in 0.5-2 min on 2 cores instead
 of 5-20; memory can read higher than a full compile). `sample` only: `--motion v1|v2|v3` (the motion
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -62,6 +63,8 @@ class Program:
     lower: Callable[[], Any]
     items: int
     unit: str
+    save_name: str = ""  # what `--save` writes it as (and the command that runs it looks for)
+    match: dict = dataclasses.field(default_factory=dict)  # what that command checks besides the devices
 
 
 @dataclasses.dataclass
@@ -117,7 +120,8 @@ def train_programs(config, devices: list) -> list[Program]:
     batch = batch_shapes(config, program, models, _cache_latent_dtype(config))
     step = program.step(batch)
     args = program.abstract_args(batch)
-    return [Program(f"{program.stage.name} train step", lambda: step.lower(*args), program.global_batch, "clip")]
+    return [Program(f"{program.stage.name} train step", lambda: step.lower(*args), program.global_batch, "clip",
+                    program.executable_name, {"fingerprint": program.fingerprint, "batch": sorted(batch)})]
 
 
 def _cache_latent_dtype(config) -> str:
@@ -359,46 +363,6 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
-def fingerprint(config) -> str:
-    """What a saved executable was built from (the resolved config), as a short hash."""
-    text = config.to_json_best_effort(sort_keys=True) if hasattr(config, "to_json_best_effort") else json.dumps(
-        config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    import jax
-
-    out = {"jax": jax.__version__}
-    for pkg in ("jaxlib", "libtpu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def save_executable(folder: str, name: str, compiled, meta: dict) -> str:
-    """`compiled` serialized (`jax.experimental.serialize_executable`) to `folder/<name>.bin`, with
-    `<name>.json`: topology, config fingerprint, versions. Written atomically."""
-    import pickle
-
-    from jax.experimental import serialize_executable
-
-    from animatediff_jax.io import fs
-
-    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-    fs.makedirs(folder, exist_ok=True)
-    base = os.path.join(folder, re.sub(r"[^\w.-]+", "_", name).strip("_"))
-    for path, data in ((base + ".bin", pickle.dumps((payload, in_tree, out_tree))),
-                       (base + ".json", json.dumps(meta, indent=2, sort_keys=True).encode())):
-        with fs.atomic_file(path) as tmp, open(tmp, "wb") as f:
-            f.write(data)
-    return base + ".bin"
-
-
 # ------------------------------------------------------------------------------------------ command
 
 
@@ -431,6 +395,8 @@ def _parse(argv: Sequence[str]):
     except SystemExit:
         raise ValueError(f"compile {what}: --topology NAME is required (e.g. v5e-8); options: --quick, "
                          "--breakdown N, --json FILE, --save DIR, --motion v1|v2|v3, --sparsectrl rgb|scribble") from None
+    if what == "sample" and args.save:
+        raise ValueError("--save is for `compile train` (its step is what `train --config.executables=DIR` loads)")
     if what == "train" and (args.motion or args.sparsectrl):
         raise ValueError("--motion / --sparsectrl are for `compile sample` (train configs say model.motion_version)")
     return what, args, rest
@@ -454,10 +420,11 @@ def run(what: str, config, topology_name: str, quick: bool = False, breakdown: i
         reports.append(report)
         echo(format_report(report))
         if save:
-            meta = {"program": program.name, "topology": topology_name, "config_fingerprint": fingerprint(config),
-                    "versions": versions(), "quick": quick}
-            name = f"{what}-{program.name.split(' (')[0]}"
-            echo(f"  saved {save_executable(save, name, compiled, meta)}")
+            from animatediff_jax import executables
+
+            meta = {**executables.target(devices), **program.match, "program": program.name, "topology": topology_name}
+            name = program.save_name or f"{what}-{program.name.split(' (')[0]}"
+            echo(f"  saved {executables.save(save, name, compiled, meta)}")
     return reports
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from animatediff_jax import compilation_cache
 from animatediff_jax.cli import parse_config_flags, run_command
 from animatediff_jax.evaluation.sample_checks import SampleChecks
 from animatediff_jax.io import fs
@@ -100,6 +101,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     from animatediff_jax.checkpoints.torch_io import nonfinite_allowed
 
     c = validate(config)
+    compilation_cache.enable(c["compilation_cache"], compilation_cache.default_dir())
     try:
         mesh = make_mesh(None if c["devices"] == -1 else c["devices"])
     except ValueError as e:

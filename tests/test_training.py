@@ -253,3 +253,30 @@ def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
     assert not np.array_equal(before.rng, after.rng)
     m = host(trainer.train_step(trainer.put_batch(good)))
     assert int(m["nonfinite"]) == 0 and np.isfinite(m["loss"])
+
+
+def test_a_saved_step_is_loaded_instead_of_compiled(tmp_path, capsys):
+    """`compile train --save DIR` writes the step's executable; `train` with `executables=DIR` loads it
+    in place of its own compile, and one built for another program is refused with the reason.
+    (Running it is a TPU's: XLA:CPU executables do not survive serialization in jax 0.10 -- their
+    fused functions are "NOT_FOUND" once loaded -- so here the loaded step is checked, not run.)"""
+    from animatediff_jax import executables
+
+    config = tiny_config("motion_module")
+    trainer = build_trainer(config)
+    batch = trainer.put_batch(learnable_batch(4))
+    program = trainer.program
+    compiled = program.step(batch).lower(trainer.state, trainer.frozen, batch).compile()
+    meta = {**executables.target(list(trainer.mesh.devices.flat)), "fingerprint": program.fingerprint,
+            "batch": sorted(batch)}
+    executables.save(str(tmp_path), program.executable_name, compiled, meta)
+
+    config.executables = str(tmp_path)
+    step = build_trainer(config).step_fn(batch)
+    assert isinstance(step, jax.stages.Compiled) and "loaded the compiled step" in capsys.readouterr().out
+    assert step.in_tree == compiled.in_tree and step.out_tree == compiled.out_tree
+
+    config.parallel.remat = "full"  # another program: compiled afresh, and said why
+    step = build_trainer(config).step_fn(batch)
+    out = capsys.readouterr().out
+    assert isinstance(step, parallel.OnMesh) and "compiling the step" in out and "fingerprint" in out

@@ -39,6 +39,9 @@ def base_config() -> ConfigDict:
     """
     c = ConfigDict()
     c.base_model = "models/sd15"  # SD1.5: converted folder, diffusers folder or LDM single file
+    # JAX's persistent compilation cache: "auto" = ~/.cache/animatediff-jax/jax (the same config again
+    # starts in seconds), a folder, or "" (off).
+    c.compilation_cache = "auto"
     c.tokenizer = ""  # CLIP tokenizer folder; "" = <base_model>/tokenizer
     c.dreambooth_path = ""  # personalised model over the base (single file or folder); "" = none
     c.lora_model_path = ""  # personalised LoRA (kohya / diffusers; text-encoder layers too); "" = none
@@ -382,6 +385,8 @@ def validate(config: Any, files: bool = True) -> dict:
         raise ConfigError(str(e)) from None
     seeds = [secrets.randbits(63) if s == -1 else int(s) for s in seeds]
 
+    if not isinstance(c["compilation_cache"], str):
+        raise ConfigError(f"compilation_cache={c['compilation_cache']!r}: expected a folder, 'auto' or '' (off)")
     steps = _int("steps", c["steps"], 1)
     _number("guidance_scale", c["guidance_scale"])
     for name in ("W", "H", "L"):

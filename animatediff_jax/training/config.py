@@ -14,6 +14,12 @@ def base_config() -> ConfigDict:
     c.stage = "motion_module"  # domain_adapter | motion_module | motion_lora (or 1 / 2 / 3)
     c.workdir = "runs/train"  # checkpoints/, metrics.jsonl, TensorBoard events, exported params
     c.seed = 0  # training randomness (noise, timesteps, LoRA init); data order uses data.seed
+    # JAX's persistent compilation cache: "auto" = <workdir>/jax_cache (a resumed run skips compiling), a
+    # folder (local or gs://, shared by every host), or "" (off).
+    c.compilation_cache = "auto"
+    # A folder written by `animatediff-jax compile train ... --save DIR`: its step is loaded instead of
+    # compiled when it was built for these devices, this config's program and these jax/libtpu versions.
+    c.executables = ""
 
     c.model = m = ConfigDict()
     m.pretrained = ""  # converted SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`); "" = random
@@ -61,7 +67,10 @@ def base_config() -> ConfigDict:
     ls.beta_schedule = "linear"
 
     c.parallel = p = ConfigDict()
-    p.mesh_shape = ConfigDict({"data": -1, "fsdp": 1})  # axis order = mesh order; one axis may be -1
+    # Axis order = mesh order; one axis may be -1. FSDP over every chip by default: per-chip params and AdamW
+    # moments shrink as chips are added (stage 2, 16x256², v5e, `animatediff-jax compile`: 6.98 GiB of
+    # arguments per chip replicated, 0.89 GiB at fsdp=8). Several slices: data = the number of slices.
+    p.mesh_shape = ConfigDict({"data": 1, "fsdp": -1})
     p.batch_axes = ("data", "fsdp")
     p.fsdp_axis = "fsdp"
     p.min_fsdp_size = 4096  # arrays with fewer elements are replicated
@@ -169,7 +178,7 @@ def _number(c: ConfigDict, name: str, lo: float, *, integer: bool = True, strict
 def size_multiple(c: ConfigDict, files: bool = True) -> int:
     """What `train.resolution` must divide by (VAE factor x UNet downsampling), from the model's
     configs without loading weights (`files=False`: a `model.pretrained` that is not here is SD1.5)."""
-    if c.model.pretrained and (files or _exists(c.model.pretrained)):
+    if c.model.pretrained and (files or fs_isdir(c.model.pretrained)):
         import os
 
         from animatediff_jax.checkpoints.params_io import PARAMS_FILE
@@ -195,7 +204,7 @@ def size_multiple(c: ConfigDict, files: bool = True) -> int:
     return 2 ** (len(vae.block_out_channels) - 1) * 2 ** (len(unet.block_out_channels) - 1)
 
 
-def _exists(folder: str) -> bool:
+def fs_isdir(folder: str) -> bool:
     from animatediff_jax.io import fs
 
     return fs.isdir(folder)
@@ -228,6 +237,11 @@ def validate_config(c: ConfigDict, files: bool = True) -> ConfigDict:
         _number(c, name, 0, integer=False)
         if not c.optim[name.split(".")[1]] < 1:
             raise ConfigError(f"{name}={c.optim[name.split('.')[1]]!r}: expected a number in [0, 1)")
+    if not isinstance(c.get("compilation_cache", ""), str):
+        raise ConfigError(f"compilation_cache={c.compilation_cache!r}: expected a folder, 'auto' or '' (off)")
+    if c.get("executables") and files and not fs_isdir(c.executables):
+        raise ConfigError(f"executables={c.executables!r}: no such folder (written by `animatediff-jax compile train "
+                          "--save DIR`)")
     if c.model.motion_version not in ("v1", "v2", "v3"):
         raise ConfigError(f"model.motion_version={c.model.motion_version!r} is not one of: v1, v2, v3")
     t, d = c.train, c.data

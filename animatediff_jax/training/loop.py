@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from animatediff_jax import compilation_cache, executables
 from animatediff_jax import lora as lora_lib
 from animatediff_jax import parallel
 from animatediff_jax.io import fs
@@ -55,6 +56,7 @@ class Trainer:
     models: Models
     state: TrainState
     frozen: Params
+    executables: str = ""  # a `compile train --save` folder: a matching saved step is loaded, not compiled
     _steps: dict = dataclasses.field(default_factory=dict)
 
     stage = property(lambda self: self.program.stage)
@@ -69,11 +71,19 @@ class Trainer:
     def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
         return self.program.batch_sharding(batch)
 
-    def step_fn(self, batch: Mapping[str, Any]) -> parallel.OnMesh:
-        """The jitted step for this batch's entries (compiled once per set of keys)."""
+    def step_fn(self, batch: Mapping[str, Any]):
+        """The jitted step for this batch's entries (compiled once per set of keys), or the matching
+        executable saved in `executables`."""
         key = tuple(sorted(batch))
         if key not in self._steps:
-            self._steps[key] = self.program.step(batch)
+            step = None
+            if self.executables:
+                expect = {**executables.target(list(self.mesh.devices.flat)), "fingerprint": self.program.fingerprint,
+                          "batch": list(key)}
+                step, why = executables.load(self.executables, self.program.executable_name, expect)
+                _log(f"loaded the compiled step from {self.executables}" if step is not None
+                     else f"compiling the step: {why}")
+            self._steps[key] = step if step is not None else self.program.step(batch)
         return self._steps[key]
 
     def put_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -126,7 +136,7 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
     # The optimizer state is created on the mesh directly (never materialised on one device).
     state = jax.jit(lambda t: init_state(t, tx, k_train), out_shardings=program.state_sharding)(params)
     frozen = parallel.put_global(frozen, program.frozen_sharding)
-    return Trainer(program, models, state, frozen)
+    return Trainer(program, models, state, frozen, str(config.get("executables", "")))
 
 
 # ------------------------------------------------------------------------- logging
@@ -601,6 +611,8 @@ def train(config, *, validate: ValidateFn | None = None, evaluate: ValidateFn | 
     (`make_eval_hook`) when `log.eval_every` is set.
     """
     validate_config(config)
+    compilation_cache.enable(config.get("compilation_cache", compilation_cache.AUTO),
+                             os.path.join(config.workdir, "jax_cache"))
     p = config.parallel
     parallel.maybe_initialize_distributed(p.distributed, p.coordinator, int(p.num_processes), int(p.process_id))
     try:

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import parallel
+from animatediff_jax.executables import fingerprint
 from animatediff_jax.models.clip_text import CLIPTextModel
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import AutoencoderKL
@@ -53,7 +54,12 @@ class TrainProgram:
     state: TrainState
     state_sharding: TrainState
     frozen_sharding: Params
-    seed: int
+    fingerprint: str  # of the config fields that decide the program (`program_fields`)
+
+    @property
+    def executable_name(self) -> str:
+        """The name `compile train --save` gives this step's executable (and `train` looks for)."""
+        return f"train-{self.stage.name}"
 
     def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
         return {k: NamedSharding(self.mesh, self.rules.batch_spec(self.mesh, np.ndim(v))) for k, v in batch.items()}
@@ -116,7 +122,27 @@ def make_program(config, models: Models, mesh: Mesh) -> TrainProgram:
     state = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable)
     return TrainProgram(stage, spec, optim, mesh, rules, global_batch, trainable, frozen, state,
                         state_shardings(state, mesh, rules), parallel.param_shardings(frozen, mesh, rules),
-                        int(config.seed))
+                        fingerprint(program_fields(config)))
+
+
+def program_fields(config) -> dict[str, Any]:
+    """The config fields the compiled step depends on (paths, logging and checkpointing do not; the
+    seed does not either: it lives in the train state)."""
+    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    keep = {"model": ("pretrained", "size", "motion_version", "motion_norm_per_frame", "lora_rank", "lora_scale", "vae",
+                      "text_encoder"),
+            "train": ("batch_size", "num_frames", "resolution", "grad_accum_steps"),
+            "optim": None, "loss": None,
+            "parallel": ("mesh_shape", "batch_axes", "fsdp_axis", "min_fsdp_size", "compute_dtype", "frozen_dtype",
+                         "remat", "attention"),
+            "data": ("source",)}
+    out: dict[str, Any] = {"stage": stages.get_stage(c["stage"]).name}
+    for group, names in keep.items():
+        g = c.get(group, {})
+        out[group] = {k: g.get(k) for k in (names or sorted(g))}
+    out["model"]["pretrained"] = bool(out["model"]["pretrained"])
+    return out
+
 
 
 def batch_shapes(config, program: TrainProgram, models: Models, latent_dtype: Any = np.float32

@@ -13,20 +13,17 @@ def get_config():
     c.model.domain_adapter_scale = 1.0
     c.train.num_frames = 16
     c.train.resolution = 256
-    c.train.batch_size = 4  # the original: 4 per GPU; scale with the number of devices
+    c.train.batch_size = 4  # global; the original's 4 per GPU: on a slice, 4 x its chips (v5e-256: 1024)
     c.train.steps = 100_000
     # Frozen SD1.5 (+ merged domain adapter) stored in bf16: half the weight memory; the motion
     # modules and their AdamW state stay float32.
     c.parallel.frozen_dtype = "bfloat16"
-    # Per-block remat (each resnet / spatial transformer / motion module recomputed in the backward
-    # pass), keeping the weight matmuls' outputs (maxdiffusion's choice): what a 16 GB chip needs for
-    # 16x256x256 clips (XLA's accounting of the un-rematerialised gradient is 24 GiB of temp buffers).
-    # Measured FLOPs of the stage-2 gradient (1 clip, bf16, XLA attention, compile-only on CPU;
-    # `bench/train_bench.py --remat-sweep ...`): none 9.11 TFLOP, this policy 9.90 (+8.7%),
-    # "dots_saveable" 9.16 (+0.5%, but it keeps the attention score matmuls too), "full" 11.89
-    # (+30.5%). CPU's memory_analysis does not show what remat saves: measure memory on the device,
-    # and use "none" (or "dots_saveable") where the chip has room.
-    c.parallel.remat = "dots_with_no_batch_dims_saveable"
+    # Per-block remat, everything recomputed in the backward pass: what fits the original's 4 clips per
+    # chip on a 16 GB TPU v5e (`animatediff-jax compile train --topology v5e-1`, BENCHMARKS.md: 11.7 GiB;
+    # "dots_with_no_batch_dims_saveable" needs 20.5 GiB of temporaries at 4 clips and fits only 2). It
+    # costs +30% FLOPs over no remat (the step is bound by memory traffic on v5e, not FLOPs); on chips
+    # with room, `--config.parallel.remat=dots_with_no_batch_dims_saveable` (+8.7%).
+    c.parallel.remat = "full"
     c.data.source = "webvid"
     c.data.csv = "data/webvid/results_2M_train.csv"
     c.data.video_folder = "data/webvid/videos"

@@ -28,7 +28,7 @@ overrides, same jax / libtpu).
 
 Options: `--quick` lowers the compiler's effort (a real-size program in 0.5-2 min on 2 cores instead
 of 5-20; memory can read higher than a full compile). `sample` only: `--motion v1|v2|v3` (the motion
-module's layout; default read from the file name), `--sparsectrl rgb|scribble`. Models are SD1.5
+module's layout; default: the file's own when it is here, else its name's), `--sparsectrl rgb|scribble`. Models are SD1.5
 (or what a converted folder named by the config says, read from its header when it is here).
 
 Exit codes: 0 compiled and fits; 2 a bad config or topology, or a program that does not fit (one line
@@ -148,8 +148,10 @@ def motion_version_of(path: str) -> str:
     return "v1" if re.search(r"v1[45]", name) else "v2"
 
 
-def abstract_pipeline(c: dict, motion: str):
-    """An `AnimationPipeline` of `ShapeDtypeStruct` params with the sample config's layouts."""
+def abstract_pipeline(c: dict, motion: str | None = None):
+    """An `AnimationPipeline` of `ShapeDtypeStruct` params with the sample config's layouts: the converted
+    base folder's configs when it is here (SD1.5 otherwise); the motion module's own layout when its file
+    is here and `motion` does not say one, else `motion` or the file name's."""
     import jax.numpy as jnp
 
     from animatediff_jax.models.clip_text import CLIPTextConfig
@@ -168,7 +170,13 @@ def abstract_pipeline(c: dict, motion: str):
         unet = config_from_dict(UNetConfig, json.loads(meta["unet_config"]))
         vae = config_from_dict(VAEConfig, json.loads(meta["vae_config"]))
         text = config_from_dict(CLIPTextConfig, json.loads(meta["text_config"]))
-    unet = unet.replace(motion=None).with_motion(MotionConfig.for_version(motion))
+    unet = unet.replace(motion=None)
+    if c["motion_module"] and os.path.exists(c["motion_module"]) and motion is None:
+        from animatediff_jax.checkpoints.load import load_motion
+
+        _, unet = load_motion(c["motion_module"], unet)  # the file's own layout (read as `sample` reads it)
+    else:
+        unet = unet.with_motion(MotionConfig.for_version(motion or motion_version_of(c["motion_module"] or "")))
     dtype = jnp.dtype(c["dtype"])
     cast = lambda tree: {k: (cast(v) if isinstance(v, dict) else _sds(v.shape, dtype)) for k, v in tree.items()}
     params = {"unet": cast(unet_shapes(unet)), "vae": cast(vae_shapes(vae)), "text_encoder": cast(clip_shapes(text))}
@@ -232,8 +240,8 @@ def sample_programs(config, devices: list, motion: str | None = None, sparsectrl
     size = c["batch_size"] or count
     prompts = video_prompts(c)
     idx = [i % len(prompts) for i in range(size)]
-    motion = motion or motion_version_of(c["motion_module"] or "")
     pipe = abstract_pipeline(c, motion)
+    motion = pipe.unet_config.motion.version
     controls = abstract_controls(c, pipe, sparsectrl)
     programs = abstract_sampler(
         pipe, [prompts[i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx], mesh=mesh,

@@ -24,7 +24,9 @@ from animatediff_jax.training.config import base_config, tiny_overrides  # noqa:
 
 @pytest.fixture(autouse=True)
 def _quick_compiles():
-    with compile_cmd.compiler_effort(True):
+    """Reduced compiler effort, and the default matmul precision (conftest's "highest" makes every f32
+    matmul six bf16 passes on TPU: slower compiles, and nothing these tests compare)."""
+    with compile_cmd.compiler_effort(True), jax.default_matmul_precision("default"):
         yield
 
 
@@ -176,3 +178,17 @@ def test_motion_version_from_released_names():
              "animatediff_lightning_4step_diffusers.safetensors": "v2", "models/mm_v2.safetensors": "v2"}
     for name, version in names.items():
         assert compile_cmd.motion_version_of(name) == version, name
+
+
+def test_compile_sample_reads_the_config_files_that_are_here(tmp_path, capsys):
+    """`compile sample` on the tiny files: the converted base's and the motion module's own layouts
+    (not SD1.5's), both programs (denoise scan, VAE decode) compiled for one v5e chip."""
+    from animatediff_jax.testing.tiny import write_tiny_models
+
+    folder = os.path.dirname(write_tiny_models(tmp_path / "models")["base_model"])
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sample", "tiny.py")
+    assert compile_cmd.main(["sample", "--config", f"{config}:{folder}", "--topology", "v5e-1", "--quick"]) == 0
+    out = capsys.readouterr().out
+    # (one batch of one video per chip, as `sample` runs the config's two prompts on one device)
+    assert "sampler (4 steps, 8x32x32, motion v2): 1 x TPU v5 lite, 1 video(s) per chip" in out, out
+    assert "VAE decode (chunks of 4 frames)" in out and out.count(": fits") == 2

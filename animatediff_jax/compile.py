@@ -225,11 +225,11 @@ def abstract_controls(c: dict, pipe, sparsectrl: str | None) -> list:
 
 def sample_programs(config, devices: list, motion: str | None = None, sparsectrl: str | None = None
                     ) -> list[Program]:
-    """`sample`'s denoising call and VAE decode for one batch (`batch_size`, or one video per chip), on `devices`."""
+    """`sample`'s denoising call and VAE decode for one batch (`batch_size`, or `videos_per_call`'s), on `devices`."""
     import numpy as np
     from jax.sharding import Mesh
 
-    from animatediff_jax.sampling.config import ConfigError, validate, video_prompts
+    from animatediff_jax.sampling.config import ConfigError, validate, video_prompts, videos_per_call
     from animatediff_jax.sampling.generate import DATA, abstract_sampler
 
     c = validate(config, files=False)
@@ -237,8 +237,8 @@ def sample_programs(config, devices: list, motion: str | None = None, sparsectrl
     if count > len(devices):
         raise ConfigError(f"devices={c['devices']}: the topology has {len(devices)} chips")
     mesh = Mesh(np.asarray(devices[:count], dtype=object), (DATA,))
-    size = c["batch_size"] or count
     prompts = video_prompts(c)
+    size = videos_per_call(c["batch_size"], len(prompts), count)
     idx = [i % len(prompts) for i in range(size)]
     pipe = abstract_pipeline(c, motion)
     motion = pipe.unet_config.motion.version

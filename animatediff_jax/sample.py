@@ -53,6 +53,7 @@ from animatediff_jax.sampling.config import (
     to_yaml,
     validate,
     video_prompts,
+    videos_per_call,
 )
 from animatediff_jax.sampling.control import load_controls, read_conditions
 from animatediff_jax.sampling.generate import generate, make_mesh
@@ -128,7 +129,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
         pipe = dataclasses.replace(pipe, motion_scale=scales[0], motion_block_scales=scales[1], position_stretch=scales[2])
 
     prompts = video_prompts(c)
-    size = c["batch_size"] or mesh.shape["data"]
+    size = videos_per_call(c["batch_size"], len(prompts), mesh.shape["data"])
     n = len(prompts)
     batches = _batches(n, size)
     _log(f"sampling {n} video(s) of {c['L']} frames {c['H']}x{c['W']}, {c['scheduler']} {c['steps']} steps, "

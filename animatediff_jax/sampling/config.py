@@ -115,7 +115,7 @@ def base_config() -> ConfigDict:
     # videos (motion_scale 0, same seeds: the T2I model's own images) for domain similarity.
     c.evaluate = ConfigDict(dict(clip="", reference=False))
     c.devices = -1  # devices to spread the videos over; -1 = all
-    c.batch_size = 0  # videos per compiled call; 0 = one per device
+    c.batch_size = 0  # videos per compiled call; 0 = auto: up to VIDEOS_PER_DEVICE per device (`videos_per_call`)
     c.decode_chunk = 4  # frames per VAE decode step (bounds memory)
     c.output = o = ConfigDict()
     o.dir = "samples/sample-{time}"  # {time}: the start time
@@ -269,6 +269,20 @@ _UNET_BYTES_PER_FRAME_512 = 0.25 * 2**30
 _VAE_BYTES_PER_FRAME_512 = 0.8 * 2**30
 
 
+# Videos per device in one compiled call when `batch_size` is 0: what fits a 16 GB TPU v5e at 16x512², 25
+# steps, CFG, bf16 (`animatediff-jax compile sample --topology v5e-1`: 9.2 GiB for 4; BENCHMARKS.md).
+VIDEOS_PER_DEVICE = 4
+
+
+def videos_per_call(batch_size: int, videos: int, devices: int) -> int:
+    """Videos in one compiled call: `batch_size`, or (0) as many of `videos` as fit, up to
+    `VIDEOS_PER_DEVICE` per device, a multiple of the devices (fewer videos pad no more than that)."""
+    if batch_size:
+        return int(batch_size)
+    per_device = min(VIDEOS_PER_DEVICE, -(-int(videos) // int(devices)))
+    return max(1, per_device) * int(devices)
+
+
 def _available_bytes() -> int | None:
     import jax
 
@@ -281,10 +295,10 @@ def _available_bytes() -> int | None:
         return None
 
 
-def _check_memory(c: Mapping) -> None:
+def _check_memory(c: Mapping, n: int) -> None:
     """Refuses sizes whose activations cannot fit one device (e.g. W=H=100000), before anything loads."""
     scale = int(c["W"]) * int(c["H"]) / 512**2 * (2 if c["dtype"] == "float32" else 1)
-    videos = int(c["batch_size"]) or 1
+    videos = int(c["batch_size"]) or min(VIDEOS_PER_DEVICE, n)  # (per device)
     frames = int(c["L"])
     if c["context_windows"]["length"] and c["context_windows"].get("scope", "unet") == "unet":
         frames = min(frames, int(c["context_windows"]["length"]))  # (scope "motion": the UNet sees every frame)
@@ -434,7 +448,7 @@ def validate(config: Any, files: bool = True) -> dict:
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     if files:
-        _check_memory(c)
+        _check_memory(c, n)
     _existing = functools.partial(_existing_path, files=files)
 
     base = _existing("base_model", c["base_model"], required=True)

@@ -451,7 +451,7 @@ def _command(argv: Sequence[str]) -> None:
     if args.json:
         from animatediff_jax.io import fs
 
-        with fs.open(args.json, "w") as f:
+        with fs.atomic_file(args.json) as tmp, open(tmp, "w") as f:
             json.dump([dataclasses.asdict(r) for r in reports], f, indent=2)
 
 

@@ -61,6 +61,12 @@ class Topology:
     def topology_name(self) -> str:
         return f"{self.generation}:{'x'.join(map(str, self.shape))}"
 
+    @property
+    def accelerator_type(self) -> str:
+        """One slice's Cloud name ("v5litepod-8", "v5p-128": TensorCores for megacore chips)."""
+        chips = math.prod(self.shape) * (2 if self.chip.megacore else 1)
+        return f"{'v5litepod' if self.generation == 'v5e' else self.generation}-{chips}"
+
     def devices(self) -> list:
         """The slice's abstract devices (libtpu needed; no TPU needed)."""
         try:
@@ -68,9 +74,15 @@ class Topology:
         except ImportError as e:  # pragma: no cover - every supported JAX has it
             raise ValueError(f"this JAX has no jax.experimental.topologies ({e})") from None
         import importlib.util
+        import os
+
+        from animatediff_jax.parallel import _on_cloud_tpu_vm
 
         if importlib.util.find_spec("libtpu") is None:
             raise ValueError('compiling for a TPU needs libtpu: pip install "jax[tpu]" (it also works on a CPU host)')
+        if not _on_cloud_tpu_vm():  # off a TPU VM libtpu looks for its slice and warns at length: say it
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+            os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.accelerator_type)
         per_host = (1, 1, 1) if self.chips == 1 else (2, 4, 1) if math.prod(self.shape) == 8 and self.chip.dims == 2 \
             else (2, 2, 1)
         desc = topologies.get_topology_desc(

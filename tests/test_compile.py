@@ -51,6 +51,8 @@ def test_topology_names():
         t = tpu.topology(name)
         assert (t.generation, t.shape, t.chips) == (gen, shape, chips), name
     assert len(tpu.topology("v5p-128").devices()) == 64
+    assert [tpu.topology(n).accelerator_type for n in ("v5e-8", "v5p-128", "2xv6e-8")] == [
+        "v5litepod-8", "v5p-128", "v6e-8"]
     for bad in ("v5e-3", "v7-8", "v5p:2x2", "tpu"):
         with pytest.raises(ValueError, match="--topology"):
             tpu.topology(bad)

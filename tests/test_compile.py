@@ -191,6 +191,6 @@ def test_compile_sample_reads_the_config_files_that_are_here(tmp_path, capsys):
     config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sample", "tiny.py")
     assert compile_cmd.main(["sample", "--config", f"{config}:{folder}", "--topology", "v5e-1", "--quick"]) == 0
     out = capsys.readouterr().out
-    # (one batch of one video per chip, as `sample` runs the config's two prompts on one device)
-    assert "sampler (4 steps, 8x32x32, motion v2): 1 x TPU v5 lite, 1 video(s) per chip" in out, out
+    # (one batch of both prompts' videos on the chip, as `sample` runs them: up to 4 per device per call)
+    assert "sampler (4 steps, 8x32x32, motion v2): 1 x TPU v5 lite, 2 video(s) per chip" in out, out
     assert "VAE decode (chunks of 4 frames)" in out and out.count(": fits") == 2

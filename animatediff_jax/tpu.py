@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
 
 GiB = 2**30
 
@@ -125,14 +124,6 @@ def topology(name: str) -> Topology:
             raise ValueError(f"--topology {name!r}: {gen} comes in sizes {', '.join(map(str, sizes))}")
         shape = table[chips]
     return Topology(name, gen, shape, slices)
-
-
-def compile_options(quick: bool) -> dict[str, Any]:
-    """XLA options for `.compile()`: `quick` lowers the compiler's effort (a real-size SD1.5 program in
-    0.5-2 min instead of 5-20 on 2 cores); the memory figures of a quick compile can be higher."""
-    if not quick:
-        return {}
-    return {"exec_time_optimization_effort": -1.0, "memory_fitting_effort": -1.0}
 
 
 def oom_message(e: BaseException) -> str | None:

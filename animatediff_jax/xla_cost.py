@@ -137,7 +137,6 @@ class Module:
     def multiplicities(self) -> dict[str, int]:
         """How many times each non-fused computation runs per call of the entry (loops multiplied)."""
         mult: dict[str, int] = defaultdict(int)
-        self.unknown_trips = 0
 
         def visit(name: str, m: int, depth: int = 0) -> None:
             mult[name] += m
@@ -146,14 +145,11 @@ class Module:
             for ins in self.instrs.get(name, []):
                 if ins.opcode == "while":
                     n = self.trip_count(ins)
-                    if n is None:
-                        self.unknown_trips += 1
-                        n = 1
-                    visit(ins.callees["body"], m * n, depth + 1)
+                    visit(ins.callees["body"], m * (n or 1), depth + 1)  # (unknown: once, as XLA)
                 elif ins.opcode in ("call", "conditional", "async-start", "call-start"):
                     for c in [v for k, v in ins.callees.items() if k in ("calls", "to_apply", "true_computation",
                                                                            "false_computation")] + ins.branches:
-                        if c in self.comps and ins.opcode != "fusion":
+                        if c in self.comps:
                             visit(c, m, depth + 1)
 
         visit(self.entry, 1)

@@ -19,16 +19,13 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from animatediff_jax.errors import ConfigError
 from animatediff_jax.io import fs
 
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("gif", "mp4", "png")
 GROUPS = ("output", "context_windows", "evaluate")  # fixed groups of fields
 _OPEN = ("scheduler_options", "prompt_map", "motion_block_scales", "free_init", "sparsectrl")  # free-form: any key may be set
-
-
-class ConfigError(ValueError):
-    """A bad config or command line: the message is the one line the user sees."""
 
 
 def base_config() -> ConfigDict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from animatediff_jax.errors import ConfigError
+
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
@@ -319,10 +321,6 @@ def tiny_overrides(c: ConfigDict) -> ConfigDict:
     c.log.sample_prompts = ("a red square moving left", "a blue square moving up")
     c.log.sample_steps = 10
     return c
-
-
-class ConfigError(ValueError):
-    """A bad training config or command line: the message is the one line the user sees (rc 2)."""
 
 
 class TrainingError(RuntimeError):

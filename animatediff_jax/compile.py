@@ -180,10 +180,7 @@ def abstract_pipeline(c: dict, motion: str | None = None):
     dtype = jnp.dtype(c["dtype"])
     cast = lambda tree: {k: (cast(v) if isinstance(v, dict) else _sds(v.shape, dtype)) for k, v in tree.items()}
     params = {"unet": cast(unet_shapes(unet)), "vae": cast(vae_shapes(vae)), "text_encoder": cast(clip_shapes(text))}
-    stretch = tuple(int(v) for v in c.get("pe_stretch") or ()) or None
-    blocks = tuple(sorted((k, float(v)) for k, v in dict(c.get("motion_block_scales") or {}).items()))
-    return AnimationPipeline(unet, vae, text, params, None, dtype, c["attention"], float(c.get("motion_scale", 1.0)),
-                             blocks, stretch)
+    return AnimationPipeline(unet, vae, text, params, None, dtype, c["attention"])
 
 
 def _sds(shape, dtype):
@@ -192,34 +189,22 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def abstract_controls(c: dict, pipe, sparsectrl: str | None) -> list:
-    """The config's ControlNets / SparseCtrl with `ShapeDtypeStruct` params and blank condition images
-    (their values do not change the program)."""
-    import numpy as np
+def abstract_controls(c: dict, pipe, sparsectrl: str | None) -> list[tuple[Any, Any]]:
+    """`(config, ShapeDtypeStruct params)` of the config's ControlNets / SparseCtrl (`assemble.control_entries`)."""
+    import jax
 
     from animatediff_jax.models.controlnet import sd15_controlnet, sparsectrl_config
     from animatediff_jax.models.shapes import controlnet_shapes
-    from animatediff_jax.sampling.control import Control
-
-    def params(cfg):
-        import jax
-
-        return jax.tree.map(lambda s: _sds(s.shape, pipe.dtype), controlnet_shapes(cfg))
+    from animatediff_jax.sampling.assemble import control_entries
 
     out = []
-    for i, e in enumerate(c["controlnet"]):
-        cfg = sd15_controlnet()
-        images = np.zeros((c["L"], c["H"], c["W"], 3), np.uint8)
-        out.append(Control(cfg, params(cfg), images, None, float(e.get("scale", 1.0)), float(e.get("start", 0.0)),
-                           float(e.get("end", 1.0)), f"controlnet[{i}]"))
-    e = c["sparsectrl"]
-    if e:
-        kind = sparsectrl or ("scribble" if re.search(r"scribble|sketch", str(e["path"]).lower()) else "rgb")
-        cfg = sparsectrl_config(kind)
-        idx = tuple(e.get("frame_indices") or range(len(e["images"])))
-        images = np.zeros((len(idx), c["H"], c["W"], 3), np.uint8)
-        out.append(Control(cfg, params(cfg), images, idx, float(e.get("scale", 1.0)), float(e.get("start", 0.0)),
-                           float(e.get("end", 1.0)), "sparsectrl"))
+    for name, e in control_entries(c):
+        if name == "sparsectrl":
+            kind = sparsectrl or ("scribble" if re.search(r"scribble|sketch", str(e["path"]).lower()) else "rgb")
+            cfg = sparsectrl_config(kind)
+        else:
+            cfg = sd15_controlnet()
+        out.append((cfg, jax.tree.map(lambda s: _sds(s.shape, pipe.dtype), controlnet_shapes(cfg))))
     return out
 
 
@@ -229,26 +214,21 @@ def sample_programs(config, devices: list, motion: str | None = None, sparsectrl
     import numpy as np
     from jax.sharding import Mesh
 
-    from animatediff_jax.sampling.config import ConfigError, validate, video_prompts, videos_per_call
-    from animatediff_jax.sampling.generate import DATA, abstract_sampler
+    from animatediff_jax.errors import ConfigError
+    from animatediff_jax.sampling.assemble import request, validate, videos_per_call
+    from animatediff_jax.sampling.programs import DATA, abstract_sampler
 
     c = validate(config, files=False)
     count = len(devices) if c["devices"] == -1 else c["devices"]
     if count > len(devices):
         raise ConfigError(f"devices={c['devices']}: the topology has {len(devices)} chips")
     mesh = Mesh(np.asarray(devices[:count], dtype=object), (DATA,))
-    prompts = video_prompts(c)
-    size = videos_per_call(c["batch_size"], len(prompts), count)
-    idx = [i % len(prompts) for i in range(size)]
     pipe = abstract_pipeline(c, motion)
     motion = pipe.unet_config.motion.version
-    controls = abstract_controls(c, pipe, sparsectrl)
-    programs = abstract_sampler(
-        pipe, [prompts[i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx], mesh=mesh,
-        num_frames=c["L"], height=c["H"], width=c["W"], steps=c["steps"], guidance_scale=c["guidance_scale"],
-        scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
-        decode_chunk=c["decode_chunk"], context_windows=c["context_windows"], free_init=dict(c["free_init"]) or None,
-        init_video_frames=c["L"] if c["init_video"] else 0, strength=c["strength"], controls=controls)
+    req = request(c, models=abstract_controls(c, pipe, sparsectrl))
+    size = videos_per_call(c["batch_size"], len(req.prompts), count)
+    idx = [i % len(req.prompts) for i in range(size)]
+    programs = abstract_sampler(pipe, req.subset(idx), mesh)
     out = []
     for name, (fn, args, sharding) in programs.items():
         def lower(fn=fn, args=args, sharding=sharding):

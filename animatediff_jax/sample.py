@@ -43,22 +43,15 @@ import numpy as np
 
 from animatediff_jax import compilation_cache
 from animatediff_jax.cli import parse_config_flags, run_command
+from animatediff_jax.errors import ConfigError
 from animatediff_jax.evaluation.sample_checks import SampleChecks
 from animatediff_jax.io import fs
-from animatediff_jax.sampling.config import (
-    ConfigError,
-    attention_note,
-    output_folder,
-    plain,
-    to_yaml,
-    validate,
-    video_prompts,
-    videos_per_call,
-)
-from animatediff_jax.sampling.control import load_controls, read_conditions
-from animatediff_jax.sampling.generate import generate, make_mesh
-from animatediff_jax.sampling.outputs import timing_summary, write_outputs
-from animatediff_jax.sampling.pipeline import AnimationPipeline, load_pipeline
+from animatediff_jax.sampling import assemble
+from animatediff_jax.sampling.config import plain, to_yaml
+from animatediff_jax.sampling.generate import generate, sampling_mesh
+from animatediff_jax.sampling.options import Request
+from animatediff_jax.sampling.outputs import output_folder, timing_summary, write_outputs
+from animatediff_jax.sampling.pipeline import AnimationPipeline
 
 EXAMPLE = "configs/sample/tiny.py"
 
@@ -94,21 +87,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResult:
-    """Validates `config` (a ConfigDict, or a dict of some fields), loads the pipeline (unless
-    given), generates every prompt's video on all devices (batches of one compiled shape; `generate`
-    checks what needs the loaded models, such as frames against the motion module, before
-    compiling), writes the outputs and the timing summary."""
-    from animatediff_jax.checkpoints.torch_io import nonfinite_allowed
-
-    c = validate(config)
-    compilation_cache.enable(c["compilation_cache"], compilation_cache.default_dir())
-    try:
-        mesh = make_mesh(None if c["devices"] == -1 else c["devices"])
-    except ValueError as e:
-        raise ConfigError(f"devices: {e}") from None
-    folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
-    video = None  # read before any weights load: a short or unreadable clip is the first error
+def _read_inputs(c: dict) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """The video to restyle and the control images, read before any weights load (a short or
+    unreadable clip is the first error)."""
+    video = None
     if c["init_video"]:
         from animatediff_jax.io.video import VideoReadError, read_frames
 
@@ -116,51 +98,71 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
             video = read_frames(c["init_video"], c["L"], (c["H"], c["W"]))[None]
         except (VideoReadError, ValueError) as e:
             raise ConfigError(f"init_video: {e}") from None
-    conditions = read_conditions(c)  # control images too: read (and counted) before any weights load
+    return video, assemble.read_conditions(c)
+
+
+def _load(c: dict, pipeline: AnimationPipeline | None, mesh) -> tuple[AnimationPipeline, list]:
+    """The pipeline and the control models, loaded and placed on `mesh` once."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from animatediff_jax.checkpoints.torch_io import nonfinite_allowed
+
+    with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
+        pipe = pipeline if pipeline is not None else assemble.load_pipeline(c)
+        models = assemble.load_controls(c, pipe.unet_config, pipe.dtype)
+    rep = NamedSharding(mesh, P())
+    return pipe.on(mesh), [(cfg, jax.device_put(p, rep)) for cfg, p in models]
+
+
+def _run(pipe: AnimationPipeline, request: Request, size: int, mesh, timings: dict) -> np.ndarray:
+    """Every video of `request`, `size` per compiled call (the last call padded), timings summed."""
+    frames, batches = [], _batches(len(request.prompts), size)
+    for b, idx in enumerate(batches):
+        if len(batches) > 1:
+            _log(f"batch {b + 1}/{len(batches)}")
+        res = generate(pipe, request.subset(idx), mesh=mesh, progress=True)
+        frames.append(res.frames[:len(dict.fromkeys(idx))])
+        for k, v in res.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return np.concatenate(frames)
+
+
+def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResult:
+    """Validates `config` (a ConfigDict, or a dict of some fields), reads its inputs, loads the pipeline
+    (unless given), generates every prompt's video on all devices (batches of one compiled shape;
+    `generate` checks what needs the loaded models, such as frames against the motion module, before
+    compiling), writes the outputs and the timing summary."""
+    c = assemble.validate(config)
+    compilation_cache.enable(c["compilation_cache"], compilation_cache.default_dir())
+    try:
+        mesh = sampling_mesh(None if c["devices"] == -1 else c["devices"])
+    except ValueError as e:
+        raise ConfigError(f"devices: {e}") from None
+    folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
+    video, images = _read_inputs(c)
+    assemble.request(c, video, images)  # (the counts of the images read, before any weights load)
     checks = SampleChecks(c)  # safety_checker / evaluate.clip: loaded (and checked) before the pipeline
     t0 = time.perf_counter()
-    with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
-        pipe = pipeline if pipeline is not None else load_pipeline(c)
-        controls = load_controls(conditions, pipe.unet_config, pipe.dtype)
+    pipe, models = _load(c, pipeline, mesh)
     timings = {"load_s": time.perf_counter() - t0}
-    scales = (float(c["motion_scale"]), tuple(sorted((k, float(v)) for k, v in c["motion_block_scales"].items())),
-              tuple(c["pe_stretch"]) or None)
-    if (pipe.motion_scale, pipe.motion_block_scales, pipe.position_stretch) != scales:  # (another UNet to compile)
-        pipe = dataclasses.replace(pipe, motion_scale=scales[0], motion_block_scales=scales[1], position_stretch=scales[2])
-
-    prompts = video_prompts(c)
-    size = videos_per_call(c["batch_size"], len(prompts), mesh.shape["data"])
-    n = len(prompts)
-    batches = _batches(n, size)
+    request = assemble.request(c, video, images, models)
+    n = len(request.prompts)
+    size = assemble.videos_per_call(c["batch_size"], n, mesh.shape["data"])
     _log(f"sampling {n} video(s) of {c['L']} frames {c['H']}x{c['W']}, {c['scheduler']} {c['steps']} steps, "
-         f"guidance {c['guidance_scale']}, {c['dtype']}, attention {attention_note(c)}, "
-         f"on {mesh.shape['data']} device(s), {len(batches)} batch(es) of {size}")
-    def run(pipe: AnimationPipeline, timings: dict) -> np.ndarray:
-        frames = []
-        for b, idx in enumerate(batches):
-            if len(batches) > 1:
-                _log(f"batch {b + 1}/{len(batches)}")
-            res = generate(
-                pipe, [prompts[i] for i in idx], [c["n_prompt"][i] for i in idx], [c["seed"][i] for i in idx],
-                num_frames=c["L"], height=c["H"], width=c["W"], steps=c["steps"], guidance_scale=c["guidance_scale"],
-                scheduler=c["scheduler"], scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"],
-                decode_chunk=c["decode_chunk"], mesh=mesh, progress=True, context_windows=c["context_windows"],
-                prompt_interpolation=c["prompt_interpolation"], free_init=dict(c["free_init"]) or None,
-                init_video=video, strength=c["strength"], controls=controls,
-            )
-            frames.append(res.frames[:len(dict.fromkeys(idx))])
-            for k, v in res.timings.items():
-                timings[k] = timings.get(k, 0.0) + v
-        return np.concatenate(frames)
-
-    frames_np = checks.check(run(pipe, timings), prompts, timings)  # (safety_checker: flagged videos black)
+         f"guidance {c['guidance_scale']}, {c['dtype']}, attention {assemble.attention_note(c)}, "
+         f"on {mesh.shape['data']} device(s), {-(-n // size)} batch(es) of {size}")
+    prompts = list(request.prompts)
+    frames_np = checks.check(_run(pipe, request, size, mesh, timings), prompts, timings)  # (flagged: black)
 
     t0 = time.perf_counter()
     fs.makedirs(folder, exist_ok=True)
     files = write_outputs(folder, frames_np, prompts, c)
     timings["write_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if checks.metrics(folder, frames_np, prompts, lambda: run(dataclasses.replace(pipe, motion_scale=0.0), {})):
+    still = request.replace(motion=dataclasses.replace(request.motion, scale=0.0))
+    if checks.metrics(folder, frames_np, prompts, lambda: _run(pipe, still, size, mesh, {})):
         files.append(os.path.join(folder, "metrics.json"))
         timings["evaluate_s"] = time.perf_counter() - t0
     with fs.open(os.path.join(folder, "timings.json"), "w") as f:

@@ -110,8 +110,8 @@ def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
     from animatediff_jax.models.controlnet import tiny_controlnet
     from animatediff_jax.models.shapes import clip_shapes, controlnet_shapes, unet_shapes, vae_shapes
     from animatediff_jax.models.vae import VAEConfig
-    from animatediff_jax.sampling.control import Control
-    from animatediff_jax.sampling.generate import abstract_sampler
+    from animatediff_jax.sampling.options import Control, Request
+    from animatediff_jax.sampling.programs import abstract_sampler
     from animatediff_jax.sampling.pipeline import AnimationPipeline
 
     text = CLIPTextConfig.tiny()
@@ -123,8 +123,8 @@ def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
     topology = tpu.topology("v5e:1x1")
     mesh = Mesh(np.asarray(topology.devices(), dtype=object), ("data",))
     steps = 3
-    fn, args, sharding = abstract_sampler(pipe, ["a", "b"], None, [0, 1], mesh=mesh, num_frames=4, height=64,
-                                          width=64, steps=steps, controls=[control])["denoise"]
+    request = Request(("a", "b"), None, (0, 1), num_frames=4, height=64, width=64, steps=steps, controls=(control,))
+    fn, args, sharding = abstract_sampler(pipe, request, mesh)["denoise"]
 
     def lower():
         with jax.set_mesh(mesh):

@@ -13,7 +13,7 @@ mode, ours `sample_posterior=False`).
 import numpy as np
 import pytest
 
-from animatediff_jax.testing import parity
+from animatediff_jax import parity
 
 RTOL, ATOL = 2e-5, 1e-5  # relative to each quantity's reference scale
 F, H, W, STEPS = 4, 16, 16, 3
@@ -97,7 +97,7 @@ def test_controlnets_match_animatediff_controlnet_pipeline(pipes):
 
     from diffusers import AnimateDiffControlNetPipeline
 
-    from animatediff_jax.sampling.control import Control
+    from animatediff_jax.sampling import Control
 
     torch_pipe, ours = pipes
     (ref_a, cfg_a, p_a), (ref_b, cfg_b, p_b) = control_model(False, ours, 11), control_model(False, ours, 12)
@@ -131,7 +131,7 @@ def test_sparsectrl_matches_animatediff_sparse_controlnet_pipeline(pipes, kind, 
     import diffusers.pipelines.animatediff.pipeline_animatediff_sparsectrl as sparse_module
     from diffusers import AnimateDiffSparseControlNetPipeline
 
-    from animatediff_jax.sampling.control import Control
+    from animatediff_jax.sampling import Control
 
     original = sparse_module.retrieve_latents
     monkeypatch.setattr(sparse_module, "retrieve_latents",
@@ -157,7 +157,7 @@ def test_control_errors_are_one_line(pipes):
     """Wrong frame counts, keyframes outside the video, a control model for another base: named, before compiling."""
     from animatediff_jax.models.controlnet import tiny_controlnet
     from animatediff_jax.sampling import generate
-    from animatediff_jax.sampling.control import Control
+    from animatediff_jax.sampling import Control
 
     _, ours = pipes
     _, cfg, params = control_model(False, ours, 31)
@@ -185,7 +185,7 @@ def test_sample_config_image_to_video_and_controlnet(tmp_path):
     from animatediff_jax.io.video import read_frames, read_image, write_gif
     from animatediff_jax.sample import load_config, sample
     from animatediff_jax.sampling import generate
-    from animatediff_jax.sampling.control import Control
+    from animatediff_jax.sampling import Control
     from animatediff_jax.testing.tiny import write_tiny_models
 
     paths = write_tiny_models(tmp_path / "models")
@@ -213,7 +213,7 @@ def test_sample_config_image_to_video_and_controlnet(tmp_path):
 def test_sample_config_control_errors(tmp_path):
     """Config mistakes are one line naming the field, before any weights load."""
     from animatediff_jax.sample import load_config, sample
-    from animatediff_jax.sampling.config import ConfigError
+    from animatediff_jax.errors import ConfigError
     from animatediff_jax.testing.tiny import write_tiny_models
 
     paths = write_tiny_models(tmp_path / "models")
@@ -247,7 +247,7 @@ def test_sparsectrl_configs_are_the_originals(spec):
     """The configs' fields are valid (only the model files, absent here, are missing) and hold the original
     prompt configs' settings (3_2 / 3_3 RealisticVision: DDIM 25 steps, guidance 8.5, 512x512x16)."""
     from animatediff_jax.sample import load_config
-    from animatediff_jax.sampling.config import ConfigError, validate
+    from animatediff_jax.sampling.assemble import ConfigError, validate
 
     c = load_config(f"configs/sample/{spec}")
     assert (c["steps"], c["guidance_scale"], c["W"], c["H"], c["L"]) == (25, 8.5, 512, 512, 16)

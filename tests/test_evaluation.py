@@ -23,7 +23,8 @@ from animatediff_jax import sample as S
 from animatediff_jax.checkpoints.clip import load_clip
 from animatediff_jax.evaluation import clip_eval, metrics as M
 from animatediff_jax.io.video import read_video, write_gif
-from animatediff_jax.sampling.config import ConfigError, validate
+from animatediff_jax.errors import ConfigError
+from animatediff_jax.sampling.assemble import validate
 from animatediff_jax.testing.tiny import write_tiny_models
 from animatediff_jax.testing.tiny_clip import write_tiny_clip, write_tiny_safety_checker
 

@@ -193,7 +193,7 @@ def test_sample_with_every_file_in_the_bucket(bucket, tiny_models):
     with fs.open(f"{out}/timings.json") as f:
         assert json.load(f)["write_s"] >= 0
     # The folder is not empty now: a second run goes next to it, as locally.
-    from animatediff_jax.sampling.config import output_folder
+    from animatediff_jax.sampling.outputs import output_folder
 
     assert output_folder(out) == out + "-2"
 

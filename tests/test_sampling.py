@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from animatediff_jax.testing import parity
+from animatediff_jax import parity
 from animatediff_jax import schedulers as S
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.vae import decode_video
 from animatediff_jax.sampling import (
+    PROGRAMS,
     AnimationPipeline,
     context_windows,
     denoise,
@@ -108,11 +109,11 @@ def test_generate_compiles_once_and_matches_its_parts(pipe):
     assert sorted(seen) == [0, 1, 2]
     assert r1.frames.dtype == np.uint8 and r1.frames.shape == (2, F, H, W, 3)
     assert r1.latents.shape == (2, F, H // 2, W // 2, 4) and r1.timings["compile_s"] > 0
-    cached = len(pipe._cache)
+    cached = PROGRAMS.compiles
 
     # Same shapes, other prompts/seeds/guidance: no new compile.
     r2 = generate(pipe, ["x9 y", "the dog"], None, [3, 4], guidance_scale=5.0, **kw)
-    assert r2.timings["compile_s"] == 0.0 and len(pipe._cache) == cached
+    assert r2.timings["compile_s"] == 0.0 and PROGRAMS.compiles == cached
     assert not np.allclose(r1.latents, r2.latents)
     # A window as long as the video is the plain path: same executable, same numbers.
     r3 = generate(pipe, ["the cat", "a dog"], ["dog"], [1, 2], context_windows=dict(length=MAX_POS), **kw)
@@ -189,7 +190,7 @@ def test_long_video_needs_and_uses_windows(pipe):
         (dict(negative_prompts=["a", "b", "c"]), r"negative_prompts: 2 prompts but 3 given"),
         (dict(num_frames=MAX_POS + 1), r"position table"),
         (dict(num_frames=12, context_windows=dict(length=12)), r"context_windows.length=12 exceeds"),
-        (dict(context_windows=dict(length=-2)), r"context_windows needs length >= 1 \(0: off\)"),
+        (dict(context_windows=dict(length=-2)), r"context_windows.length=-2: expected an integer >= 1 \(0: off\)"),
         (dict(context_windows=dict(length=4, overlap=4)), r"overlap"),
         (dict(context_windows=dict(size=4)), r"context_windows takes"),
         (dict(scheduler="heun"), r"unknown scheduler 'heun'"),
@@ -204,10 +205,10 @@ def test_long_video_needs_and_uses_windows(pipe):
 def test_validation_fails_before_compiling(pipe, kwargs, match):
     args = dict(prompts=["the cat", "a dog"], negative_prompts=None, seeds=[1, 2], num_frames=F, height=H, width=W)
     args.update(kwargs)
-    cached = len(pipe._cache)
+    cached = PROGRAMS.compiles
     with pytest.raises(ValueError, match=match):
         generate(pipe, args.pop("prompts"), args.pop("negative_prompts"), args.pop("seeds"), **args)
-    assert len(pipe._cache) == cached
+    assert PROGRAMS.compiles == cached
 
 
 CHILD = textwrap.dedent(
@@ -220,7 +221,7 @@ CHILD = textwrap.dedent(
     from animatediff_jax.models.shapes import clip_shapes, vae_shapes
     from animatediff_jax.models.shapes import unet_shapes
     from animatediff_jax.models.vae import VAEConfig
-    from animatediff_jax.sampling import AnimationPipeline, generate, make_mesh
+    from animatediff_jax.sampling import PROGRAMS, AnimationPipeline, generate, sampling_mesh
     from animatediff_jax.text import Tokenizer
     from animatediff_jax.testing.tiny import write_tiny_tokenizer
 
@@ -243,9 +244,9 @@ CHILD = textwrap.dedent(
     prompts, seeds = ["the cat", "a dog", "the dog and the cat"], [5, 6, 7]
     kw = dict(num_frames=4, height=16, width=16, steps=3, scheduler="euler_ancestral", decode_chunk=2)
     steps = []
-    sharded = generate(pipe, prompts, ["dog"], seeds, mesh=make_mesh(8), progress=steps.append, **kw)
-    single = generate(pipe, prompts, ["dog"], seeds, mesh=make_mesh(1), progress=False, **kw)
-    alone = generate(pipe, prompts[1:2], ["dog"], seeds[1:2], mesh=make_mesh(8), progress=steps.append, **kw)
+    sharded = generate(pipe, prompts, ["dog"], seeds, mesh=sampling_mesh(8), progress=steps.append, **kw)
+    single = generate(pipe, prompts, ["dog"], seeds, mesh=sampling_mesh(1), progress=False, **kw)
+    alone = generate(pipe, prompts[1:2], ["dog"], seeds[1:2], mesh=sampling_mesh(8), progress=steps.append, **kw)
     print(json.dumps(dict(
         latents=float(np.abs(sharded.latents - single.latents).max()),
         frames=int(np.abs(sharded.frames.astype(int) - single.frames.astype(int)).max()),
@@ -256,7 +257,7 @@ CHILD = textwrap.dedent(
         recompiled=alone.timings["compile_denoise_s"] > 0,
         # The compiled loop (with its progress callback) holds no cross-device op: the params are
         # replicated and every sample's work stays on its device.
-        collectives=sorted({op for c in pipe._cache.values() for op in
+        collectives=sorted({op for c in PROGRAMS.executables() for op in
                             ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
                             if op in c.as_text()}),
     )))

@@ -132,7 +132,7 @@ NEG = {0: "dog", 4: ""}
 
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
-    from animatediff_jax.testing import parity
+    from animatediff_jax import parity
 
     torch_pipe, tok = parity.build_random_pipeline("tiny", workdir=str(tmp_path_factory.mktemp("travel")))
     torch_pipe.set_progress_bar_config(disable=True)
@@ -142,7 +142,7 @@ def pipes(tmp_path_factory):
 
 
 def test_prompt_travel_embeddings_are_diffusers_free_noise(pipes):
-    from animatediff_jax.sampling.generate import encode_prompts
+    from animatediff_jax.sampling.prompts import encode_prompts
 
     torch_pipe, ours = pipes
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_prompt_travel_embeddings_are_diffusers_free_noise(pipes):
 
 
 def test_slerp_keeps_the_norm_between_keyframes(pipes):
-    from animatediff_jax.sampling.generate import encode_prompts
+    from animatediff_jax.sampling.prompts import encode_prompts
 
     _, ours = pipes
     lin, _, _ = encode_prompts(ours, [{0: "the cat", 5: "a dog"}], None, F)
@@ -282,7 +282,7 @@ def test_sample_config_prompt_travel_and_motion_scale(tiny_spec, tmp_path, capsy
 
 @pytest.mark.parametrize("method", ["butterworth", "gaussian", "ideal"])
 def test_free_init_filter_and_mix_are_diffusers(pipes, method):
-    from animatediff_jax.sampling.generate import free_init_filter, freq_mix
+    from animatediff_jax.sampling.free_init import free_init_filter, freq_mix
 
     torch_pipe, _ = pipes
     ref = torch_pipe._get_free_init_freq_filter((1, 4, F, 8, 8), "cpu", method, 4, 0.25, 0.3)
@@ -304,7 +304,8 @@ def test_generate_with_free_init_is_diffusers(pipes, monkeypatch, fast):
     from diffusers.pipelines import free_init_utils
 
     from animatediff_jax.sampling import generate
-    from animatediff_jax.sampling.generate import free_init_noise, seed_key
+    from animatediff_jax.sampling.free_init import free_init_noise
+    from animatediff_jax.sampling.keys import seed_key
 
     torch_pipe, ours = pipes
     shape = (1, F, H // 2, W // 2, 4)
@@ -391,7 +392,7 @@ def test_video_to_video_is_diffusers(pipes, monkeypatch, strength):
 def test_video_to_video_keeps_the_video_at_low_strength(pipes):
     from animatediff_jax.models.vae import encode_video
     from animatediff_jax.sampling import generate
-    from animatediff_jax.sampling.generate import video_pixels
+    from animatediff_jax.sampling.free_init import video_pixels
 
     _, ours = pipes
     video = np.random.default_rng(4).integers(0, 256, (1, F, H, W, 3), dtype=np.uint8)
@@ -417,7 +418,7 @@ def test_video_to_video_keeps_the_video_at_low_strength(pipes):
 def test_window_weights_are_free_noises(length, weighting):
     from diffusers.models.attention import FreeNoiseTransformerBlock
 
-    from animatediff_jax.sampling.generate import window_weights
+    from animatediff_jax.sampling.windows import window_weights
 
     assert window_weights(length, weighting) == tuple(
         float(w) for w in FreeNoiseTransformerBlock._get_frame_weights(None, length, weighting))
@@ -425,12 +426,12 @@ def test_window_weights_are_free_noises(length, weighting):
 
 def test_weighted_windows_average_by_position():
     """Where windows overlap, each prediction counts by its position's weight (pyramid: the middle most)."""
-    from animatediff_jax.sampling.generate import WindowPlan, _windowed, context_windows, window_weights
+    from animatediff_jax.sampling.windows import WindowPlan, context_windows, window_weights, windowed
 
     frames = context_windows(10, 4, 2)
     plan = WindowPlan(frames, window_weights(4, "pyramid"))
     x = jnp.zeros((1, 10, 1))
-    out = np.asarray(_windowed(lambda xw, ix: xw + ix[0].astype(jnp.float32), x, plan))[0, :, 0]
+    out = np.asarray(windowed(lambda xw, ix: xw + ix[0].astype(jnp.float32), x, plan))[0, :, 0]
     # By hand: each window predicts its start frame for all its frames; weights [1, 2, 2, 1].
     want, total = np.zeros(10), np.zeros(10)
     for win in frames:
@@ -441,7 +442,7 @@ def test_weighted_windows_average_by_position():
 
 
 def test_looped_windows_wrap_around():
-    from animatediff_jax.sampling.generate import context_windows
+    from animatediff_jax.sampling.windows import context_windows
 
     assert context_windows(12, 8, 4, looped=True) == (
         tuple(range(8)), tuple(range(4, 12)), (8, 9, 10, 11, 0, 1, 2, 3))
@@ -453,7 +454,7 @@ def test_shuffle_context_noise_is_free_noises(pipes, monkeypatch):
     the same drawn noise and the same permutations: the same latents."""
     from diffusers.pipelines import free_noise_utils
 
-    from animatediff_jax.sampling.generate import free_noise
+    from animatediff_jax.sampling.windows import free_noise
 
     torch_pipe, _ = pipes
     base = np.random.default_rng(2).standard_normal((1, 11, 2, 2, 4)).astype(np.float32)  # ours: [N, F, h, w, C]

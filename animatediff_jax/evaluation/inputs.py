@@ -186,7 +186,7 @@ def _config_prompts(path: str) -> list:
     """A `sample` run's resolved prompts from its `config.yaml` (travelling prompts as `{frame: text}`)."""
     import yaml
 
-    from animatediff_jax.sampling.config import video_prompts
+    from animatediff_jax.sampling.assemble import video_prompts
 
     try:
         with open(path) as f:

@@ -151,3 +151,9 @@ def tiny_unet(motion: MotionVersion | None = "v2", **overrides) -> UNetConfig:
     base.update(overrides)
     config = UNetConfig(**base)
     return config.with_motion(MotionConfig.for_version(motion, heads=2, norm_num_groups=8)) if motion else config
+
+
+def size_multiple(unet_levels: int, vae_levels: int = 4) -> int:
+    """What a video's height and width must divide by: the VAE's downscale (2 per level after the
+    first) times the UNet's (2 per level after the first) — 64 for SD1.5. The one size rule."""
+    return 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)

@@ -10,39 +10,18 @@ and several controls add up (diffusers' `MultiControlNetModel`).
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from animatediff_jax.errors import FieldError
 from animatediff_jax.models.config import UNetConfig
-from animatediff_jax.models.controlnet import ControlNet, ControlNetConfig
+from animatediff_jax.models.controlnet import ControlNet
+from animatediff_jax.sampling.options import Control
 
 Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Control:
-    """One control model and its condition.
-
-    `images` uint8 (or float in [0, 1]) `[K, H, W, 3]` at the video's size: for a ControlNet one per
-    frame (K = frames); for SparseCtrl the keyframes, `frame_indices[k]` the frame of image k (negative:
-    from the end, as the original's `controlnet_image_indexs: [0, -1]`; a scribble
-    encoder takes them as pixels, an RGB one as VAE latents). `scale` multiplies its residuals while
-    the step's fraction of the run lies in `[start, end]`.
-    """
-
-    config: ControlNetConfig
-    params: Params
-    images: np.ndarray
-    frame_indices: tuple[int, ...] | None = None
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    name: str = "control"  # what errors call it ("controlnet[0]", "sparsectrl")
 
 
 class ControlSpec(NamedTuple):
@@ -55,48 +34,18 @@ class ControlSpec(NamedTuple):
     indices: tuple[int, ...] | None  # SparseCtrl: frames holding a condition
 
 
-def check_controls(controls: Sequence[Control], num_frames: int, height: int, width: int,
-                   unet_config: UNetConfig, windows_length: int | None = None) -> None:
-    """Every control checked against the video and the UNet, each failure a one-line `ValueError`
-    naming the control: a wrong count of control frames, keyframe indices outside the video, images of
-    another size, a control model for another base, a scale or a start/end out of range."""
+def check_base(controls: Sequence[Control], unet_config: UNetConfig, window_length: int) -> None:
+    """Every control against the UNet it steers (its own settings are `Control.check`'s): a control model
+    for another base, or SparseCtrl motion modules shorter than the video (or its window)."""
     for c in controls:
-        if not isinstance(c, Control):
-            raise ValueError(f"controls: expected Control objects, got {type(c).__name__}")
         cfg, u = c.config, unet_config
         if cfg.unet.cross_attention_dim != u.cross_attention_dim or cfg.unet.block_out_channels != u.block_out_channels:
-            raise ValueError(
-                f"{c.name}: a control model for another base (cross-attention {cfg.unet.cross_attention_dim}, "
-                f"channels {list(cfg.unet.block_out_channels)}; the UNet has {u.cross_attention_dim}, "
-                f"{list(u.block_out_channels)})")
-        shape = tuple(np.shape(c.images))
-        if len(shape) != 4 or shape[1:] != (height, width, 3):
-            raise ValueError(f"{c.name}: images must be [K, {height}, {width}, 3] (the video's size), got {shape}")
-        if cfg.sparse:
-            idx = list(c.frame_indices or ())
-            if len(idx) != shape[0]:
-                raise ValueError(f"{c.name}: {shape[0]} keyframe image(s) but {len(idx)} frame_indices: give one index "
-                                 "per image")
-            bad = [i for i in idx if not isinstance(i, (int, np.integer)) or not -num_frames <= i < num_frames]
-            if bad:
-                raise ValueError(f"{c.name}: frame_indices {bad} outside the video (frames 0..{num_frames - 1}, "
-                                 "or negative from the end)")
-            if len({int(i) % num_frames for i in idx}) != len(idx):
-                raise ValueError(f"{c.name}: frame_indices {idx} repeat a frame")
-            limit = cfg.unet.motion.max_positions
-            if (windows_length or num_frames) > limit:
-                raise ValueError(f"{c.name}: its motion modules hold {limit} frames, the video (or window) has "
-                                 f"{windows_length or num_frames}")
-        else:
-            if c.frame_indices is not None:
-                raise ValueError(f"{c.name}: frame_indices are for SparseCtrl; a ControlNet takes one image per frame")
-            if shape[0] != num_frames:
-                raise ValueError(f"{c.name}: {shape[0]} control frame(s) for a video of {num_frames} frames "
-                                 "(give one per frame)")
-        if not (isinstance(c.scale, (int, float)) and math.isfinite(c.scale)):
-            raise ValueError(f"{c.name}: scale={c.scale!r}: expected a number")
-        if not (0.0 <= c.start < c.end <= 1.0):
-            raise ValueError(f"{c.name}: start={c.start}, end={c.end}: expected 0 <= start < end <= 1")
+            raise FieldError(c.name, f": a control model for another base (cross-attention {cfg.unet.cross_attention_dim}, "
+                             f"channels {list(cfg.unet.block_out_channels)}; the UNet has {u.cross_attention_dim}, "
+                             f"{list(u.block_out_channels)})")
+        if cfg.sparse and window_length > cfg.unet.motion.max_positions:
+            raise FieldError(c.name, f": its motion modules hold {cfg.unet.motion.max_positions} frames, the video "
+                             f"(or window) has {window_length}")
 
 
 def _pixels01(images: np.ndarray) -> np.ndarray:
@@ -171,58 +120,3 @@ def control_residuals(specs: Sequence[ControlSpec], params: Sequence[Params], sc
         down = d if down is None else tuple(a + b for a, b in zip(down, d))
         mid = m if mid is None else mid + m
     return down, mid
-
-
-def read_conditions(c: dict) -> list[tuple[str, dict, np.ndarray]]:
-    """The condition images of a validated sample config's `controlnet` entries and `sparsectrl`, read
-    (and resized to W x H) before any weights load: `(name, entry, uint8 [K, H, W, 3])` each. An image
-    or video that cannot be read, or a wrong count of control frames, is a one-line `ConfigError`."""
-    from animatediff_jax.io.video import VideoReadError, read_frames, read_image
-    from animatediff_jax.sampling.config import ConfigError
-
-    entries = [(f"controlnet[{i}]", e) for i, e in enumerate(c["controlnet"])]
-    if c["sparsectrl"]:
-        entries.append(("sparsectrl", c["sparsectrl"]))
-    size, out = (c["H"], c["W"]), []
-    for name, e in entries:
-        try:
-            if e.get("video"):
-                images = read_frames(e["video"], c["L"], size)
-            else:
-                paths = [e["images"]] if isinstance(e["images"], str) else list(e["images"])
-                if name != "sparsectrl" and len(paths) != c["L"]:
-                    raise ConfigError(f"{name}.images: {len(paths)} control frame(s) for L={c['L']} frames "
-                                      "(one per frame, or a video)")
-                images = np.stack([read_image(p, size) for p in paths])
-        except (VideoReadError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"{name}: {err}") from None
-        out.append((name, e, images))
-    return out
-
-
-def load_controls(conditions: Sequence[tuple[str, dict, np.ndarray]], unet_config: UNetConfig,
-                  dtype: Any = jnp.float32) -> list[Control]:
-    """`Control`s from `read_conditions`' output: each model loaded (`checkpoints.controlnet`), checked to
-    be for this base and of the kind its config entry says, its params cast to `dtype`."""
-    from animatediff_jax.checkpoints.controlnet import load_controlnet
-    from animatediff_jax.checkpoints.torch_io import CheckpointError
-    from animatediff_jax.sampling.config import ConfigError
-
-    controls = []
-    for name, e, images in conditions:
-        try:
-            config, params = load_controlnet(e["path"], base=unet_config)
-        except (CheckpointError, ValueError, OSError) as err:
-            raise ConfigError(f"{name}.path: {' '.join(str(err).split())}") from err
-        if config.sparse != (name == "sparsectrl"):
-            what = "a SparseCtrl model" if config.sparse else "a ControlNet"
-            raise ConfigError(f"{name}.path: {e['path']} is {what}; put it under "
-                              f"{'sparsectrl' if config.sparse else 'controlnet'}")
-        if jnp.dtype(dtype) != jnp.float32:
-            params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        idx = tuple(e.get("frame_indices", ())) if config.sparse else None
-        controls.append(Control(config, params, images, idx, float(e.get("scale", 1.0)), float(e.get("start", 0.0)),
-                                float(e.get("end", 1.0)), name))
-    return controls

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from animatediff_jax.errors import ConfigError
 from animatediff_jax.io import fs
 from animatediff_jax.sampling.config import to_yaml
 
@@ -61,3 +63,48 @@ def timing_summary(t: Mapping[str, float], n: int) -> str:
         f"(text {t['text_s']:.2f}, denoise {t['denoise_s']:.2f}, decode {t['decode_s']:.2f}) = "
         f"{t['run_s'] / n:.2f} s/video | write {t['write_s']:.1f}s"
     )
+
+
+def output_folder(folder: str) -> str:
+    """The folder this run writes, checked before anything loads: never a file, never an unwritable
+    place, and never an existing non-empty folder (old videos beside a new config.yaml): then the first
+    free `<folder>-2`, `-3`, ... is used, and said. A bucket folder (gs://...) is checked by writing
+    and removing a probe object."""
+    if fs.is_remote(folder):
+        return _bucket_output_folder(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"output.dir={folder!r}: is a file, not a folder")
+    chosen, i = folder, 1
+    while os.path.isdir(chosen) and os.listdir(chosen):
+        i += 1
+        chosen = f"{folder.rstrip(os.sep)}-{i}"
+    if chosen != folder:
+        print(f"output.dir {folder} is not empty: writing {chosen} instead", file=sys.stderr, flush=True)
+    parent = os.path.abspath(chosen)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir={folder!r}: cannot be created ({parent} is not a writable folder)")
+    return chosen
+
+
+def _bucket_output_folder(folder: str) -> str:
+    import uuid
+
+    folder = folder.rstrip("/")
+    if fs.isfile(folder):
+        raise ConfigError(f"output.dir={folder!r}: is a file, not a folder")
+    chosen, i = folder, 1
+    while fs.isdir(chosen) and fs.listdir(chosen):
+        i += 1
+        chosen = f"{folder}-{i}"
+    if chosen != folder:
+        print(f"output.dir {folder} is not empty: writing {chosen} instead", file=sys.stderr, flush=True)
+    probe = f"{chosen}/.write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.write_bytes(probe, b"")
+        fs.remove(probe)
+    except Exception as e:  # no credentials, no such bucket, no permission
+        raise ConfigError(f"output.dir={folder!r}: cannot be written ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
+    return chosen

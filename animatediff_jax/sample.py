@@ -25,7 +25,9 @@ Outputs in `output.dir` (`{time}` is replaced by the start time): `sample/<i>-<p
 video, flagged ones written black) and, with `evaluate.clip`, `metrics.json` (the CLIP metrics of
 `animatediff_jax.evaluation`, also printed). Everything that can be checked is checked
 before any weights are loaded or anything is compiled. Exit codes: 0 done; 2 a bad config, argument
-or weight file (one line `error: ...` naming the field); 1 writing the outputs failed.
+or weight file (one line `error: ...` naming the field); 1 writing the outputs failed; 130 stopped by
+Ctrl-C / SIGTERM (one line: nothing written, or the complete files already in the folder; every
+file is written atomically, so none is half written).
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from animatediff_jax import compilation_cache
+from animatediff_jax import compilation_cache, interrupts
 from animatediff_jax.cli import parse_config_flags, run_command
 from animatediff_jax.errors import ConfigError
 from animatediff_jax.evaluation.sample_checks import SampleChecks
 from animatediff_jax.io import fs
 from animatediff_jax.sampling import assemble
 from animatediff_jax.sampling.config import plain, to_yaml
-from animatediff_jax.sampling.generate import generate, sampling_mesh
+from animatediff_jax.sampling.generate import check_fits, generate, sampling_mesh
 from animatediff_jax.sampling.options import Request
 from animatediff_jax.sampling.outputs import output_folder, timing_summary, write_outputs
 from animatediff_jax.sampling.pipeline import AnimationPipeline
@@ -141,6 +143,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     except ValueError as e:
         raise ConfigError(f"devices: {e}") from None
     folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
+    interrupts.output(folder)  # (Ctrl-C: the line names the complete videos written there, if any)
     video, images = _read_inputs(c)
     assemble.request(c, video, images)  # (the counts of the images read, before any weights load)
     checks = SampleChecks(c)  # safety_checker / evaluate.clip: loaded (and checked) before the pipeline
@@ -148,6 +151,8 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     pipe, models = _load(c, pipeline, mesh)
     timings = {"load_s": time.perf_counter() - t0}
     request = assemble.request(c, video, images, models)
+    with assemble.config_names(c):
+        check_fits(pipe, request, mesh)  # what needs the loaded models, in the config's names, before compiling
     n = len(request.prompts)
     size = assemble.videos_per_call(c["batch_size"], n, mesh.shape["data"])
     _log(f"sampling {n} video(s) of {c['L']} frames {c['H']}x{c['W']}, {c['scheduler']} {c['steps']} steps, "

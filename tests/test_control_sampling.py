@@ -4,7 +4,7 @@ latents and the decoded frames.
 
 Tiny random models (the parity pipeline's), the control models built in diffusers with seeded random
 weights (zero convolutions too) and converted. Motion-module GroupNorms: diffusers' semantics (across
-frames) on both sides, for the UNet and SparseCtrl's own motion modules (see testing/parity.py).
+frames) on both sides, for the UNet and SparseCtrl's own motion modules (see animatediff_jax/parity.py).
 SparseCtrl RGB encodes its keyframes with the VAE: diffusers draws a posterior sample from torch's
 global generator, so both sides use the posterior mean here (diffusers' `retrieve_latents` in "argmax"
 mode, ours `sample_posterior=False`).
@@ -165,7 +165,7 @@ def test_control_errors_are_one_line(pipes):
     kw = dict(num_frames=F, height=H, width=W, steps=2, progress=False)
     cases = [
         (Control(cfg, params, images(0, F - 1), name="controlnet[0]"), "controlnet[0]: 3 control frame(s) for a video of 4"),
-        (Control(scfg, sparams, images(0, 1), (F,), name="sparsectrl"), "sparsectrl: frame_indices [4] outside the video"),
+        (Control(scfg, sparams, images(0, 1), (F,), name="sparsectrl"), "sparsectrl.frame_indices [4] outside the video"),
         (Control(scfg, sparams, images(0, 2), (0,), name="sparsectrl"), "2 keyframe image(s) but 1 frame_indices"),
         (Control(tiny_controlnet(False, cross_attention_dim=8), params, images(0, F)), "a control model for another base"),
         (Control(cfg, params, images(0, F)[:, :8], name="c"), "images must be [K, 16, 16, 3]"),
@@ -225,9 +225,9 @@ def test_sample_config_control_errors(tmp_path):
         (dict(sparsectrl={"path": paths["sparsectrl_rgb"], "images": (paths["keyframe"],), "frame_indices": (4,)}),
          "sparsectrl.frame_indices [4] outside the video"),
         (dict(sparsectrl={"path": paths["sparsectrl_rgb"], "images": (paths["keyframe"],), "frame_indices": (0, 1)}),
-         "sparsectrl: 1 image(s) but 2 frame_indices"),
+         "sparsectrl: 1 keyframe image(s) but 2 frame_indices"),
         (dict(controlnet=({"path": paths["controlnet"], "images": (paths["keyframe"],) * 3},)),
-         "controlnet[0].images: 3 control frame(s) for L=4"),
+         "controlnet[0]: 3 control frame(s) for a video of 4 frames"),
         (dict(controlnet=({"path": paths["controlnet"], "images": (str(bad_png),) * 4},)), "broken.png: cannot read"),
         (dict(controlnet=({"path": paths["controlnet"]},)), "controlnet[0]: give video or images"),
         (dict(controlnet=({"path": paths["controlnet"], "video": "nope.gif", "scale": 1},)),
@@ -252,5 +252,9 @@ def test_sparsectrl_configs_are_the_originals(spec):
     c = load_config(f"configs/sample/{spec}")
     assert (c["steps"], c["guidance_scale"], c["W"], c["H"], c["L"]) == (25, 8.5, 512, 512, 16)
     assert len(c["sparsectrl"]["images"]) == len(c["sparsectrl"]["frame_indices"])
-    with pytest.raises(ConfigError, match="^base_model: models/sd15: no such file"):
+    with pytest.raises(ConfigError) as e:  # every file it names is missing here: all listed, in one line
         validate(c)
+    msg = str(e.value)
+    assert "\n" not in msg and "files the config names are not there" in msg, msg
+    for field in ("base_model: models/sd15", "motion_module: ", "sparsectrl.path: ", "sparsectrl.images[0]: "):
+        assert field in msg, (field, msg)

@@ -29,9 +29,12 @@ from animatediff_jax.checkpoints.motion import merge_motion
 from animatediff_jax.checkpoints.sd15 import load_sd15
 from animatediff_jax.io.video import read_video, write_gif
 from animatediff_jax.lora import lora_layers, merge
-from animatediff_jax.sampling import AnimationPipeline, generate, load_pipeline, make_mesh
-from animatediff_jax.sampling.config import ConfigError, validate
-from animatediff_jax.testing.tiny import random_params, write_tiny_models
+from animatediff_jax.errors import ConfigError
+from animatediff_jax.sampling import PROGRAMS, AnimationPipeline, generate, load_pipeline, sampling_mesh
+from animatediff_jax.sampling import assemble
+from animatediff_jax.sampling.assemble import validate
+from animatediff_jax.models.init import random_params
+from animatediff_jax.testing.tiny import write_tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "sample", "tiny.py")
@@ -126,9 +129,9 @@ def run(models, tmp_path_factory):
         built.append(real(config))
         return built[-1]
 
-    real = S.load_pipeline
+    real = assemble.load_pipeline
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(S, "load_pipeline", recording)
+        mp.setattr(assemble, "load_pipeline", recording)
         rc = cli.main(["sample", "--config", spec(models), f"--config.output.dir={out}",
                        "--config.output.formats=('gif', 'mp4', 'png')"] + FAST)
     folders = glob.glob(out.replace("{time}", "*"))
@@ -139,7 +142,7 @@ def run(models, tmp_path_factory):
 def test_sample_writes_generates_frames(run, models, capfd):
     folder, pipe = run
     names = sorted(os.path.relpath(p, folder) for p in glob.glob(f"{folder}/**/*.*", recursive=True))
-    stems = ["sample/0-a-cat-and-the-dog", "sample/1-the-dog,-4k"]
+    stems = ["sample/0-a-cat-and-the-dog", "sample/1-the-dog-4k"]
     want = sorted([f"{s}.{e}" for s in stems for e in ("gif", "mp4")] + [f"{s}/{i:04d}.png" for s in stems for i in range(6)]
                   + ["sample.gif", "sample.mp4", "config.yaml", "timings.json"])
     assert names == want
@@ -151,7 +154,7 @@ def test_sample_writes_generates_frames(run, models, capfd):
 
     # The videos as `generate` makes them: both in one call (`batch_size` 0: up to 4 per device), so the
     # same pipeline reuses the compiled executable.
-    kw = dict(num_frames=6, height=32, width=32, steps=3, guidance_scale=7.5, mesh=make_mesh(1), progress=lambda i: None)
+    kw = dict(num_frames=6, height=32, width=32, steps=3, guidance_scale=7.5, mesh=sampling_mesh(1), progress=lambda i: None)
     res = generate(pipe, saved["prompt"], ["bad quality"] * 2, saved["seed"], **kw)
     assert res.timings["compile_s"] == 0.0
     for i, stem in enumerate(stems):
@@ -181,7 +184,7 @@ def test_replaying_a_saved_run_reproduces_its_frames(run, tmp_path):
     config = S.load_config(f"{REPLAY}:{folder}/config.yaml", f"--config.output.dir={tmp_path}/again")
     again = S.sample(config, pipe)
     assert again.folder == f"{tmp_path}/again" and again.timings["compile_s"] == 0.0
-    for i, stem in enumerate(["sample/0-a-cat-and-the-dog", "sample/1-the-dog,-4k"]):
+    for i, stem in enumerate(["sample/0-a-cat-and-the-dog", "sample/1-the-dog-4k"]):
         pngs = np.stack([np.asarray(Image.open(f"{folder}/{stem}/{j:04d}.png")) for j in range(6)])
         np.testing.assert_array_equal(again.frames[i], pngs)
     with open(f"{tmp_path}/again/config.yaml") as f, open(f"{folder}/config.yaml") as g:
@@ -257,7 +260,7 @@ def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
 
     from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
     from animatediff_jax.checkpoints.torch_io import save_state_dict
-    from animatediff_jax.testing.parity import randomize
+    from animatediff_jax.parity import randomize
 
     spatial = base.unet_config
     torch_unet = randomize(UNet2DConditionModel(**spatial.to_diffusers()), seed=42)
@@ -298,7 +301,7 @@ BEFORE_LOADING = [
     (["--config.motion_module=/nonexistent/mm.ckpt"], "motion_module: /nonexistent/mm.ckpt: no such file or folder"),
     (["--config.motion_module_lora_configs=({'path': '/nope.ckpt', 'alpha': 1.0},)"],
      "motion_module_lora_configs[0].path: /nope.ckpt: no such file"),
-    (["--config.W=30"], "W=30 must be a multiple of 4"),
+    (["--config.W=30"], "W=30 must be a positive multiple of 4"),
     (["--config.H=-8"], "H=-8: expected an integer >= 1"),
     (["--config.steps=abc"], "--config.steps=abc: invalid literal for int()"),
     (["--config.scheduler=ddpm"], "unknown scheduler 'ddpm'"),
@@ -309,8 +312,8 @@ BEFORE_LOADING = [
     (["--config.dtype=float64"], "dtype='float64': expected one of"),
     (["--config.output.formats=('webm',)"], "output.formats"),
     (["--config.context_windows.length=4", "--config.context_windows.overlap=4"],
-     "context_windows needs length >= 1 (0: off) and 0 <= overlap < length, got length=4, overlap=4"),
-    (["--config.context_windows.length=-1"], "context_windows.length=-1: expected an integer >= 0"),
+     "context_windows.overlap=4: expected 0 <= overlap < length (4)"),
+    (["--config.context_windows.length=-1"], "context_windows.length=-1: expected an integer >= 1 (0: off)"),
     (["--config.devices=9"], "devices: num_devices=9: there are 1 devices"),
     (["--config.output.dir=/proc/version"], "output.dir='/proc/version': is a file, not a folder"),
     (["--config.output.dir=/proc/version/samples"], "output.dir='/proc/version/samples': cannot be created"),
@@ -321,7 +324,7 @@ BEFORE_LOADING = [
 ]
 AFTER_LOADING = [  # generate's checks, on the loaded models
     ("other_mm", "motion_module: "),
-    (["--config.L=40"], "num_frames=40 exceeds the motion module's position table (32 frames)"),
+    (["--config.L=40"], "L=40 exceeds the motion module's position table (32 frames)"),
     ("mlora_as_adapter", "adapter_lora_path: "),
     (["--config.clip_skip=9"], "clip_skip=9: the text encoder has"),
     (["--config.L=40", "--config.context_windows.length=40"],
@@ -343,9 +346,9 @@ def test_bad_input_one_line_error_before_compiling(models, overrides, msg, capfd
     def never(*a, **k):
         raise AssertionError("must fail before this")
 
-    monkeypatch.setattr(AnimationPipeline, "_compiled", never)
+    monkeypatch.setattr(PROGRAMS, "compiled", never)
     if preload:
-        monkeypatch.setattr(S, "load_pipeline", never)
+        monkeypatch.setattr(assemble, "load_pipeline", never)
     capfd.readouterr()
     t0 = time.perf_counter()
     rc = cli.main(["sample", "--config", spec(models)] + FAST + overrides)
@@ -380,7 +383,9 @@ def test_cli_help_and_print_config(models, capsys, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     capsys.readouterr()
     assert cli.main(["sample", "--config", TINY]) == 2
-    assert "base_model: runs/tiny_models/sd15: no such file or folder" in capsys.readouterr().err
+    err = capsys.readouterr().err  # every file the config names is missing: all in one line
+    assert len(err.strip().splitlines()) == 1 and "files the config names are not there" in err, err
+    assert "base_model: runs/tiny_models/sd15;" in err and "motion_module_lora_configs[1].path: " in err, err
     out = subprocess.run([sys.executable, "-m", "animatediff_jax.testing.tiny", "runs/tiny_models"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -422,7 +427,7 @@ def test_to_uint8_is_one_function_for_numpy_and_jit():
 
 
 def test_a_non_empty_output_dir_is_never_mixed_with_a_new_run(tmp_path, capfd):
-    from animatediff_jax.sampling.config import output_folder
+    from animatediff_jax.sampling.outputs import output_folder
 
     (tmp_path / "run").mkdir()
     assert output_folder(str(tmp_path / "run")) == str(tmp_path / "run")  # empty: used as is

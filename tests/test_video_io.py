@@ -116,3 +116,25 @@ def test_mp4_mpeg4_fallback(tmp_path, monkeypatch):
     write_mp4(tmp_path / "m4.mp4", video, fps=8)
     back = read_video(tmp_path / "m4.mp4")
     assert back.shape == video.shape and np.abs(back.astype(np.int32) - video).mean() < 3.0
+
+
+def test_sparsectrl_keyframes_are_centre_cropped_as_the_original(tmp_path):
+    """`fit="crop"` (SparseCtrl keyframes): the original's `RandomResizedCrop((H, W), scale=(1, 1),
+    ratio=(W/H, W/H))` + bilinear, i.e. the centred crop of the video's aspect ratio, then resized;
+    `fit="stretch"` (ControlNet images, diffusers' processor): the whole image, Lanczos."""
+    from PIL import Image
+
+    from animatediff_jax.io.video import read_image
+
+    rng = np.random.default_rng(0)
+    for shape, size, box in [((32, 64, 3), (16, 16), (16, 0, 48, 32)),  # wide -> square: the middle columns
+                             ((64, 32, 3), (16, 16), (0, 16, 32, 48)),  # tall -> square: the middle rows
+                             ((32, 64, 3), (16, 32), (0, 0, 64, 32)),  # the same ratio: whole
+                             ((30, 40, 3), (24, 24), (5, 0, 35, 30))]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        path = tmp_path / f"{shape[0]}x{shape[1]}.png"
+        Image.fromarray(img).save(path)
+        want = np.asarray(Image.fromarray(img).crop(box).resize((size[1], size[0]), Image.BILINEAR))
+        np.testing.assert_array_equal(read_image(path, size, fit="crop"), want)
+        stretched = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.LANCZOS))
+        np.testing.assert_array_equal(read_image(path, size), stretched)

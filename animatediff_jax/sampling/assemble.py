@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import json
 import os
 import secrets
 from typing import Any, Iterator, Mapping, Sequence
@@ -20,6 +18,7 @@ import numpy as np
 
 from animatediff_jax import dtypes
 from animatediff_jax.errors import ConfigError, FieldError
+from animatediff_jax.checkpoints.sd15 import sd15_size_multiple
 from animatediff_jax.io import fs
 from animatediff_jax.models.config import size_multiple
 from animatediff_jax.sampling.config import FORMATS, GROUPS, base_config, check_fields, plain
@@ -94,7 +93,10 @@ def request(c: Mapping, video: np.ndarray | None = None, images: Sequence[np.nda
         count = len(paths) if paths else c["L"]  # (a video gives L frames)
         imgs = images[j] if images is not None else _blank((count, c["H"], c["W"], 3))
         cfg, params = models[j] if models is not None else (None, None)
-        controls.append(Control(cfg, params, imgs, tuple(e.get("frame_indices", ())) if sparse else None,
+        idx = e.get("frame_indices", ())
+        if sparse and not isinstance(idx, (list, tuple)):
+            raise ConfigError(f"{name}.frame_indices={idx!r}: expected a tuple of frame numbers")
+        controls.append(Control(cfg, params, imgs, tuple(idx) if sparse else None,
                                 e.get("scale", 1.0), e.get("start", 0.0), e.get("end", 1.0), name))
     if video is None and c["init_video"]:
         video = _blank((1, c["L"], c["H"], c["W"], 3))
@@ -113,46 +115,40 @@ def request(c: Mapping, video: np.ndarray | None = None, images: Sequence[np.nda
 # ----------------------------------------------------------------------------------------------
 
 
-def _existing_path(name: str, path: Any, required: bool = False, files: bool = True) -> str:
-    """A path field: a string, given when `required`, and (`files`) there."""
-    if not isinstance(path, str):
-        raise ConfigError(f"{name}={path!r}: expected a path")
-    if not path:
-        if required:
+class _Paths:
+    """The files a config names, gathered field by field and checked together: every missing one is
+    listed in one message (not one download at a time)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str]] = []
+
+    def add(self, name: str, path: Any, required: bool = False) -> str:
+        if not isinstance(path, str):
+            raise ConfigError(f"{name}={path!r}: expected a path")
+        if not path and required:
             raise ConfigError(f"{name}: required")
-        return ""
-    if files and not fs.exists(path):
-        raise ConfigError(f"{name}: {path}: no such file or folder")
-    return path
+        if path:
+            self.entries.append((name, path))
+        return path
+
+    def check(self, extra: Sequence[str] = ()) -> None:
+        """Raises one `ConfigError` naming every field whose file is not there (and `extra` problems)."""
+        missing = [f"{name}: {path}" for name, path in self.entries if not fs.exists(path)] + list(extra)
+        if len(missing) == 1:
+            raise ConfigError(missing[0] if extra else f"{missing[0]}: no such file or folder")
+        if missing:
+            raise ConfigError(f"{len(missing)} files the config names are not there: {'; '.join(missing)}")
 
 
-def base_size_multiple(base_model: str) -> int:
-    """`models.config.size_multiple` of a base model, read from its configs without loading weights
-    (converted and diffusers folders; SD1.5's for a single file). A folder whose configs cannot be read
-    is the error here, not a wrong multiple later."""
-    from animatediff_jax.checkpoints import params_io
-
-    blocks, vae_blocks = 4, 4
-    converted = os.path.join(base_model, params_io.PARAMS_FILE)
-    source = converted
-    try:
-        if fs.isfile(converted):
-            from animatediff_jax.checkpoints.torch_io import safetensors_metadata
-
-            meta = safetensors_metadata(converted)
-            blocks = len(json.loads(meta["unet_config"])["block_out_channels"])
-            vae_blocks = len(json.loads(meta["vae_config"])["block_out_channels"])
-        elif fs.isdir(base_model):
-            for name in ("unet", "vae"):
-                source = os.path.join(base_model, name, "config.json")
-                with fs.open(source) as f:
-                    n = len(json.load(f)["block_out_channels"])
-                blocks, vae_blocks = (n, vae_blocks) if name == "unet" else (blocks, n)
-    except FileNotFoundError:
-        raise FieldError("base_model", f": {source}: missing (not a converted or diffusers SD1.5 folder)") from None
-    except Exception as e:  # truncated / not safetensors / bad JSON / no such field
-        raise FieldError("base_model", f": {source}: cannot be read ({type(e).__name__}: {e})") from None
-    return size_multiple(blocks, vae_blocks)
+def _tokenizer_problem(c: Mapping) -> list[str]:
+    """The tokenizer a run would use is not there: `tokenizer`, or the personalised model's or the base
+    model's `tokenizer/` folder (a single-file model has none)."""
+    if c["tokenizer"]:
+        return []
+    folders = [p for p in (c["dreambooth_path"], c["base_model"]) if p and fs.isdir(p)]
+    if any(fs.isdir(os.path.join(p, "tokenizer")) for p in folders) or not fs.exists(c["base_model"]):
+        return []
+    return [f"tokenizer: {c['base_model']} has no tokenizer/ folder; set tokenizer to a CLIP tokenizer folder"]
 
 
 def _available_bytes() -> int | None:
@@ -214,15 +210,14 @@ def _prompts(c: dict) -> tuple[list, list, list]:
         raise ConfigError("prompt: required (a tuple of prompts, or prompt_map for prompt travel)")
     n = len(prompts) if prompts else len(c["seed"]) if isinstance(c["seed"], (list, tuple)) else 1
     neg = [c["n_prompt"]] if isinstance(c["n_prompt"], str) else c["n_prompt"]
-    if not isinstance(neg, (list, tuple)) or not all(isinstance(p, str) for p in neg):
+    if not isinstance(neg, (list, tuple)):
         raise ConfigError(f"n_prompt={c['n_prompt']!r}: expected a tuple of strings")
     seeds = c["seed"]
-    if not isinstance(seeds, (list, tuple)) or not all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and -1 <= s < 2**64 for s in seeds):
+    if not isinstance(seeds, (list, tuple)):
         raise ConfigError(f"seed={seeds!r}: expected a tuple of integers in [0, 2**64) or -1 (random)")
-    with config_names(c):
-        neg, seeds = per_prompt("n_prompt", neg or [""], n), per_prompt("seed", seeds, n)
-    return list(prompts), list(neg), [secrets.randbits(63) if s == -1 else int(s) for s in seeds]
+    with config_names(c):  # (one for all prompts, or one each; -1 seeds drawn per prompt, saved resolved)
+        neg, seeds = per_prompt("negative_prompts", list(neg) or [""], n), per_prompt("seeds", seeds, n)
+    return list(prompts), list(neg), [secrets.randbits(63) if s == -1 else s for s in seeds]
 
 
 def validate(config: Any, files: bool = True) -> dict:
@@ -256,12 +251,16 @@ def validate(config: Any, files: bool = True) -> dict:
             raise ConfigError(f"{name}={c[name]!r}: expected a dict ({{}}: off)")
     if not isinstance(c["allow_nonfinite"], bool):
         raise ConfigError(f"allow_nonfinite={c['allow_nonfinite']!r}: expected True or False")
-    _check_controls(c, files)
+    _check_files(c, files)
     req = request(c)  # every sampling setting, checked once (options)
     attention_note(c)
     if files:
         _check_memory(c, req)
-    _check_files(c, files)
+    base = c["base_model"]  # the size rule of the base model the config names (SD1.5's if it is not here)
+    with _blame("base_model"):
+        multiple = sd15_size_multiple(base) if files or fs.exists(base) else size_multiple(4)
+    with config_names(c):
+        check_size(req.height, req.width, multiple)
     out = c["output"]
     formats = [out["formats"]] if isinstance(out["formats"], str) else list(out["formats"])
     if not formats or [f for f in formats if f not in FORMATS]:
@@ -275,15 +274,14 @@ def validate(config: Any, files: bool = True) -> dict:
 
 
 def _check_files(c: dict, files: bool) -> None:
-    """The files a config names (there, when `files`), the base model's size rule, the LoRA entries."""
-    _existing = functools.partial(_existing_path, files=files)
-    base = _existing("base_model", c["base_model"], required=True)
-    with config_names(c):
-        check_size(c["H"], c["W"], base_size_multiple(base) if files or fs.exists(base) else 64)
+    """The files a config names (all there, when `files`), the base model's size rule, the LoRA entries,
+    the evaluation fields."""
+    paths = _Paths()
+    paths.add("base_model", c["base_model"], required=True)
     for name in ("tokenizer", "dreambooth_path", "lora_model_path", "motion_module", "adapter_lora_path", "init_video",
                  "safety_checker"):
-        _existing(name, c[name])
-    _existing("evaluate.clip", c["evaluate"]["clip"])
+        paths.add(name, c[name])
+    paths.add("evaluate.clip", c["evaluate"]["clip"])
     if not isinstance(c["evaluate"]["reference"], bool):
         raise ConfigError(f"evaluate.reference={c['evaluate']['reference']!r}: expected True or False")
     if c["evaluate"]["reference"] and not c["evaluate"]["clip"]:
@@ -294,42 +292,41 @@ def _check_files(c: dict, files: bool) -> None:
     for i, entry in enumerate(loras):
         if not isinstance(entry, Mapping) or set(entry) - {"path", "alpha"} or "path" not in entry:
             raise ConfigError(f"motion_module_lora_configs[{i}]={entry!r}: expected {{'path': ..., 'alpha': ...}}")
-        _existing(f"motion_module_lora_configs[{i}].path", entry["path"], required=True)
+        paths.add(f"motion_module_lora_configs[{i}].path", entry["path"], required=True)
         with config_names(c):
             number(f"motion_module_lora_configs[{i}].alpha", entry.get("alpha", 1.0))
+    _check_controls(c, paths)
+    if files:
+        paths.check(_tokenizer_problem(c))
 
 
 _CONTROL_FIELDS = {"controlnet": ("path", "video", "images", "scale", "start", "end"),
                    "sparsectrl": ("path", "images", "frame_indices", "scale", "start", "end")}
 
 
-def _check_controls(c: dict, files: bool = True) -> None:
-    """`controlnet` entries and `sparsectrl`: their fields and files (counts, indices, scales and
-    start/end are the `Control`'s own checks, run when `request` builds it)."""
+def _check_controls(c: dict, paths: _Paths) -> None:
+    """`controlnet` entries and `sparsectrl`: their fields, and their files into `paths` (counts, indices,
+    scales and start/end are the `Control`'s own checks, run when `request` builds it)."""
     if not isinstance(c["controlnet"], (list, tuple)):
         raise ConfigError(f"controlnet={c['controlnet']!r}: expected a tuple of {{path, video | images, scale, ...}}")
     if not isinstance(c["sparsectrl"], Mapping):
         raise ConfigError(f"sparsectrl={c['sparsectrl']!r}: expected a dict {{path, images, frame_indices, scale}}")
-    _existing = functools.partial(_existing_path, files=files)
     for name, e in [(f"controlnet[{i}]", e) for i, e in enumerate(c["controlnet"])] + (
             [("sparsectrl", c["sparsectrl"])] if c["sparsectrl"] else []):
         fields = _CONTROL_FIELDS[name.split("[")[0]]
         if not isinstance(e, Mapping) or set(e) - set(fields):
             raise ConfigError(f"{name}={e!r}: expected a dict of {', '.join(fields)}")
-        _existing(f"{name}.path", e.get("path", ""), required=True)
+        paths.add(f"{name}.path", e.get("path", ""), required=True)
         if len([k for k in ("video", "images") if e.get(k)]) != 1:
             raise ConfigError(f"{name}: give {'video or images' if 'video' in fields else 'images'} (the condition), "
                               "exactly one")
         if e.get("video"):
-            _existing(f"{name}.video", e["video"], required=True)
+            paths.add(f"{name}.video", e["video"], required=True)
         images = [e["images"]] if isinstance(e.get("images"), str) else e.get("images") or ()
         if not isinstance(images, (list, tuple)):
             raise ConfigError(f"{name}.images={images!r}: expected a tuple of image files")
         for j, path in enumerate(images):
-            _existing(f"{name}.images[{j}]", path, required=True)
-        idx = e.get("frame_indices", ())
-        if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-            raise ConfigError(f"{name}.frame_indices={idx!r}: expected a tuple of frame numbers")
+            paths.add(f"{name}.images[{j}]", path, required=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +346,8 @@ def read_conditions(c: dict) -> list[np.ndarray]:
                 out.append(read_frames(e["video"], c["L"], (c["H"], c["W"])))
             else:
                 paths = [e["images"]] if isinstance(e["images"], str) else list(e["images"])
-                out.append(np.stack([read_image(p, (c["H"], c["W"])) for p in paths]))
+                fit = "crop" if name == "sparsectrl" else "stretch"  # (the original's keyframes; diffusers' images)
+                out.append(np.stack([read_image(p, (c["H"], c["W"]), fit) for p in paths]))
         except (VideoReadError, ValueError) as err:
             raise ConfigError(f"{name}: {err}") from None
     return out

@@ -26,6 +26,13 @@ def base_config() -> ConfigDict:
     tuples (`--config.seed=42` is `(42,)`), a number field numbers.
     """
     c = ConfigDict()
+    for group in (_models, _prompts, _sampler, _steering, _outputs):
+        group(c)
+    return c
+
+
+def _models(c: ConfigDict) -> None:
+    """The files: base, personalised model, motion module, LoRAs, adapter."""
     c.base_model = "models/sd15"  # SD1.5: converted folder, diffusers folder or LDM single file
     # JAX's persistent compilation cache: "auto" = ~/.cache/animatediff-jax/jax (the same config again
     # starts in seconds), a folder, or "" (off).
@@ -38,6 +45,10 @@ def base_config() -> ConfigDict:
     c.motion_module_lora_configs = ()  # MotionLoRAs: ({"path": ..., "alpha": 1.0}, ...), all merged
     c.adapter_lora_path = ""  # v3 domain adapter; "" = none
     c.adapter_lora_scale = 1.0  # its scale (alpha)
+
+
+def _prompts(c: ConfigDict) -> None:
+    """Seeds, steps, guidance, prompts and prompt travel."""
     c.seed = (-1,)  # one for all prompts, or one per prompt; -1 = random (saved resolved)
     c.steps = 25
     c.guidance_scale = 7.5
@@ -49,6 +60,10 @@ def base_config() -> ConfigDict:
     c.head_prompt = ""  # prompt travel: put before every keyframe's text ("masterpiece, a girl")
     c.tail_prompt = ""  # ... and after it
     c.prompt_interpolation = "linear"  # between keyframes: linear (diffusers' FreeNoise) | slerp
+
+
+def _sampler(c: ConfigDict) -> None:
+    """Size, scheduler, precision, attention."""
     c.W = 512
     c.H = 512
     c.L = 16  # frames
@@ -62,6 +77,10 @@ def base_config() -> ConfigDict:
     # on CPU, for long sequences; XLA for short ones) | xla | chunked | cudnn | splash
     c.attention = "auto"
     c.allow_nonfinite = False  # load weight files holding NaN/Inf (with a warning) instead of refusing them
+
+
+def _steering(c: ConfigDict) -> None:
+    """Motion strength, PE stretch, FreeInit, video to video, controls, context windows."""
     # Motion strength: what every motion module adds to its input is scaled (1: as trained, 0: no motion);
     # per block on top: {"mid_block": 0.5, "up_blocks_1": 1.2} (down_blocks_i, mid_block, up_blocks_i).
     c.motion_scale = 1.0
@@ -95,6 +114,10 @@ def base_config() -> ConfigDict:
     # diffusers' FreeNoise, `enable_free_noise(context_length=length, context_stride=length - overlap)`).
     c.context_windows = ConfigDict(dict(length=0, overlap=4, weighting="flat", noise="random", schedule="uniform",
                                         scope="unet"))
+
+
+def _outputs(c: ConfigDict) -> None:
+    """Safety checker, CLIP metrics, devices, batching, the files written."""
     # SD's safety checker (SD1.5's safety_checker/ folder, or the pipeline folder holding it): every decoded
     # frame is checked, a video with a flagged frame is written black, the flags go to timings.json; "" = off.
     c.safety_checker = ""
@@ -110,7 +133,6 @@ def base_config() -> ConfigDict:
     o.formats = ("gif",)  # any of gif, mp4, png (PNG frames, lossless)
     o.fps = 8.0
     o.grid = True  # also sample.gif (and sample.mp4 with mp4): all videos tiled, 4 per row
-    return c
 
 
 # ----------------------------------------------------------------------------------------------

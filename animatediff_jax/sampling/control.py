@@ -38,6 +38,8 @@ def check_base(controls: Sequence[Control], unet_config: UNetConfig, window_leng
     """Every control against the UNet it steers (its own settings are `Control.check`'s): a control model
     for another base, or SparseCtrl motion modules shorter than the video (or its window)."""
     for c in controls:
+        if c.config is None or c.params is None:
+            raise FieldError(c.name, ": its model is not loaded (a Control needs the model's config and params)")
         cfg, u = c.config, unet_config
         if cfg.unet.cross_attention_dim != u.cross_attention_dim or cfg.unet.block_out_channels != u.block_out_channels:
             raise FieldError(c.name, f": a control model for another base (cross-attention {cfg.unet.cross_attention_dim}, "

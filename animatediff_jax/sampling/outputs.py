@@ -17,11 +17,14 @@ from animatediff_jax.sampling.config import to_yaml
 
 def slug(prompt: str | Mapping[int, str], words: int = 10, limit: int = 80) -> str:
     """A file-name piece from a prompt (a travelling one: its first keyframe's): its first words joined
-    by '-' (as the original names files)."""
+    by '-' (as the original names files), keeping only letters, digits, '-', '_' and '.' (no commas,
+    quotes, slashes or other characters a shell would need escaped), repeated '-' collapsed, never
+    starting with '.' or '-': "the dog, 4k" -> "the-dog-4k"."""
     if isinstance(prompt, Mapping):
         prompt = prompt[min(prompt)]
-    s = "-".join(prompt.replace("/", "").split()[:words])
-    s = re.sub(r"[^\w,.+-]", "", s)[:limit]
+    s = "-".join(prompt.split()[:words])
+    s = re.sub(r"[^\w.-]+", "", s)  # (\w: letters and digits of any script, and '_')
+    s = re.sub(r"-{2,}", "-", s).strip("-.")[:limit].rstrip("-")
     return s or "prompt"
 
 

@@ -86,5 +86,8 @@ class AnimationPipeline:
         return size_multiple(len(self.unet_config.block_out_channels), len(self.vae_config.block_out_channels))
 
     def on(self, mesh: Mesh) -> "AnimationPipeline":
-        """This pipeline with every param replicated over `mesh` (placed once: `generate` then moves nothing)."""
-        return dataclasses.replace(self, params=jax.device_put(self.params, NamedSharding(mesh, P())))
+        """This pipeline with the UNet's and VAE's params replicated over `mesh`, placed once (`generate`
+        then moves nothing); the text encoder runs before the sharded programs, where its params are."""
+        rep = NamedSharding(mesh, P())
+        return dataclasses.replace(self, params={**self.params, **{k: jax.device_put(self.params[k], rep)
+                                                                   for k in ("unet", "vae")}})

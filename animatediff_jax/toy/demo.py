@@ -189,18 +189,20 @@ def unet_params(toy: Toy, *, motion: bool, adapter_scale: float = 1.0, lora_scal
 
 
 def pipeline(toy: Toy, *, motion: bool, adapter_scale: float = 1.0, lora_scale: float = 0.0):
-    """An `AnimationPipeline` with `unet_params(...)`. One pipeline per `motion` is kept on `toy`
-    and only its UNet params are swapped, so its compiled sampler is reused across scales."""
+    """An `AnimationPipeline` with `unet_params(...)`: a new value each time (the compiled sampler,
+    keyed by shapes, is reused across scales); the rest of it is built once per `motion` and kept on `toy`."""
+    import dataclasses
+
     from animatediff_jax.sampling import AnimationPipeline
 
     pipe = toy.pipes.get(motion)
     if pipe is None:
         config = toy.motion_config if motion else toy.base.unet_config
-        params = {"unet": None, "vae": toy.base.params["vae"], "text_encoder": toy.base.params["text_encoder"]}
+        params = {"vae": toy.base.params["vae"], "text_encoder": toy.base.params["text_encoder"]}
         pipe = toy.pipes[motion] = AnimationPipeline(config, toy.base.vae_config, toy.base.text_config, params,
                                                      toy.tokenizer)
-    pipe.params["unet"] = unet_params(toy, motion=motion, adapter_scale=adapter_scale, lora_scale=lora_scale)
-    return pipe
+    unet = unet_params(toy, motion=motion, adapter_scale=adapter_scale, lora_scale=lora_scale)
+    return dataclasses.replace(pipe, params={**pipe.params, "unet": unet})
 
 
 def prompt_set(motions: Sequence[str], per_motion: int) -> tuple[list[str], list[int]]:

@@ -11,31 +11,36 @@ setup(
     packages=find_packages(include=["animatediff_jax", "animatediff_jax.*"]),
     # The toy world's pretrained checkpoint (`animatediff-jax demo --pretrained`) ships with the package.
     package_data={"animatediff_jax.toy": ["README.md", "assets/*/*", "assets/*/*/*"]},
-    python_requires=">=3.10",
+    # Floors: the oldest versions the code runs on; constraints/minimum.txt pins each of them (CI runs
+    # the fast tests there) and tests/test_install.py keeps the two equal. Why each: CONTRIBUTING.md.
+    python_requires=">=3.11",  # jax 0.7 needs 3.11
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
-        "optax",
-        "orbax-checkpoint",
-        "etils[epath]",  # every path, local or gs:// (animatediff_jax/io/fs.py), as orbax
-        "ml-collections",
-        "numpy",
-        "safetensors",
-        "Pillow",
-        "PyYAML",  # sample writes (and replays) config.yaml
-        "tqdm",
+        "jax>=0.7.1",  # jax.set_mesh (0.7.1); jax.shard_map, jax.sharding.AxisType, jax.experimental.topologies
+        "jaxlib>=0.7.1",
+        "flax>=0.11.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.20",
+        "etils[epath]>=1.13.0",  # every path, local or gs:// (animatediff_jax/io/fs.py), as orbax
+        "ml-collections>=1.0.0",
+        "numpy>=1.26.4",
+        "safetensors>=0.8.0",
+        "Pillow>=10.0.0",
+        "PyYAML>=6.0.1",  # sample writes (and replays) config.yaml
+        "tqdm>=4.66.0",
     ],
     extras_require={
         # Reading PyTorch checkpoints (.ckpt / .bin) and tokenising need torch + transformers;
-        # converted checkpoints load without them.
-        "torch": ["torch", "transformers", "diffusers"],
-        "data": ["grain", "av"],
-        "train": ["grain", "av", "tensorboardX"],
+        # converted checkpoints load without them. Floors: the versions the parity tests run against.
+        "torch": ["torch>=2.13.0", "transformers>=5.25.0", "diffusers>=0.42.1"],
+        "data": ["grain>=0.2.12", "av>=18.1.0"],  # grain.MultiprocessingOptions at the top level (0.2.12)
+        "train": ["grain>=0.2.12", "av>=18.1.0", "tensorboardX>=2.6.5"],
         # gs:// paths for real (epath's fsspec backend; orbax's gs:// checkpoints use google-cloud-storage).
         "gcs": ["gcsfs", "google-cloud-storage"],
         # jax[tpu] brings libtpu (it runs on a CPU host): tests/test_compile.py compiles for abstract TPU chips.
-        "test": ["torch", "transformers", "diffusers", "peft", "pytest", "pytest-xdist", "grain", "av", "tensorboardX",
-                 "jax[tpu]"],
+        # ruff: .ci/run lints (ruff.toml).
+        "test": ["torch>=2.13.0", "transformers>=5.25.0", "diffusers>=0.42.1", "peft>=0.21.2", "pytest>=9.0.3",
+                 "pytest-xdist>=3.8.0", "grain>=0.2.12", "av>=18.1.0", "tensorboardX>=2.6.5", "jax[tpu]>=0.7.1",
+                 "ruff>=0.17.6"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},
 )

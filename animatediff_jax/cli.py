@@ -1,19 +1,42 @@
 """`animatediff-jax <command> ...`: one entry point, each command in its own module (imported lazily).
 
 Every command runs through `run_command`, so all of them answer `-h` the same way and end the same
-way: exit 0 when done; 2 for input the user can fix (a bad config, argument or weight file, a file
-that exists or is missing: one line `error: ...` naming it, before anything long starts); 1 when
-writing failed (disk full, permissions: nothing was replaced); 3 when training diverged. Commands run
-from a config file (`sample`, `train`) read it with `parse_config_flags` (`ml_collections.config_flags`).
+way (the error contract):
+
+* 0 when done;
+* 2 for input the user can fix: a `errors.ConfigError` (a bad config field or argument), a
+  `checkpoints.torch_io.CheckpointError` (an unusable weight file), a missing or existing path the
+  user named (`FileNotFoundError`, `FileExistsError`, `NotADirectoryError`, `IsADirectoryError`):
+  one line `error: ...` naming it, before anything long starts;
+* 1 when writing failed (disk full, permissions: one line, nothing was replaced), and for a bug:
+  any other exception keeps its traceback;
+* 3 when training diverged (`training.config.TrainingError.exit_code`);
+* 130 when stopped by Ctrl-C (SIGINT) or SIGTERM (`animatediff_jax.interrupts`): one line
+  `interrupted (SIGINT); nothing written` (or which complete files were written, and where), no
+  traceback, no partial file (`train` instead finishes its step, saves and exits 0).
+
+`--debug` (anywhere on the command line: `animatediff-jax --debug sample ...` or after the command's
+name) shows the traceback of a user error too (then the same one line and exit code).
+`animatediff-jax --version` prints the version. Commands run from a config file (`sample`, `train`)
+read it with `parse_config_flags` (`ml_collections.config_flags`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
-from typing import Callable, Sequence
+import traceback
+from typing import Callable, Iterator, Sequence
 
-BAD_INPUT, WRITE_FAILED = 2, 1
+from animatediff_jax import interrupts
+from animatediff_jax.errors import ConfigError
+
+OK, BAD_INPUT, WRITE_FAILED = 0, 2, 1
+DEBUG_FLAG = "--debug"
+_debug = False  # set by `--debug` (or ANIMATEDIFF_JAX_DEBUG=1)
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def one_line(e: BaseException) -> str:
@@ -21,29 +44,67 @@ def one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
+def debugging() -> bool:
+    return _debug or os.environ.get("ANIMATEDIFF_JAX_DEBUG", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def _debug_flag(argv: list[str]) -> Iterator[list[str]]:
+    """`argv` without `--debug`; with it, debugging is on for the block (then as it was)."""
+    global _debug
+    before = _debug
+    if DEBUG_FLAG in argv:
+        _debug = True
+        argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        yield argv
+    finally:
+        _debug = before
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's to fix (one line, exit 2): everything else is a bug."""
+    types: tuple[type[BaseException], ...] = (ConfigError,) + PATH_ERRORS
+    torch_io = sys.modules.get("animatediff_jax.checkpoints.torch_io")  # (not imported: none was raised)
+    if torch_io is not None:
+        types += (torch_io.CheckpointError,)
+    return types
+
+
+def _fail(e: BaseException, line: str, code: int) -> int:
+    if debugging():
+        traceback.print_exception(type(e), e, e.__traceback__)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
 def run_command(body: Callable[[list[str]], int | None], argv: Sequence[str] | None, doc: str | None = None) -> int:
-    """`body(argv)` with the exit-code convention above. With `doc`, `-h`/`--help` prints it (commands
-    that parse with argparse pass None: it prints their help)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`body(argv)` with the exit codes above (`--debug` is taken out of `argv` first). With `doc`,
+    `-h`/`--help` prints it (commands that parse with argparse pass None: it prints their help).
+    Ctrl-C / SIGTERM end the process here (`interrupts.exit_interrupted`: it does not return)."""
+    with _debug_flag(list(sys.argv[1:] if argv is None else argv)) as argv:
+        return _run(body, argv, doc)
+
+
+def _run(body: Callable[[list[str]], int | None], argv: list[str], doc: str | None) -> int:
     if doc is not None and any(a in ("-h", "--help") for a in argv):
         print(doc)
-        return 0
-    try:
-        return int(body(argv) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError) as e:  # the config, arguments or files given (CheckpointError, ConfigError)
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return BAD_INPUT
-    except OSError as e:
-        what = f"{e.filename}: " if e.filename else ""
-        print(f"error: cannot write {what}{e.strerror or one_line(e)} (nothing was replaced)", file=sys.stderr)
-        return WRITE_FAILED
-    except RuntimeError as e:
-        code = getattr(e, "exit_code", None)  # training.config.TrainingError (diverged: 3)
-        if code is None:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return int(code)
+        return OK
+    with interrupts.handling():
+        try:
+            return int(body(argv) or 0)
+        except KeyboardInterrupt:
+            interrupts.exit_interrupted()
+        except user_error_types() as e:  # the config, arguments or files given
+            return _fail(e, one_line(e), BAD_INPUT)
+        except OSError as e:
+            what = f"{e.filename}: " if e.filename else ""
+            return _fail(e, f"cannot write {what}{e.strerror or one_line(e)} (nothing was replaced)", WRITE_FAILED)
+        except RuntimeError as e:
+            code = getattr(e, "exit_code", None)  # training.config.TrainingError (diverged: 3)
+            if code is None:
+                raise
+            return _fail(e, one_line(e), int(code))
 
 
 def unknown_field(config, dotted: str) -> str | None:
@@ -93,12 +154,12 @@ def parse_config_flags(argv: Sequence[str], command: str, example: str):
     """`(config, print_config)` from `--config FILE[:ARG] [--config.<field>=<value> ...] [--print_config]`,
     parsed by `ml_collections.config_flags` as every command does (the file's `get_config(ARG)`, each
     override typed by its field). Every mistake (an unknown field, a value of the wrong type, a config
-    file that fails, a stray argument) is a `ValueError` of one line naming it."""
+    file that fails, a stray argument) is a `ConfigError` (a `ValueError`) of one line naming it."""
     from absl import flags
     from ml_collections import config_flags
 
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
-        raise ValueError(f"--config is required (e.g. --config {example})")
+        raise ConfigError(f"--config is required (e.g. --config {example})")
     full = [f"animatediff-jax {command}"] + list(argv)
     fv = flags.FlagValues()  # private: no global flag state, so main() can run more than once
     # config_flags finds the `--config.x=...` override names in `sys_argv` (default: sys.argv).
@@ -108,13 +169,13 @@ def parse_config_flags(argv: Sequence[str], command: str, example: str):
     try:
         rest = fv(full)
     except (AttributeError, KeyError) as e:  # how ml_collections answers an unknown `--config.x`
-        raise ValueError(_unknown_override(argv, command, example) or one_line(e).strip("'\"")) from None
+        raise ConfigError(_unknown_override(argv, command, example) or one_line(e).strip("'\"")) from None
     except flags.Error as e:
-        raise ValueError(_flag_error(e)) from None
+        raise ConfigError(_flag_error(e)) from None
     except Exception as e:  # the config file's get_config failed
-        raise ValueError(f"--config: get_config failed: {type(e).__name__}: {one_line(e)}") from None
+        raise ConfigError(f"--config: get_config failed: {type(e).__name__}: {one_line(e)}") from None
     if len(rest) > 1:
-        raise ValueError(f"unexpected arguments: {rest[1:]}")
+        raise ConfigError(f"unexpected arguments: {rest[1:]}")
     try:
         fv.config.keys  # config_flags defers "no such file" to the first access
     except OSError:
@@ -129,25 +190,47 @@ COMMANDS = {
     "evaluate": ("animatediff_jax.evaluate", "CLIP metrics of videos: text alignment, domain similarity, smoothness"),
     "export": ("animatediff_jax.export", "motion modules, MotionLoRAs, domain adapters -> PyTorch files"),
     "prepare": ("animatediff_jax.prepare", "VAE/text-encode a WebVid-style dataset once into a latent cache"),
-    "parity": ("animatediff_jax.testing.parity", "compare each sampling stage with diffusers' AnimateDiffPipeline"),
+    "parity": ("animatediff_jax.parity", "compare each sampling stage with diffusers' AnimateDiffPipeline"),
     "sample": ("animatediff_jax.sample", "text to video from a prompt config (GIF/MP4/PNG, grid)"),
     "train": ("animatediff_jax.train", "train a stage: domain adapter, motion module, MotionLoRA"),
 }
 
 
+def usage() -> str:
+    lines = ["usage: animatediff-jax [--version] [--debug] <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += ["", "`animatediff-jax <command> --help` for a command's options; --debug shows tracebacks of user errors."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = ["usage: animatediff-jax <command> [options]", "", "commands:"]
-        lines += [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
-        print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
+    with _debug_flag(list(sys.argv[1:] if argv is None else argv)) as argv:
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return OK
+    if argv and argv[0] in ("-V", "--version"):
+        from animatediff_jax import __version__
+
+        print(f"animatediff-jax {__version__}")
+        return OK
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        if argv:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
-            return 2
-        return 0
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+        return BAD_INPUT
+    with interrupts.handling():  # (importing a command's module takes seconds: jax)
+        try:
+            module = importlib.import_module(COMMANDS[argv[0]][0])
+        except KeyboardInterrupt:
+            interrupts.exit_interrupted()
+        return int(module.main(argv[1:]) or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m animatediff_jax.cli`: the package's module (one `--debug` state)
+    from animatediff_jax.cli import main as _package_main
+
+    sys.exit(_package_main())

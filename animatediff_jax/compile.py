@@ -47,11 +47,13 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from animatediff_jax.errors import ConfigError
+
 GiB = 2**30
 EXAMPLES = {"train": "configs/train/stage2_motion_module.py", "sample": "configs/sample/v2_motion_lora_zoom_in.py"}
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(ConfigError):
     """A program needs more HBM than the chip has (exit 2, one line)."""
 
 
@@ -356,7 +358,7 @@ def format_report(r: Report) -> str:
 
 def _parse(argv: Sequence[str]):
     if not argv or argv[0] not in EXAMPLES:
-        raise ValueError(f"compile: expected `train` or `sample` first, e.g. animatediff-jax compile train --config "
+        raise ConfigError(f"compile: expected `train` or `sample` first, e.g. animatediff-jax compile train --config "
                          f"{EXAMPLES['train']} --topology v5e-8")
     what = argv[0]
     p = argparse.ArgumentParser(prog=f"animatediff-jax compile {what}", add_help=False)
@@ -381,12 +383,12 @@ def _parse(argv: Sequence[str]):
     try:
         args = p.parse_args(own)
     except SystemExit:
-        raise ValueError(f"compile {what}: --topology NAME is required (e.g. v5e-8); options: --quick, "
+        raise ConfigError(f"compile {what}: --topology NAME is required (e.g. v5e-8); options: --quick, "
                          "--breakdown N, --json FILE, --save DIR, --motion v1|v2|v3, --sparsectrl rgb|scribble") from None
     if what == "sample" and args.save:
-        raise ValueError("--save is for `compile train` (its step is what `train --config.executables=DIR` loads)")
+        raise ConfigError("--save is for `compile train` (its step is what `train --config.executables=DIR` loads)")
     if what == "train" and (args.motion or args.sparsectrl):
-        raise ValueError("--motion / --sparsectrl are for `compile sample` (train configs say model.motion_version)")
+        raise ConfigError("--motion / --sparsectrl are for `compile sample` (train configs say model.motion_version)")
     return what, args, rest
 
 
@@ -395,8 +397,11 @@ def run(what: str, config, topology_name: str, quick: bool = False, breakdown: i
     """Compiles `what`'s programs for `topology_name`; raises `DoesNotFit` (after printing the ones that fit)."""
     from animatediff_jax import tpu
 
-    topology = tpu.topology(topology_name)
-    devices = topology.devices()
+    try:
+        topology = tpu.topology(topology_name)
+        devices = topology.devices()
+    except ValueError as e:  # tpu.py: an unknown topology name, no libtpu (the user's to fix)
+        raise ConfigError(" ".join(str(e).split())) from None
     programs = train_programs(config, devices) if what == "train" else sample_programs(config, devices, motion,
                                                                                       sparsectrl)
     echo(f"compiling {len(programs)} program(s) for {topology_name} ({topology.chips} x {topology.chip.name}, "

@@ -14,6 +14,10 @@
 --base-config names the base UNet (and text encoder) the file is for: `sd15` (default), a converted
 or diffusers SD folder, an animatediff-jax params file, or a .json UNet config (our fields or a
 diffusers UNet2DConditionModel config.json).
+
+Outputs are written atomically (a folder complete or absent; a failed or interrupted run leaves the
+previous output, if any, as it was: Ctrl-C / SIGTERM exit 130 with one line). An existing `--out` is
+replaced only with `--overwrite`, and never an input (`io.fs.check_output`, the rule of every command).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import sys
 import time
 
+from animatediff_jax import interrupts
 from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
 from animatediff_jax.cli import run_command
 from animatediff_jax.io import fs
@@ -82,7 +87,8 @@ def _sd15(args) -> None:
     t0 = time.time()
     print(f"converting {args.path} ...", file=sys.stderr)
     model = load_sd15(args.path, base=base)
-    save_converted(args.out, model)
+    with fs.atomic_folder(args.out) as tmp:  # complete or absent (params + tokenizer)
+        save_converted(tmp, model)
     print(f"wrote {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
@@ -134,9 +140,14 @@ def _main(argv: list[str]) -> int:
     s.set_defaults(run=_lora)
     for s in sub.choices.values():
         s.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/Inf (warns)")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
     args = p.parse_args(argv)
     if args.kind != "sd15" and not args.out.lower().endswith(".safetensors"):
         raise CheckpointError(f"{args.out}: params files are .safetensors")
+    inputs = [args.path] + [q for q in (getattr(args, "base", None), getattr(args, "base_config", None))
+                            if q and q != "sd15"]
+    fs.check_output(args.out, tuple(inputs), overwrite=args.overwrite)
+    interrupts.output(args.out)
     with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():
         args.run(args)
     return 0

@@ -1,6 +1,6 @@
 """`animatediff-jax export`: trained (or converted) motion modules and LoRAs -> the files PyTorch users load.
 
-  animatediff-jax export motion INPUT --out PATH [--format original|diffusers] [--dtype fp32|fp16]
+  animatediff-jax export motion INPUT --out PATH [--format original|diffusers] [--dtype float32|float16]
       original:  PATH.ckpt or PATH.safetensors in the original AnimateDiff layout, key for key
                  what mm_sd_v15.ckpt (v1) / mm_sd_v15_v2.ckpt (v2) / v3_sd15_mm.ckpt (v3) hold,
                  `pos_encoder.pe` tables [1, 24 or 32, C] included (original scripts, ComfyUI,
@@ -14,8 +14,13 @@
       original: the v3 adapter layout (v3_sd15_adapter.ckpt: `...attn1.processor.to_q_lora.down.weight`).
   animatediff-jax export lora INPUT --out FILE [--format diffusers|kohya] [--dtype ...]
 
-Every output is written atomically (the previous file, if any, stays intact when a write fails); an
-existing `--out` is replaced only with `--overwrite`, and never the input itself.
+--dtype: float32 (default) or float16, by any of their names (fp32, f32, fp16, f16, half: the
+vocabulary of every command, `animatediff_jax.dtypes`).
+
+Every output is written atomically (the previous file, if any, stays intact when a write fails or
+the command is interrupted: Ctrl-C / SIGTERM exit 130 with one line, no partial file); an existing
+`--out` is replaced only with `--overwrite`, and never the input itself (`io.fs.check_output`, the rule
+of every command).
 
 INPUT is an animatediff-jax params file (what training writes per stage, or `animatediff-jax
 convert motion|lora` made) or any PyTorch file of that kind (then `--base-config`, as in
@@ -33,14 +38,16 @@ from typing import Any
 
 import numpy as np
 
+from animatediff_jax import dtypes, interrupts
 from animatediff_jax.checkpoints.load import Lora, load_lora, load_motion
 from animatediff_jax.checkpoints.motion import save_motion_adapter, save_motion_module_original
 from animatediff_jax.checkpoints.params_io import KIND_NAMES
-from animatediff_jax.checkpoints.torch_io import CheckpointError, nonfinite_allowed
-from animatediff_jax.cli import run_command
+from animatediff_jax.checkpoints.torch_io import CheckpointError, ModelSizeError, nonfinite_allowed
+from animatediff_jax.cli import one_line, run_command
+from animatediff_jax.errors import ConfigError
 from animatediff_jax.io.fs import check_output
 
-DTYPES = {"fp32": np.float32, "fp16": np.float16}
+DTYPES = {"float32": np.float32, "float16": np.float16}  # by any of their names in animatediff_jax.dtypes
 WEIGHT_EXTENSIONS = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -60,10 +67,23 @@ def write_lora(path: str | os.PathLike, lora: Lora, fmt: str, dtype: Any = np.fl
     elif fmt == "kohya":
         lf.save_lora_kohya(path, lora.unet, lora.text_encoder, dtype, conv1x1=conv1x1)
     else:
-        raise ValueError(f"unknown LoRA format {fmt!r}")
+        raise ConfigError(f"unknown LoRA format {fmt!r}: expected original, diffusers or kohya")
 
 
 # ------------------------------------------------------------------ CLI
+
+
+@contextlib.contextmanager
+def _base_hint(args, noun: str):
+    """A PyTorch file made for another model size than the base assumed without --base-config (SD1.5):
+    the mismatch in one line, and the option that names the right base."""
+    try:
+        yield
+    except ModelSizeError as e:
+        if args.base_config:
+            raise
+        raise ModelSizeError(f"{one_line(e)}; pass --base-config <the base the {noun} was trained on> "
+                             "(SD1.5 was assumed)") from None
 
 
 def _check_out(out: str, fmt: str, part: str) -> None:
@@ -83,7 +103,8 @@ def _motion(args) -> str:
     _check_out(args.out, args.format, "motion_module")
     check_output(args.out, (args.input,), overwrite=args.overwrite)
     base = resolve_base(args.base_config)[0] if args.base_config else None
-    params, config = load_motion(args.input, base)
+    with _base_hint(args, "module"):
+        params, config = load_motion(args.input, base)
     mm = config.motion
     if args.format == "original" and not mm.norm_per_frame:
         raise CheckpointError(
@@ -110,7 +131,8 @@ def _lora(args) -> str:
     _check_out(args.out, args.format, args.part)
     check_output(args.out, (args.input,), overwrite=args.overwrite)
     base, text_config = resolve_base(args.base_config) if args.base_config else (None, None)
-    lora = load_lora(args.input, args.part, base=base, text_config=text_config, motion_version=args.motion_version)
+    with _base_hint(args, KIND_NAMES[args.part]):
+        lora = load_lora(args.input, args.part, base=base, text_config=text_config, motion_version=args.motion_version)
     try:
         write_lora(args.out, lora, args.format, DTYPES[args.dtype])
     except ValueError as e:  # a layer the format cannot hold
@@ -133,7 +155,7 @@ def _main(argv: list[str]) -> int:
         s.add_argument("input", help="animatediff-jax params file, or a PyTorch file of this kind")
         s.add_argument("--out", required=True, help="output file (folder for a diffusers MotionAdapter)")
         s.add_argument("--format", choices=formats, default=formats[0])
-        s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+        s.add_argument("--dtype", default="float32", help="float32 or float16 (fp32, fp16, half, ...)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
         s.add_argument("--allow-nonfinite", action="store_true", help="export weights holding NaN/Inf (warns)")
         s.add_argument("--base-config", help="for PyTorch inputs: sd15 (default), a converted or diffusers SD "
@@ -143,6 +165,8 @@ def _main(argv: list[str]) -> int:
                            help="for PyTorch MotionLoRAs: the motion layout (default: v2 if it adapts the mid block)")
         s.set_defaults(run=run, part=part, motion_version=None)
     args = p.parse_args(argv)
+    args.dtype = dtypes.canonical(args.dtype, "--dtype", tuple(DTYPES))
+    interrupts.output(args.out)
     try:
         with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():
             what = args.run(args)

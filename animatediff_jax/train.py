@@ -13,7 +13,8 @@ the environment (`--config.parallel.distributed=auto`). A run resumes from the l
 checkpoint in `workdir/checkpoints` and exports its trained params to `workdir/`.
 
 SIGTERM / SIGINT: the step in progress finishes, a checkpoint is saved at it, exit 0 (rerun the
-same command to resume). Exit codes: 0 done or stopped by a signal; 2 a bad config (one line,
+same command to resume); before the first step (loading, compiling) or on a second signal the run
+stops at once, as every command does (`animatediff_jax.interrupts`: one line, exit 130). Exit codes: 0 done or stopped by a signal; 2 a bad config (one line,
 before anything loads) or no readable data; 3 diverged (`train.max_nonfinite_steps` non-finite
 steps in a row) or refused to save non-finite params.
 """
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None, run: Callable[[Any], Any] | None = None)
             from animatediff_jax.training.config import validate_config
             from animatediff_jax.training.loop import train
 
-            validate_config(config)  # before anything loads, compiles or creates the workdir
+            config = validate_config(config)  # once, before anything loads, compiles or creates the workdir
         train(config)
 
     return run_command(command, argv, doc=__doc__)

@@ -22,7 +22,7 @@ and `--batches` batches give the steady clips/s of the producers.
 
 The table ends with the rate the pipeline must sustain to keep a device busy. Assumption: stage 2
 at batch 4 per chip costs 9.4 TFLOP per 16x256x256 clip forward + backward (x1.47 with the VAE
-encoder online; `shared/README.md`), run at the compute floor (100% of TPU v5p's 459 TFLOP/s dense
+encoder online; docs/reference.md), run at the compute floor (100% of TPU v5p's 459 TFLOP/s dense
 bf16): a v5p chip then trains 48.8 clips/s from the cache and 33.2 clips/s online (~40 clips/s/chip
 in round numbers), and a v5p host feeds 4 chips.
 """

@@ -28,16 +28,17 @@ sequences):
            `sampling.denoise`) and the VAE decode of the F frames in chunks of 4
            (`models.vae.decode_video`): two programs, as `generate` compiles them, plus their sum
            (temp: the larger of the two).
-  train    the stage-2 gradient: `jax.grad` of the epsilon MSE w.r.t. the motion-module params
-           (float32), the frozen rest bf16, bf16 compute, latents [B, F, T/8, T/8, 4] (T =
-           `--train-size`, 256), context [B, 77, 768], per `--batch` and `--remat` policy.
+  train    the stage-2 gradient: `jax.grad` of the training step's loss (`training.step.make_loss_fn`:
+           noise, timesteps, epsilon MSE) w.r.t. the motion-module params (float32), the frozen rest
+           bf16, bf16 compute, latents [B, F, T/8, T/8, 4] (T = `--train-size`, 256), context
+           [B, 77, 768], per `--batch` and `--remat` policy.
   control  the CFG UNet call with a control model's residuals (`sampling.control`): an SD1.5 ControlNet
            (condition pixels [2, F, S, S, 3]) and SparseCtrl RGB (latents + mask, its motion modules):
            what a ControlNet / SparseCtrl adds to every step, against the "unet" row.
   tpu      the UNet call lowered for TPU on this host (`target_platform("tpu")`,
            `lowering_platforms=("tpu",)`) with "splash" and with "auto": the number of Pallas
            kernels ("tpu_custom_call") in the module.
-Note: CPU's `memory_analysis` does not show what remat saves (shared/README.md): judge remat
+Note: CPU's `memory_analysis` does not show what remat saves (docs/reference.md): judge remat
 by its FLOPs on CPU and by memory only on a device.
 """
 
@@ -115,22 +116,6 @@ def vae_params(cfg, dtype):
     from animatediff_jax.models.shapes import vae_shapes
 
     return _cast_shapes(vae_shapes(cfg), dtype)
-
-
-def split_motion(params: dict) -> tuple[dict, dict]:
-    """(motion-module params, the rest) as flat {path tuple: leaf} dicts."""
-    from flax import traverse_util
-
-    flat = traverse_util.flatten_dict(params)
-    motion = {k: v for k, v in flat.items() if any("motion_modules" in p for p in k)}
-    rest = {k: v for k, v in flat.items() if k not in motion}
-    return motion, rest
-
-
-def join_params(motion: dict, rest: dict) -> dict:
-    from flax import traverse_util
-
-    return traverse_util.unflatten_dict({**rest, **motion})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,28 +224,31 @@ def decode_program(vae_cfg, impl: str, frames: int, size: int, chunk: int = 4):
 
 
 def train_program(cfg, impl: str, frames: int, size: int, batch: int, remat: str):
+    """The gradient of the training step's own loss (`training.step.make_loss_fn`, stage 2: the
+    motion modules train, float32; the frozen rest bf16; bf16 compute) on cached latents and contexts:
+    noise, timesteps and the epsilon MSE as `train` computes them."""
     import jax
     import jax.numpy as jnp
 
+    from animatediff_jax.models.shapes import is_motion_path
     from animatediff_jax.models.unet import UNet3D
-    from animatediff_jax.schedulers import add_noise, make_alphas_cumprod
+    from animatediff_jax.training import stages
+    from animatediff_jax.training.step import LossConfig, StepSpec, make_loss_fn
 
-    unet = UNet3D(cfg, dtype=jnp.bfloat16, remat=remat, attention=impl)
-    alphas = jnp.asarray(make_alphas_cumprod(1000, 0.00085, 0.012, "linear"), jnp.float32)
+    spec = StepSpec(stage=stages.get_stage("motion_module"), loss=LossConfig(),
+                    unet=UNet3D(cfg, dtype=jnp.bfloat16, remat=remat, attention=impl))
+    grad = jax.grad(make_loss_fn(spec))
     lat = size // 8
 
-    def loss(motion, frozen, latents, context, noise, t):
-        params = join_params(motion, frozen)
-        noisy = add_noise(alphas, latents, noise, t)
-        pred = unet.apply({"params": params}, noisy, t, context)
-        return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
+    def fn(motion, frozen, batch, key_data, rows):
+        return grad(motion, frozen, batch, jax.random.wrap_key_data(key_data), rows)
 
-    motion, frozen = split_motion(unet_params(cfg, jnp.float32))
-    x = jax.ShapeDtypeStruct((batch, frames, lat, lat, cfg.in_channels), jnp.float32)
-    args = (motion, _cast_shapes(frozen, jnp.bfloat16), x,
-            jax.ShapeDtypeStruct((batch, 77, cfg.cross_attention_dim), jnp.bfloat16), x,
+    motion, rest = stages.partition(unet_params(cfg, jnp.float32), is_motion_path)
+    data = {"latents": jax.ShapeDtypeStruct((batch, frames, lat, lat, cfg.in_channels), jnp.float32),
+            "context": jax.ShapeDtypeStruct((batch, 77, cfg.cross_attention_dim), jnp.bfloat16)}
+    args = (motion, {"unet": _cast_shapes(rest, jnp.bfloat16)}, data, jax.ShapeDtypeStruct((2,), jnp.uint32),
             jax.ShapeDtypeStruct((batch,), jnp.int32))
-    return jax.grad(loss), args
+    return fn, args
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ diffusers runs fp16 on CUDA, fp32 on CPU, with its default SDPA attention; ours 
 `--ours-dtype` (bfloat16) under `jax.jit`. Compile time is reported apart and excluded; after
 `--warmup` runs, the median of `--repeats` timed runs is reported, each synchronised
 (`cuda.synchronize` / results on the host). Peak device memory comes from each framework's
-allocator (GPU only). Achieved TFLOP/s uses the compute budget of shared/README.md: 0.93 PFLOP
+allocator (GPU only). Achieved TFLOP/s uses the compute budget of docs/reference.md: 0.93 PFLOP
 for 16 frames 512x512, 25 steps, CFG (0.89 in the UNet, 0.04 in the VAE decode), scaled
 linearly by frames x pixels (x steps for the UNet part) for other sizes.
 """
@@ -72,7 +72,7 @@ def timed(fn, warmup: int, repeats: int) -> list[float]:
 def bench_diffusers(size: str, args, torch_device: str, tok_dir: str) -> dict:
     import torch
 
-    from animatediff_jax.testing.parity import build_random_pipeline
+    from animatediff_jax.parity import build_random_pipeline
 
     t0 = time.perf_counter()
     pipe, _ = build_random_pipeline(size, workdir=tok_dir)
@@ -118,7 +118,7 @@ def random_pipeline(size: str, dtype: str, tok_dir: str, attention: str = "auto"
     from animatediff_jax.models.shapes import unet_shapes
     from animatediff_jax.models.vae import VAEConfig
     from animatediff_jax.testing.tiny import write_tiny_tokenizer
-    from animatediff_jax.testing.tiny import random_params
+    from animatediff_jax.models.init import random_params
     from animatediff_jax.sampling import AnimationPipeline
     from animatediff_jax.text import Tokenizer
 
@@ -140,10 +140,10 @@ def bench_ours(size: str, args, tok_dir: str, attention: str = "auto") -> dict:
     import jax
 
     from animatediff_jax.models import attention as attention_lib
-    from animatediff_jax.sampling import generate
+    from animatediff_jax.sampling import generate, sampling_mesh
 
     t0 = time.perf_counter()
-    pipe = random_pipeline(size, args.ours_dtype, tok_dir, attention)
+    pipe = random_pipeline(size, args.ours_dtype, tok_dir, attention).on(sampling_mesh(1))  # placed once
     tokens = (args.height // 8) * (args.width // 8)
     kernel = attention_lib.resolve(attention, (1, tokens, 8, 40), (1, tokens, 8, 40), jax.numpy.dtype(args.ours_dtype))
     build_s = time.perf_counter() - t0

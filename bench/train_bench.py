@@ -24,11 +24,11 @@ frames (the original: per frame); the difference is one reshape, irrelevant to s
 `--remat-sweep` runs nothing: it compiles the stage-2 gradient (loss of `training.step`, motion
 modules trainable, frozen base in `--frozen-dtype`, cached latents) from `ShapeDtypeStruct`s for
 each listed policy and prints XLA's `cost_analysis` FLOPs and `memory_analysis` temp bytes. On CPU
-the temp bytes do not show what remat saves (shared/README.md): judge remat there by the FLOP
+the temp bytes do not show what remat saves (docs/reference.md): judge remat there by the FLOP
 overhead, and by memory on a device only.
 
 Compile time is reported apart and excluded; after `--warmup` steps, the median of `--repeats`
-synchronised steps is reported. TFLOP/s uses the budget of shared/README.md: ~9.4 TFLOP forward +
+synchronised steps is reported. TFLOP/s uses the budget of docs/reference.md: ~9.4 TFLOP forward +
 backward per 16x256x256 clip (+~47% with online VAE encode), scaled by frames x pixels for other
 sizes (not computed for tiny models); MFU divides it by the device's dense bf16 peak (table below;
 unknown devices: omitted). Peak memory: torch's `max_memory_allocated` per variant; JAX's

@@ -125,3 +125,94 @@ def test_a_damaged_converted_base_is_named_as_the_base(tmp_path):
     params_io.save_params(f"{base}/{params_io.PARAMS_FILE}", tree, meta)
     with pytest.raises(CheckpointError, match=r"(?s)params\.safetensors \(unet\) does not fit the model:.*conv_in/kernel"):
         sd15.load_converted(base)
+
+
+# ------------------------------------------------------------------ files that do not fit, in their own words
+
+
+def _break_three_ways(tmp_path, sd: dict, what: str, load, *, gone: str, reshaped: str, stray: str) -> list[str]:
+    """`sd` (a released file's own tensors) with `gone` deleted, `reshaped` half as wide on its second
+    axis (the input channels) and `stray` added. Each alone is one line naming the key exactly as the
+    file does, shapes in the file's own layout (read off `sd`, not off any conversion); all three
+    together, one line each under the header. Returns the lines of the three together."""
+    from animatediff_jax.checkpoints.torch_io import save_state_dict
+
+    assert gone in sd and reshaped in sd and stray not in sd
+    old = tuple(sd[reshaped].shape)
+    new = (old[0], old[1] // 2) + old[2:]
+    wrong = np.zeros(new, np.float32)
+    extra = np.zeros((3, 2), np.float32)
+    problems = {  # in the order the message lists them
+        "missing": f"missing keys: {gone} {tuple(sd[gone].shape)}",
+        "stray": f"unexpected keys: {stray} (3, 2)",
+        "reshaped": f"shape mismatches: {reshaped}: the file has {new}, the model needs {old}",
+    }
+    files = {
+        "missing": {k: v for k, v in sd.items() if k != gone},
+        "stray": {**sd, stray: extra},
+        "reshaped": {**sd, reshaped: wrong},
+        "all": {**{k: v for k, v in sd.items() if k != gone}, stray: extra, reshaped: wrong},
+    }
+    for name, broken in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_state_dict(path, broken)
+        with pytest.raises(CheckpointError) as e:
+            load(path)
+        lines = str(e.value).splitlines()
+        if name != "all":
+            assert lines == [f"{path} ({what}) does not fit the model: {problems[name]}"], lines
+    assert lines == [f"{path} ({what}) does not fit the model:"] + [f"  {p}" for p in problems.values()], lines
+    return lines
+
+
+def test_a_sparsectrl_file_that_does_not_fit_is_named_in_its_own_words(tmp_path):
+    """A released-layout SparseCtrl file (diffusers' `SparseControlNetModel`, motion modules renamed to
+    the original's `temporal_transformer` / `attention_blocks` names, as `v3_sd15_sparsectrl_rgb.ckpt`):
+    keys named as in the file (not as converted), shapes in its PyTorch layout (1x1 convs (O, I, 1, 1))."""
+    from animatediff_jax.checkpoints.controlnet import load_controlnet
+    from animatediff_jax.models.controlnet import tiny_controlnet
+    from test_controlnet import _host, to_original_sparsectrl, torch_control_model
+
+    cfg = tiny_controlnet("rgb")
+    sd = to_original_sparsectrl(_host(torch_control_model(cfg)), cfg)
+    motion = "down_blocks.1.motion_modules.0.temporal_transformer"
+    for reshaped in ("controlnet_down_blocks.1.weight", f"{motion}.transformer_blocks.0.attention_blocks.0.to_q.weight"):
+        lines = _break_three_ways(tmp_path, sd, "SparseCtrl single file", load_controlnet, gone=f"{motion}.proj_out.weight",
+                                  reshaped=reshaped, stray=f"{motion}.extra.weight")
+        print("\n".join(lines))
+    assert np.ndim(sd["controlnet_down_blocks.1.weight"]) == 4
+
+
+def test_a_controlnet_ldm_file_that_does_not_fit_is_named_in_its_own_words(tmp_path):
+    """ControlNet 1.x in LDM naming (`control_model.zero_convs.N.0`, renamed by diffusers' converter on
+    reading): a missing weight is named after its bias, which the file holds."""
+    from animatediff_jax.checkpoints.controlnet import load_controlnet
+    from animatediff_jax.models.controlnet import tiny_controlnet
+    from test_controlnet import _host, to_ldm, torch_control_model
+
+    cfg = tiny_controlnet(conditioning_embedding_out_channels=(4, 8, 8, 16))  # (SD's hint net: see test_controlnet)
+    sd = to_ldm(_host(torch_control_model(cfg)), cfg)
+    lines = _break_three_ways(tmp_path, sd, "ControlNet LDM single file", load_controlnet,
+                              gone="control_model.zero_convs.2.0.weight", reshaped="control_model.zero_convs.1.0.weight",
+                              stray="control_model.zero_convs.1.9.weight")
+    print("\n".join(lines))
+
+
+def test_a_motion_module_file_that_does_not_fit_is_named_in_its_own_words(tmp_path):
+    """A released-layout motion module (diffusers' `MotionAdapter` renamed to the original naming, pe
+    tables included, as `mm_sd_v15_v2.ckpt`): keys as in the file, shapes in its layout."""
+    from diffusers import MotionAdapter
+
+    from animatediff_jax.checkpoints.load import load_motion
+    from test_motion_formats import fake_original
+    from torch_refs import motion_adapter_kwargs
+
+    adapter = MotionAdapter(**motion_adapter_kwargs(CFG))
+    sd = fake_original({k: v.detach().numpy() for k, v in adapter.state_dict().items()})
+    motion = "up_blocks.1.motion_modules.1.temporal_transformer"
+    lines = _break_three_ways(
+        tmp_path, sd, "original AnimateDiff motion module, v2", lambda p: load_motion(p, CFG),
+        gone=f"{motion}.transformer_blocks.0.ff.net.2.weight",
+        reshaped="down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.to_v.weight",
+        stray=f"{motion}.transformer_blocks.0.attention_blocks.0.extra.weight")
+    print("\n".join(lines))

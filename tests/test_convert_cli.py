@@ -76,6 +76,29 @@ def test_convert_bad_input_is_one_clear_error(tmp_path, capsys):
     assert "error:" in err and str(bad) in err
 
 
+def test_convert_refuses_an_existing_out_and_never_writes_its_input(sd_folder, tmp_path, capsys):
+    """The overwrite rule of every command (`io.fs.check_output`): an existing --out only with --overwrite
+    (an empty folder is free), then replaced whole (the folder is written aside and renamed: complete or
+    as it was); the input never, even with --overwrite."""
+    import os
+
+    out = tmp_path / "converted"
+    out.mkdir()
+    argv = ["convert", "sd15", str(sd_folder), "--out", str(out)]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err == f"error: {out}: exists; pass --overwrite to replace it\n"
+    (out / "stale.txt").write_text("from before")
+    assert cli_main(argv + ["--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["params.safetensors", "tokenizer"]  # replaced whole
+    capsys.readouterr()
+    assert cli_main(["convert", "sd15", str(sd_folder), "--out", str(sd_folder), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {sd_folder}: is the input") and len(err.splitlines()) == 1, err
+    assert os.listdir(tmp_path) == ["converted"]  # no temporary left
+
+
 def test_params_file_rejects_foreign_safetensors(tmp_path):
     from safetensors.numpy import save_file
 

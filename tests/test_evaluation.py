@@ -140,7 +140,7 @@ def test_evaluate_command_on_a_sample_folder(world, tmp_path, capsys):
         want = json.load(f)
     assert got["prompts"] == want["prompts"] == list(run.config["prompt"])
     # Read from the lossless PNG frames (written beside the GIFs): the numbers `sample` measured.
-    assert [os.path.basename(v["path"]) for v in got["videos"]] == ["0-a-cat-and-the-dog", "1-the-dog,-4k"]
+    assert [os.path.basename(v["path"]) for v in got["videos"]] == ["0-a-cat-and-the-dog", "1-the-dog-4k"]
     for k in ("text_alignment", "smoothness", "consistency"):
         assert abs(got["metrics"][k]["mean"] - want["metrics"][k]["mean"]) < 1e-6
 

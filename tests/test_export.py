@@ -368,15 +368,25 @@ def test_fp16_export_holds_rounded_params(tmp_path, capsys):
 
     tree = random_lora(motion_lora_targets, rank=2, seed=3)
     save_lora(tmp_path / "ml.safetensors", tree, "motion_lora", CFG)
-    for out, fmt in (("ml16.safetensors", "diffusers"), ("ml16.ckpt", "original"), ("k16.safetensors", "kohya")):
+    # --dtype takes every name of animatediff_jax.dtypes for float16
+    for out, fmt, name in (("ml16.safetensors", "diffusers", "float16"), ("ml16.ckpt", "original", "half"),
+                           ("k16.safetensors", "kohya", "F16")):
         part = "lora" if fmt == "kohya" else "motion-lora"
         rc, err = run(["export", part, tmp_path / "ml.safetensors", "--out", tmp_path / out,
-                       "--format", fmt, "--dtype", "fp16"], capsys)
-        assert rc == 0, err
+                       "--format", fmt, "--dtype", name], capsys)
+        assert rc == 0 and "float16" in err, err
         assert {v.dtype for v in torch_sd(tmp_path / out).values()} == {torch.float16}
         back = load_lora(tmp_path / out, "motion_lora", base=CFG).unet
         a, b = flatten_dict(back), flatten_dict(jax.tree.map(lambda v: v.astype(np.float16).astype(np.float32), tree))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), out
+
+    # bfloat16 (not an export dtype) and unknown names: one line naming the names it takes
+    for name in ("bf16", "int8"):
+        rc, err = run(["export", "motion-lora", tmp_path / "ml.safetensors", "--out", tmp_path / "x.ckpt",
+                       "--dtype", name], capsys)
+        assert rc == 2 and err.strip() == (f"error: --dtype={name!r}: expected one of float32, fp32, f32, full, "
+                                           "float16, fp16, f16, half"), err
+        assert not (tmp_path / "x.ckpt").exists()
 
 
 def test_missing_part_errors(ref_unet, tmp_path, capsys):
@@ -420,3 +430,90 @@ def test_missing_part_errors(ref_unet, tmp_path, capsys):
     m, c = load_motion(tmp_path / "mm.safetensors")
     assert c == CFG and jax.tree.all(jax.tree.map(np.array_equal, m, motion))
 
+
+
+def test_a_module_for_another_model_size_names_base_config(tmp_path, capsys):
+    """A tiny motion module (or MotionLoRA) exported without --base-config: the SD1.5 UNet assumed does
+    not fit it. One short line that says so and names the option, not a key list; with the option, it exports."""
+    torch.save(fake_original(adapter_state_dict(CFG, 9)), tmp_path / "mm.ckpt")
+    rc, err = run(["export", "motion", tmp_path / "mm.ckpt", "--out", tmp_path / "out.ckpt"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert "another model size (e.g. channels 32 vs 320)" in lines[0] and "pass --base-config" in lines[0], err
+    assert len(lines[0]) - len(str(tmp_path)) < 300, (len(lines[0]), err)
+    assert not (tmp_path / "out.ckpt").exists()
+    rc, err = run(["export", "motion", tmp_path / "mm.ckpt", "--out", tmp_path / "out.ckpt",
+                   "--base-config", base_json(tmp_path)], capsys)
+    assert rc == 0, err
+
+    tree = random_lora(motion_lora_targets, 2, 10)
+    params_io.save_lora(tmp_path / "ml.safetensors", tree, "motion_lora", CFG)
+    assert run(["export", "motion-lora", tmp_path / "ml.safetensors", "--out", tmp_path / "ml.ckpt"], capsys)[0] == 0
+    rc, err = run(["export", "motion-lora", tmp_path / "ml.ckpt", "--out", tmp_path / "again.ckpt"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "another model size" in lines[0] and "pass --base-config" in lines[0], err
+    print(lines[0])
+
+
+# ----------------------------------------------------------------- one overwrite rule (io.fs.check_output)
+
+
+def test_every_writer_shares_one_overwrite_rule(tmp_path, capsys):
+    """`export`, `convert`, `evaluate` (and `prepare`, below): an existing output only with --overwrite (an
+    empty folder is free), an input never, each refusal one line naming the path and the flag, before
+    anything is read."""
+    from animatediff_jax.io.fs import check_output
+    from animatediff_jax.io.video import write_gif
+    from animatediff_jax.prepare import resumable
+
+    save_motion(tmp_path / "mm.safetensors", random_like(motion_shapes(CFG), seed=11), CFG)
+    mm = tmp_path / "mm.safetensors"
+    (tmp_path / "taken.ckpt").write_bytes(b"old")
+    for argv in (["export", "motion", mm, "--out", tmp_path / "taken.ckpt"],
+                 ["convert", "motion", mm, "--out", tmp_path / "taken.safetensors"]):
+        (tmp_path / "taken.safetensors").write_bytes(b"old")
+        rc, err = run(argv, capsys)
+        assert rc == 2 and err == f"error: {argv[-1]}: exists; pass --overwrite to replace it\n", err
+        rc, err = run(argv[:3] + ["--out", argv[2], "--overwrite"], capsys)  # the input itself: never
+        assert rc == 2 and f"error: {mm}: is the input {mm}" in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "taken.ckpt").read_bytes() == (tmp_path / "taken.safetensors").read_bytes() == b"old"
+    rc, err = run(["convert", "motion", mm, "--out", tmp_path / "taken.safetensors", "--overwrite",
+                   "--base-config", base_json(tmp_path)], capsys)
+    assert rc == 0 and load_motion(tmp_path / "taken.safetensors")[1] == CFG, err  # (--overwrite: replaced)
+
+    # evaluate: --out is checked before CLIP or any video is read (the default, metrics.json beside the
+    # videos, is theirs: rewritten).
+    write_gif(tmp_path / "v" / "0-a-cat.gif", np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "m.json").write_text("{}")
+    rc, err = run(["evaluate", "--clip", tmp_path / "no_clip", "--videos", tmp_path / "v", "--out", tmp_path / "m.json"],
+                  capsys)
+    assert rc == 2 and err == f"error: {tmp_path / 'm.json'}: exists; pass --overwrite to replace it\n"
+    rc, err = run(["evaluate", "--clip", tmp_path / "no_clip", "--videos", tmp_path / "v" / "0-a-cat.gif",
+                   "--out", tmp_path / "v" / "0-a-cat.gif", "--overwrite"], capsys)
+    assert rc == 2 and "is the input" in err, err
+
+    # The helper: an empty folder is free; a new file inside an input folder is fine, a folder holding an
+    # input (replacing it would remove the input) is refused.
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", (mm,))
+    check_output(tmp_path / "sub" / "x", (tmp_path / "sub",))
+    with pytest.raises(FileExistsError, match="is the input"):
+        check_output(tmp_path, (mm,), overwrite=True)
+
+    # prepare: an interrupted run's folder (its own files only, no index) resumes without --overwrite;
+    # a complete cache or a folder holding anything else needs it.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    assert not resumable(str(cache))  # (empty: free anyway)
+    for name in ("null_text.npz", "shard-00000-of-00002.p000.array_record",
+                 "shard-00000-of-00002.p000.array_record.done.json", "shard-00001-of-00002.p001.array_record.tmp"):
+        (cache / name).write_bytes(b"")
+    assert resumable(str(cache))
+    (cache / "cache_info.json").write_text("{}")
+    assert not resumable(str(cache))  # complete
+    (cache / "cache_info.json").unlink()
+    (cache / "notes.txt").write_text("mine")
+    assert not resumable(str(cache))  # someone else's folder
+    rc, err = run(["prepare", "--model", tmp_path / "no_model", "--csv", tmp_path / "rows.csv", "--videos",
+                   tmp_path / "v", "--out", cache], capsys)
+    assert rc == 2 and err == f"error: {cache}: exists; pass --overwrite to replace it\n", err

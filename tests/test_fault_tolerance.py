@@ -137,7 +137,7 @@ def test_signal_saves_exits_0_and_resumes_bit_exact(tmp_path, straight, sig):
 def test_sigint_sets_the_flag_and_a_second_one_interrupts():
     import time
 
-    from animatediff_jax.training.loop import StopRequest
+    from animatediff_jax.training.preemption import StopRequest
 
     previous = signal.getsignal(signal.SIGINT)
     stop = StopRequest()

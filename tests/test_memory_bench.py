@@ -88,3 +88,23 @@ def test_memory_bench_small(tmp_path):
     # auto on TPU: splash for the 4096- and 1024-token self-attentions only; forced: every attention.
     assert auto_tpu["tpu_custom_calls"] >= 1
     assert splash["tpu_custom_calls"] > auto_tpu["tpu_custom_calls"]
+
+
+def test_train_program_differentiates_the_training_steps_loss(monkeypatch):
+    """The "train" part measures the step's own loss (`training.step.make_loss_fn`: noise, timesteps,
+    epsilon MSE), split into motion modules and the rest by `models.shapes.is_motion_path`."""
+    from animatediff_jax.models import shapes
+    from animatediff_jax.models.config import tiny_unet
+    from animatediff_jax.training import step
+
+    calls = {"is_motion_path": [], "make_loss_fn": []}
+    for module, name in ((shapes, "is_motion_path"), (step, "make_loss_fn")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls[_n].append(a) or _f(*a))
+    fn, args = memory_bench.train_program(tiny_unet("v2"), "xla", 2, 64, 1, "none")
+    assert calls["is_motion_path"] and len(calls["make_loss_fn"]) == 1
+    assert calls["make_loss_fn"][0][0].stage.name == "motion_module"
+    grads = jax.eval_shape(fn, *args)
+    assert jax.tree.structure(grads) == jax.tree.structure(args[0])
+    assert all(shapes.is_motion_path(tuple(k.key for k in p)) for p, _ in jax.tree_util.tree_leaves_with_path(grads))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads))

@@ -28,7 +28,7 @@ from animatediff_jax.checkpoints.motion import (
 from animatediff_jax.checkpoints.load import load_motion
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.shapes import motion_subtree
-from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict
+from animatediff_jax.checkpoints.torch_io import CheckpointError, ModelSizeError, load_state_dict
 from flax.traverse_util import flatten_dict
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.shapes import unet_shapes
@@ -259,8 +259,10 @@ def test_errors(v2_motion, tmp_path):
         load_motion(tmp_path / "broken.ckpt", cfg)
     msg = str(e.value)
     assert "broken.ckpt (original AnimateDiff motion module, v2)" in msg
-    assert "up_blocks_1/motion_modules_1/transformer_blocks_0/ff/net_2/kernel" in msg
-    assert "down_blocks.0.motion_modules.0.proj_in.weight (32, 31)" in msg
+    # In the file's words: its key names, both shapes in its (PyTorch) layout.
+    assert f"missing keys: {key} (32, 128)" in msg, msg
+    assert ("shape mismatches: down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight: "
+            "the file has (32, 31), the model needs (32, 32)") in msg, msg
 
     wide = tiny_unet("v2", block_out_channels=(64, 128))
     wide_motion = motion_subtree(unet_shapes(wide))
@@ -270,7 +272,8 @@ def test_errors(v2_motion, tmp_path):
     save_motion_module_original(
         tmp_path / "wide.safetensors", jax.tree.map(lambda s: np.zeros(s.shape, np.float32), wide_motion), wide
     )
-    with pytest.raises(CheckpointError, match="shape mismatches"):
+    with pytest.raises(ModelSizeError, match=r"shape mismatches in (\d+) of \1 tensors: this file is for another "
+                                             r"model size \(e\.g\. channels 64 vs 32\)$"):
         load_motion(tmp_path / "wide.safetensors", cfg)
     v2_params, _ = load_motion(tmp_path / "mm.ckpt", cfg)
     with pytest.raises(CheckpointError, match="unexpected keys: mid_block/motion_modules_0"):

@@ -25,7 +25,7 @@ from animatediff_jax.cli import main as cli
 from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.models.config import MotionConfig, tiny_unet
 from animatediff_jax.models.shapes import motion_shapes
-from animatediff_jax.testing.tiny import random_params
+from animatediff_jax.models.init import random_params
 from conftest import assert_close
 from torch_refs import randomize, run_unet3d, unet2d_kwargs
 

@@ -1,14 +1,14 @@
 """Tiny end-to-end parity with diffusers' `AnimateDiffPipeline` (PyTorch, CPU, fp32), stage by stage.
 
 Same random weights (diffusers' modules converted to ours), same initial latents; our UNet uses
-diffusers' motion-module GroupNorm semantics (`norm_per_frame=False`), see animatediff_jax/testing/parity.py.
+diffusers' motion-module GroupNorm semantics (`norm_per_frame=False`), see animatediff_jax/parity.py.
 """
 
 import json
 
 import pytest
 
-from animatediff_jax.testing import parity
+from animatediff_jax import parity
 
 RTOL, ATOL = 2e-5, 1e-5  # relative to each stage's reference scale, as conftest.assert_close
 
@@ -65,7 +65,7 @@ def test_tiny_parity_with_chunked_attention(pipes, small_attention_blocks):
 
 
 def test_cli_tiny(capsys, tmp_path):
-    """`python -m animatediff_jax.testing.parity --tiny` end to end (1 prompt, 2 steps), with a tolerance gate."""
+    """`animatediff-jax parity --tiny` end to end (1 prompt, 2 steps), with a tolerance gate."""
     out = tmp_path / "parity.json"
     rc = parity.main(["--tiny", "--prompt", "the cat", "--steps", "2", "--frames", "3", "--tolerance", "1e-3",
                       "--json", str(out)])
@@ -81,3 +81,15 @@ def test_stochastic_samplers_are_refused(pipes):
     with pytest.raises(ValueError, match="deterministic"):
         parity.run_parity(torch_pipe, ours, ["the cat"], scheduler="euler_ancestral", steps=2, num_frames=2,
                           height=16, width=16, log=None)
+
+
+def test_parity_is_a_command_of_the_cli(capsys):
+    """`animatediff-jax parity` runs this module (beside the other commands, not under testing/)."""
+    import importlib
+
+    from animatediff_jax import cli
+
+    assert importlib.import_module(cli.COMMANDS["parity"][0]) is parity
+    with pytest.raises(SystemExit) as e:
+        cli.main(["parity", "--help"])
+    assert e.value.code == 0 and "animatediff-jax parity" in capsys.readouterr().out

@@ -170,6 +170,7 @@ def test_two_processes_and_a_killed_run_write_the_same_cache(setup, tmp_path):
 def test_latent_dtypes_and_the_clip_of_each_record(setup, tiny_sd, tmp_path):
     """bfloat16 storage reads back; record (row, clip c) is the row's epoch-c clip, encoded."""
     from animatediff_jax.data import prepare_cache
+    from animatediff_jax.data.cache import CacheSettings
     from animatediff_jax.models.clip_text import CLIPTextModel
     from animatediff_jax.models.vae import AutoencoderKL, encode_moments
     from animatediff_jax.text import Tokenizer
@@ -180,8 +181,9 @@ def test_latent_dtypes_and_the_clip_of_each_record(setup, tiny_sd, tmp_path):
     args = (src, vae, sd.params["vae"], CLIPTextModel(sd.text_config), sd.params["text_encoder"],
             Tokenizer(sd.tokenizer_path))
     kw = dict(batch_size=4, num_shards=2, clips_per_video=CLIPS, limit=2, progress=False)
-    info = prepare_cache(*args, tmp_path / "f32", **kw)
-    info16 = prepare_cache(*args, tmp_path / "bf16", latent_dtype="bfloat16", **kw)
+    info = prepare_cache(*args, tmp_path / "f32", CacheSettings(**kw))  # the settings as one value, or as keywords
+    # any name of animatediff_jax.dtypes; decoded in a worker process (absl flags unparsed outside an app)
+    info16 = prepare_cache(*args, tmp_path / "bf16", latent_dtype="BF16", worker_count=1, **kw)
     assert info16["latent_dtype"] == "bfloat16" and info16["num_records"] == info["num_records"] == 2 * CLIPS
     f32 = CachedLatentSource(tmp_path / "f32", sample_posterior=False, caption_dropout=0.0)
     bf16 = CachedLatentSource(tmp_path / "bf16", sample_posterior=False, caption_dropout=0.0)

@@ -24,10 +24,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.models.attention import AttentionError
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.unet import UNet3D
-from animatediff_jax.models.shapes import unet_shapes
+from animatediff_jax.models.shapes import is_motion_path, unet_shapes
 from animatediff_jax.training import base_config, build_trainer, load_models, stages
 from animatediff_jax.training.config import tiny_overrides
-from animatediff_jax.testing.tiny import random_params
+from animatediff_jax.models.init import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,7 +120,7 @@ def _lora_setup(targets, motion: bool, up_std: float = 0.05):
         flat = flatten_dict(params)
         rng = np.random.default_rng(0)
         for k in flat:
-            if stages.is_motion_module(k) and k[-2:] == ("proj_out", "kernel"):
+            if is_motion_path(k) and k[-2:] == ("proj_out", "kernel"):
                 flat[k] = 0.1 * rng.standard_normal(flat[k].shape).astype(np.float32)
         params = unflatten_dict(flat)
     tree = lora.init_lora(params, targets, 4, jax.random.key(1))

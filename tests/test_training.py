@@ -11,6 +11,7 @@ from conftest import assert_close
 from animatediff_jax import parallel
 from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.lora import lora_layers
+from animatediff_jax.models.shapes import is_motion_path
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod
 from animatediff_jax.training import base_config, build_trainer, load_models, stages
 from animatediff_jax.training.config import tiny_overrides
@@ -68,7 +69,7 @@ def trained(request):
         rng = np.random.default_rng(0)
         flat = flatten_dict(models.unet)
         for k in flat:
-            if stages.is_motion_module(k) and k[-2:] == ("proj_out", "kernel"):
+            if is_motion_path(k) and k[-2:] == ("proj_out", "kernel"):
                 flat[k] = 0.1 * rng.standard_normal(flat[k].shape).astype(np.float32)
         models.unet = unflatten_dict(flat)
     base = jax.tree.map(np.array, models.unet)
@@ -102,7 +103,7 @@ def test_frozen_params_bit_identical(trained):
         assert all(np.array_equal(a, base_flat[k]) for k, a in flatten_dict(host(trainer.frozen["unet"])).items())
     else:
         changed = set(flatten_dict(trainable))
-        assert changed and all(stages.is_motion_module(k) for k in changed)
+        assert changed and all(is_motion_path(k) for k in changed)
     n_same = 0
     for k, v in full.items():
         if k in changed:
@@ -201,7 +202,7 @@ def test_stage_wiring(tmp_path):
 
     c1 = tiny_config("domain_adapter")
     m1 = load_models(c1)
-    assert m1.unet_config.motion is None and not any(stages.is_motion_module(k) for k in flatten_dict(m1.unet))
+    assert m1.unet_config.motion is None and not any(is_motion_path(k) for k in flatten_dict(m1.unet))
     adapter = lora.init_lora(m1.unet, lora.domain_adapter_targets, 2, jax.random.key(0))
     adapter = jax.tree.map(lambda x: np.asarray(x) + 0.01, adapter)  # non-zero `up`
     # (the meta `Trainer.export_meta` writes: the stage, its kind, the UNet config)
@@ -215,14 +216,14 @@ def test_stage_wiring(tmp_path):
     assert m2.unet_config.motion is not None and set(m2.attached) == {"domain_adapter"}
     trainable, frozen = stages.init_stage(stages.get_stage("motion_module"), m2.unet, jax.random.key(0),
                                           attached=m2.attached)
-    expected = flatten_dict(lora.merge(stages.partition(m2.unet, stages.is_motion_module)[1], adapter, 0.7))
+    expected = flatten_dict(lora.merge(stages.partition(m2.unet, is_motion_path)[1], adapter, 0.7))
     got = flatten_dict(frozen)
     assert set(got) == set(expected)
     assert all(np.array_equal(np.asarray(got[k]), np.asarray(expected[k])) for k in got)
     base = flatten_dict(m1.unet)
     n_adapted = sum(not np.array_equal(np.asarray(got[k]), base[k]) for k in got)
     assert n_adapted == len(lora.lora_layers(adapter)) > 0
-    assert set(flatten_dict(trainable)) == {k for k in flatten_dict(m2.unet) if stages.is_motion_module(k)}
+    assert set(flatten_dict(trainable)) == {k for k in flatten_dict(m2.unet) if is_motion_path(k)}
     motion = jax.tree.map(lambda x: np.asarray(x) + 0.5, trainable)  # "trained" motion modules
     export_trainable(tmp_path / "motion.safetensors", motion,
                      {"stage": "motion_module", "kind": "motion_module", "unet_config": m2.unet_config})
@@ -234,7 +235,7 @@ def test_stage_wiring(tmp_path):
     f3, fm = flatten_dict(frozen3), flatten_dict(motion)
     assert all(np.array_equal(f3[k], fm[k]) for k in fm)
     layers = lora.lora_layers(trainable3)
-    assert layers and all(stages.is_motion_module(p) and p[-2] in ("attn1", "attn2") for p in layers)
+    assert layers and all(is_motion_path(p) and p[-2] in ("attn1", "attn2") for p in layers)
     assert all(float(np.abs(v["up"]).max()) == 0 for v in layers.values())  # starts as the identity
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from animatediff_jax.checkpoints.motion import motion_adapter_kwargs  # noqa: F401  (one definition, also export's)
 from animatediff_jax.models.config import UNetConfig
-from animatediff_jax.testing.parity import randomize
+from animatediff_jax.parity import randomize
 
 
 class PerFrameNorm(nn.Module):

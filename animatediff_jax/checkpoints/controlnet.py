@@ -29,11 +29,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from animatediff_jax.checkpoints.motion import original_to_diffusers_key, split_position_tables
-from animatediff_jax.checkpoints.sd15 import _with_file_names
+from animatediff_jax.checkpoints.motion import diffusers_to_original_key, original_to_diffusers_key, split_position_tables
 from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
+    FileNames,
     Params,
     StateDict,
     check_finite,
@@ -48,6 +48,7 @@ from animatediff_jax.models.shapes import controlnet_shapes
 LDM_CONTROL_PREFIX = "control_model."
 _LDM_MARKERS = ("input_hint_block.", "zero_convs.", "middle_block_out.", "input_blocks.")
 _PICKLES = (".ckpt", ".bin", ".pt", ".pth")
+_SPARSE_PREFIX = "controlnet."  # (some SparseCtrl files prefix every key)
 
 
 def _describe(sd: Mapping[str, Any], n: int = 4) -> str:
@@ -69,32 +70,40 @@ def check_for_base(config: ControlNetConfig, base: UNetConfig, what: str = "cont
 # --------------------------------------------------------------------------- conversion
 
 
-def _rename_original_motion(sd: Mapping[str, Any], what: str) -> StateDict:
-    """Motion-module keys in the original AnimateDiff naming -> diffusers' (others unchanged)."""
+def _rename_original_motion(sd: Mapping[str, Any], what: str) -> tuple[StateDict, dict[str, str]]:
+    """Motion-module keys in the original AnimateDiff naming -> diffusers' (others unchanged), and
+    each renamed key's name in `sd`."""
     out: StateDict = {}
+    origin: dict[str, str] = {}
     for k, v in sd.items():
         name = original_to_diffusers_key(k) if "motion_modules" in k.split(".") else k
         if name in out:
             raise CheckpointError(f"{what}: {k} and another key both read as {name} (mixed namings)")
         out[name] = v
-    return out
+        if name != k:
+            origin[name] = k
+    return out, origin
 
 
 def convert_controlnet_state_dict(
-    state_dict: Mapping[str, Any], config: ControlNetConfig, *, what: str = "control model"
+    state_dict: Mapping[str, Any], config: ControlNetConfig, *, what: str = "control model",
+    names: FileNames | None = None,
 ) -> Params:
     """A diffusers-named `ControlNetModel` / `SparseControlNetModel` state dict -> params of `config`.
 
     Motion modules may be in either naming (diffusers' or the original's); position tables are
-    checked (the sinusoidal table, `config`'s length) and dropped. Every key and shape is checked.
+    checked (the sinusoidal table, `config`'s length) and dropped. Every key and shape is checked;
+    errors name the keys as the file does (`names`: how it names the keys of `state_dict`).
     """
     sd = {k: np.asarray(v.detach().float().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
-    sd, length = split_position_tables(_rename_original_motion(sd, what))
+    sd, origin = _rename_original_motion(sd, what)
+    names = (names or FileNames()).after(origin, diffusers_to_original_key if origin else None)
+    sd, length = split_position_tables(sd)
     if length is not None and config.sparse and length != config.unet.motion.max_positions:
         raise CheckpointError(
             f"{what}: position tables of length {length}, the config's motion modules have {config.unet.motion.max_positions}"
         )
-    return torch_to_flax(sd, controlnet_shapes(config), what=what)
+    return torch_to_flax(sd, controlnet_shapes(config), what=what, names=names)
 
 
 def _indices(sd: Mapping[str, Any], pattern: str) -> list[int]:
@@ -208,8 +217,8 @@ def _ldm_to_diffusers(sd: Mapping[str, Any], what: str) -> tuple[StateDict, dict
 
 
 def _read_file(path: str) -> StateDict:
-    """A weight file's tensors, unwrapping the original SparseCtrl `{"controlnet": ...}` dict and a
-    `controlnet.` key prefix (a `state_dict` wrapper is unwrapped by `load_state_dict`)."""
+    """A weight file's tensors, unwrapping the original SparseCtrl `{"controlnet": ...}` dict (a
+    `state_dict` wrapper is unwrapped by `load_state_dict`)."""
     sd = load_state_dict(path)
     if not sd and path.lower().endswith(_PICKLES):  # every tensor one level down
         import torch
@@ -221,8 +230,6 @@ def _read_file(path: str) -> StateDict:
             sd = {k: v.detach().float().numpy() if hasattr(v, "detach") else v for k, v in inner.items()
                   if hasattr(v, "detach")}
             check_finite(sd, path)
-    if sd and all(k.startswith("controlnet.") for k in sd):
-        sd = {k[len("controlnet."):]: v for k, v in sd.items()}
     return sd
 
 
@@ -240,14 +247,20 @@ def _load_folder(folder: str, base: UNetConfig | None) -> tuple[ControlNetConfig
     if base is not None:
         check_for_base(config, base, what)
     weights = find_weights_file(folder)
-    return config, convert_controlnet_state_dict(load_state_dict(weights), config, what=f"{weights} (diffusers {raw.get('_class_name', 'ControlNetModel')})")
+    return config, convert_controlnet_state_dict(load_state_dict(weights), config, what=f"{weights} (diffusers {raw.get('_class_name', 'ControlNetModel')})",
+                                                 names=FileNames())
 
 
 def controlnet_from_state_dict(
     sd: Mapping[str, Any], base: UNetConfig | None = None, *, what: str = "control model"
 ) -> tuple[ControlNetConfig, Params]:
     """A single file's state dict (no config) -> `(config, params)`: ControlNet 1.x in LDM naming (with or
-    without `control_model.`), SparseCtrl in the original naming, or any diffusers-named control model."""
+    without `control_model.`), SparseCtrl in the original naming (with or without a `controlnet.`
+    prefix), or any diffusers-named control model. Errors name the keys as `sd` does."""
+    names = FileNames()
+    if sd and all(k.startswith(_SPARSE_PREFIX) for k in sd):
+        sd = {k[len(_SPARSE_PREFIX):]: v for k, v in sd.items()}
+        names = FileNames({k: _SPARSE_PREFIX + k for k in sd}, lambda k: _SPARSE_PREFIX + k)
     stripped = {k[len(LDM_CONTROL_PREFIX):] if k.startswith(LDM_CONTROL_PREFIX) else k for k in sd}
     if any(k.startswith(_LDM_MARKERS) for k in stripped):
         what = f"{what} (ControlNet LDM single file)"
@@ -255,18 +268,14 @@ def controlnet_from_state_dict(
         config = infer_config(converted, base, what)
         if base is not None:
             check_for_base(config, base, what)
-        try:
-            return config, torch_to_flax(converted, controlnet_shapes(config), what=what)
-        except CheckpointError as e:
-            raise _with_file_names(e, origin) from None
+        return config, torch_to_flax(converted, controlnet_shapes(config), what=what, names=names.after(origin))
     if "controlnet_cond_embedding.weight" in sd or "controlnet_cond_embedding.conv_in.weight" in sd:
         sparse = any("motion_modules" in k.split(".") for k in sd)
         what = f"{what} ({'SparseCtrl' if sparse else 'diffusers-named ControlNet'} single file)"
-        sd = _rename_original_motion(sd, what)
-        config = infer_config(sd, base, what)
+        config = infer_config(_rename_original_motion(sd, what)[0], base, what)
         if base is not None:
             check_for_base(config, base, what)
-        return config, convert_controlnet_state_dict(sd, config, what=what)
+        return config, convert_controlnet_state_dict(sd, config, what=what, names=names)
     raise CheckpointError(f"{what}: not a ControlNet or SparseCtrl checkpoint ({_describe(sd)})")
 
 

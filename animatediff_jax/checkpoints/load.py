@@ -21,7 +21,15 @@ from flax import traverse_util
 from animatediff_jax.checkpoints import lora_formats, motion, params_io
 from animatediff_jax.checkpoints.params_io import KIND_NAMES, LORA_KINDS, MOTION_MODULE, file_kind, params_file
 from animatediff_jax.io import fs
-from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, check_tree, load_state_dict
+from animatediff_jax.checkpoints.torch_io import (
+    CheckpointError,
+    Misfit,
+    ModelSizeError,
+    Params,
+    check_tree,
+    load_state_dict,
+    size_difference,
+)
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
 from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig, sd15_unet
@@ -158,13 +166,16 @@ def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str]
     `found` is the module's config, of whose motion fields the file records `recorded` (the others
     came from `base`).
 
-    The blocks must be the base's, and every recorded layout field (mid-block module, table length,
-    heads, depth, groups) the base's motion layout when it has one: else an error naming each
-    difference. The GroupNorm semantics (`norm_per_frame`) a file records are how its weights were
-    trained, so the file wins over the base's, and a note says so.
+    The blocks must be the base's (else a `ModelSizeError`: made for another model size), and every
+    recorded layout field (mid-block module, table length, heads, depth, groups) the base's motion
+    layout when it has one: else an error naming each difference. The GroupNorm semantics
+    (`norm_per_frame`) a file records are how its weights were trained, so the file wins over the
+    base's, and a note says so.
     """
     diffs = [f"{n} {getattr(found, n)} (base: {getattr(base, n)})"
              for n in ("block_out_channels", "layers_per_block") if getattr(found, n) != getattr(base, n)]
+    if diffs:
+        raise ModelSizeError(f"{what}: a {found.motion.version} {noun} for another model size: {'; '.join(diffs)}")
     if base.motion is not None:
         diffs += [f"motion {n} {getattr(found.motion, n)} (base: {getattr(base.motion, n)})"
                   for n in sorted(recorded - {"norm_per_frame"})
@@ -221,17 +232,28 @@ def load_motion(
             raise _not_a(path, "motion module", holds) from None
         raise
     if mf.blocks is not None and mf.blocks != (tuple(base.block_out_channels), base.layers_per_block):
-        channels, layers = mf.blocks
-        raise CheckpointError(
-            f"{mf.what}: MotionAdapter for blocks {channels} with {layers} layers each does not fit the base UNet "
-            f"({tuple(base.block_out_channels)}, {base.layers_per_block} layers)")
+        raise _other_size(mf.what, mf.blocks, base)
     defaults = base.motion or MotionConfig(heads=base.attention_heads, norm_num_groups=base.norm_num_groups)
     layout = mf.motion.replace(**{n: getattr(defaults, n) for n in MOTION_FIELDS - mf.recorded
                                   if n not in ("mid_block", "max_positions")})
     if "max_positions" not in mf.recorded and base.motion is not None:
         layout = layout.replace(max_positions=base.motion.max_positions)
     config = fit(base.with_motion(layout), base, mf.what, mf.recorded)
-    return motion.motion_params(mf, config), config
+    try:
+        return motion.motion_params(mf, config), config
+    except ModelSizeError:
+        raise
+    except CheckpointError:  # blocks of other layer counts fit no better than other channels
+        blocks = motion.motion_blocks(mf.state_dict)
+        if blocks is not None and blocks != (tuple(base.block_out_channels), base.layers_per_block):
+            raise _other_size(mf.what, blocks, base) from None
+        raise
+
+
+def _other_size(what: str, blocks: tuple[tuple[int, ...], int], base: UNetConfig) -> ModelSizeError:
+    channels, layers = blocks
+    return ModelSizeError(f"{what}: a motion module for another model size: blocks {channels} with {layers} "
+                          f"layers each, the base UNet's {tuple(base.block_out_channels)} with {base.layers_per_block}")
 
 
 # ------------------------------------------------------------------ LoRAs
@@ -248,16 +270,23 @@ def _scalar_alphas(tree: Any) -> Any:
 
 
 def _check_fits(tree: LoraTree, target: Mapping[str, Any], what: str) -> None:
+    """Every layer of a params-file LoRA (our naming and layout) on a kernel of `target`, in shape."""
     kernels = {p: tuple(k.shape) for p, k in kernel_paths(target)}
-    bad = []
-    for p, layer in lora_layers(tree).items():
+    bad, misfits = [], []
+    layers = lora_layers(tree)
+    for p, layer in layers.items():
         delta = tuple(np.shape(layer["down"])[:-1]) + (np.shape(layer["up"])[-1],)
         if np.shape(layer["down"])[-1] != np.shape(layer["up"])[0]:
             bad.append(f"{'/'.join(p)} rank of down {np.shape(layer['down'])} vs up {np.shape(layer['up'])}")
         elif p not in kernels:
             bad.append(f"{'/'.join(p)} (no such layer)")
         elif delta != kernels[p]:
+            misfits.append(Misfit("/".join(p), delta, kernels[p], "delta"))
             bad.append(f"{'/'.join(p)} delta {delta} vs kernel {kernels[p]}")
+    size = size_difference(misfits, len(layers))
+    if size is not None:
+        raise ModelSizeError(f"{what} does not fit the model: shape mismatches in {len(misfits)} of {len(layers)} "
+                             f"layers: this file is for another model size (e.g. {size})")
     if bad:
         raise CheckpointError(f"{what} does not fit the model: {', '.join(sorted(bad)[:4])} ({len(bad)} layers)")
 

@@ -23,6 +23,7 @@ else raises `CheckpointError` naming the file, the format and the keys.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -35,11 +36,16 @@ from animatediff_jax.models.shapes import is_motion_path
 from animatediff_jax.checkpoints.torch_io import save_state_dict
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
+    Misfit,
+    ModelSizeError,
     StateDict,
     _few,
+    fit_error,
     flax_to_torch_name,
     load_state_dict,
+    size_difference,
     torch_module_path,
+    torch_shape,
 )
 from flax.traverse_util import unflatten_dict
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
@@ -62,28 +68,32 @@ def sd15_conv1x1(path: Path) -> bool:
 # ------------------------------------------------------------------ layouts
 
 
-def _from_torch(down: np.ndarray, up: np.ndarray, target: tuple[int, ...]) -> dict[str, np.ndarray] | str:
-    """torch factors (`down` (r, in[, kh, kw]), `up` (out, r[, 1, 1])) -> ours, or why they do not fit."""
+def _from_torch(down: np.ndarray, up: np.ndarray, target: tuple[int, ...]) -> dict[str, np.ndarray] | str | Misfit:
+    """torch factors (`down` (r, in[, kh, kw]), `up` (out, r[, 1, 1])) -> ours, or why they do not fit
+    (a `Misfit`, unnamed: the update they make and the model's weight, in PyTorch's layout)."""
     down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+    factors = f"down {down.shape} / up {up.shape}"
     if up.ndim == 4:
         if up.shape[2:] != (1, 1):
             return f"up factor {up.shape} is not (out, r, 1, 1)"
         up = up[:, :, 0, 0]
     if up.ndim != 2 or down.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
-        return f"factors down {down.shape} / up {up.shape} are not a rank-r pair"
+        return f"factors {factors} are not a rank-r pair"
+    misfit = Misfit("", (up.shape[0], down.shape[1]) + down.shape[2:], torch_shape("kernel", target, down.ndim),
+                    f"{factors} make")
     if len(target) == 2:
         if down.ndim == 4:
             if down.shape[2:] != (1, 1):
-                return f"conv down factor {down.shape} on a Dense kernel {target}"
+                return misfit
             down = down[:, :, 0, 0]
         ours = {"down": down.T, "up": up.T}
     elif len(target) == 4 and down.ndim == 4:
         ours = {"down": down.transpose(2, 3, 1, 0), "up": up.T}
     else:
-        return f"factors down {down.shape} / up {up.shape} do not fit kernel {target}"
+        return misfit
     shape = ours["down"].shape[:-1] + ours["up"].shape[-1:]
     if shape != tuple(target):
-        return f"delta {shape} (down {down.shape}, up {up.shape}) vs kernel {tuple(target)}"
+        return misfit
     return ours
 
 
@@ -144,23 +154,27 @@ class _Builder:
         self.keys[(component, path)].append(key)
 
     def build(self, alphas: Callable[[str, Path], float | None] | None = None) -> tuple[LoraTree, LoraTree, str]:
+        """The trees; a file that does not fit is one error naming its keys and shapes as it holds them."""
         what = f"{self.path} ({self.fmt} LoRA)"
-        lines = []
-        if self.unknown:
-            lines.append(f"  keys of no LoRA layout this reader knows: {_few(self.unknown)}")
-        if self.unmatched:
-            lines.append(f"  keys naming no layer of the target model: {_few(self.unmatched)}")
+        problems = [
+            ("keys of no LoRA layout this reader knows", _few(self.unknown)),
+            ("keys naming no layer of the target model", _few(self.unmatched)),
+        ]
         for component, keys in sorted(self.without_model.items()):
             name = component.replace("_", "-")
-            lines.append(f"  {name} layers, but no {name} model was given to load them into: {_few(keys)}")
+            problems.append((f"{name} layers, but no {name} model was given to load them into", _few(keys)))
         trees: dict[str, dict[Path, dict]] = {"unet": {}, "text_encoder": {}}
-        bad = []
+        bad, misfits = [], []
         for (component, path), parts in self.parts.items():
             keys = ", ".join(self.keys[(component, path)])
             if "down" not in parts or "up" not in parts:
                 bad.append(f"{keys} (no {'up' if 'down' in parts else 'down'} factor)")
                 continue
             layer = _from_torch(parts["down"], parts["up"], self.kernels[component][path])
+            if isinstance(layer, Misfit):
+                misfits.append(dataclasses.replace(layer, name=keys))
+                bad.append(str(misfits[-1]))
+                continue
             if isinstance(layer, str):
                 bad.append(f"{keys}: {layer}")
                 continue
@@ -171,10 +185,13 @@ class _Builder:
             if alpha is None and alphas is not None:
                 alpha = alphas(component, path)
             trees[component][path] = _with_alpha(layer, None if alpha is None else float(np.asarray(alpha).reshape(())))
-        if bad:
-            lines.append(f"  layers that do not fit: {_few(bad, 4)}")
-        if lines:
-            raise CheckpointError("\n".join([f"{what} does not fit the model:"] + lines))
+        size = size_difference(misfits, len(self.parts))
+        if size is not None:
+            raise ModelSizeError(f"{what} does not fit the model: shape mismatches in {len(misfits)} of "
+                                 f"{len(self.parts)} layers: this file is for another model size (e.g. {size})")
+        problems.append(("layers that do not fit", _few(bad, 4, "; ")))
+        if any(text for _, text in problems):
+            raise fit_error(what, problems)
         if not trees["unet"] and not trees["text_encoder"]:
             raise CheckpointError(f"{what}: no LoRA layers in the file")
         return unflatten_dict(trees["unet"]), unflatten_dict(trees["text_encoder"]), self.fmt

@@ -30,6 +30,7 @@ import numpy as np
 from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
+    FileNames,
     Params,
     StateDict,
     find_weights_file,
@@ -177,8 +178,9 @@ def detect_motion_version(state_dict: Mapping[str, Any], what: str = "state dict
     return "v1" if _pe_length(state_dict) == 24 else "v3"
 
 
-def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: bool) -> tuple[StateDict, str]:
-    """The motion-module keys of a file in diffusers naming (pe tables kept), and the naming found."""
+def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: bool) -> tuple[StateDict, str, FileNames]:
+    """The motion-module keys of a file in diffusers naming (pe tables kept), the naming found, and
+    how the file names them (for errors in its words)."""
     motion = {k: v for k, v in sd.items() if _is_motion_key(k)}
     if not motion:
         raise CheckpointError(f"{what}: not a motion module (no `motion_modules` keys; found {_describe(sd)})")
@@ -195,10 +197,25 @@ def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: 
             "pass ignore_spatial=True to take only the motion modules of a whole-UNet checkpoint"
         )
     original = any("temporal_transformer" in k.split(".") for k in motion)
-    renamed = {original_to_diffusers_key(k): v for k, v in motion.items()} if original else motion
-    if len(renamed) != len(motion):
+    if not original:
+        return motion, "diffusers", FileNames()
+    origin = {original_to_diffusers_key(k): k for k in motion}
+    if len(origin) != len(motion):
         raise CheckpointError(f"{what}: mixes original and diffusers motion-module names")
-    return renamed, ("original AnimateDiff" if original else "diffusers")
+    renamed = {name: motion[k] for name, k in origin.items()}
+    return renamed, "original AnimateDiff", FileNames(origin, diffusers_to_original_key)
+
+
+def motion_blocks(state_dict: Mapping[str, Any]) -> tuple[tuple[int, ...], int] | None:
+    """`(channels per down block, motion modules per down block)` of diffusers-named motion keys, read
+    off their `proj_in` weights (None where the keys do not say)."""
+    rx = re.compile(r"down_blocks\.(\d+)\.motion_modules\.(\d+)\.proj_in\.weight$")
+    found = {(int(m[1]), int(m[2])): np.shape(v)[0] for k, v in state_dict.items() if (m := rx.match(k))}
+    levels = sorted({i for i, _ in found})
+    if not levels or levels != list(range(len(levels))):
+        return None
+    layers = len({j for i, j in found if i == 0})
+    return tuple(int(found[(i, 0)]) for i in levels if (i, 0) in found), layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +230,7 @@ class MotionFile:
     recorded: frozenset[str]
     blocks: tuple[tuple[int, ...], int] | None
     what: str
+    names: FileNames = dataclasses.field(default_factory=FileNames)  # the file's own key names
 
 
 def read_motion_file(path: str | os.PathLike, *, ignore_spatial: bool = False) -> MotionFile:
@@ -227,18 +245,18 @@ def read_motion_file(path: str | os.PathLike, *, ignore_spatial: bool = False) -
     if fs.isdir(path):
         return _read_motion_adapter(path)
     sd = load_state_dict(path)
-    motion, naming = _motion_state_dict(sd, path, ignore_spatial)
+    motion, naming, names = _motion_state_dict(sd, path, ignore_spatial)
     version = detect_motion_version(motion, path)
     length = _pe_length(motion)
     rest, _ = split_position_tables(motion)
     recorded = {"mid_block"} | ({"max_positions"} if length is not None else set())
     layout = MotionConfig.for_version(version, **({"max_positions": length} if length else {}))
-    return MotionFile(rest, layout, frozenset(recorded), None, f"{path} ({naming} motion module, {version})")
+    return MotionFile(rest, layout, frozenset(recorded), None, f"{path} ({naming} motion module, {version})", names)
 
 
 def motion_params(mf: MotionFile, config: UNetConfig) -> Params:
     """The file's tensors as motion params of `config` (every key and shape checked)."""
-    return torch_to_flax(mf.state_dict, motion_shapes(config), what=mf.what)
+    return torch_to_flax(mf.state_dict, motion_shapes(config), what=mf.what, names=mf.names)
 
 
 def _adapter_motion_config(cfg: Mapping[str, Any], what: str) -> tuple[MotionConfig, tuple, int]:
@@ -281,10 +299,11 @@ def _read_motion_adapter(folder: str) -> MotionFile:
         raise CheckpointError(f"{folder}: config.json describes a {cls}, not a MotionAdapter")
     mm, channels, layers = _adapter_motion_config(cfg, folder)
     weights = find_weights_file(folder)
-    motion, _ = _motion_state_dict(load_state_dict(weights), weights, ignore_spatial=False)
+    motion, _, names = _motion_state_dict(load_state_dict(weights), weights, ignore_spatial=False)
     rest, _ = split_position_tables(motion)
     recorded = frozenset(f.name for f in dataclasses.fields(MotionConfig)) - {"norm_per_frame"}
-    return MotionFile(rest, mm, recorded, (channels, layers), f"{weights} (diffusers MotionAdapter, {mm.version})")
+    return MotionFile(rest, mm, recorded, (channels, layers), f"{weights} (diffusers MotionAdapter, {mm.version})",
+                      names)
 
 
 # ------------------------------------------------------------------ merging
@@ -314,7 +333,7 @@ def merge_motion(unet_params: Mapping[str, Any], motion_params: Mapping[str, Any
         )
     merged = {p: v for p, v in flatten_dict(unet_params).items() if not is_motion_path(p)}
     merged.update(motion)
-    check_tree("UNet params with motion modules", merged, expected)
+    check_tree("UNet params with motion modules", merged, expected, noun="the motion module")
     return unflatten_dict(merged)
 
 
@@ -323,7 +342,7 @@ def merge_motion(unet_params: Mapping[str, Any], motion_params: Mapping[str, Any
 
 def check_motion_params(motion_params: Mapping[str, Any], config: UNetConfig, what: str) -> None:
     """Raises a `CheckpointError` naming the keys where `motion_params` does not fit `config`'s motion modules."""
-    check_tree(what, flatten_dict(motion_params), flatten_dict(motion_shapes(config)))
+    check_tree(what, flatten_dict(motion_params), flatten_dict(motion_shapes(config)), noun="it")
 
 
 def _checked_motion_state_dict(motion_params: Mapping[str, Any], config: UNetConfig, dtype) -> StateDict:

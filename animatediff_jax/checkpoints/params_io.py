@@ -149,7 +149,8 @@ def save_motion(path: str | os.PathLike, motion_params: Mapping[str, Any], unet_
 
     if unet_config.motion is None:
         raise ValueError("save_motion: unet_config has no motion layout (config.motion is None)")
-    check_tree("motion params to save", flatten_dict(motion_params), flatten_dict(motion_shapes(unet_config)))
+    check_tree("motion params to save", flatten_dict(motion_params), flatten_dict(motion_shapes(unet_config)),
+               noun="it")
     save_params(path, {"unet": motion_params}, {**(meta or {}), "kind": MOTION_MODULE, "unet_config": unet_config})
 
 

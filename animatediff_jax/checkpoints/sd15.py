@@ -22,11 +22,11 @@ from animatediff_jax.checkpoints.motion import split_position_tables
 from animatediff_jax.checkpoints.params_io import PARAMS_FILE, config_from_dict, load_params, save_params
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
+    FileNames,
     Params,
     StateDict,
     check_tree,
     find_weights_file,
-    flax_to_torch_name,
     load_state_dict,
     torch_to_flax,
 )
@@ -71,12 +71,14 @@ _VAE_ATTENTION_KEY = re.compile(
 )
 
 
-def convert_vae(state_dict: Mapping[str, Any], config: VAEConfig, *, what: str = "diffusers VAE") -> Params:
+def convert_vae(state_dict: Mapping[str, Any], config: VAEConfig, *, what: str = "diffusers VAE",
+                names: FileNames | None = None) -> Params:
     """A diffusers `AutoencoderKL` state dict -> our params, in either attention naming diffusers reads.
 
     Old names (`query`/`key`/`value`/`proj_attn`) are renamed to the current ones; a state dict
     that holds both namings (a half-converted file) is an error naming the keys of each, since
-    diffusers would silently keep one of two different weights.
+    diffusers would silently keep one of two different weights. With `names` (how the file names
+    the keys of `state_dict`), errors name every key as the file does.
     """
     old, new = [], []
     for k in state_dict:
@@ -89,11 +91,26 @@ def convert_vae(state_dict: Mapping[str, Any], config: VAEConfig, *, what: str =
             f"{', ...' if len(old) > 4 else ''}) with the new ones (to_q/to_k/to_v/to_out.0: "
             f"{', '.join(sorted(new)[:4])}{', ...' if len(new) > 4 else ''})"
         )
-    sd = dict(state_dict)
+    sd, renamed = dict(state_dict), {}
     for k in old:
         m = _VAE_ATTENTION_KEY.match(k)
-        sd[f"{m.group(1)}.{_OLD_VAE_ATTENTION[m.group(2)]}.{m.group(3)}"] = sd.pop(k)
-    return torch_to_flax(sd, vae_shapes(config), what=what)
+        new_key = f"{m.group(1)}.{_OLD_VAE_ATTENTION[m.group(2)]}.{m.group(3)}"
+        sd[new_key] = sd.pop(k)
+        renamed[new_key] = k
+    if names is not None and old:
+        names = names.after(renamed, _old_vae_name)
+    return torch_to_flax(sd, vae_shapes(config), what=what, names=names)
+
+
+_NEW_VAE_ATTENTION = {new: old for old, new in _OLD_VAE_ATTENTION.items()}
+
+
+def _old_vae_name(key: str) -> str:
+    """A VAE key in the current attention naming -> the old one (`to_q` -> `query`)."""
+    m = _VAE_ATTENTION_KEY.match(key)
+    if m and m.group(2) in _NEW_VAE_ATTENTION:
+        return f"{m.group(1)}.{_NEW_VAE_ATTENTION[m.group(2)]}.{m.group(3)}"
+    return key
 
 
 def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", "text_encoder")) -> SD15:
@@ -114,14 +131,15 @@ def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", 
     weights = {name: find_weights_file(sub(name)) for name in components}  # error messages name the file
     if "unet" in components:
         params["unet"] = convert_unet_state_dict(
-            load_state_dict(weights["unet"]), unet_cfg, what=f"{weights['unet']} (diffusers UNet)"
+            load_state_dict(weights["unet"]), unet_cfg, what=f"{weights['unet']} (diffusers UNet)", names=FileNames()
         )
     if "vae" in components:
-        params["vae"] = convert_vae(load_state_dict(weights["vae"]), vae_cfg, what=f"{weights['vae']} (diffusers VAE)")
+        params["vae"] = convert_vae(load_state_dict(weights["vae"]), vae_cfg, what=f"{weights['vae']} (diffusers VAE)",
+                                    names=FileNames())
     if "text_encoder" in components:
         params["text_encoder"] = convert_clip_text(
             load_state_dict(weights["text_encoder"]), clip_shapes(text_cfg),
-            what=f"{weights['text_encoder']} (transformers CLIPTextModel)",
+            what=f"{weights['text_encoder']} (transformers CLIPTextModel)", names=FileNames(),
         )
     tok = sub("tokenizer")
     return SD15(unet_cfg, vae_cfg, text_cfg, params, tok if fs.isdir(tok) else None)
@@ -142,8 +160,9 @@ def _torchable(v: np.ndarray) -> np.ndarray:
 
 def _ldm_to_diffusers_traced(
     state_dict: Mapping[str, Any], unet_config: UNetConfig, vae_config: VAEConfig, what: str
-) -> tuple[dict[str, StateDict], dict[str, dict[str, str]]]:
-    """`ldm_to_diffusers`, plus each converted key's LDM name in the file (`origins[part][key]`).
+) -> tuple[dict[str, StateDict], dict[str, FileNames]]:
+    """`ldm_to_diffusers`, plus how the file names each part's keys (`names[part]`: each converted
+    key's LDM name and shape in the file).
 
     diffusers' converters only rename keys and drop the trailing 1x1 of conv-shaped attention
     weights, so each output tensor shares memory with exactly one input tensor: that is how
@@ -186,7 +205,7 @@ def _ldm_to_diffusers_traced(
         if bad:
             raise CheckpointError(f"{what}: wrongly shaped {name} weights: {', '.join(sorted(bad))}")
         out[name] = {k: v.numpy() for k, v in converted.items()}
-        origins[name] = origin
+        origins[name] = FileNames(origin, shapes={src: tuple(ckpt[src].shape) for src in origin.values()})
     return out, origins
 
 
@@ -195,37 +214,6 @@ def ldm_to_diffusers(
 ) -> dict[str, StateDict]:
     """Splits an LDM single-file state dict into diffusers-named unet / vae / text_encoder state dicts."""
     return _ldm_to_diffusers_traced(state_dict, unet_config, vae_config, "LDM checkpoint")[0]
-
-
-_FLAX_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-
-
-def _with_file_names(error: CheckpointError, origin: Mapping[str, str]) -> CheckpointError:
-    """Adds the file's own (LDM) names of the keys a conversion error mentions by diffusers names.
-
-    Keys present in the file are found by provenance; a missing key is named after a sibling
-    that is present (`...in_layers.2.bias` is in the file, so `...in_layers.2.weight` is missing).
-    """
-    modules: dict[str, str] = {}  # diffusers module -> LDM module
-    for key, src in origin.items():
-        mod, leaf = key.rsplit(".", 1)
-        if src.endswith("." + leaf):
-            modules[mod] = src[: -len(leaf) - 1]
-    found: dict[str, str] = {}
-    for token in re.split(r"[\s,():]+", str(error)):
-        if token in origin:
-            found[token] = f"{origin[token]} (read as {token})"
-        elif "/" in token:  # a missing param, named by its Flax path
-            *path, leaf = token.split("/")
-            mod, leaf = flax_to_torch_name(tuple(path)), _FLAX_LEAVES.get(leaf, leaf)
-            key = f"{mod}.{leaf}"
-            if key in origin:
-                found.setdefault(key, f"{origin[key]} (read as {key})")
-            elif mod in modules:
-                found[key] = f"{modules[mod]}.{leaf} (missing)"
-    if not found:
-        return error
-    return CheckpointError(f"{error}\n  in the file: {', '.join(found.values())}")
 
 
 def load_single_file(
@@ -255,16 +243,14 @@ def load_single_file(
     what = f"{path} (LDM single file)"
     parts, origins = _ldm_to_diffusers_traced(sd, unet_cfg, vae_cfg, what)
     converters = {
-        "unet": lambda part: convert_unet_state_dict(part, unet_cfg, what=f"{what}: UNet"),
-        "vae": lambda part: convert_vae(part, vae_cfg, what=f"{what}: VAE"),
-        "text_encoder": lambda part: convert_clip_text(part, clip_shapes(text_cfg), what=f"{what}: text encoder"),
+        "unet": lambda part, names: convert_unet_state_dict(part, unet_cfg, what=f"{what}: UNet", names=names),
+        "vae": lambda part, names: convert_vae(part, vae_cfg, what=f"{what}: VAE", names=names),
+        "text_encoder": lambda part, names: convert_clip_text(part, clip_shapes(text_cfg), what=f"{what}: text encoder",
+                                                              names=names),
     }
     params: dict[str, Params] = {}
     for name, part in parts.items():
-        try:
-            params[name] = converters[name](part)
-        except CheckpointError as e:
-            raise _with_file_names(e, origins[name]) from None
+        params[name] = converters[name](part, origins[name])  # (errors name the file's LDM keys)
     for name in ("vae", "text_encoder"):
         if name not in params:
             if base is None or name not in base.params:
@@ -287,14 +273,16 @@ _CLIP_TEXT_PREFIX = "text_model."
 
 
 def convert_clip_text(
-    state_dict: Mapping[str, np.ndarray], target: Params, *, what: str = "CLIP text encoder"
+    state_dict: Mapping[str, np.ndarray], target: Params, *, what: str = "CLIP text encoder",
+    names: FileNames | None = None,
 ) -> Params:
     """Maps a transformers `CLIPTextModel` state dict onto our params (shaped like `target`).
 
     Two normalisations, nothing else: `*.position_ids` buffers (saved by older transformers)
     are dropped once checked to be `arange(max_positions)`, which is what the model computes,
     and a state dict without the `text_model.` prefix (transformers 5 keeps it only on disk)
-    gets it added. Any other difference raises `CheckpointError`.
+    gets it added. Any other difference raises `CheckpointError` (naming the keys as the file does,
+    with `names`: how it names the keys of `state_dict`).
     """
     positions = np.shape(target["text_model"]["embeddings"]["position_embedding"]["embedding"])[0]
     for k, v in state_dict.items():
@@ -306,12 +294,16 @@ def convert_clip_text(
             )
     sd = {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
     if sd and not any(k.startswith(_CLIP_TEXT_PREFIX) for k in sd):
+        if names is not None:
+            names = names.after({_CLIP_TEXT_PREFIX + k: k for k in sd}, lambda k: k.removeprefix(_CLIP_TEXT_PREFIX))
         sd = {_CLIP_TEXT_PREFIX + k: v for k, v in sd.items()}
-    return torch_to_flax(sd, target, what=what)
+    return torch_to_flax(sd, target, what=what, names=names)
 
 
-def convert_unet_state_dict(state_dict: Mapping, config: UNetConfig, *, what: str = "UNet checkpoint") -> Params:
-    """A whole diffusers-named UNet (`UNet2DConditionModel` or `UNetMotionModel`) state dict -> params."""
+def convert_unet_state_dict(state_dict: Mapping, config: UNetConfig, *, what: str = "UNet checkpoint",
+                            names: FileNames | None = None) -> Params:
+    """A whole diffusers-named UNet (`UNet2DConditionModel` or `UNetMotionModel`) state dict -> params
+    (errors name the keys as the file does, with `names`: how it names the keys of `state_dict`)."""
     sd = {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
     sd, length = split_position_tables(sd)
     if length is not None and config.motion is not None and length != config.motion.max_positions:
@@ -319,7 +311,7 @@ def convert_unet_state_dict(state_dict: Mapping, config: UNetConfig, *, what: st
             f"{what}: position tables of length {length}, "
             f"but the config's motion layout has {config.motion.max_positions}"
         )
-    return torch_to_flax(sd, unet_shapes(config), what=what)
+    return torch_to_flax(sd, unet_shapes(config), what=what, names=names)
 
 
 def save_converted(folder: str | os.PathLike, model: SD15) -> None:
@@ -355,3 +347,32 @@ def load_converted(folder: str | os.PathLike) -> SD15:
         check_tree(f"{folder}/{PARAMS_FILE} ({name})", traverse_util.flatten_dict(params.get(name, {})),
                    traverse_util.flatten_dict(want))
     return model
+
+
+def sd15_size_multiple(path: str) -> int:
+    """`models.config.size_multiple` of the SD1.5 model at `path`, read from its configs without loading
+    weights (a converted or diffusers folder; SD1.5's for a single file). A folder whose configs
+    cannot be read is a `CheckpointError` naming the file."""
+    from animatediff_jax.checkpoints import params_io
+    from animatediff_jax.checkpoints.torch_io import CheckpointError, safetensors_metadata
+    from animatediff_jax.io import fs
+    from animatediff_jax.models.config import size_multiple
+
+    blocks, vae_blocks = 4, 4
+    source = converted = os.path.join(path, params_io.PARAMS_FILE)
+    try:
+        if fs.isfile(converted):
+            meta = safetensors_metadata(converted)
+            blocks = len(json.loads(meta["unet_config"])["block_out_channels"])
+            vae_blocks = len(json.loads(meta["vae_config"])["block_out_channels"])
+        elif fs.isdir(path):
+            for name in ("unet", "vae"):
+                source = os.path.join(path, name, "config.json")
+                with fs.open(source) as f:
+                    n = len(json.load(f)["block_out_channels"])
+                blocks, vae_blocks = (n, vae_blocks) if name == "unet" else (blocks, n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{source}: missing (not a converted or diffusers SD1.5 folder)") from None
+    except Exception as e:  # truncated / not safetensors / bad JSON / no such field
+        raise CheckpointError(f"{source}: cannot be read ({type(e).__name__}: {e})") from None
+    return size_multiple(blocks, vae_blocks)

@@ -12,7 +12,9 @@ checkpoint that does not fit is reported key by key instead of being silently sk
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import os
 import re
 import sys
@@ -35,11 +37,40 @@ class CheckpointError(ValueError):
     """A weight file that cannot be used: names the file, the format, and the bad keys."""
 
 
-def _few(keys: Iterable[str], n: int = 5) -> str:
+class ModelSizeError(CheckpointError):
+    """A file made for another model size (other channels or layer counts than the model it was
+    loaded for): commands whose base model is a default say which option names another."""
+
+
+def _few(keys: Iterable[str], n: int = 5, sep: str = ", ") -> str:
+    """A few of `keys` (sorted) and how many more: `a, b, c and 4 more`."""
     keys = sorted(keys)
-    shown = ", ".join(keys[:n])
-    more = f", ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})"
-    return shown + more
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return sep.join(keys[:n]) + more
+
+
+@dataclasses.dataclass(frozen=True)
+class Misfit:
+    """A tensor whose shape is not the model's: its name and both shapes, in one layout (the file's)."""
+
+    name: str
+    found: tuple[int, ...]
+    needed: tuple[int, ...]
+    holder: str = "the file has"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.holder} {self.found}, the model needs {self.needed}"
+
+
+def size_difference(misfits: Iterable[Misfit], common: int) -> str | None:
+    """`"channels 32 vs 320"` when `misfits` say the tensors were made for another model size (two or
+    more, at least half of the `common` tensors both sides have, each the same rank both sides): the
+    first differing dimension of the first (by name). None for a few odd tensors."""
+    misfits = sorted(misfits, key=lambda m: m.name)
+    if len(misfits) < 2 or 2 * len(misfits) < common or any(len(m.found) != len(m.needed) for m in misfits):
+        return None
+    found, needed = next((f, n) for f, n in zip(misfits[0].found, misfits[0].needed) if f != n)
+    return f"channels {found} vs {needed}"
 
 
 def report_mismatch(
@@ -47,33 +78,50 @@ def report_mismatch(
     *,
     missing: Iterable[str] = (),
     unexpected: Iterable[str] = (),
-    mismatched: Iterable[str] = (),
+    mismatched: Iterable[str | Misfit] = (),
+    common: int | None = None,
+    noun: str = "this file",
 ) -> None:
-    """Raise a `CheckpointError` naming a few of each kind of bad key, with counts."""
+    """Raise a `CheckpointError` naming a few of each kind of bad key (one line per kind; one line in
+    all for one kind). With `common` (how many tensors both sides have), shape mismatches in most of
+    them are one `ModelSizeError` line: `noun` is for another model size."""
     missing, unexpected, mismatched = list(missing), list(unexpected), list(mismatched)
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"{what} does not fit the model:"]
-    if missing:
-        lines.append(f"  missing keys: {_few(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys: {_few(unexpected)}")
-    if mismatched:
-        lines.append(f"  shape mismatches: {_few(mismatched)}")
-    raise CheckpointError("\n".join(lines))
+    misfits = [m for m in mismatched if isinstance(m, Misfit)]
+    size = size_difference(misfits, common) if common is not None else None
+    if size is not None:
+        raise ModelSizeError(f"{what} does not fit the model: shape mismatches in {len(misfits)} of {common} "
+                             f"tensors: {noun} is for another model size (e.g. {size})")
+    raise fit_error(what, [
+        ("missing keys", _few(missing)),
+        ("unexpected keys", _few(unexpected)),
+        ("shape mismatches", _few(map(str, mismatched), 4, "; ")),
+    ])
 
 
-def check_tree(what: str, got: Mapping[tuple, Any], expected: Mapping[tuple, Any]) -> None:
-    """`report_mismatch` for flat `{path: array}` params against flat `{path: shape-carrier}` expectations."""
+def fit_error(what: str, parts: Iterable[tuple[str, str]]) -> CheckpointError:
+    """`{what} does not fit the model: <label>: <text>`, one line per non-empty part (one in all for one)."""
+    parts = [(label, text) for label, text in parts if text]
+    if len(parts) == 1:
+        return CheckpointError(f"{what} does not fit the model: {parts[0][0]}: {parts[0][1]}")
+    return CheckpointError("\n".join([f"{what} does not fit the model:"] + [f"  {k}: {v}" for k, v in parts]))
+
+
+def check_tree(what: str, got: Mapping[tuple, Any], expected: Mapping[tuple, Any], noun: str = "this file") -> None:
+    """`report_mismatch` for flat `{path: array}` params against flat `{path: shape-carrier}` expectations
+    (params files: their own naming and layout are ours)."""
     report_mismatch(
         what,
         missing=["/".join(p) for p in expected if p not in got],
         unexpected=["/".join(p) for p in got if p not in expected],
         mismatched=[
-            f"{'/'.join(p)} {tuple(np.shape(v))} vs model {tuple(expected[p].shape)}"
+            Misfit("/".join(p), tuple(np.shape(v)), tuple(expected[p].shape), "has")
             for p, v in got.items()
             if p in expected and tuple(np.shape(v)) != tuple(expected[p].shape)
         ],
+        common=sum(p in expected for p in got),
+        noun=noun,
     )
 
 
@@ -255,7 +303,7 @@ def _torch_to_flax_value(leaf: str, target_leaf: str, value: np.ndarray, target_
     if target_leaf == "kernel":
         if value.ndim == 4 and len(target_shape) == 4:  # conv OIHW -> HWIO
             return value.transpose(2, 3, 1, 0)
-        if value.ndim == 4 and len(target_shape) == 2:  # 1x1 conv used as a Dense
+        if value.ndim == 4 and len(target_shape) == 2 and value.shape[2:] == (1, 1):  # 1x1 conv used as a Dense
             return value[:, :, 0, 0].T
         if value.ndim == 2:
             return value.T
@@ -280,6 +328,91 @@ def _leaf_candidates(leaf: str) -> tuple[str, ...]:
     return (leaf,)
 
 
+def torch_shape(flax_leaf: str, shape: tuple[int, ...], ndim: int | None = None) -> tuple[int, ...]:
+    """A Flax param's shape in PyTorch's layout (conv `HWIO -> OIHW`, linear `IO -> OI`); `ndim=4` for
+    a Dense kernel that the file holds as a 1x1 conv (`(O, I, 1, 1)`)."""
+    s = tuple(int(d) for d in shape)
+    if flax_leaf == "kernel":
+        if len(s) == 4:
+            return (s[3], s[2], s[0], s[1])
+        if len(s) == 2:
+            return (s[1], s[0]) + ((1, 1) if ndim == 4 else ())
+    return s
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """A Flax param path's diffusers key: `("a", "b_0", "kernel")` -> `"a.b.0.weight"`."""
+    leaf = "weight" if path[-1] in ("kernel", "scale", "embedding") else path[-1]
+    return f"{flax_to_torch_name(path[:-1])}.{leaf}" if len(path) > 1 else leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class FileNames:
+    """How a weight file names (and shapes) the keys a conversion reads, so that a file that does not
+    fit is reported in its own words: the keys as in the file, the shapes in its (PyTorch) layout.
+
+    `origin`: converted (diffusers) key -> the file's key it was read from, for renamed keys;
+    `rename`: the renaming rule backwards (converted key -> the file's name), for keys the file lacks.
+    Without a rule a missing key is named after a renamed sibling (`...in_layers.2.bias` was read as
+    `...conv1.bias`, so `...conv1.weight` is `...in_layers.2.weight`), else by its converted name,
+    said to be diffusers'. `shapes`: file key -> its shape in the file, where the conversion reshaped
+    it (LDM's 1x1 convs read as linear weights).
+    """
+
+    origin: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    rename: Callable[[str], str] | None = None
+    shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def _modules(self) -> dict[str, str | None]:
+        """Converted module -> the file's, from the renamed keys (None: read two ways)."""
+        out: dict[str, str | None] = {}
+        for conv, file in self.origin.items():
+            a, b = conv.split("."), file.split(".")
+            n = len(a)
+            while len(a) > 1 and len(b) > 1 and a[-1] == b[-1]:
+                a, b = a[:-1], b[:-1]
+            if a == b or len(a) == n:
+                continue  # not renamed, or the leaves differ
+            ca, fb = ".".join(a), ".".join(b)
+            out[ca] = fb if out.get(ca, fb) == fb else None
+        return out
+
+    def present(self, converted: str) -> str:
+        """The file's name of a converted key read from it."""
+        return self.origin.get(converted, converted)
+
+    def missing(self, converted: str) -> str:
+        """The file's name of a converted key the file lacks (the name it would have there)."""
+        if self.rename is not None:
+            return self.rename(converted)
+        if not self.origin:
+            return converted
+        mod = converted
+        while "." in mod:
+            mod = mod.rsplit(".", 1)[0]
+            if self._modules.get(mod):
+                return self._modules[mod] + converted[len(mod):]
+        return f"{converted} (diffusers' name)"
+
+    def shape(self, converted: str, value: Any) -> tuple[int, ...]:
+        """The shape in the file of a converted key read from it (`value`: as converted)."""
+        return tuple(self.shapes.get(self.present(converted), np.shape(value)))
+
+    def after(self, renamed: Mapping[str, str], back: Callable[[str], str] | None = None) -> "FileNames":
+        """These names after one more renaming step: `renamed` (new key -> the key before it), `back`
+        (the step's rule backwards, for keys the file lacks)."""
+        origin = {**self.origin, **{new: self.present(old) for new, old in renamed.items()}}
+        if back is not None:
+            return FileNames(origin, lambda k: self.missing(back(k)), self.shapes)
+        return FileNames(origin, self.rename, self.shapes)
+
+
+def _kind(mod: tuple[str, ...]) -> tuple[str, ...]:
+    """A module path without its indices: `down_blocks_0/attentions_1/proj_in` -> `down_blocks/attentions/proj_in`."""
+    return tuple(re.sub(r"_\d+$", "", p) for p in mod)
+
+
 def torch_to_flax(
     state_dict: Mapping[str, np.ndarray],
     target: Mapping[str, Any],
@@ -287,38 +420,57 @@ def torch_to_flax(
     what: str = "checkpoint",
     dtype: Any = np.float32,
     strict: bool = True,
+    names: FileNames | None = None,
 ) -> Params:
     """Maps a (diffusers-named) torch state dict onto the Flax tree shaped like `target`.
 
     `target` is a params tree of arrays or `ShapeDtypeStruct`s (e.g. `jax.eval_shape(init)`).
     With `strict`, every target leaf must be filled and every source key used; otherwise the
-    error names the missing, unexpected and mismatched keys. Non-strict returns a partial tree
-    (for deltas such as motion modules alone).
+    error names the missing, unexpected and mismatched keys, with shapes in PyTorch's layout; a
+    file made for another model size is one `ModelSizeError` line. `names` says how the file
+    names the keys (when the state dict was renamed from it): errors name them so; without it,
+    missing params are named by their Flax paths. Non-strict returns a partial tree (for deltas
+    such as motion modules alone).
     """
     flat_target = traverse_util.flatten_dict(target)
+    file = names or FileNames()
     out: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched, seen = [], [], set()
+    conv1x1 = set()  # kinds of module (`_kind`) the file holds as 1x1 convs where ours are Dense kernels
     for key, value in state_dict.items():
+        value = np.asarray(value)
+        name, shape = file.present(key), file.shape(key, value)
         mod, leaf = torch_module_path(key)
         for cand in _leaf_candidates(leaf):
             if mod + (cand,) in flat_target:
                 path = mod + (cand,)
                 break
         else:
-            unexpected.append(key)
+            unexpected.append(f"{name} {shape}")
             continue
         seen.add(path)
         tshape = tuple(flat_target[path].shape)
-        if np.asarray(value).dtype.kind in "biu" and np.dtype(getattr(flat_target[path], "dtype", np.float32)).kind == "f":
-            mismatched.append(f"{key} is an integer tensor ({np.asarray(value).dtype}) vs model {'/'.join(path)} (float)")
+        if len(shape) == 4 and len(tshape) == 2 and path[-1] == "kernel":
+            conv1x1.add(_kind(mod))
+        if value.dtype.kind in "biu" and np.dtype(getattr(flat_target[path], "dtype", np.float32)).kind == "f":
+            mismatched.append(f"{name} is an integer tensor ({value.dtype}) vs model {'/'.join(path)} (float)")
             continue
-        v = _torch_to_flax_value(leaf, path[-1], np.asarray(value), tshape)
+        v = _torch_to_flax_value(leaf, path[-1], value, tshape)
         if tuple(v.shape) != tshape:
-            mismatched.append(f"{key} {tuple(np.shape(value))} vs model {'/'.join(path)} {tshape}")
+            mismatched.append(Misfit(name, shape, torch_shape(path[-1], tshape, len(shape))))
             continue
         out[path] = v.astype(dtype)
-    missing = ["/".join(p) for p in flat_target if p not in seen] if strict else []
-    report_mismatch(what, missing=missing, unexpected=unexpected, mismatched=mismatched)
+    missing = []
+    if strict:
+        for p, t in flat_target.items():
+            if p in seen:
+                continue
+            if names is None:
+                missing.append("/".join(p))
+            else:
+                ndim = 4 if _kind(p[:-1]) in conv1x1 else None
+                missing.append(f"{file.missing(torch_key(p))} {torch_shape(p[-1], tuple(t.shape), ndim)}")
+    report_mismatch(what, missing=missing, unexpected=unexpected, mismatched=mismatched, common=len(seen))
     return traverse_util.unflatten_dict(out)
 
 

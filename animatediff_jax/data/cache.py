@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -55,11 +55,12 @@ from animatediff_jax.data.webvid import (
     pixels_to_float,
     record_rng,
 )
+from animatediff_jax.dtypes import CANONICAL, canonical
 from animatediff_jax.io import fs
 from animatediff_jax.models.vae import AutoencoderKL, encode_moments
 
 INFO_FILE, NULL_TEXT_FILE, DONE_SUFFIX = "cache_info.json", "null_text.npz", ".done.json"
-LATENT_DTYPES = ("float32", "float16", "bfloat16")
+LATENT_DTYPES = CANONICAL  # by any of their names in animatediff_jax.dtypes (fp16, bf16, half, ...)
 _LOG_FIRST, _LOG_EVERY = 10, 100
 
 
@@ -172,6 +173,262 @@ def _items(shards: list[int], num_shards: int, n: int, clips: int) -> np.ndarray
     return np.stack([np.repeat(rows, clips), np.tile(np.arange(clips), len(rows))], axis=1).astype(np.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+    """What `prepare_cache` encodes and how (its keyword arguments; see its docstring).
+
+    `latent_dtype` takes any name of `animatediff_jax.dtypes` (`fp16`, `bf16`, `half`, ...); the
+    cache records its long name."""
+
+    batch_size: int = 8
+    num_shards: int | None = None  # default: one per process
+    clip_skip: int = 0
+    seed: int = 0
+    latent_dtype: str = "float32"
+    limit: int | None = None
+    clips_per_video: int = 1
+    read_threads: int = 8
+    worker_count: int = 0
+    progress: bool = True
+
+    def checked(self, num_proc: int) -> "CacheSettings":
+        """These settings with `num_shards` and `latent_dtype` resolved; a `ValueError` naming a bad one."""
+        num_shards = num_proc if self.num_shards is None else int(self.num_shards)
+        latent_dtype = canonical(self.latent_dtype, "latent_dtype", LATENT_DTYPES)
+        if num_shards < num_proc:
+            raise ValueError(f"num_shards={num_shards} is fewer than the {num_proc} processes "
+                             "(each writes whole shards)")
+        if self.batch_size < 1 or self.clips_per_video < 1:
+            raise ValueError("batch_size and clips_per_video must be >= 1; "
+                             f"got {self.batch_size}, {self.clips_per_video}")
+        return dataclasses.replace(self, num_shards=num_shards, latent_dtype=latent_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One process's view of a cache being written: its folder, rows, shards and what they are made from."""
+
+    out_dir: str
+    num_rows: int
+    num_shards: int
+    num_proc: int
+    proc: int
+    made_from: dict  # as it reads back from a done file
+
+    @property
+    def who(self) -> str:
+        return f"[cache p{self.proc}]" if self.num_proc > 1 else "[cache]"
+
+    @property
+    def mine(self) -> list[int]:
+        """The shards this process writes: `proc, proc + P, ...`."""
+        return list(range(self.proc, self.num_shards, self.num_proc))
+
+    def rows(self, shard: int) -> tuple[int, int]:
+        return shard_rows(shard, self.num_shards, self.num_rows)
+
+    def paths(self, shard: int, process: int | None = None) -> tuple[str, str]:
+        """(the shard, its done file), as written by `process` (default: this one)."""
+        path = os.path.join(self.out_dir, shard_name(shard, self.num_shards, self.proc if process is None else process))
+        return path, path + DONE_SUFFIX
+
+    def complete(self, shard: int, process: int | None = None) -> dict | None:
+        """The done file of `shard` if the shard is there, complete, and made from this run's inputs."""
+        path, done = self.paths(shard, process)
+        d = _read_json(done)
+        ok = isinstance(d, dict) and d.get("made_from") == self.made_from and fs.isfile(path)
+        return d if ok and d.get("rows") == list(self.rows(shard)) else None
+
+
+def _plan(source, vae_params: Any, text_params: Any, out_dir: str | os.PathLike, settings: CacheSettings) -> _Plan:
+    """What this run writes, from `settings` (`checked`) and the inputs (the done files' `made_from`);
+    creates `out_dir` and, on process 0, removes its index: the cache is invalid until this run completes."""
+    num_proc, proc = jax.process_count(), jax.process_index()
+    s = settings
+    out_dir = os.fspath(out_dir)
+    fs.makedirs(out_dir, exist_ok=True)
+    if proc == 0:
+        _remove(os.path.join(out_dir, INFO_FILE))
+    n = len(source) if s.limit is None else min(s.limit, len(source))
+    made_from = dict(num_rows=n, num_shards=s.num_shards, clips_per_video=int(s.clips_per_video), seed=int(s.seed),
+                     clip_skip=int(s.clip_skip), latent_dtype=s.latent_dtype, source=_describe(source),
+                     vae=_fingerprint(vae_params), text_encoder=_fingerprint(text_params))
+    return _Plan(out_dir, n, s.num_shards, num_proc, proc, json.loads(json.dumps(made_from)))
+
+
+def _resume(plan: _Plan) -> list[int]:
+    """This process's shards still to write: those without a complete done file from the same inputs
+    (an earlier run's complete shards are kept, and said so)."""
+    todo = [s for s in plan.mine if plan.complete(s) is None]
+    if len(todo) < len(plan.mine):
+        print(f"{plan.who} {len(plan.mine) - len(todo)} of this process's {len(plan.mine)} shards are complete "
+              "already: kept", flush=True)
+    return todo
+
+
+class _Encoder:
+    """The VAE and the text encoder on this process's devices: clips -> records, `batch` clips a call
+    (`batch_size` rounded up to a multiple of the devices, split over them; a short batch is padded)."""
+
+    def __init__(self, vae_model: AutoencoderKL, vae_params: Any, text_model, text_params: Any, tokenizer,
+                 settings: CacheSettings, devices: list | None):
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        devices = list(jax.local_devices() if devices is None else devices)
+        mesh = Mesh(np.asarray(devices, dtype=object), ("data",))
+        self.split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        self.batch = -(-int(settings.batch_size) // len(devices)) * len(devices)
+        self.vae_params, self.text_params = jax.device_put((vae_params, text_params), whole)
+        self.vae_model, self.text_model, self.tokenizer, self.settings = vae_model, text_model, tokenizer, settings
+
+    def null_text(self) -> tuple[np.ndarray, np.ndarray]:
+        """The empty prompt's `(context, input_ids)`, what caption dropout swaps in at read time."""
+        ids = np.asarray(self.tokenizer([""]), np.int32)
+        ctx = np.asarray(_encode_ids(self.text_model, self.text_params, ids, self.settings.clip_skip), np.float32)
+        return ctx[0], ids[0]
+
+    def encode(self, pending: list[tuple[int, int, Record]]) -> list[dict[str, np.ndarray]]:
+        """The records of `pending` (`(row, clip, record)`, at most `batch`), as the shards store them."""
+        s = self.settings
+        video = _pad_batch(np.stack([pixels_to_float(r["video"]) for _, _, r in pending]).astype(np.float32),
+                           self.batch)
+        ids = np.asarray(self.tokenizer([r["text"] for _, _, r in pending]), np.int32)
+        ctx = _encode_ids(self.text_model, self.text_params, jax.device_put(_pad_batch(ids, self.batch), self.split),
+                          s.clip_skip)
+        ctx = np.asarray(ctx, np.float32)
+        mean, logvar = jax.device_get(encode_moments(self.vae_model, self.vae_params,
+                                                     jax.device_put(video, self.split)))
+        out = []
+        for j, (row, clip, record) in enumerate(pending):
+            rec = {"index": np.int64(row), "mean": _store(mean[j], s.latent_dtype),
+                   "logvar": _store(logvar[j], s.latent_dtype), "context": ctx[j], "input_ids": ids[j],
+                   "text": np.str_(record["text"])}
+            if s.clips_per_video > 1:
+                rec["clip"] = np.int64(clip)
+            out.append(rec)
+        return out
+
+
+def _open_loader(source, items: np.ndarray, settings: CacheSettings, batch: int):
+    """An iterator of the clips of `items` in order (`Record`s or `Skipped`), decoded in
+    `read_threads` threads or `worker_count` processes; None when there is nothing to read."""
+    if not len(items):
+        return None
+    import grain
+
+    ds = grain.MapDataset.range(len(items)).map(_Fetch(source, items, int(settings.seed)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=settings.read_threads,
+                                              prefetch_buffer_size=max(2 * batch, 16)))
+    if settings.worker_count > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags; outside an absl app nobody parsed them: their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.worker_count))
+    return iter(it)
+
+
+class _Clips:
+    """`(row, clip, record)` of `items` in order, from `loader`: advances the bar, counts and logs the
+    clips that failed to load (`Skipped` records, passed on)."""
+
+    def __init__(self, items: np.ndarray, loader, bar, who: str):
+        self.items, self.loader, self.bar, self.who = items, loader, bar, who
+        self.next = self.skipped = 0
+
+    def take(self, count: int) -> Iterator[tuple[int, int, Record | Skipped]]:
+        from tqdm import tqdm
+
+        for _ in range(count):
+            row, clip = (int(v) for v in self.items[self.next])
+            self.next += 1
+            record = next(self.loader)
+            self.bar.update(1)
+            if isinstance(record, Skipped):
+                self.skipped += 1
+                if self.skipped <= _LOG_FIRST or self.skipped % _LOG_EVERY == 0:
+                    tqdm.write(f"{self.who} skipped row {row} clip {clip}: {record.reason} ({self.skipped} skipped)")
+            yield row, clip, record
+
+
+def _write_records(writer, records: list[dict[str, np.ndarray]]) -> tuple[list, list]:
+    """Appends `records` to an ArrayRecord `writer`; returns their (latent, context) shapes."""
+    for rec in records:
+        writer.write(serialize(rec))
+    return list(records[0]["mean"].shape), list(records[0]["context"].shape)
+
+
+def _write_shard(plan: _Plan, shard: int, clips: Iterator, encoder: _Encoder, stage: str | None) -> None:
+    """Shard `shard` from `clips` (its rows' `(row, clip, record)` in order): the records to a temporary
+    file (under `stage` for a bucket: ArrayRecord writes local files), flushed, put in place (uploaded),
+    then its done file, atomically. Whatever an earlier run left of it is removed first."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path, done = plan.paths(shard)
+    _remove(done, path, path + ".tmp")
+    tmp = path + ".tmp" if stage is None else os.path.join(stage, os.path.basename(path) + ".tmp")
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    written = skipped = 0
+    shapes: tuple[list | None, list | None] = (None, None)
+    pending: list[tuple[int, int, Record]] = []
+    for row, clip, record in clips:
+        if isinstance(record, Skipped):
+            skipped += 1
+            continue
+        pending.append((row, clip, record))
+        if len(pending) == encoder.batch:
+            shapes = _write_records(writer, encoder.encode(pending))
+            written, pending = written + len(pending), []
+    if pending:
+        shapes = _write_records(writer, encoder.encode(pending))
+        written += len(pending)
+    writer.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    fs.put(tmp, path)
+    latent, context = shapes
+    _write_json(done, dict(shard=os.path.basename(path), records=written, skipped=skipped, rows=list(plan.rows(shard)),
+                           latent_shape=latent, context_shape=context, made_from=plan.made_from))
+
+
+def _finalize(plan: _Plan, settings: CacheSettings, scaling_factor: float) -> dict:
+    """The index of a cache every process has finished (they wait for each other here): every shard's
+    done file, in row order, must be complete; process 0 writes it, last. Returns it."""
+    if plan.num_proc > 1:  # every process's shards are done (and their done files written)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("animatediff_jax.data.cache.prepare_cache")
+    shards = []
+    for s in range(plan.num_shards):
+        d = plan.complete(s, s % plan.num_proc)
+        if d is None:
+            raise FileNotFoundError(f"{plan.paths(s, s % plan.num_proc)[1]}: missing or from other inputs after every "
+                                    "process finished: is the output folder one that every host sees (a shared "
+                                    "filesystem)?")
+        shards.append(d)
+    shape = lambda key: next((d[key] for d in shards if d[key] is not None), None)  # noqa: E731
+    info = dict(
+        num_records=sum(d["records"] for d in shards),
+        skipped=sum(d["skipped"] for d in shards),
+        shards=[d["shard"] for d in shards],
+        shard_records=[d["records"] for d in shards],
+        num_rows=plan.num_rows,
+        clips_per_video=int(settings.clips_per_video),
+        scaling_factor=float(scaling_factor),
+        latent_shape=shape("latent_shape"),
+        context_shape=shape("context_shape"),
+        latent_dtype=settings.latent_dtype,
+        clip_skip=settings.clip_skip,
+        seed=settings.seed,
+        stores="unscaled VAE posterior mean and logvar; CLIP context; token ids; caption",
+    )
+    if plan.proc == 0:
+        _write_json(os.path.join(plan.out_dir, INFO_FILE), info)
+    return info
+
+
 def prepare_cache(
     source,
     vae_model: AutoencoderKL,
@@ -180,163 +437,52 @@ def prepare_cache(
     text_params: Any,
     tokenizer,
     out_dir: str | os.PathLike,
-    batch_size: int = 8,
-    num_shards: int | None = None,
+    settings: CacheSettings | None = None,
     *,
-    clip_skip: int = 0,
-    seed: int = 0,
-    latent_dtype: str = "float32",
-    limit: int | None = None,
-    clips_per_video: int = 1,
-    read_threads: int = 8,
-    worker_count: int = 0,
     devices: list | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> dict:
     """Encodes the first `limit` rows of `source` (all by default; `clips_per_video` clips each,
     captions kept) into `out_dir`; returns the info dict (the index).
 
-    Run it in every process of a multi-process JAX runtime (`jax.distributed` initialised), all
-    with the same arguments and an `out_dir` every process sees: process `p` of `P` writes shards
-    `p, p + P, ...` of `num_shards` (default `P`), encoding `batch_size` clips at a time (rounded
-    up to a multiple of its local devices, or of `devices`), split over its devices. Decoding runs
-    in `read_threads` threads, or `worker_count` processes. Complete shards of an earlier run
-    with the same inputs are kept (see the module docstring). Records that fail to load are
-    skipped and counted (`info["skipped"]`). `latent_dtype` ("float32", "float16" or "bfloat16")
-    sets how mean/logvar are stored; the text encoder gets the token ids from `tokenizer` and
-    `clip_skip` as in `animatediff_jax.text.encode_prompts`. `progress`: a bar on process 0.
+    The settings (a `CacheSettings`, or its fields as keyword arguments `options`): run it in every
+    process of a multi-process JAX runtime (`jax.distributed` initialised), all with the same
+    arguments and an `out_dir` every process sees: process `p` of `P` writes shards `p, p + P, ...`
+    of `num_shards` (default `P`), encoding `batch_size` clips at a time (rounded up to a multiple of
+    its local devices, or of `devices`), split over its devices. Decoding runs in `read_threads`
+    threads, or `worker_count` processes. Complete shards of an earlier run with the same inputs are
+    kept (see the module docstring). Records that fail to load are skipped and counted
+    (`info["skipped"]`). `latent_dtype` (float32, float16 or bfloat16, by any name of
+    `animatediff_jax.dtypes`) sets how mean/logvar are stored; the text encoder gets the token ids
+    from `tokenizer` and `clip_skip` as in `animatediff_jax.text.encode_prompts`; `seed` fixes the
+    clips (start frames, flips). `progress`: a bar on process 0.
+
+    The steps: `_plan`, the empty prompt's embedding, `_resume`, `_write_shard` for each
+    shard still to write, `_finalize`.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
     from tqdm import tqdm
 
-    num_proc, proc = jax.process_count(), jax.process_index()
-    num_shards = num_proc if num_shards is None else int(num_shards)
-    if latent_dtype not in LATENT_DTYPES:
-        raise ValueError(f"latent_dtype must be one of {', '.join(LATENT_DTYPES)}; got {latent_dtype!r}")
-    if num_shards < num_proc:
-        raise ValueError(f"num_shards={num_shards} is fewer than the {num_proc} processes (each writes whole shards)")
-    if batch_size < 1 or clips_per_video < 1:
-        raise ValueError(f"batch_size and clips_per_video must be >= 1; got {batch_size}, {clips_per_video}")
-    out_dir = os.fspath(out_dir)
-    fs.makedirs(out_dir, exist_ok=True)
-    info_path = os.path.join(out_dir, INFO_FILE)
-    if proc == 0:
-        _remove(info_path)  # the cache is invalid until this run completes
-    n = len(source) if limit is None else min(limit, len(source))
-    made_from = dict(num_rows=n, num_shards=num_shards, clips_per_video=int(clips_per_video), seed=int(seed),
-                     clip_skip=int(clip_skip), latent_dtype=latent_dtype, source=_describe(source),
-                     vae=_fingerprint(vae_params), text_encoder=_fingerprint(text_params))
-    made_from = json.loads(json.dumps(made_from))  # as it reads back from a done file
-
-    devices = list(jax.local_devices() if devices is None else devices)
-    mesh = Mesh(np.asarray(devices, dtype=object), ("data",))
-    split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    batch = -(-int(batch_size) // len(devices)) * len(devices)
-    vae_params, text_params = jax.device_put((vae_params, text_params), whole)
-
-    null_ids = np.asarray(tokenizer([""]), np.int32)
-    null_ctx = np.asarray(_encode_ids(text_model, text_params, null_ids, clip_skip), np.float32)
-    if proc == 0:
-        with fs.atomic_file(os.path.join(out_dir, NULL_TEXT_FILE)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, context=null_ctx[0], input_ids=null_ids[0])
-
-    def paths(s: int, p: int | None = None) -> tuple[str, str]:
-        path = os.path.join(out_dir, shard_name(s, num_shards, proc if p is None else p))
-        return path, path + DONE_SUFFIX
-
-    def complete(s: int, p: int | None = None) -> dict | None:
-        path, done = paths(s, p)
-        d = _read_json(done)
-        ok = isinstance(d, dict) and d.get("made_from") == made_from and fs.isfile(path)
-        return d if ok and d.get("rows") == list(shard_rows(s, num_shards, n)) else None
-
-    mine = list(range(proc, num_shards, num_proc))
-    todo = [s for s in mine if complete(s) is None]
-    items = _items(todo, num_shards, n, clips_per_video)
-    who = f"[cache p{proc}]" if num_proc > 1 else "[cache]"
-    if len(todo) < len(mine):
-        print(f"{who} {len(mine) - len(todo)} of this process's {len(mine)} shards are complete already: kept",
-              flush=True)
+    settings = dataclasses.replace(settings or CacheSettings(), **options).checked(jax.process_count())
+    plan = _plan(source, vae_params, text_params, out_dir, settings)
+    encoder = _Encoder(vae_model, vae_params, text_model, text_params, tokenizer, settings, devices)
+    null_ctx, null_ids = encoder.null_text()
+    if plan.proc == 0:
+        with fs.atomic_file(os.path.join(plan.out_dir, NULL_TEXT_FILE)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, context=null_ctx, input_ids=null_ids)
+    todo = _resume(plan)
+    items = _items(todo, plan.num_shards, plan.num_rows, settings.clips_per_video)
     t0 = time.time()
-    mine_clips = sum(hi - lo for lo, hi in (shard_rows(s, num_shards, n) for s in mine)) * clips_per_video
+    mine_clips = sum(hi - lo for lo, hi in map(plan.rows, plan.mine)) * settings.clips_per_video
     bar = tqdm(total=int(mine_clips), initial=int(mine_clips - len(items)), unit="clip", dynamic_ncols=True,
-               desc="prepare" + (f" (process 0 of {num_proc})" if num_proc > 1 else ""),
-               disable=not progress or proc != 0)
-    loader = None
-    if len(items):
-        import grain
-
-        ds = grain.MapDataset.range(len(items)).map(_Fetch(source, items, int(seed)))
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch, 16)))
-        if worker_count > 0:
-            from animatediff_jax.data.pipeline import _absl_flags_parsed
-
-            _absl_flags_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-        loader = iter(it)
-    skipped_here = 0
-
-    def encode(pending: list[tuple[int, int, Record]], writer) -> tuple[list, list]:
-        video = _pad_batch(np.stack([pixels_to_float(r["video"]) for _, _, r in pending]).astype(np.float32), batch)
-        texts = [r["text"] for _, _, r in pending]
-        ids = np.asarray(tokenizer(texts), np.int32)
-        ctx = np.asarray(_encode_ids(text_model, text_params, jax.device_put(_pad_batch(ids, batch), split), clip_skip),
-                         np.float32)
-        mean, logvar = jax.device_get(encode_moments(vae_model, vae_params, jax.device_put(video, split)))
-        for j, (row, clip, record) in enumerate(pending):
-            rec = {
-                "index": np.int64(row),
-                "mean": _store(mean[j], latent_dtype),
-                "logvar": _store(logvar[j], latent_dtype),
-                "context": ctx[j],
-                "input_ids": ids[j],
-                "text": np.str_(record["text"]),
-            }
-            if clips_per_video > 1:
-                rec["clip"] = np.int64(clip)
-            writer.write(serialize(rec))
-        return list(mean.shape[1:]), list(ctx.shape[1:])
-
-    k = 0
-    stage = tempfile.mkdtemp(prefix="animatediff-jax-cache-") if fs.is_remote(out_dir) else None
+               desc="prepare" + (f" (process 0 of {plan.num_proc})" if plan.num_proc > 1 else ""),
+               disable=not settings.progress or plan.proc != 0)
+    loader = _open_loader(source, items, settings, encoder.batch)
+    clips = _Clips(items, loader, bar, plan.who)
+    stage = tempfile.mkdtemp(prefix="animatediff-jax-cache-") if fs.is_remote(plan.out_dir) else None
     try:
         for s in todo:
-            path, done = paths(s)
-            _remove(done, path, path + ".tmp")
-            # ArrayRecord writes local files: a shard for a bucket is staged locally, uploaded when complete.
-            tmp = path + ".tmp" if stage is None else os.path.join(stage, os.path.basename(path) + ".tmp")
-            writer = ArrayRecordWriter(tmp, "group_size:1")
-            lo, hi = shard_rows(s, num_shards, n)
-            written = skipped = 0
-            shapes: tuple[list | None, list | None] = (None, None)
-            pending: list[tuple[int, int, Record]] = []
-            for _ in range((hi - lo) * clips_per_video):
-                row, clip = (int(v) for v in items[k])
-                k += 1
-                record = next(loader)
-                bar.update(1)
-                if isinstance(record, Skipped):
-                    skipped += 1
-                    skipped_here += 1
-                    if skipped_here <= _LOG_FIRST or skipped_here % _LOG_EVERY == 0:
-                        tqdm.write(f"{who} skipped row {row} clip {clip}: {record.reason} ({skipped_here} skipped)")
-                    continue
-                pending.append((row, clip, record))
-                if len(pending) == batch:
-                    shapes = encode(pending, writer)
-                    written += len(pending)
-                    pending = []
-            if pending:
-                shapes = encode(pending, writer)
-                written += len(pending)
-            writer.close()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            fs.put(tmp, path)
-            _write_json(done, dict(shard=os.path.basename(path), records=written, skipped=skipped, rows=[lo, hi],
-                                   latent_shape=shapes[0], context_shape=shapes[1], made_from=made_from))
+            lo, hi = plan.rows(s)
+            _write_shard(plan, s, clips.take((hi - lo) * settings.clips_per_video), encoder, stage)
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
@@ -344,38 +490,11 @@ def prepare_cache(
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-
-    if num_proc > 1:  # every process's shards are done (and their done files written)
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("animatediff_jax.data.cache.prepare_cache")
-    shards = []
-    for s in range(num_shards):
-        d = complete(s, s % num_proc)
-        if d is None:
-            raise FileNotFoundError(f"{paths(s, s % num_proc)[1]}: missing or from other inputs after every process "
-                                    "finished: is the output folder one that every host sees (a shared filesystem)?")
-        shards.append(d)
-    shape = lambda key: next((d[key] for d in shards if d[key] is not None), None)  # noqa: E731
-    info = dict(
-        num_records=sum(d["records"] for d in shards),
-        skipped=sum(d["skipped"] for d in shards),
-        shards=[d["shard"] for d in shards],
-        shard_records=[d["records"] for d in shards],
-        num_rows=n,
-        clips_per_video=int(clips_per_video),
-        scaling_factor=float(vae_model.config.scaling_factor),
-        latent_shape=shape("latent_shape"),
-        context_shape=shape("context_shape"),
-        latent_dtype=latent_dtype,
-        clip_skip=clip_skip,
-        seed=seed,
-        stores="unscaled VAE posterior mean and logvar; CLIP context; token ids; caption",
-    )
-    if proc == 0:
-        _write_json(info_path, info)
-        print(f"[cache] wrote {info['num_records']} records ({info['skipped']} skipped) in {num_shards} shard(s) to "
-              f"{out_dir}; this run encoded {len(items) - skipped_here} clips in {time.time() - t0:.1f}s", flush=True)
+    info = _finalize(plan, settings, vae_model.config.scaling_factor)
+    if plan.proc == 0:
+        print(f"[cache] wrote {info['num_records']} records ({info['skipped']} skipped) in {plan.num_shards} shard(s) "
+              f"to {plan.out_dir}; this run encoded {len(items) - clips.skipped} clips in {time.time() - t0:.1f}s",
+              flush=True)
     return info
 
 

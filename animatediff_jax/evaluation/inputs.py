@@ -1,5 +1,6 @@
 """What `animatediff-jax evaluate` reads: videos (GIF / MP4 / folders of PNG frames, ours or any
-tool's), their prompts and reference images. Every problem is a `ValueError` of one line naming the file.
+tool's), their prompts and reference images. Every problem is a `ConfigError` (a `ValueError`) of one line
+naming the file.
 
 Videos: each argument is a video file, a folder of frames (images only), or a folder of videos (its
 video files and frame subfolders; a `sample` run's folder means its `sample/` subfolder). One video
@@ -21,6 +22,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from animatediff_jax.errors import ConfigError
 
 VIDEO_EXTS = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -72,7 +75,7 @@ def find_videos(paths: Sequence[str]) -> tuple[list[VideoSource], str | None]:
         if os.path.isfile(path):
             ext = os.path.splitext(path)[1].lower()
             if ext not in VIDEO_EXTS:
-                raise ValueError(f"{path}: not a video file (expected {', '.join(VIDEO_EXTS)}, or a folder of frames)")
+                raise ConfigError(f"{path}: not a video file (expected {', '.join(VIDEO_EXTS)}, or a folder of frames)")
             out.append(VideoSource(os.path.splitext(os.path.basename(path))[0], path, ext))
             folders.add(os.path.dirname(os.path.abspath(path)))
         elif os.path.isdir(path):
@@ -84,12 +87,12 @@ def find_videos(paths: Sequence[str]) -> tuple[list[VideoSource], str | None]:
             else:
                 folders.add(os.path.abspath(folder))
             if not videos:
-                raise ValueError(f"{path}: no videos (GIF / MP4 files or folders of PNG frames) in this folder")
+                raise ConfigError(f"{path}: no videos (GIF / MP4 files or folders of PNG frames) in this folder")
             out += videos
         else:
-            raise ValueError(f"{path}: no such file or folder")
+            raise ConfigError(f"{path}: no such file or folder")
     if not out:
-        raise ValueError("--videos: no videos given")
+        raise ConfigError("--videos: no videos given")
     return out, (folders.pop() if len(folders) == 1 else None)
 
 
@@ -106,20 +109,20 @@ def _read_frames_folder(folder: str) -> np.ndarray:
             with Image.open(p) as im:
                 f = np.asarray(im.convert("RGB"))
         except OSError as e:
-            raise ValueError(f"{p}: cannot read the frame ({' '.join(str(e).split())})") from None
+            raise ConfigError(f"{p}: cannot read the frame ({' '.join(str(e).split())})") from None
         if first is None:
             first = (n, f.shape)
         elif f.shape != first[1]:
-            raise ValueError(f"{folder}: frames of different sizes ({first[0]} is {first[1][1]}x{first[1][0]}, "
+            raise ConfigError(f"{folder}: frames of different sizes ({first[0]} is {first[1][1]}x{first[1][0]}, "
                              f"{n} is {f.shape[1]}x{f.shape[0]}): one video's frames must have one size")
         frames.append(f)
     if not frames:
-        raise ValueError(f"{folder}: no image frames")
+        raise ConfigError(f"{folder}: no image frames")
     return np.stack(frames)
 
 
 def read_video(source: VideoSource) -> np.ndarray:
-    """uint8 `[F, H, W, 3]`; an unreadable file or mixed frame sizes is a one-line `ValueError`."""
+    """uint8 `[F, H, W, 3]`; an unreadable file or mixed frame sizes is a one-line `ConfigError`."""
     from animatediff_jax.io.video import VideoReadError, read_video as decode
 
     if source.kind == "frames":
@@ -127,7 +130,7 @@ def read_video(source: VideoSource) -> np.ndarray:
     try:
         return decode(source.path)
     except VideoReadError as e:
-        raise ValueError(" ".join(str(e).split())) from None
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def read_reference(source: VideoSource) -> np.ndarray:
@@ -141,14 +144,14 @@ def read_reference(source: VideoSource) -> np.ndarray:
             return read_image(source.path)
         return decode(source.path, [0])[0]
     except VideoReadError as e:
-        raise ValueError(" ".join(str(e).split())) from None
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def find_references(path: str, videos: Sequence[VideoSource]) -> list[VideoSource]:
     """The reference image of each video from `--reference PATH` (a folder of images, videos or a
     `sample` run: first frames), matched by name when every video has one of its name, else in order."""
     if not os.path.isdir(path):
-        raise ValueError(f"--reference {path}: no such folder")
+        raise ConfigError(f"--reference {path}: no such folder")
     folder = _sample_folder(path)
     refs = {}
     for n in os.listdir(folder):
@@ -161,7 +164,7 @@ def find_references(path: str, videos: Sequence[VideoSource]) -> list[VideoSourc
         return [refs[v.name] for v in videos]
     ordered = [refs[k] for k in sorted(refs, key=natural_key)]
     if len(ordered) != len(videos):
-        raise ValueError(f"--reference {path}: {len(ordered)} reference images for {len(videos)} videos "
+        raise ConfigError(f"--reference {path}: {len(ordered)} reference images for {len(videos)} videos "
                          "(give one per video, named as the videos or in the same order)")
     return ordered
 
@@ -174,10 +177,10 @@ def read_prompts_file(path: str, n: int) -> list[str]:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f]
     except OSError as e:
-        raise ValueError(f"--prompts {path}: cannot be read ({e.strerror or e})") from None
+        raise ConfigError(f"--prompts {path}: cannot be read ({e.strerror or e})") from None
     prompts = [line for line in lines if line]
     if len(prompts) != n:
-        raise ValueError(f"--prompts {path}: {len(prompts)} prompts for {n} videos (one per line, in the videos' "
+        raise ConfigError(f"--prompts {path}: {len(prompts)} prompts for {n} videos (one per line, in the videos' "
                          "order)")
     return prompts
 
@@ -192,9 +195,9 @@ def _config_prompts(path: str) -> list:
         with open(path) as f:
             c = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot be read ({' '.join(str(e).split())})") from None
+        raise ConfigError(f"{path}: cannot be read ({' '.join(str(e).split())})") from None
     if not isinstance(c, Mapping) or not (c.get("prompt") or c.get("prompt_map")):
-        raise ValueError(f"{path}: not a sample run's config (no prompt or prompt_map)")
+        raise ConfigError(f"{path}: not a sample run's config (no prompt or prompt_map)")
     defaults = dict(prompt=[], prompt_map={}, head_prompt="", tail_prompt="", seed=[0])
     return video_prompts({**defaults, **c})
 
@@ -221,7 +224,7 @@ def resolve_prompts(videos: Sequence[VideoSource], folder: str | None, prompts_f
         for v in videos:
             m = _INDEXED.match(v.name)
             if m is None or int(m.group(1)) >= len(saved):
-                raise ValueError(f"{v.path}: not one of the {len(saved)} videos of {config} (expected <i>-<prompt> "
+                raise ConfigError(f"{v.path}: not one of the {len(saved)} videos of {config} (expected <i>-<prompt> "
                                  "names, i < the number of prompts): give --prompts FILE")
             out.append(saved[int(m.group(1))])
         return out, config

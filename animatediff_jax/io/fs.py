@@ -25,6 +25,16 @@ whole, never seen half written). A failed write or upload leaves the previous ob
 one is removed and the files are uploaded one by one (each as a file above): a failure while
 filling leaves the old folder untouched, but a failure during the upload leaves the folder partial
 (an object store has no atomic rename of a prefix).
+
+Every writer of the commands goes through these: `atomic_file`, `atomic_folder`, `local_output` (also
+for a local path: a temporary beside it, keeping its extension for libraries that read it) and
+`open(p, "w")` (the file appears, complete, when it is closed without an error). Their temporaries
+are registered with `animatediff_jax.interrupts`, which removes them when a command is stopped by
+Ctrl-C / SIGTERM (also when the process ends without unwinding); each commit (the final rename) runs
+in `interrupts.critical()`, so a signal cannot cut it in half, and is recorded as written.
+
+Outputs the user names: `check_output` is the one rule of every command (an existing output only
+with `--overwrite`, never an input).
 """
 
 from __future__ import annotations
@@ -37,8 +47,11 @@ import json
 import os
 import shutil
 import tempfile
+import sys
 import uuid
 from typing import IO, Any, Iterable, Iterator
+
+from animatediff_jax import interrupts
 
 PathLike = str | os.PathLike
 REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")  # what etils.epath dispatches to a bucket backend
@@ -103,18 +116,75 @@ def listdir(p: PathLike) -> list[str]:
 
 def open(p: PathLike, mode: str = "r", *, encoding: str | None = None, newline: str | None = None) -> IO[Any]:  # noqa: A001
     """`open` for a local path; for a bucket object a stream ('r', 'rb', 'w', 'wb'; text is UTF-8 unless
-    `encoding`). A bucket object written this way appears when the stream closes, also when the
-    block raised: write anything that matters with `atomic_file`."""
+    `encoding`). Writing ('w', 'wb') is atomic, local or remote: the file is written under a temporary
+    name and replaces `p` when it is closed (or its `with` block ends) without an error; a block that
+    raised leaves `p` as it was. Appending ('a') is a plain local `open`."""
+    kw = {k: v for k, v in (("encoding", encoding), ("newline", newline)) if v is not None}
+    if mode.replace("t", "").replace("b", "") == "w":
+        return _AtomicWriter(p, mode, kw)
     if not is_remote(p):
-        kw = {k: v for k, v in (("encoding", encoding), ("newline", newline)) if v is not None}
         return builtins.open(p, mode, **kw)
     binary = mode.replace("t", "").replace("b", "")
-    if binary not in ("r", "w"):
+    if binary != "r":
         raise ValueError(f"{os.fspath(p)}: mode {mode!r} is not supported for a bucket path (r, rb, w, wb)")
-    f = path(p).open(binary + "b")
+    f = path(p).open("rb")
     if "b" in mode:
         return f
     return io.TextIOWrapper(f, encoding=encoding or "utf-8", newline=newline)
+
+
+class _AtomicWriter:
+    """A file open for writing through `atomic_file`: committed by `close()` / the end of a `with` block,
+    discarded when the block raised (or the object is dropped unclosed)."""
+
+    def __init__(self, p: PathLike, mode: str, kw: dict):
+        self._cm = atomic_file(p)
+        tmp = self._cm.__enter__()
+        try:
+            self._f = builtins.open(tmp, mode, **kw)
+        except BaseException:
+            self._cm.__exit__(*sys.exc_info())
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb) -> bool:
+        self._finish(et, ev, tb)
+        return False
+
+    def close(self) -> None:
+        self._finish(None, None, None)
+
+    @property
+    def closed(self) -> bool:
+        return self._cm is None
+
+    def _finish(self, et, ev, tb) -> None:
+        cm, self._cm = self._cm, None
+        if cm is None:
+            return
+        try:
+            self._f.close()
+        except BaseException:
+            if et is None:
+                cm.__exit__(*sys.exc_info())
+                raise
+        if et is None:
+            cm.__exit__(None, None, None)
+        else:
+            cm.__exit__(et, ev if ev is not None else et(), tb)
+
+    def __del__(self):
+        if getattr(self, "_cm", None) is not None:  # never closed: not complete, not committed
+            with contextlib.suppress(Exception):
+                self._finish(RuntimeError, RuntimeError("not closed"), None)
 
 
 def read_bytes(p: PathLike) -> bytes:
@@ -170,8 +240,13 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
     if not (is_remote(src) or is_remote(dst)):
         shutil.copyfile(src, dst)
         return
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
+    with open(src, "rb") as fi, _stream(dst) as fo:  # (not `open(dst, "wb")`: that is atomic, through here)
         shutil.copyfileobj(fi, fo, _CHUNK)
+
+
+def _stream(p: PathLike) -> IO[bytes]:
+    """A plain binary write stream: a local file, or a bucket object (it appears when the stream closes)."""
+    return path(p).open("wb") if is_remote(p) else builtins.open(p, "wb")
 
 
 def walk_files(p: PathLike) -> list[str]:
@@ -260,13 +335,15 @@ def local_copy(p: PathLike, names: Iterable[str] | None = None) -> str:
 
 @contextlib.contextmanager
 def local_output(p: PathLike) -> Iterator[str]:
-    """A local file name to write `p` through: `p` itself when local (written in place, as a plain
-    `open` would); for a bucket path a temporary local file, uploaded to `p` when the block succeeds
-    (atomically, as `atomic_file`)."""
-    if not is_remote(p):
-        yield os.fspath(p)
+    """A local file name to write `p` through (for libraries that write by file name: Pillow, PyAV):
+    a temporary beside `p` with `p`'s extension (so a writer that picks its format by extension still
+    does), put in place when the block succeeds, removed when it fails (as `atomic_file`); for a bucket
+    path a temporary local file, uploaded when the block succeeds."""
+    if is_remote(p):
+        with atomic_file(p) as tmp:
+            yield tmp
         return
-    with atomic_file(p) as tmp:
+    with atomic_file(p, keep_extension=True) as tmp:
         yield tmp
 
 
@@ -306,12 +383,17 @@ class SyncedFolder:
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _tmp_name(path: str) -> str:
+def _tmp_name(path: str, keep_extension: bool = False) -> str:
+    """`.NAME.tmp-PID-RANDOM` beside `path` (`.STEM.tmp-PID-RANDOM.EXT` with `keep_extension`)."""
+    tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if is_remote(path):
         head, tail = path.rstrip("/").rsplit("/", 1)
-        return f"{head}/.{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return f"{head}/.{tail}.{tag}"
     head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    if keep_extension:
+        stem, ext = os.path.splitext(tail)
+        return os.path.join(head, f".{stem}.{tag}{ext}")
+    return os.path.join(head, f".{tail}.{tag}")
 
 
 def put(local: str, dst: PathLike, keep: bool = False) -> None:
@@ -320,12 +402,17 @@ def put(local: str, dst: PathLike, keep: bool = False) -> None:
     it. `keep`: leave `local` where it is (bucket destinations only)."""
     dst = os.fspath(dst)
     if not is_remote(dst):
-        os.replace(local, dst)
+        with interrupts.critical():
+            os.replace(local, dst)
+            interrupts.forget(local)
+            interrupts.wrote(dst)
         return
     tmp = _tmp_name(dst)
     try:
         copy_file(local, tmp)
-        rename(tmp, dst)
+        with interrupts.critical():
+            rename(tmp, dst)
+            interrupts.wrote(dst)
     except BaseException:
         with contextlib.suppress(Exception):
             remove(tmp, missing_ok=True)
@@ -335,27 +422,35 @@ def put(local: str, dst: PathLike, keep: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+def atomic_file(path: str | os.PathLike, *, keep_extension: bool = False) -> Iterator[str]:
     """Yields a temporary (local) path to write; on success it replaces `path` atomically, on error it
-    is removed. A bucket `path` is uploaded from a local temporary (see the module docstring)."""
+    is removed. A bucket `path` is uploaded from a local temporary (see the module docstring).
+    `keep_extension`: the temporary ends with `path`'s extension (for writers that go by it)."""
     path = os.fspath(path)
     if is_remote(path):
         folder = tempfile.mkdtemp(prefix="animatediff-jax-")
+        interrupts.temporary(folder)
         try:
             tmp = os.path.join(folder, os.path.basename(path.rstrip("/")))
             yield tmp
             put(tmp, path)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            interrupts.forget(folder)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = _tmp_name(path, keep_extension)
+    interrupts.temporary(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        with interrupts.critical():
+            os.replace(tmp, path)
+            interrupts.forget(tmp)
+            interrupts.wrote(path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        interrupts.forget(tmp)
         raise
 
 
@@ -368,6 +463,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     if is_remote(path):
         folder = tempfile.mkdtemp(prefix="animatediff-jax-")
+        interrupts.temporary(folder)
         try:
             yield folder
             rmtree(path)
@@ -375,40 +471,61 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
                 put(os.path.join(folder, rel), f"{path.rstrip('/')}/{rel}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            interrupts.forget(folder)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _tmp_name(path)
+    interrupts.temporary(tmp)
     os.makedirs(tmp)
     try:
         yield tmp
         old = None
-        if os.path.lexists(path):
-            old = _tmp_name(path)
-            os.replace(path, old)
-        os.replace(tmp, path)
+        with interrupts.critical():  # `path` is briefly absent between the renames: not cut there
+            if os.path.lexists(path):
+                old = _tmp_name(path)
+                os.replace(path, old)
+                interrupts.temporary(old)  # (removed below, or by an interruption's cleanup)
+            os.replace(tmp, path)
+            interrupts.forget(tmp)
+            interrupts.wrote(path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+            interrupts.forget(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        interrupts.forget(tmp)
         raise
+
+
+def _empty_folder(p: PathLike) -> bool:
+    try:
+        return isdir(p) and not listdir(p)
+    except OSError:
+        return False
 
 
 def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), *, overwrite: bool = False,
                  flag: str = "--overwrite") -> None:
-    """Refuses to write over an input, or over an existing `out` unless `overwrite` (raises `FileExistsError`)."""
+    """The one overwrite rule of every command that writes an output the user names (`convert`,
+    `export`, `prepare`, `evaluate --out`): never over an input (`out` is one, or a folder holding one, which
+    replacing it would destroy: a `FileExistsError` even with `overwrite`; writing *into* an input
+    folder is fine), and over an existing `out` (an empty folder does not count) only with
+    `overwrite`; each refusal is one line naming the path (and `flag`). Call it before anything long
+    starts."""
     if is_remote(out) or any(is_remote(s) for s in inputs):
         out = os.fspath(out).rstrip("/")
         for src in inputs:
             src = os.fspath(src).rstrip("/")
-            if out == src or out.startswith(src + "/") or src.startswith(out + "/"):
+            if out == src or src.startswith(out + "/"):
                 raise FileExistsError(f"{out}: is the input {src} (or holds it); write the output elsewhere")
-        if exists(out) and not overwrite:
+        if exists(out) and not overwrite and not _empty_folder(out):
             raise FileExistsError(f"{out}: exists; pass {flag} to replace it")
         return
-    out = os.path.realpath(os.fspath(out))
+    given = os.fspath(out)
+    out = os.path.realpath(given)
     for src in inputs:
         src = os.path.realpath(os.fspath(src))
-        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-            raise FileExistsError(f"{out}: is the input {src} (or holds it); write the output elsewhere")
-    if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"{out}: exists; pass {flag} to replace it")
+        if out == src or src.startswith(out + os.sep):
+            raise FileExistsError(f"{given}: is the input {src} (or holds it); write the output elsewhere")
+    if os.path.lexists(out) and not overwrite and not _empty_folder(out):
+        raise FileExistsError(f"{given}: exists; pass {flag} to replace it")

@@ -19,13 +19,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from animatediff_jax.errors import ConfigError
 from animatediff_jax.io import fs
 
 PathLike = str | os.PathLike
 
 
-class VideoReadError(RuntimeError):
-    """A video could not be opened or decoded (or has fewer frames than asked for)."""
+class VideoReadError(ConfigError, RuntimeError):
+    """A video could not be opened or decoded (or has fewer frames than asked for): a user's file, so a
+    `ConfigError` (one line, exit 2 in a command); still a `RuntimeError`, as it always was."""
 
 
 def _array_module(x):
@@ -320,9 +322,11 @@ def read_frames(path: PathLike, num_frames: int, size: tuple[int, int] | None = 
     return video
 
 
-def read_image(path: PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One PNG / JPG (or a GIF's first frame) as uint8 `[H, W, 3]`, resized to `size` = (height, width)
-    with Lanczos, as diffusers' control image processor resizes a PIL image. Unreadable: `VideoReadError`."""
+def read_image(path: PathLike, size: tuple[int, int] | None = None, fit: str = "stretch") -> np.ndarray:
+    """One PNG / JPG (or a GIF's first frame) as uint8 `[H, W, 3]`, resized to `size` = (height, width):
+    `fit="stretch"` with Lanczos, as diffusers' control image processor resizes a PIL image; `fit="crop"`
+    centre-cropped to the size's aspect ratio first, then bilinear, as the original AnimateDiff prepares
+    SparseCtrl keyframes (`crop_to_aspect`). Unreadable: `VideoReadError`."""
     from PIL import Image
 
     path = os.fspath(path)
@@ -331,8 +335,23 @@ def read_image(path: PathLike, size: tuple[int, int] | None = None) -> np.ndarra
     try:
         with fs.local_file(path) as local, Image.open(local) as im:
             im = im.convert("RGB")
-            if size is not None and (im.height, im.width) != tuple(size):
+            if size is not None and fit == "crop":
+                im = crop_to_aspect(im, *size).resize((size[1], size[0]), Image.BILINEAR)
+            elif size is not None and (im.height, im.width) != tuple(size):
                 im = im.resize((size[1], size[0]), Image.LANCZOS)
             return np.asarray(im)
     except OSError as e:
         raise VideoReadError(f"{path}: cannot read the image ({' '.join(str(e).split())})") from e
+
+
+def crop_to_aspect(im, height: int, width: int):
+    """The centred crop of PIL image `im` with the aspect ratio of `height` x `width`, its full width or
+    height kept: what the original's `RandomResizedCrop((H, W), scale=(1, 1), ratio=(W/H, W/H))` takes
+    (torchvision's centre-crop fallback; an image already of that ratio is kept whole)."""
+    ratio, w, h = width / height, im.width, im.height
+    if w / h < ratio:
+        h = int(round(w / ratio))
+    elif w / h > ratio:
+        w = int(round(h * ratio))
+    top, left = (im.height - h) // 2, (im.width - w) // 2
+    return im.crop((left, top, left + w, top + h))

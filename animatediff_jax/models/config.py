@@ -34,7 +34,7 @@ class MotionConfig:
 
     @classmethod
     def for_version(cls, version: MotionVersion, **overrides) -> "MotionConfig":
-        """The motion-module layout of an AnimateDiff release (see `shared/README.md`'s table)."""
+        """The motion-module layout of an AnimateDiff release (the table in docs/reference.md)."""
         if version not in _LAYOUTS:
             raise ValueError(f"unknown motion module version {version!r}: expected one of {sorted(_LAYOUTS)}")
         return cls(**{**_LAYOUTS[version], **overrides})

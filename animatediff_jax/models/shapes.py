@@ -58,9 +58,13 @@ def clip_shapes(config: CLIPTextConfig) -> Params:
     return jax.eval_shape(CLIPTextModel(config).init, jax.random.key(0), ids)["params"]
 
 
+_MOTION_MODULE = re.compile(r"motion_modules_\d+")
+
+
 def is_motion_path(path: tuple[str, ...]) -> bool:
-    """Whether a UNet params path lies inside a motion module (`.../motion_modules_J/...`)."""
-    return any(re.fullmatch(r"motion_modules_\d+", p) for p in path)
+    """Whether a UNet params path lies inside a motion module (`.../motion_modules_J/...`, down, mid
+    and up blocks): the one definition (training stages, checkpoints, benchmarks)."""
+    return any(_MOTION_MODULE.fullmatch(p) for p in path)
 
 
 def motion_subtree(params: Mapping[str, Any]) -> Params:

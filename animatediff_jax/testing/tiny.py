@@ -1,8 +1,11 @@
-"""Random weights and tiny models in every file format users have, in seconds, without torch."""
+"""Random LoRAs and tiny models in every file format users have, in seconds, without torch.
+
+Their weights come from `animatediff_jax.models.init.random_params`, their tokenizer from
+`animatediff_jax.parity.write_tiny_tokenizer` (library code: training, the toy world and the `parity`
+command use them); tests take the tokenizer writer from here too."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -11,36 +14,10 @@ from typing import Any, Callable
 import numpy as np
 from flax import traverse_util
 
+from animatediff_jax.models.init import random_params
+from animatediff_jax.parity import write_tiny_tokenizer  # noqa: F401  (tests import it from here)
+
 Params = dict[str, Any]
-
-
-def random_params(shapes: Params, seed: int, dtype: Any = np.float32, *, like_init: bool = False) -> Params:
-    """Random weights from a shape tree on the host in a fraction of a second (Flax `init` of a whole
-    UNet takes a minute to compile on CPU), cast leaf by leaf to `dtype` (a full-size model never
-    exists in float32 when bf16 is asked for). Kernels ~ N(0, 1/fan_in), embeddings N(0, 0.02).
-
-    `like_init=False` (conversion tests: every tensor distinct): norm scales 1 + N(0, 0.1), biases
-    N(0, 0.02). `like_init=True` (training from scratch): scales 1, biases 0, and the motion modules'
-    `proj_out` zero as `init` makes it, so fresh motion modules start as the identity.
-    """
-    from animatediff_jax.models.shapes import is_motion_path
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, s in traverse_util.flatten_dict(shapes).items():
-        shape, leaf = tuple(s.shape), path[-1]
-        if leaf == "kernel" and like_init and is_motion_path(path) and "proj_out" in path:
-            v = np.zeros(shape, np.float32)
-        elif leaf == "kernel":
-            v = rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(max(1, math.prod(shape[:-1]))))
-        elif leaf == "scale":
-            v = np.ones(shape, np.float32) if like_init else 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
-        elif like_init and leaf != "embedding":
-            v = np.zeros(shape, np.float32)
-        else:
-            v = 0.02 * rng.standard_normal(shape, np.float32)
-        out[path] = np.asarray(v, np.float32).astype(dtype)
-    return traverse_util.unflatten_dict(out)
 
 
 def random_lora(params: Params, targets: Callable[[tuple[str, ...]], bool], rank: int, seed: int) -> Params:
@@ -56,30 +33,6 @@ def random_lora(params: Params, targets: Callable[[tuple[str, ...]], bool], rank
         flat[path + ("down",)] = (rng.standard_normal(shape[:-1] + (rank,)) / np.sqrt(math.prod(shape[:-1]))).astype(np.float32)
         flat[path + ("up",)] = (0.5 * rng.standard_normal((rank, shape[-1])) / np.sqrt(rank)).astype(np.float32)
     return traverse_util.unflatten_dict(flat)
-
-
-def write_tiny_tokenizer(folder: str) -> dict[str, int]:
-    """A small CLIP BPE vocabulary (`</w>` word ends, a few merges) that transformers' CLIPTokenizer reads."""
-    os.makedirs(folder, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!")
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>", "a n", "an d</w>"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # Without model_max_length the tokenizer would pad "to max length" 1e30 tokens.
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
-    return vocab
 
 
 TINY_FILES = dict(

@@ -1,7 +1,7 @@
 """Tiny CLIP folders for tests, without torch: a transformers `CLIPModel` folder (with the tiny
 tokenizer) and an SD `safety_checker/` folder whose thresholds flag every image, or none.
 
-The weights are random (`testing.tiny.random_params`) in transformers' own key names (the inverse
+The weights are random (`models.init.random_params`) in transformers' own key names (the inverse
 of `checkpoints.clip`'s mapping), the `config.json` files the fields transformers writes; the
 loaders' fidelity to real transformers / diffusers folders is `tests/test_clip_vision.py` and
 `tests/test_safety.py`'s business (they build theirs with `save_pretrained`).
@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from animatediff_jax.testing.tiny import random_params, write_tiny_tokenizer
+from animatediff_jax.models.init import random_params
+from animatediff_jax.parity import write_tiny_tokenizer
 
 
 def _vision_dict(vision) -> dict:

@@ -114,7 +114,7 @@ def init_params(seed: int = 0) -> Params:
     """Random UNet and text encoder (host numpy, `random_params`), analytic pixel VAE."""
     from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.models.shapes import unet_shapes
-    from animatediff_jax.testing.tiny import random_params
+    from animatediff_jax.models.init import random_params
 
     return {
         "unet": random_params(unet_shapes(unet_config()), seed, like_init=True),
@@ -165,31 +165,18 @@ def train_base(config) -> str:
     from animatediff_jax.models.clip_text import CLIPTextModel
     from animatediff_jax.models.unet import UNet3D
     from animatediff_jax.models.vae import AutoencoderKL
-    from animatediff_jax.training.loop import hash_tokenizer
-    from animatediff_jax.training.step import (
-        LossConfig,
-        OptimConfig,
-        StepSpec,
-        init_state,
-        make_optimizer,
-        make_train_step,
-    )
+    from animatediff_jax.training.inputs import hash_tokenizer
+    from animatediff_jax.training.step import StepSpec, init_state, loss_and_optim, make_optimizer, make_train_step
 
     t_start = time.perf_counter()
-    d, t, o, ls = config.data, config.train, config.optim, config.loss
+    d, t = config.data, config.train
     if d.source != "webvid" or d.tokenizer != "hash":
         raise ValueError("the toy base model reads a WebVid-style dataset with the hash tokenizer")
     params = init_params(int(config.model.init_seed))
-    spec = StepSpec(
-        stage=base_stage(),
-        unet=UNet3D(unet_config()),
-        loss=LossConfig(ls.prediction_type, float(ls.min_snr_gamma), int(ls.num_train_timesteps),
-                        float(ls.beta_start), float(ls.beta_end), ls.beta_schedule),
-        vae=AutoencoderKL(vae_config()),
-        text=CLIPTextModel(text_config()),
-    )
-    tx, schedule = make_optimizer(OptimConfig(float(o.learning_rate), float(o.b1), float(o.b2), float(o.eps),
-                                              float(o.weight_decay), float(o.grad_clip), int(o.warmup_steps)))
+    objective, optim = loss_and_optim(config)  # as the stages' program reads them
+    spec = StepSpec(stage=base_stage(), unet=UNet3D(unet_config()), loss=objective, vae=AutoencoderKL(vae_config()),
+                    text=CLIPTextModel(text_config()))
+    tx, schedule = make_optimizer(optim)
     step = jax.jit(make_train_step(spec, tx, schedule), donate_argnums=(0,))
     state = init_state(params["unet"], tx, jax.random.key(int(config.seed)))
     frozen = {"unet": {}, "vae": params["vae"], "text_encoder": params["text_encoder"]}
@@ -217,7 +204,7 @@ def train_base(config) -> str:
             losses = []
     params["unet"] = jax.device_get(state.params)
     folder = model_folder(config)
-    save_model(folder, params, ls.prediction_type)
+    save_model(folder, params, objective.prediction_type)
     print(f"[toy base] saved {folder} ({time.perf_counter() - t_start:.0f}s)", flush=True)
     return folder
 

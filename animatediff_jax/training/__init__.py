@@ -1,8 +1,9 @@
 """The three AnimateDiff training stages (domain adapter, motion module, MotionLoRA), SPMD-sharded.
 
 `stages` says what trains in each stage, `step` is the loss and the jitted step, `models` loads
-(or, for `compile`, only shapes) the models, `program` lays the step out on a mesh, `loop` places
-the weights and runs them with `checkpointing`; `config.base_config()` holds every option.
+(or, for `compile`, only shapes) the models, `program` lays the step out on a mesh, `trainer` places
+the weights; `loop` is the outline of a run (with `inputs`, `metrics`, `hooks`, `preemption`,
+`divergence`, `checkpointing`); `config.base_config()` holds every option.
 """
 
 from animatediff_jax.training.config import (

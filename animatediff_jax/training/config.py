@@ -6,9 +6,16 @@ field can be overridden on the command line (`--config.train.batch_size=8`).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 from ml_collections import ConfigDict
 
+from animatediff_jax import dtypes
 from animatediff_jax.errors import ConfigError
+
+if TYPE_CHECKING:  # stages imports jax: config files load this module without it
+    from animatediff_jax.training.stages import Stage
 
 
 def base_config() -> ConfigDict:
@@ -23,6 +30,13 @@ def base_config() -> ConfigDict:
     # compiled when it was built for these devices, this config's program and these jax/libtpu versions.
     c.executables = ""
 
+    for group in (_model, _train, _parallel, _data, _outputs):
+        group(c)
+    return c
+
+
+def _model(c: ConfigDict) -> None:
+    """The model files: base, motion module, adapters, LoRA."""
     c.model = m = ConfigDict()
     m.pretrained = ""  # converted SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`); "" = random
     m.size = "sd15"  # random-init size when pretrained == "": "sd15" | "tiny"
@@ -41,6 +55,10 @@ def base_config() -> ConfigDict:
     m.vae = True  # load the VAE (needed when batches hold pixels, not cached latents)
     m.text_encoder = True  # load the text encoder (needed when batches hold token ids, not contexts)
 
+
+
+def _train(c: ConfigDict) -> None:
+    """The run: steps, clips, optimizer, loss."""
     c.train = t = ConfigDict()
     t.steps = 100_000
     t.batch_size = 4  # global (all processes); must divide by the mesh's data x fsdp size
@@ -68,6 +86,10 @@ def base_config() -> ConfigDict:
     ls.beta_end = 0.012
     ls.beta_schedule = "linear"
 
+
+
+def _parallel(c: ConfigDict) -> None:
+    """The mesh, sharding, dtypes, remat, attention."""
     c.parallel = p = ConfigDict()
     # Axis order = mesh order; one axis may be -1. FSDP over every chip by default: per-chip params and AdamW
     # moments shrink as chips are added (stage 2, 16x256², v5e, `animatediff-jax compile`: 6.98 GiB of
@@ -91,6 +113,10 @@ def base_config() -> ConfigDict:
     p.num_processes = 0
     p.process_id = -1
 
+
+
+def _data(c: ConfigDict) -> None:
+    """Where clips come from and how they are read."""
     c.data = d = ConfigDict()
     d.source = "webvid"  # webvid | tfds | cache | synthetic
     d.csv = ""  # webvid: the CSV (videoid, name, page_dir)
@@ -117,6 +143,10 @@ def base_config() -> ConfigDict:
     # (or two passes over the data with nothing readable) stop the run. 0: never.
     d.max_skips_in_a_row = 1000
 
+
+
+def _outputs(c: ConfigDict) -> None:
+    """Checkpoints, logs, validation samples, CLIP metrics."""
     c.checkpoint = k = ConfigDict()
     k.every = 1000  # save the train state every N steps (and at the end)
     k.keep = 3  # keep the last K checkpoints
@@ -141,26 +171,41 @@ def base_config() -> ConfigDict:
     lg.eval_clip = ""
     lg.eval_prompts = ()  # the fixed prompt set; () = log.sample_prompts
     lg.eval_seeds = ()  # one per prompt (or one for all); () = sample_seed + i
-    return c
 
 
-_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+@dataclasses.dataclass(frozen=True)
+class Validated:
+    """A config that passed `validate_config`, with the stage it names: what `train` hands on, so
+    nothing after the entry checks the config or resolves its stage again."""
+
+    config: ConfigDict
+    stage: Stage
 
 
 def check_config(c: ConfigDict) -> ConfigDict:
     """Rejects bad choice fields before anything loads or compiles: one line naming the field and
-    the valid values."""
+    the valid values (dtypes: any name of `animatediff_jax.dtypes`)."""
     from animatediff_jax.models.attention import IMPLEMENTATIONS
     from animatediff_jax.models.unet import REMAT_POLICIES
 
     p = c.parallel
     for field, value, valid in (("parallel.attention", p.get("attention", "auto"), IMPLEMENTATIONS),
-                                ("parallel.remat", p.remat, REMAT_POLICIES),
-                                ("parallel.compute_dtype", p.compute_dtype, _DTYPE_NAMES),
-                                ("parallel.frozen_dtype", p.frozen_dtype, _DTYPE_NAMES)):
+                                ("parallel.remat", p.remat, REMAT_POLICIES)):
         if value not in valid:
             raise ConfigError(f"{field}={value!r} is not one of: {', '.join(valid)}")
+    for field in ("compute_dtype", "frozen_dtype"):
+        dtypes.canonical(p[field], f"parallel.{field}")
     return c
+
+
+def check_stage(c: ConfigDict) -> Stage:
+    """The stage `c.stage` names (a name or 1 / 2 / 3), or a one-line `ConfigError`."""
+    from animatediff_jax.training.stages import get_stage
+
+    try:
+        return get_stage(c.stage)
+    except ValueError as e:
+        raise ConfigError(f"stage: {e}") from None
 
 
 _SOURCES = ("webvid", "tfds", "cache", "synthetic")
@@ -185,16 +230,16 @@ def size_multiple(c: ConfigDict, files: bool = True) -> int:
 
         from animatediff_jax.checkpoints.params_io import PARAMS_FILE
         from animatediff_jax.io import fs
-        from animatediff_jax.sampling import config as sample_config
+        from animatediff_jax.checkpoints.sd15 import sd15_size_multiple
 
         if not fs.isfile(os.path.join(c.model.pretrained, PARAMS_FILE)):
             raise ConfigError(f"model.pretrained={c.model.pretrained!r}: no {PARAMS_FILE} there: not a converted "
                               "SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`)")
         try:
-            return sample_config.size_multiple(c.model.pretrained)
+            return sd15_size_multiple(c.model.pretrained)
         except ValueError as e:
-            raise ConfigError(f"model.pretrained: {e}".replace("base_model: ", "")) from None
-    from animatediff_jax.models.config import sd15_unet, tiny_unet
+            raise ConfigError(f"model.pretrained: {e}") from None
+    from animatediff_jax.models.config import sd15_unet, size_multiple, tiny_unet
     from animatediff_jax.models.vae import VAEConfig
 
     if c.model.size == "tiny" and not c.model.pretrained:
@@ -203,7 +248,7 @@ def size_multiple(c: ConfigDict, files: bool = True) -> int:
         unet, vae = sd15_unet(), VAEConfig.sd15()
     else:
         raise ConfigError(f"model.size={c.model.size!r} is not one of: sd15, tiny")
-    return 2 ** (len(vae.block_out_channels) - 1) * 2 ** (len(unet.block_out_channels) - 1)
+    return size_multiple(len(unet.block_out_channels), len(vae.block_out_channels))
 
 
 def fs_isdir(folder: str) -> bool:
@@ -212,18 +257,14 @@ def fs_isdir(folder: str) -> bool:
     return fs.isdir(folder)
 
 
-def validate_config(c: ConfigDict, files: bool = True) -> ConfigDict:
+def validate_config(c: ConfigDict, files: bool = True) -> Validated:
     """Every check that needs no devices and no weights, before the workdir is made or anything
     compiles: one `ConfigError` line naming the field. (The batch size against the mesh is
     checked by `check_batch` once the devices are known.) `files=False` leaves out the data and
-    model files (`compile` builds the program from the config on a host that may have neither)."""
-    from animatediff_jax.training.stages import get_stage
-
+    model files (`compile` builds the program from the config on a host that may have neither).
+    Returns the config with its stage (`Validated`), for `train` to pass on."""
     check_config(c)
-    try:
-        get_stage(c.stage)
-    except ValueError as e:
-        raise ConfigError(f"stage: {e}") from None
+    stage = check_stage(c)
     for name in ("train.steps", "train.batch_size", "train.num_frames", "train.resolution",
                  "train.grad_accum_steps", "checkpoint.every", "log.every"):
         _number(c, name, 1)
@@ -264,7 +305,7 @@ def validate_config(c: ConfigDict, files: bool = True) -> ConfigDict:
         if t.resolution % m:
             raise ConfigError(f"train.resolution={t.resolution} must be a multiple of {m} for this model "
                               "(VAE factor x UNet downsampling)")
-    return c
+    return Validated(c, stage)
 
 
 def _check_eval(c: ConfigDict) -> None:
@@ -297,6 +338,12 @@ def check_batch(c: ConfigDict, divisor: int, processes: int = 1) -> None:
         raise ConfigError(f"train.batch_size={b} must be a multiple of {divisor * acc} (the mesh's batch axes "
                           f"{divisor} x train.grad_accum_steps {acc}; "
                           f"parallel.mesh_shape={dict(c.parallel.mesh_shape)})")
+    check_processes(c, processes)
+
+
+def check_processes(c: ConfigDict, processes: int) -> None:
+    """`train.batch_size` against the number of processes (each feeds its own rows of every batch)."""
+    b = int(c.train.batch_size)
     if b % processes:
         raise ConfigError(f"train.batch_size={b} must divide among {processes} processes")
 

@@ -19,23 +19,14 @@ from animatediff_jax.checkpoints.sd15 import load_converted
 from animatediff_jax.io import fs
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
-from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
+from animatediff_jax.models.shapes import clip_shapes, is_motion_path, unet_shapes, vae_shapes
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
-from animatediff_jax.testing.tiny import random_params
+from animatediff_jax.models.init import random_params
 from animatediff_jax.training import stages
 from animatediff_jax.training.config import ConfigError
 
 Params = dict[str, Any]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _dtype(name: str):
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r}: expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 # ------------------------------------------------------------------------- models
 
@@ -99,7 +90,7 @@ def _motion_init(config, unet_config: UNetConfig) -> Params:
     else:
         full = _flax_init(UNet3D(unet_config), m.init_seed + 3, jnp.zeros((1, 2, 8, 8, unet_config.in_channels)),
                           jnp.zeros((1,)), jnp.zeros((1, 1, unet_config.cross_attention_dim)))
-    return stages.partition(full, stages.is_motion_module)[0]
+    return stages.partition(full, is_motion_path)[0]
 
 
 @contextlib.contextmanager
@@ -113,17 +104,18 @@ def _field(name: str) -> Iterator[None]:
         raise ConfigError(f"{name}: {' '.join(line.strip() for line in str(e).splitlines())}") from None
 
 
-def load_models(config) -> Models:
+def load_models(config, stage: stages.Stage | None = None) -> Models:
     """The stage's models from the config: a converted SD1.5 folder (or random weights), plus the
-    motion modules / adapters named by `config.model`.
+    motion modules / adapters named by `config.model`. `stage`: the config's, when the caller has
+    resolved it already (`config.Validated`).
     """
-    stage = stages.get_stage(config.stage)
+    stage = stages.get_stage(config.stage) if stage is None else stage
     m = config.model
     if m.pretrained:
         with _field("model.pretrained"):
             sd = load_converted(m.pretrained)
         unet_config, vae_config, text_config = sd.unet_config, sd.vae_config, sd.text_config
-        unet = stages.partition(sd.params["unet"], stages.is_motion_module)[1]
+        unet = stages.partition(sd.params["unet"], is_motion_path)[1]
         vae = sd.params.get("vae") if m.vae else None
         text = sd.params.get("text_encoder") if m.text_encoder else None
         tokenizer = sd.tokenizer_path

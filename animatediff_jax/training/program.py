@@ -14,20 +14,21 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import parallel
+from animatediff_jax.dtypes import to_jnp
 from animatediff_jax.executables import fingerprint
 from animatediff_jax.models.clip_text import CLIPTextModel
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import AutoencoderKL
 from animatediff_jax.training import stages
 from animatediff_jax.training.config import check_batch
-from animatediff_jax.training.models import Models, _dtype
+from animatediff_jax.training.models import Models
 from animatediff_jax.training.step import (
-    LossConfig,
     OptimConfig,
     StepSpec,
     TrainState,
     init_state,
     jit_train_step,
+    loss_and_optim,
     make_optimizer,
     state_shardings,
 )
@@ -79,9 +80,10 @@ class TrainProgram:
                 spec(dict(batch), self.batch_sharding(batch)))
 
 
-def make_program(config, models: Models, mesh: Mesh) -> TrainProgram:
-    """The stage's program from the config and its models (arrays or `ShapeDtypeStruct`s)."""
-    stage = stages.get_stage(config.stage)
+def make_program(config, models: Models, mesh: Mesh, stage: stages.Stage | None = None) -> TrainProgram:
+    """The stage's program from the config and its models (arrays or `ShapeDtypeStruct`s). `stage`:
+    the config's, when the caller has resolved it (`config.Validated`)."""
+    stage = stages.get_stage(config.stage) if stage is None else stage
     p = config.parallel
     rules = parallel.ShardingRules(tuple(p.batch_axes), p.fsdp_axis, int(p.min_fsdp_size))
     global_batch = int(config.train.batch_size)
@@ -101,18 +103,15 @@ def make_program(config, models: Models, mesh: Mesh) -> TrainProgram:
     if models.text_encoder is not None:
         frozen["text_encoder"] = models.text_encoder
     # frozen_dtype applies to the frozen weights only: the trainable tree and its optimizer state stay float32.
-    frozen_dtype = np.dtype(_dtype(p.frozen_dtype))
+    frozen_dtype = np.dtype(to_jnp(p.frozen_dtype, "parallel.frozen_dtype"))
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), frozen_dtype), frozen)
 
-    compute = _dtype(p.compute_dtype)
-    o, ls = config.optim, config.loss
-    optim = OptimConfig(float(o.learning_rate), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
-                        float(o.grad_clip), int(o.warmup_steps))
+    compute = to_jnp(p.compute_dtype, "parallel.compute_dtype")
+    loss, optim = loss_and_optim(config)
     spec = StepSpec(
         stage=stage,
         unet=UNet3D(models.unet_config, dtype=compute, remat=p.remat, attention=p.get("attention", "auto")),
-        loss=LossConfig(ls.prediction_type, float(ls.min_snr_gamma), int(ls.num_train_timesteps),
-                        float(ls.beta_start), float(ls.beta_end), ls.beta_schedule),
+        loss=loss,
         vae=AutoencoderKL(models.vae_config, dtype=compute) if models.vae is not None else None,
         text=CLIPTextModel(models.text_config) if models.text_encoder is not None else None,
         lora_scale=float(config.model.lora_scale),
@@ -122,10 +121,10 @@ def make_program(config, models: Models, mesh: Mesh) -> TrainProgram:
     state = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable)
     return TrainProgram(stage, spec, optim, mesh, rules, global_batch, trainable, frozen, state,
                         state_shardings(state, mesh, rules), parallel.param_shardings(frozen, mesh, rules),
-                        fingerprint(program_fields(config)))
+                        fingerprint(program_fields(config, stage)))
 
 
-def program_fields(config) -> dict[str, Any]:
+def program_fields(config, stage: stages.Stage | None = None) -> dict[str, Any]:
     """The config fields the compiled step depends on (paths, logging and checkpointing do not; the
     seed does not either: it lives in the train state)."""
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -136,7 +135,7 @@ def program_fields(config) -> dict[str, Any]:
             "parallel": ("mesh_shape", "batch_axes", "fsdp_axis", "min_fsdp_size", "compute_dtype", "frozen_dtype",
                          "remat", "attention"),
             "data": ("source",)}
-    out: dict[str, Any] = {"stage": stages.get_stage(c["stage"]).name}
+    out: dict[str, Any] = {"stage": (stage or stages.get_stage(c["stage"])).name}
     for group, names in keep.items():
         g = c.get(group, {})
         out[group] = {k: g.get(k) for k in (names or sorted(g))}

@@ -20,24 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from typing import Any, Callable, ContextManager, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from animatediff_jax import lora as lora_lib
+from animatediff_jax.models.shapes import is_motion_path
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
 PathFilter = Callable[[Path], bool]
 
-_MOTION_MODULE = re.compile(r"^motion_modules_\d+$")
-
-
-def is_motion_module(path: Path) -> bool:
-    """Any param under a `motion_modules_J` subtree (down, mid and up blocks)."""
-    return any(_MOTION_MODULE.match(p) for p in path)
+is_motion_module = is_motion_path  # the older name (bench/train_bench.py): the same function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +68,7 @@ STAGES: dict[str, Stage] = {
     "motion_module": Stage(
         name="motion_module",
         kind="subtree",
-        targets=is_motion_module,
+        targets=is_motion_path,
         motion_modules=True,
         single_frame=False,
         attach=("domain_adapter",),

@@ -104,6 +104,17 @@ class LossConfig:
     beta_schedule: str = "linear"
 
 
+def loss_and_optim(config) -> tuple[LossConfig, OptimConfig]:
+    """The loss and optimizer a training config asks for (`config.loss`, `config.optim`): the one
+    reading of those fields, for the stages' program and the toy base model alike."""
+    o, ls = config.optim, config.loss
+    loss = LossConfig(str(ls.prediction_type), float(ls.min_snr_gamma), int(ls.num_train_timesteps),
+                      float(ls.beta_start), float(ls.beta_end), str(ls.beta_schedule))
+    optim = OptimConfig(float(o.learning_rate), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
+                        float(o.grad_clip), int(o.warmup_steps))
+    return loss, optim
+
+
 def diffusion_loss(pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array,
                    alphas_cumprod: jax.Array, cfg: LossConfig) -> jax.Array:
     """Mean over clips of the (optionally SNR-weighted) per-clip MSE to the epsilon / v target."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import sys
 import traceback
 from typing import Callable, Iterator, Sequence
@@ -92,7 +93,10 @@ def _run(body: Callable[[list[str]], int | None], argv: list[str], doc: str | No
         return OK
     with interrupts.handling():
         try:
-            return int(body(argv) or 0)
+            code = int(body(argv) or 0)
+            if interrupts.received():  # a signal the command went on past (a library swallowed it)
+                interrupts.exit_interrupted()
+            return code
         except KeyboardInterrupt:
             interrupts.exit_interrupted()
         except user_error_types() as e:  # the config, arguments or files given
@@ -160,7 +164,7 @@ def parse_config_flags(argv: Sequence[str], command: str, example: str):
 
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         raise ConfigError(f"--config is required (e.g. --config {example})")
-    full = [f"animatediff-jax {command}"] + list(argv)
+    full = [f"animatediff-jax {command}"] + _one_value_tuples(argv, command)
     fv = flags.FlagValues()  # private: no global flag state, so main() can run more than once
     # config_flags finds the `--config.x=...` override names in `sys_argv` (default: sys.argv).
     config_flags.DEFINE_config_file("config", None, f"{command} config file (get_config())", flag_values=fv,
@@ -181,6 +185,50 @@ def parse_config_flags(argv: Sequence[str], command: str, example: str):
     except OSError:
         raise FileNotFoundError(f"--config {config_flags.get_config_filename(fv['config'])}: no such file") from None
     return fv.config, fv.print_config
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _one_value_tuples(argv: Sequence[str], command: str) -> list[str]:
+    """`argv` with `--config.<field>=<text>` written as a 1-tuple where the field is a tuple and the text
+    is not a Python literal (or is a quoted string): `--config.prompt="a cat"` is one prompt, as
+    `--config.seed=42` is one seed. The config file is read once more for its fields' types."""
+    import ast
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv, spec = list(argv), _config_spec(argv)
+    overrides = [i for i, a in enumerate(argv) if re.match(r"--config\.[\w.]+=", a)]
+    if spec is None or not overrides:
+        return argv
+    fv = flags.FlagValues()
+    prog = [f"animatediff-jax {command}", "--config", spec]
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False, sys_argv=prog)
+    try:
+        fv(prog)
+        config = fv.config
+    except Exception:  # the file fails: the real parse says how
+        return argv
+    for i in overrides:
+        name, text = argv[i][len("--config."):].split("=", 1)
+        node = config
+        for part in name.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(node, tuple) and isinstance(value, str):
+            argv[i] = f"--config.{name}={(value,)!r}"
+    return argv
 
 
 COMMANDS = {

@@ -51,6 +51,7 @@ _exit_lock = threading.Lock()  # whoever takes it ends the process
 _temporaries: dict[str, None] = {}  # local temporary files/folders being written (ordered set)
 _written: list[str] = []  # files/folders committed by this command
 _outputs: list[str] = []  # where this command writes (declared by it: the message names what is there)
+_fresh: list[str] = []  # declared output folders that did not exist then (removed if left empty)
 _notes: list[Callable[[], str | None]] = []  # extra words for the line (e.g. how to resume)
 _cleanups: list[Callable[[], None]] = []  # run on an interruption (e.g. a writer's own temporaries)
 
@@ -105,8 +106,16 @@ def output(path: str, note: Callable[[], str | None] | None = None) -> None:
     if _State.depth:
         with _lock:
             _outputs.append(_norm(path))
+            if "://" not in _outputs[-1] and not os.path.lexists(_outputs[-1]):
+                _fresh.append(_outputs[-1])
             if note is not None:
                 _notes.append(note)
+
+
+def received() -> bool:
+    """Whether a SIGINT/SIGTERM of ours arrived during this command (one the command went on past, e.g.
+    swallowed by a library's `except BaseException`, still ends it: `cli.run_command` checks)."""
+    return _State.depth > 0 and _State.signum is not None
 
 
 def on_interrupt(cleanup: Callable[[], None]) -> None:
@@ -188,9 +197,10 @@ def _watch(sock: socket.socket) -> None:
     seen, deadline = 0, None
     while True:
         try:
-            sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            # (after a signal: wake every 0.1 s to freeze progress bars begun since, until the deadline)
+            sock.settimeout(None if deadline is None else min(0.1, max(0.001, deadline - time.monotonic())))
             data = sock.recv(64)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             data = None
         except OSError:
             return  # closed: the command ended
@@ -210,9 +220,9 @@ def _watch(sock: socket.socket) -> None:
                 seen += 1
                 if _State.signum is None:
                     _State.signum = signum
-                if deadline is None:
-                    _freeze_progress_bars()
                 deadline = deadline or time.monotonic() + GRACE_S
+        if deadline is not None:
+            _freeze_progress_bars()
         if seen >= 2 or (deadline is not None and time.monotonic() >= deadline):
             t0 = time.monotonic()
             while _State.critical and time.monotonic() - t0 < 30:  # let a commit (a rename) finish
@@ -240,7 +250,7 @@ def handling() -> Iterator[None]:
         _uninstall()
         _State.depth = 0
         with _lock:
-            for registry in (_written, _outputs, _notes, _cleanups):
+            for registry in (_written, _outputs, _fresh, _notes, _cleanups):
                 registry.clear()
 
 
@@ -288,7 +298,7 @@ def _uninstall() -> None:
 
 def _cleanup() -> None:
     with _lock:
-        temps, cleanups = list(_temporaries), list(_cleanups)
+        temps, cleanups, fresh = list(_temporaries), list(_cleanups), list(_fresh)
         _temporaries.clear()
         _cleanups.clear()
     for p in reversed(temps):
@@ -300,6 +310,10 @@ def _cleanup() -> None:
     for fn in cleanups:
         with contextlib.suppress(Exception):
             fn()
+    for folder in fresh:  # made by this run and still empty (e.g. sample/ before its first video): gone
+        for root, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)  # (only an empty folder)
 
 
 def _under(p: str, folder: str) -> bool:

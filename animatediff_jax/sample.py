@@ -9,12 +9,12 @@ and SparseCtrl (`sparsectrl`: keyframes, image to video) steering every step; th
 sampler over all devices. Every field can be overridden:
 
     animatediff-jax sample --config configs/sample/v2_motion_lora_zoom_in.py \\
-        --config.prompt="('a lighthouse at dusk, waves',)" --config.seed=42 --config.steps=30
+        --config.prompt="a lighthouse at dusk, waves" --config.seed=42 --config.steps=30
 
 The command line is parsed by `ml_collections.config_flags`, as `train`'s: each value is read as
 its field's type (`--config.W=768`, `--config.output.formats="('gif', 'mp4')"`,
 `--config.context_windows.length=16`); a tuple field takes one value as a 1-tuple (`--config.seed=42`
-is `(42,)`), `scheduler_options` a whole dict (`--config.scheduler_options="{'eta': 0.5}"`).
+is `(42,)`, `--config.prompt="a cat"` one prompt), `scheduler_options` a whole dict (`--config.scheduler_options="{'eta': 0.5}"`).
 `--config FILE:ARG` passes ARG to the file's `get_config(ARG)`. A saved run replays with
 `--config configs/sample/replay.py:RUN/config.yaml` (the same videos: random seeds are saved
 resolved). `--print_config` prints the resolved config and exits.

@@ -176,11 +176,12 @@ def test_a_sparsectrl_file_that_does_not_fit_is_named_in_its_own_words(tmp_path)
     cfg = tiny_controlnet("rgb")
     sd = to_original_sparsectrl(_host(torch_control_model(cfg)), cfg)
     motion = "down_blocks.1.motion_modules.0.temporal_transformer"
-    for reshaped in ("controlnet_down_blocks.1.weight", f"{motion}.transformer_blocks.0.attention_blocks.0.to_q.weight"):
-        lines = _break_three_ways(tmp_path, sd, "SparseCtrl single file", load_controlnet, gone=f"{motion}.proj_out.weight",
-                                  reshaped=reshaped, stray=f"{motion}.extra.weight")
+    conv, linear = "controlnet_down_blocks.1.weight", f"{motion}.transformer_blocks.0.attention_blocks.0.to_q.weight"
+    for reshaped in (conv, linear):
+        lines = _break_three_ways(tmp_path, sd, "SparseCtrl single file", load_controlnet,
+                                  gone=f"{motion}.proj_out.weight", reshaped=reshaped, stray=f"{motion}.extra.weight")
         print("\n".join(lines))
-    assert np.ndim(sd["controlnet_down_blocks.1.weight"]) == 4
+    assert np.ndim(sd[conv]) == 4  # (a 1x1 conv: its shapes are reported as (O, I, 1, 1))
 
 
 def test_a_controlnet_ldm_file_that_does_not_fit_is_named_in_its_own_words(tmp_path):
@@ -193,7 +194,8 @@ def test_a_controlnet_ldm_file_that_does_not_fit_is_named_in_its_own_words(tmp_p
     cfg = tiny_controlnet(conditioning_embedding_out_channels=(4, 8, 8, 16))  # (SD's hint net: see test_controlnet)
     sd = to_ldm(_host(torch_control_model(cfg)), cfg)
     lines = _break_three_ways(tmp_path, sd, "ControlNet LDM single file", load_controlnet,
-                              gone="control_model.zero_convs.2.0.weight", reshaped="control_model.zero_convs.1.0.weight",
+                              gone="control_model.zero_convs.2.0.weight",
+                              reshaped="control_model.zero_convs.1.0.weight",
                               stray="control_model.zero_convs.1.9.weight")
     print("\n".join(lines))
 

@@ -106,3 +106,19 @@ def test_config_flag_mistakes_are_config_errors():
     with pytest.raises(ConfigError, match="unexpected arguments"):
         cli.parse_config_flags(["--config", os.path.join(ROOT, "configs", "sample", "tiny.py"), "stray"], "sample",
                                "configs/sample/tiny.py")
+
+
+def test_a_bare_string_is_one_value_of_a_tuple_field():
+    """`--config.prompt="a cat"` is one prompt (absl alone would fail to parse it as a tuple), as
+    `--config.seed=42` is one seed; tuples still parse as tuples and string fields stay strings."""
+    from animatediff_jax.cli import parse_config_flags
+
+    c, _ = parse_config_flags(["--config", "configs/sample/tiny.py", "--config.prompt=a cat, 4k",
+                               "--config.n_prompt=blurry", "--config.seed=42", "--config.base_model=models/x"],
+                              "sample", "configs/sample/tiny.py")
+    assert (c.prompt, c.n_prompt, c.seed, c.base_model) == (("a cat, 4k",), ("blurry",), (42,), "models/x")
+    c, _ = parse_config_flags(["--config", "configs/sample/tiny.py", "--config.prompt=('a', 'b')"], "sample", "x")
+    assert c.prompt == ("a", "b")
+    c, _ = parse_config_flags(["--config", "configs/train/tiny_stage2.py", "--config.log.sample_prompts=a dog"],
+                              "train", "x")
+    assert c.log.sample_prompts == ("a dog",)

@@ -35,10 +35,10 @@ def env() -> dict:
     return e
 
 
-def run_and_signal(argv, when, sig=signal.SIGINT, timeout=300.0, cwd=ROOT):
+def run_and_signal(argv, when, sig=signal.SIGINT, timeout=300.0, cwd=ROOT, then_wait=0.0):
     """Runs `argv`, reads its stderr until `when(stderr so far)` holds (or, `when` a number, waits that
-    many seconds), sends `sig`; returns (rc, the stderr before the signal, the stderr after it, seconds
-    from the signal to the exit)."""
+    many seconds), waits `then_wait` seconds more, sends `sig`; returns (rc, the stderr before the
+    signal, the stderr after it, seconds from the signal to the exit)."""
     proc = subprocess.Popen(argv, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     before, deadline = b"", time.time() + timeout
     try:
@@ -50,6 +50,7 @@ def run_and_signal(argv, when, sig=signal.SIGINT, timeout=300.0, cwd=ROOT):
             assert ch, f"exited (rc {proc.wait()}) before the phase:\n{before.decode()[-3000:]}"
             before += ch
             assert time.time() < deadline, before.decode()[-3000:]
+        time.sleep(then_wait)
         proc.send_signal(sig)
         t0 = time.time()
         after = proc.stderr.read()
@@ -92,12 +93,15 @@ def sample_argv(models, out, *extra):
             f"--config.output.dir={out}", "--config.compilation_cache=false", *extra]
 
 
-def test_sample_interrupted_while_compiling(models, tmp_path):
-    """SIGINT just after "sampling N video(s)": the text encoder / denoiser are compiling."""
+@pytest.mark.parametrize("delay", [0.0, 1.5], ids=["tracing", "in_xla"])
+def test_sample_interrupted_while_compiling(models, tmp_path, delay):
+    """SIGINT just after "sampling N video(s)" (jax traces the text encoder), or 1.5 s later (XLA compiles
+    the denoising loop: minutes for a real model; what used to end in a segfault)."""
     out = tmp_path / "run"
-    rc, before, after, took = run_and_signal(sample_argv(models, out),
-                                             lambda err: "sampling 2 video(s)" in err and err.endswith("\n"))
-    print(f"sample interrupted while compiling: exit in {took:.1f}s: {after.strip()!r}")
+    rc, before, after, took = run_and_signal(sample_argv(models, out, "--config.steps=40", "--config.L=16"),
+                                             lambda err: "sampling 2 video(s)" in err and err.endswith("\n"),
+                                             then_wait=delay)
+    print(f"sample interrupted {delay}s after 'sampling': exit in {took:.1f}s: {after.strip()!r}")
     assert "denoising" not in before
     assert assert_one_line(rc, after) == "interrupted (SIGINT); nothing written"
     assert not out.exists() or os.listdir(out) == []

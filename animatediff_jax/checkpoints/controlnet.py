@@ -29,7 +29,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from animatediff_jax.checkpoints.motion import diffusers_to_original_key, original_to_diffusers_key, split_position_tables
+from animatediff_jax.checkpoints.motion import (
+    diffusers_to_original_key,
+    original_to_diffusers_key,
+    split_position_tables,
+)
 from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
@@ -247,8 +251,8 @@ def _load_folder(folder: str, base: UNetConfig | None) -> tuple[ControlNetConfig
     if base is not None:
         check_for_base(config, base, what)
     weights = find_weights_file(folder)
-    return config, convert_controlnet_state_dict(load_state_dict(weights), config, what=f"{weights} (diffusers {raw.get('_class_name', 'ControlNetModel')})",
-                                                 names=FileNames())
+    what = f"{weights} (diffusers {raw.get('_class_name', 'ControlNetModel')})"
+    return config, convert_controlnet_state_dict(load_state_dict(weights), config, what=what, names=FileNames())
 
 
 def controlnet_from_state_dict(

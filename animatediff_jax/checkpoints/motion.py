@@ -178,7 +178,9 @@ def detect_motion_version(state_dict: Mapping[str, Any], what: str = "state dict
     return "v1" if _pe_length(state_dict) == 24 else "v3"
 
 
-def _motion_state_dict(sd: Mapping[str, np.ndarray], what: str, ignore_spatial: bool) -> tuple[StateDict, str, FileNames]:
+def _motion_state_dict(
+    sd: Mapping[str, np.ndarray], what: str, ignore_spatial: bool
+) -> tuple[StateDict, str, FileNames]:
     """The motion-module keys of a file in diffusers naming (pe tables kept), the naming found, and
     how the file names them (for errors in its words)."""
     motion = {k: v for k, v in sd.items() if _is_motion_key(k)}

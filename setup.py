@@ -13,16 +13,16 @@ setup(
     package_data={"animatediff_jax.toy": ["README.md", "assets/*/*", "assets/*/*/*"]},
     # Floors: the oldest versions the code runs on; constraints/minimum.txt pins each of them (CI runs
     # the fast tests there) and tests/test_install.py keeps the two equal. Why each: CONTRIBUTING.md.
-    python_requires=">=3.11",  # jax 0.7 needs 3.11
+    python_requires=">=3.11",  # jax >= 0.7 needs 3.11
     install_requires=[
-        "jax>=0.7.1",  # jax.set_mesh (0.7.1); jax.shard_map, jax.sharding.AxisType, jax.experimental.topologies
-        "jaxlib>=0.7.1",
+        "jax>=0.10.2",  # jaxlib._hlo (xla_cost: loop-aware costs); jax.set_mesh needs 0.7.1
+        "jaxlib>=0.10.2",
         "flax>=0.11.0",
         "optax>=0.2.5",
-        "orbax-checkpoint>=0.11.20",
+        "orbax-checkpoint>=0.12.8",  # gcs_utils.get_kvstore_for_gcs (tests/test_remote_paths.py's fake bucket)
         "etils[epath]>=1.13.0",  # every path, local or gs:// (animatediff_jax/io/fs.py), as orbax
-        "ml-collections>=1.0.0",
-        "numpy>=1.26.4",
+        "ml-collections>=1.1.0",  # dict fields overridable on the command line
+        "numpy>=2.0.2",
         "safetensors>=0.8.0",
         "Pillow>=10.0.0",
         "PyYAML>=6.0.1",  # sample writes (and replays) config.yaml
@@ -39,7 +39,7 @@ setup(
         # jax[tpu] brings libtpu (it runs on a CPU host): tests/test_compile.py compiles for abstract TPU chips.
         # ruff: .ci/run lints (ruff.toml).
         "test": ["torch>=2.13.0", "transformers>=5.25.0", "diffusers>=0.42.1", "peft>=0.21.2", "pytest>=9.0.3",
-                 "pytest-xdist>=3.8.0", "grain>=0.2.12", "av>=18.1.0", "tensorboardX>=2.6.5", "jax[tpu]>=0.7.1",
+                 "pytest-xdist>=3.8.0", "grain>=0.2.12", "av>=18.1.0", "tensorboardX>=2.6.5", "jax[tpu]>=0.10.2",
                  "ruff>=0.17.6"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(_main, argv)
 
 
-def _main(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="animatediff-jax prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -107,7 +107,11 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--coordinator", default="", help="HOST:PORT of process 0 (off Cloud TPU)")
     p.add_argument("--num-processes", type=int, default=0)
     p.add_argument("--process-id", type=int, default=-1)
-    args = p.parse_args(argv)
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before anything loads (the output by `fs.check_output`'s one rule)."""
     for name in ("n_frames", "stride", "size", "batch_size", "clips_per_video", "num_shards"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -120,6 +124,10 @@ def _main(argv: list[str]) -> int:
     inputs = tuple(q for q in (args.model, args.base, args.tokenizer, args.csv, args.videos) if q)
     fs.check_output(args.out, inputs, overwrite=args.overwrite or resumable(args.out))
 
+
+def _main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    _check_args(args)
     from animatediff_jax import parallel
 
     # Before anything touches a JAX backend, as training does.

@@ -1,6 +1,7 @@
 """Shared test setup: fp32 everywhere, a persistent compile cache, seeded torch."""
 
 import os
+import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (tests/test_compile.py compiles for abstract TPU chips) holds a lock file per process; the
@@ -56,33 +57,146 @@ HEAVY = {"test_real_size.py", "test_sd15_released.py", "test_memory_bench.py", "
 
 
 # The fast tier, `python -m pytest -q -m "not slow" tests` (CONTRIBUTING.md): what is slow is marked
-# here, not in the test files. A whole file (real size, multi-process, subprocess-heavy, long
-# compiles), or tests by function name (every parametrisation); each file keeps a fast test where it
-# has one. Measured one by one on 2 CPU cores with `--durations`: a test over ~5 s goes here.
+# here, not in the test files. A whole file (real size, several processes), or tests by function name
+# (every parametrisation) or by node name (`name[params]`: one parametrisation). Measured one by one
+# on 2 CPU cores with `--durations`: a test over ~3 s goes here, and so do the users of a module
+# fixture that costs more than ~5 s (a training or sampling run, models built in diffusers); each
+# file keeps its quick tests.
 SLOW_FILES = {"test_real_size.py", "test_multihost.py"}
 SLOW_TESTS = {
-    "test_toy.py": {"test_shipped_checkpoint_moves_as_prompted", "test_shipped_checkpoint_travels_between_prompts",
+    "test_attention.py": {
+        "test_chunked_gradient_memory", "test_chunked_inside_flax_module", "test_chunked_under_vmap",
+        "test_splash_shard_map_two_devices", "test_chunked_matches_xla[300-300-40-False]",
+        "test_chunked_matches_xla[300-300-80-True]", "test_chunked_matches_xla[300-300-160-False]",
+        "test_chunked_matches_xla[200-77-40-True]", "test_chunked_matches_xla[77-300-80-True]",
+        "test_chunked_matches_xla[256-256-40-False]", "test_splash_interpret_matches_xla[200-200-40-False-128]",
+        "test_splash_interpret_matches_xla[200-200-160-True-128]",
+        "test_splash_interpret_matches_xla[200-128-40-True-128]"},
+    "test_bad_weights.py": {"test_a_damaged_converted_base_is_named_as_the_base"},
+    "test_clip_text.py": {
+        "test_sd15_forward_matches_transformers", "test_tiny_last_hidden_state_matches_transformers",
+        "test_encode_prompts_matches_diffusers_encode_prompt", "test_clip_skip_zero_and_none_are_the_last_layer",
+        "test_bf16_compute_stays_close", "test_tiny_clip_skip_matches_hidden_states_path[1]"},
+    "test_clip_vision.py": {
+        "test_vit_l14_architecture_matches_transformers", "test_tiny_text_with_projection_matches_transformers",
+        "test_tiny_vision_with_projection_matches_transformers", "test_preprocess_matches_clip_image_processor_exactly",
+        "test_tiny_clip_model_matches_transformers_end_to_end"},
+    "test_compile.py": {
+        "test_stage2_step_compiles_on_a_v5e_2x2_data_x_fsdp_mesh", "test_per_chip_state_shrinks_with_fsdp",
+        "test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1", "test_the_command_fits_and_does_not_fit",
+        "test_compile_sample_reads_the_config_files_that_are_here"},
+    "test_control_sampling.py": {  # `pipes`: diffusers' control pipelines
+        "test_controlnets_match_animatediff_controlnet_pipeline",
+        "test_sparsectrl_matches_animatediff_sparse_controlnet_pipeline", "test_control_errors_are_one_line",
+        "test_sample_config_image_to_video_and_controlnet", "test_sample_config_control_errors"},
+    "test_controlnet.py": {  # `tiny_cn`: a diffusers ControlNet
+        "test_sd15_controlnet_real_architecture", "test_real_size_layouts", "test_unet_with_residuals_vs_diffusers",
+        "test_sparsectrl_vs_diffusers", "test_sparsectrl_diffusers_norms", "test_controlnet_vs_diffusers",
+        "test_diffusers_folders", "test_controlnet11_single_file", "test_bad_files"},
+    "test_convert_cli.py": {  # `sd_folder`: an SD1.5 folder written by diffusers
+        "test_convert_writes_identical_params_and_configs", "test_converted_folder_loads_without_torch",
+        "test_convert_refuses_an_existing_out_and_never_writes_its_input", "test_convert_motion_and_lora",
+        "test_motion_params_file_loads_without_torch", "test_convert_motion_lora_errors"},
+    "test_data.py": {"test_cache_roundtrip_matches_direct_encoding",
+                     "test_pipeline_workers_give_the_same_batches_and_resume"},
+    "test_evaluation.py": {  # `world`: a sample run with CLIP metrics
+        "test_sample_writes_metrics", "test_evaluate_command_on_a_sample_folder", "test_evaluate_command_errors",
+        "test_sample_safety_checker_blacks_flagged_videos", "test_sample_config_checks",
+        "test_training_logs_clip_metrics"},
+    "test_export.py": {
+        "test_motion_lora_export_in_diffusers", "test_motion_export_loads_in_diffusers",
+        "test_a_module_for_another_model_size_names_base_config", "test_position_table_is_torchs",
+        "test_round_trips_bit_exact"},
+    "test_export_safety.py": {"test_a_write_that_fails_leaves_the_previous_output",
+                              "test_existing_output_needs_overwrite_and_the_input_is_never_replaced"},
+    "test_fault_tolerance.py": {  # `straight`: a training run through the CLI
+        "test_divergence_stops_with_one_line_and_saves_nothing_nonfinite",
+        "test_signal_saves_exits_0_and_resumes_bit_exact",
+        "test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_resumed",
+        "test_checkpoint_missing_files_are_damage", "test_checkpoint_of_another_config_is_refused_not_moved",
+        "test_checkpoint_of_another_process_count_is_refused_not_moved",
+        "test_rotation_never_deletes_the_last_intact_checkpoint", "test_webvid_with_a_wrong_folder_fails_fast",
+        "test_prepare_with_nothing_readable_is_an_error"},
+    "test_interrupts.py": {"test_sample_interrupted_while_denoising", "test_sample_interrupted_while_compiling"},
+    "test_lora.py": {"test_init_lora_targets_and_identity", "test_motion_lora_original_runtime_and_merged",
+                     "test_motion_lora_diffusers_formats", "test_kohya", "test_round_trips"},
+    "test_memory_bench.py": {"test_memory_bench_small", "test_train_program_differentiates_the_training_steps_loss"},
+    "test_motion_formats.py": {"test_original_file_parity", "test_renaming_matches_diffusers", "test_errors"},
+    "test_motion_norms.py": {"test_export_says_it_or_refuses", "test_sample_pipeline_runs_the_files_norms"},
+    "test_parity.py": {  # `pipes`: diffusers' AnimateDiffPipeline
+        "test_tiny_parity_with_animatediff_pipeline", "test_tiny_parity_with_chunked_attention", "test_cli_tiny",
+        "test_stochastic_samplers_are_refused"},
+    "test_prepare.py": {"test_two_processes_and_a_killed_run_write_the_same_cache",
+                        "test_latent_dtypes_and_the_clip_of_each_record",
+                        "test_workers_give_the_threads_batches_and_resume_across_worker_counts"},
+    "test_programs.py": {"test_validations_through_the_real_trainer_keep_device_memory_constant"},
+    "test_readme.py": {"test_readme_example_runs"},
+    "test_remote_paths.py": {"test_prepare_then_train_and_resume_in_the_bucket",
+                             "test_sample_with_every_file_in_the_bucket", "test_convert_and_export_in_the_bucket"},
+    "test_resume.py": {  # `runs`: two training runs through the CLI
+        "test_resume_is_bit_exact", "test_checkpoints_kept_logged_and_validated", "test_interrupted_save_is_ignored"},
+    "test_safety.py": {"test_flags_and_black_images_match_diffusers[released-naming]"},
+    "test_sample_cli.py": {  # `run`: a sample run through the CLI
+        "test_bench_small_tiny_runs", "test_context_windows_length_override_runs_windows",
+        "test_cli_help_and_print_config", "test_load_pipeline_merges_like_lora_merge",
+        "test_bad_input_one_line_error_before_compiling[motion_fit]", "test_sample_writes_generates_frames",
+        "test_replaying_a_saved_run_reproduces_its_frames"},
+    "test_sampling.py": {  # `pipe`: the tiny pipeline, compiled
+        "test_sharded_over_8_devices_equals_single_device", "test_windowed_prediction_averages_overlaps",
+        "test_generate_compiles_once_and_matches_its_parts", "test_scan_equals_python_loop_and_reports_progress",
+        "test_long_video_needs_and_uses_windows"},
+    "test_schedulers.py": {
+        "test_few_step_configs_use_their_model_cards_scheduler[animatelcm.py]",
+        "test_few_step_configs_use_their_model_cards_scheduler[lightning.py:2]",
+        "test_default_ddim_is_the_original_animatediff_scheduler[current-3]",
+        "test_sampling_loop_matches_diffusers[lcm-4-19]", "test_sampling_loop_matches_diffusers[lcm-7-20]",
+        "test_sampling_loop_matches_diffusers[pndm-7-17]", "test_sampling_loop_matches_diffusers[pndm-25-16]",
+        "test_sampling_loop_matches_diffusers[ddim-7-2]", "test_sampling_loop_matches_diffusers[ddim-25-0]",
+        "test_sampling_loop_matches_diffusers[ddim-25-4]", "test_sampling_loop_matches_diffusers[ddim-7-5]"},
+    "test_sd15.py": {"test_partial_file_takes_the_rest_from_base", "test_diffusers_folder[safetensors]",
+                     "test_sd15_size_layout_is_the_compvis_one"},
+    "test_sd15_released.py": {"test_published_sd15_folder_at_real_size"},
+    "test_sharding.py": {"test_sharded_step_equals_single_device"},
+    "test_steering.py": {  # `reference`: diffusers' UNetMotionModel
+        "test_sample_config_prompt_travel_and_motion_scale", "test_generate_with_free_init_is_diffusers",
+        "test_video_to_video_is_diffusers", "test_a_context_per_frame",
+        "test_motion_scope_windows_are_diffusers_free_noise",
+        "test_pe_stretch_is_animatediff_evolveds", "test_generate_with_prompt_travel_is_diffusers_free_noise",
+        "test_generate_with_free_noise_windows", "test_motion_scale", "test_motion_scale_names_the_blocks",
+        "test_video_to_video_keeps_the_video_at_low_strength"},
+    "test_toy.py": {"test_pixel_vae_is_identity_in_flax_and_diffusers", "test_shipped_checkpoint_moves_as_prompted",
+                    "test_shipped_checkpoint_travels_between_prompts",
                     "test_shipped_video_to_video_keeps_the_track_at_low_strength", "test_shipped_motion_lora_zooms",
                     "test_demo_quick_runs_every_stage"},
-    "test_sharding.py": {"test_sharded_step_equals_single_device"},
-    "test_train_memory.py": {"test_fsdp_gathers_per_layer_in_bf16"},
-    "test_compile.py": {"test_stage2_step_compiles_on_a_v5e_2x2_data_x_fsdp_mesh", "test_per_chip_state_shrinks_with_fsdp",
-                        "test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1",
-                        "test_the_command_fits_and_does_not_fit", "test_compile_sample_reads_the_config_files_that_are_here"},
-    "test_fault_tolerance.py": {"test_divergence_stops_with_one_line_and_saves_nothing_nonfinite",
-                                "test_signal_saves_exits_0_and_resumes_bit_exact",
-                                "test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_resumed",
-                                "test_checkpoint_missing_files_are_damage", "test_checkpoint_of_another_config_is_refused_not_moved",
-                                "test_checkpoint_of_another_process_count_is_refused_not_moved",
-                                "test_rotation_never_deletes_the_last_intact_checkpoint"},
-    "test_sd15_released.py": {"test_published_sd15_folder_at_real_size"},
+    "test_train_bench.py": {"test_train_bench_tiny"},
+    "test_train_memory.py": {"test_runtime_lora_equals_merged_fp32", "test_runtime_lora_survives_bf16_base",
+                             "test_fsdp_gathers_per_layer_in_bf16"},
+    "test_training.py": {  # `trained`: a short run of each stage
+        "test_loss_goes_down", "test_frozen_params_bit_identical", "test_bf16_compute_fp32_params",
+        "test_nonfinite_step_leaves_params_and_optimizer_state_unchanged",
+        "test_a_saved_step_is_loaded_instead_of_compiled"},
+    "test_training_parts.py": {"test_a_train_run_validates_its_config_once"},
+    "test_unet.py": {"test_per_block_remat_changes_nothing_but_memory", "test_original_numerics[v1]",
+                     "test_original_numerics[v2]", "test_original_numerics_with_chunked_attention",
+                     "test_norm_semantics_matter"},
+    "test_vae.py": {"test_sd15_size_encode_decode"},
 }
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` / `-k` deselect: every item gets its marks
 def pytest_collection_modifyitems(config, items):
+    unmatched = {}
     for item in items:
         name = os.path.basename(str(item.fspath))
         item.add_marker(pytest.mark.xdist_group("real-size" if name in HEAVY else name))
-        if name in SLOW_FILES or getattr(item, "originalname", item.name) in SLOW_TESTS.get(name, ()):
+        slow = SLOW_TESTS.get(name, ())
+        left = unmatched.setdefault(name, set(slow))
+        for key in (item.name, getattr(item, "originalname", item.name)):
+            if key in slow:
+                left.discard(key)
+        if name in SLOW_FILES or item.name in slow or getattr(item, "originalname", item.name) in slow:
             item.add_marker(pytest.mark.slow)
+    if not any("::" in str(a) for a in config.args):  # whole files collected: a stale name is a renamed test
+        for name, left in unmatched.items():
+            if left:
+                warnings.warn(f"tests/conftest.py SLOW_TESTS[{name!r}] names no test: {sorted(left)}")

@@ -110,11 +110,15 @@ def test_this_environment_meets_the_floors(where):
 
 
 def test_the_floor_apis_are_there():
-    """What sets the jax and grain floors (CONTRIBUTING.md, "Supported versions") exists here."""
+    """What sets the floors (CONTRIBUTING.md, "Supported versions") exists here."""
     import jax
+    import jaxlib._hlo  # noqa: F401  (animatediff_jax/xla_cost.py)
 
     assert callable(jax.set_mesh) and callable(jax.shard_map) and jax.sharding.AxisType.Manual
     from jax.experimental import topologies  # noqa: F401
+    from orbax.checkpoint._src.path import gcs_utils  # tests/test_remote_paths.py's fake bucket
+
+    assert callable(gcs_utils.get_kvstore_for_gcs)
 
     grain = pytest.importorskip("grain")
     assert grain.MultiprocessingOptions and grain.experimental.index_shuffle

@@ -1,7 +1,7 @@
 """PyTorch reference models for parity tests, and the patches that give diffusers the original's numerics.
 
 diffusers' `UNetMotionModel` differs from the original AnimateDiff in GroupNorm semantics only
-(see shared/README.md): its motion modules normalise across frames (the original: per frame),
+(see docs/reference.md): its motion modules normalise across frames (the original: per frame),
 and for v1 the original's resnet/output GroupNorms span all frames (diffusers: per frame).
 The wrappers below reshape around the very same `nn.GroupNorm` so the weights are untouched.
 """

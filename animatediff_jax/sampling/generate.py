@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from animatediff_jax.errors import FieldError
+from animatediff_jax.errors import ConfigError, FieldError
 from animatediff_jax.sampling.compiled import PROGRAMS, Programs
 from animatediff_jax.sampling.control import check_base
 from animatediff_jax.sampling.free_init import video_pixels
@@ -52,7 +52,7 @@ def sampling_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):
-        raise ValueError(f"num_devices={n}: there are {len(devices)} devices")
+        raise ConfigError(f"num_devices={n}: there are {len(devices)} devices")
     return Mesh(np.asarray(devices[:n]), (DATA,))
 
 
@@ -62,7 +62,7 @@ def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = No
     against the text encoder, frames (or windows) against the motion module's position table, the
     controls against the base, `init_latents`' shape. (Everything else `Request` checked when built.)"""
     if pipe.tokenizer is None and need_tokenizer:
-        raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
+        raise ConfigError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
     check_size(request.height, request.width, pipe.size_multiple)
     layers = pipe.text_config.num_layers
     if request.clip_skip > layers:
@@ -92,7 +92,7 @@ def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = No
         raise FieldError("init_latents", f" must have shape {shape} (N, F, h, w, C), got "
                          f"{tuple(np.shape(request.init_latents))}")
     if mesh is not None and DATA not in mesh.axis_names:
-        raise ValueError(f"mesh must have a {DATA!r} axis, has {mesh.axis_names}")
+        raise ConfigError(f"mesh must have a {DATA!r} axis, has {mesh.axis_names}")
 
 
 class _Progress:

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from animatediff_jax import schedulers as S
+from animatediff_jax.checkpoints.sd15 import convert_clip_text
 from animatediff_jax.models.attention import IMPLEMENTATIONS
 from animatediff_jax.models.clip_text import CLIPTextConfig
-from animatediff_jax.checkpoints.sd15 import convert_clip_text
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
 from animatediff_jax.models.vae import VAEConfig, decode_video
 from animatediff_jax.sampling import (
@@ -233,8 +233,7 @@ def _to_device_inplace(tree: dict) -> None:
 def ours_from_diffusers(pipe, tokenizer_folder: str, dtype=jnp.float32, attention: str = "auto") -> AnimationPipeline:
     """Our pipeline holding the weights of a diffusers `AnimateDiffPipeline` (converted on the host);
     `attention`: the UNet's `models.attention` implementation."""
-    from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
-    from animatediff_jax.checkpoints.sd15 import convert_vae
+    from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict, convert_vae
     from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.text import Tokenizer
 

@@ -73,7 +73,6 @@ TARGET_TPU_CALLS = 5
 
 from animatediff_jax.xla_cost import loop_aware_cost  # noqa: E402  (every loop counted as often as it runs)
 
-
 # ----------------------------------------------------------------------------------------------
 # Shapes and configs
 # ----------------------------------------------------------------------------------------------
@@ -209,8 +208,7 @@ def decode_program(vae_cfg, impl: str, frames: int, size: int, chunk: int = 4):
     import jax
     import jax.numpy as jnp
 
-    from animatediff_jax.models.vae import AutoencoderKL
-    from animatediff_jax.models.vae import decode_video
+    from animatediff_jax.models.vae import AutoencoderKL, decode_video
 
     vae = AutoencoderKL(vae_cfg, dtype=jnp.bfloat16, attention=impl)
     lat = size // vae_cfg.downscale

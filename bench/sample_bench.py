@@ -112,14 +112,13 @@ def random_pipeline(size: str, dtype: str, tok_dir: str, attention: str = "auto"
     """Our pipeline with random weights drawn on the host straight in `dtype` (no float32 copy)."""
     import jax.numpy as jnp
 
-    from animatediff_jax.models.shapes import clip_shapes, vae_shapes
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import sd15_unet, tiny_unet
-    from animatediff_jax.models.shapes import unet_shapes
-    from animatediff_jax.models.vae import VAEConfig
-    from animatediff_jax.testing.tiny import write_tiny_tokenizer
     from animatediff_jax.models.init import random_params
+    from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
+    from animatediff_jax.models.vae import VAEConfig
     from animatediff_jax.sampling import AnimationPipeline
+    from animatediff_jax.testing.tiny import write_tiny_tokenizer
     from animatediff_jax.text import Tokenizer
 
     text = CLIPTextConfig.tiny() if size == "tiny" else CLIPTextConfig.sd15()

@@ -225,8 +225,8 @@ def remat_sweep(args, unet_cfg, policies) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from animatediff_jax.models.unet import UNet3D
     from animatediff_jax.models.shapes import unet_shapes
+    from animatediff_jax.models.unet import UNet3D
     from animatediff_jax.training import stages
     from animatediff_jax.training.step import StepSpec, make_loss_fn
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from animatediff_jax.checkpoints.params_io import save_motion
-from animatediff_jax.checkpoints.motion import save_motion_module_original
-from animatediff_jax.models.shapes import motion_shapes
-from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict, nonfinite_allowed, torch_to_flax
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from animatediff_jax.checkpoints.motion import save_motion_module_original
+from animatediff_jax.checkpoints.params_io import save_motion
+from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict, nonfinite_allowed, torch_to_flax
 from animatediff_jax.cli import main as cli
 from animatediff_jax.models.config import tiny_unet
+from animatediff_jax.models.shapes import motion_shapes
 
 CFG = tiny_unet("v2")
 
@@ -82,11 +82,11 @@ def test_pickles_with_code_are_refused_without_running(tmp_path):
 
 def test_export_validates_every_lora_layer_against_its_config(tmp_path, capsys):
     """A converted MotionLoRA with a wrong-shaped `up`, or a layer missing a tensor: one error line, no file."""
+    import jax
+
     from animatediff_jax.checkpoints import params_io
     from animatediff_jax.lora import init_lora, lora_layers, motion_lora_targets
     from animatediff_jax.models.shapes import unet_shapes
-
-    import jax
 
     tree = init_lora(unet_shapes(CFG), motion_lora_targets, 2, jax.random.key(0))
     tree = jax.tree.map(lambda x: np.asarray(x) + 0.1, tree)
@@ -169,9 +169,10 @@ def test_a_sparsectrl_file_that_does_not_fit_is_named_in_its_own_words(tmp_path)
     """A released-layout SparseCtrl file (diffusers' `SparseControlNetModel`, motion modules renamed to
     the original's `temporal_transformer` / `attention_blocks` names, as `v3_sd15_sparsectrl_rgb.ckpt`):
     keys named as in the file (not as converted), shapes in its PyTorch layout (1x1 convs (O, I, 1, 1))."""
+    from test_controlnet import _host, to_original_sparsectrl, torch_control_model
+
     from animatediff_jax.checkpoints.controlnet import load_controlnet
     from animatediff_jax.models.controlnet import tiny_controlnet
-    from test_controlnet import _host, to_original_sparsectrl, torch_control_model
 
     cfg = tiny_controlnet("rgb")
     sd = to_original_sparsectrl(_host(torch_control_model(cfg)), cfg)
@@ -187,9 +188,10 @@ def test_a_sparsectrl_file_that_does_not_fit_is_named_in_its_own_words(tmp_path)
 def test_a_controlnet_ldm_file_that_does_not_fit_is_named_in_its_own_words(tmp_path):
     """ControlNet 1.x in LDM naming (`control_model.zero_convs.N.0`, renamed by diffusers' converter on
     reading): a missing weight is named after its bias, which the file holds."""
+    from test_controlnet import _host, to_ldm, torch_control_model
+
     from animatediff_jax.checkpoints.controlnet import load_controlnet
     from animatediff_jax.models.controlnet import tiny_controlnet
-    from test_controlnet import _host, to_ldm, torch_control_model
 
     cfg = tiny_controlnet(conditioning_embedding_out_channels=(4, 8, 8, 16))  # (SD's hint net: see test_controlnet)
     sd = to_ldm(_host(torch_control_model(cfg)), cfg)
@@ -204,10 +206,10 @@ def test_a_motion_module_file_that_does_not_fit_is_named_in_its_own_words(tmp_pa
     """A released-layout motion module (diffusers' `MotionAdapter` renamed to the original naming, pe
     tables included, as `mm_sd_v15_v2.ckpt`): keys as in the file, shapes in its layout."""
     from diffusers import MotionAdapter
-
-    from animatediff_jax.checkpoints.load import load_motion
     from test_motion_formats import fake_original
     from torch_refs import motion_adapter_kwargs
+
+    from animatediff_jax.checkpoints.load import load_motion
 
     adapter = MotionAdapter(**motion_adapter_kwargs(CFG))
     sd = fake_original({k: v.detach().numpy() for k, v in adapter.state_dict().items()})

@@ -111,8 +111,8 @@ def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
     from animatediff_jax.models.shapes import clip_shapes, controlnet_shapes, unet_shapes, vae_shapes
     from animatediff_jax.models.vae import VAEConfig
     from animatediff_jax.sampling.options import Control, Request
-    from animatediff_jax.sampling.programs import abstract_sampler
     from animatediff_jax.sampling.pipeline import AnimationPipeline
+    from animatediff_jax.sampling.programs import abstract_sampler
 
     text = CLIPTextConfig.tiny()
     unet, vae = tiny_unet("v2", cross_attention_dim=text.hidden_size), VAEConfig.tiny()

@@ -93,9 +93,8 @@ def check(name, ours, ref):
 
 def test_controlnets_match_animatediff_controlnet_pipeline(pipes):
     """Two ControlNets at once (scales 0.8 and 1.3, the second only over the middle of the run)."""
-    from PIL import Image
-
     from diffusers import AnimateDiffControlNetPipeline
+    from PIL import Image
 
     from animatediff_jax.sampling import Control
 
@@ -126,10 +125,9 @@ def test_controlnets_match_animatediff_controlnet_pipeline(pipes):
 @pytest.mark.parametrize("kind", ["rgb", "scribble"])
 def test_sparsectrl_matches_animatediff_sparse_controlnet_pipeline(pipes, kind, monkeypatch):
     """Two keyframes (frames 0 and 2) steer a 4-frame video; RGB through the VAE, scribble as pixels."""
-    from PIL import Image
-
     import diffusers.pipelines.animatediff.pipeline_animatediff_sparsectrl as sparse_module
     from diffusers import AnimateDiffSparseControlNetPipeline
+    from PIL import Image
 
     from animatediff_jax.sampling import Control
 
@@ -156,8 +154,7 @@ def test_sparsectrl_matches_animatediff_sparse_controlnet_pipeline(pipes, kind, 
 def test_control_errors_are_one_line(pipes):
     """Wrong frame counts, keyframes outside the video, a control model for another base: named, before compiling."""
     from animatediff_jax.models.controlnet import tiny_controlnet
-    from animatediff_jax.sampling import generate
-    from animatediff_jax.sampling import Control
+    from animatediff_jax.sampling import Control, generate
 
     _, ours = pipes
     _, cfg, params = control_model(False, ours, 31)
@@ -184,8 +181,7 @@ def test_sample_config_image_to_video_and_controlnet(tmp_path):
     from animatediff_jax.checkpoints.controlnet import load_controlnet
     from animatediff_jax.io.video import read_frames, read_image, write_gif
     from animatediff_jax.sample import load_config, sample
-    from animatediff_jax.sampling import generate
-    from animatediff_jax.sampling import Control
+    from animatediff_jax.sampling import Control, generate
     from animatediff_jax.testing.tiny import write_tiny_models
 
     paths = write_tiny_models(tmp_path / "models")
@@ -212,8 +208,8 @@ def test_sample_config_image_to_video_and_controlnet(tmp_path):
 
 def test_sample_config_control_errors(tmp_path):
     """Config mistakes are one line naming the field, before any weights load."""
-    from animatediff_jax.sample import load_config, sample
     from animatediff_jax.errors import ConfigError
+    from animatediff_jax.sample import load_config, sample
     from animatediff_jax.testing.tiny import write_tiny_models
 
     paths = write_tiny_models(tmp_path / "models")

@@ -20,7 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from flax.traverse_util import flatten_dict
+from ldm_fixture import _rename, unet_module_map
+from torch_refs import patch_to_original, randomize, torch_motion_unet
 
 from animatediff_jax.checkpoints.controlnet import (
     LDM_CONTROL_PREFIX,
@@ -41,9 +44,6 @@ from animatediff_jax.models.controlnet import (
 )
 from animatediff_jax.models.shapes import controlnet_shapes
 from animatediff_jax.models.unet import UNet3D
-from conftest import assert_close
-from ldm_fixture import _rename, unet_module_map
-from torch_refs import patch_to_original, randomize, torch_motion_unet
 
 B, F, H = 2, 3, 8  # videos, frames, latent side
 SCALE = 0.7  # conditioning scale

@@ -7,24 +7,24 @@ import sys
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 
 from animatediff_jax.checkpoints.params_io import load_params, save_params
-from animatediff_jax.checkpoints.sd15 import load_converted
-from animatediff_jax.checkpoints.sd15 import load_sd15
+from animatediff_jax.checkpoints.sd15 import load_converted, load_sd15
 from animatediff_jax.checkpoints.torch_io import CheckpointError
-from flax.traverse_util import flatten_dict
 from animatediff_jax.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig as TConfig, CLIPTextModel as TCLIP
+    from torch_refs import randomize, unet2d_kwargs
+    from transformers import CLIPTextConfig as TConfig
+    from transformers import CLIPTextModel as TCLIP
 
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import tiny_unet
     from animatediff_jax.models.vae import VAEConfig
-    from torch_refs import randomize, unet2d_kwargs
 
     d = tmp_path_factory.mktemp("sd")
     torch.manual_seed(0)
@@ -124,11 +124,11 @@ def _tree_equal(a, b) -> bool:
 def torch_files(tmp_path_factory):
     """An original v2 motion module, a v1 MotionAdapter folder, an original MotionLoRA, a kohya LoRA."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-
-    from animatediff_jax.models.config import tiny_unet
     from test_lora import MOTION_ATTN, kohya_file, modules, original_file, random_factors
     from test_motion_formats import fake_original
     from torch_refs import motion_adapter_kwargs, randomize, unet2d_kwargs
+
+    from animatediff_jax.models.config import tiny_unet
 
     d = tmp_path_factory.mktemp("torch_files")
     adapter = randomize(MotionAdapter(**motion_adapter_kwargs(tiny_unet("v2"))), seed=1)

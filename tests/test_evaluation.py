@@ -21,9 +21,10 @@ from animatediff_jax import cli
 from animatediff_jax import evaluate as E
 from animatediff_jax import sample as S
 from animatediff_jax.checkpoints.clip import load_clip
-from animatediff_jax.evaluation import clip_eval, metrics as M
-from animatediff_jax.io.video import read_video, write_gif
 from animatediff_jax.errors import ConfigError
+from animatediff_jax.evaluation import clip_eval
+from animatediff_jax.evaluation import metrics as M
+from animatediff_jax.io.video import read_video, write_gif
 from animatediff_jax.sampling.assemble import validate
 from animatediff_jax.testing.tiny import write_tiny_models
 from animatediff_jax.testing.tiny_clip import write_tiny_clip, write_tiny_safety_checker
@@ -215,8 +216,8 @@ def test_sample_config_checks(world, tmp_path, capsys):
         validate(dict(c, evaluate={"reference": True}))
     with pytest.raises(ConfigError, match=r"safety_checker: /nowhere: no such file"):
         validate(dict(c, safety_checker="/nowhere"))
-    from animatediff_jax.evaluation.sample_checks import SampleChecks
     from animatediff_jax.checkpoints.torch_io import CheckpointError
+    from animatediff_jax.evaluation.sample_checks import SampleChecks
 
     with pytest.raises(CheckpointError, match="evaluate.clip: .*an SD safety checker folder"):
         SampleChecks(dict(safety_checker="", base_model="", evaluate={"clip": world["flag_all"], "reference": False}))
@@ -244,7 +245,8 @@ def test_training_logs_clip_metrics(world, tmp_path):
     cache, the train step's compile: the hook runs on a built trainer instead.)"""
     from animatediff_jax.train import parse_config
     from animatediff_jax.training import build_trainer, loop
-    from animatediff_jax.training.config import ConfigError as TrainConfigError, validate_config
+    from animatediff_jax.training.config import ConfigError as TrainConfigError
+    from animatediff_jax.training.config import validate_config
 
     args = ["--config", os.path.join(ROOT, "configs", "train", "tiny_stage2.py"), f"--config.workdir={tmp_path}",
             "--config.model.domain_adapter=", "--config.train.num_frames=2", "--config.train.batch_size=2",

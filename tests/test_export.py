@@ -25,23 +25,21 @@ import jax
 import numpy as np
 import pytest
 import torch
-
-from animatediff_jax.checkpoints import params_io
-from animatediff_jax.checkpoints.load import load_lora, load_motion
-from animatediff_jax.checkpoints.motion import merge_motion
-from animatediff_jax.checkpoints.params_io import save_lora, save_motion
-from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
-from animatediff_jax.models.shapes import motion_shapes
-from flax.traverse_util import flatten_dict, unflatten_dict
-from animatediff_jax.cli import main as cli
-from animatediff_jax.checkpoints.motion import position_table
-from animatediff_jax.lora import domain_adapter_targets, init_lora, lora_layers, merge, motion_lora_targets
-from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.shapes import unet_shapes
 from conftest import assert_close
+from flax.traverse_util import flatten_dict, unflatten_dict
 from test_lora import MOTION_ATTN, SPATIAL_ATTN, diffusers_pipeline, modules, random_factors
 from test_motion_formats import fake_original
 from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, unet2d_kwargs
+
+from animatediff_jax.checkpoints import params_io
+from animatediff_jax.checkpoints.load import load_lora, load_motion
+from animatediff_jax.checkpoints.motion import merge_motion, position_table
+from animatediff_jax.checkpoints.params_io import save_lora, save_motion
+from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
+from animatediff_jax.cli import main as cli
+from animatediff_jax.lora import domain_adapter_targets, init_lora, lora_layers, merge, motion_lora_targets
+from animatediff_jax.models.config import tiny_unet
+from animatediff_jax.models.shapes import motion_shapes, unet_shapes
 
 FRAMES = 4
 BASE = tiny_unet(None)

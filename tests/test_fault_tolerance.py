@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 from test_resume import ROOT, args, assert_same_run
 
-from animatediff_jax.train import parse_config
-
-from animatediff_jax.train import main
+from animatediff_jax.train import main, parse_config
 from animatediff_jax.training.checkpointing import Checkpointer
 
 

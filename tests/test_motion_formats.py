@@ -16,7 +16,11 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
+from flax.traverse_util import flatten_dict
+from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, torch_motion_unet
 
+from animatediff_jax.checkpoints.load import load_motion
 from animatediff_jax.checkpoints.motion import (
     detect_motion_version,
     diffusers_to_original_key,
@@ -25,15 +29,10 @@ from animatediff_jax.checkpoints.motion import (
     save_motion_adapter,
     save_motion_module_original,
 )
-from animatediff_jax.checkpoints.load import load_motion
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
-from animatediff_jax.models.shapes import motion_subtree
 from animatediff_jax.checkpoints.torch_io import CheckpointError, ModelSizeError, load_state_dict
-from flax.traverse_util import flatten_dict
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.shapes import unet_shapes
-from conftest import assert_close
-from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, torch_motion_unet
+from animatediff_jax.models.shapes import motion_subtree, unet_shapes
 
 FRAMES = 4
 BASE = tiny_unet(None)
@@ -129,7 +128,6 @@ def test_original_file_parity(version, tmp_path):
 def test_motion_adapter_folder(tmp_path):
     """`MotionAdapter.save_pretrained` folder (v1: 24 positions) -> same params, same output."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-
     from torch_refs import unet2d_kwargs
 
     cfg = tiny_unet("v1")

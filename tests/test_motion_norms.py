@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
+from torch_refs import randomize, run_unet3d, unet2d_kwargs
 
 from animatediff_jax.checkpoints import params_io
 from animatediff_jax.checkpoints.load import load_motion
@@ -24,10 +26,8 @@ from animatediff_jax.checkpoints.torch_io import CheckpointError
 from animatediff_jax.cli import main as cli
 from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.models.config import MotionConfig, tiny_unet
-from animatediff_jax.models.shapes import motion_shapes
 from animatediff_jax.models.init import random_params
-from conftest import assert_close
-from torch_refs import randomize, run_unet3d, unet2d_kwargs
+from animatediff_jax.models.shapes import motion_shapes
 
 FRAMES = 4
 # The spatial UNet of the tiny models (`testing.tiny.write_tiny_models`, training's `model.size=tiny`),

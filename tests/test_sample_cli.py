@@ -18,22 +18,20 @@ import jax
 import numpy as np
 import pytest
 from conftest import assert_close
-from PIL import Image
-
 from flax.traverse_util import flatten_dict
+from PIL import Image
 
 from animatediff_jax import cli
 from animatediff_jax import sample as S
 from animatediff_jax.checkpoints.load import load_lora, load_motion
 from animatediff_jax.checkpoints.motion import merge_motion
 from animatediff_jax.checkpoints.sd15 import load_sd15
+from animatediff_jax.errors import ConfigError
 from animatediff_jax.io.video import read_video, write_gif
 from animatediff_jax.lora import lora_layers, merge
-from animatediff_jax.errors import ConfigError
-from animatediff_jax.sampling import PROGRAMS, AnimationPipeline, generate, load_pipeline, sampling_mesh
-from animatediff_jax.sampling import assemble
-from animatediff_jax.sampling.assemble import validate
 from animatediff_jax.models.init import random_params
+from animatediff_jax.sampling import PROGRAMS, AnimationPipeline, assemble, generate, load_pipeline, sampling_mesh
+from animatediff_jax.sampling.assemble import validate
 from animatediff_jax.testing.tiny import write_tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,8 +285,8 @@ def test_load_pipeline_merges_like_lora_merge(models, tmp_path):
 def _other_motion_module(folder: str) -> str:
     """A v2 motion module made for other UNet channels (16/32 instead of 32/64)."""
     from animatediff_jax.checkpoints.motion import save_motion_module_original
-    from animatediff_jax.models.shapes import motion_shapes
     from animatediff_jax.models.config import tiny_unet
+    from animatediff_jax.models.shapes import motion_shapes
 
     path = os.path.join(folder, "mm_other.safetensors")
     if not os.path.exists(path):

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
+from torch_refs import patch_to_original, torch_motion_unet
 
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.unet import UNet3D
-from conftest import assert_close
-from torch_refs import patch_to_original, torch_motion_unet
 
 FRAMES = 4
 CFG = tiny_unet("v2")

@@ -18,16 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from animatediff_jax import lora
-from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.models.attention import AttentionError
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.init import random_params
 from animatediff_jax.models.shapes import is_motion_path, unet_shapes
+from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.training import base_config, build_trainer, load_models, stages
 from animatediff_jax.training.config import tiny_overrides
-from animatediff_jax.models.init import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_close
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from animatediff_jax import parallel
-from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.lora import lora_layers
 from animatediff_jax.models.shapes import is_motion_path
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod

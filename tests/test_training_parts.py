@@ -17,7 +17,8 @@ import pytest
 from animatediff_jax.errors import ConfigError, FieldError
 from animatediff_jax.models.shapes import is_motion_path
 from animatediff_jax.train import parse_config
-from animatediff_jax.training import base_config, config as config_lib, stages
+from animatediff_jax.training import base_config, stages
+from animatediff_jax.training import config as config_lib
 from animatediff_jax.training.config import tiny_overrides, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -34,7 +34,6 @@ from animatediff_jax.checkpoints.motion import (
     original_to_diffusers_key,
     split_position_tables,
 )
-from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     FileNames,
@@ -45,6 +44,7 @@ from animatediff_jax.checkpoints.torch_io import (
     load_state_dict,
     torch_to_flax,
 )
+from animatediff_jax.io import fs
 from animatediff_jax.models.config import MotionConfig, UNetConfig
 from animatediff_jax.models.controlnet import ControlNetConfig
 from animatediff_jax.models.shapes import controlnet_shapes

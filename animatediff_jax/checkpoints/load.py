@@ -20,7 +20,6 @@ from flax import traverse_util
 
 from animatediff_jax.checkpoints import lora_formats, motion, params_io
 from animatediff_jax.checkpoints.params_io import KIND_NAMES, LORA_KINDS, MOTION_MODULE, file_kind, params_file
-from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Misfit,
@@ -30,6 +29,7 @@ from animatediff_jax.checkpoints.torch_io import (
     load_state_dict,
     size_difference,
 )
+from animatediff_jax.io import fs
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
 from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig, sd15_unet

@@ -30,10 +30,9 @@ import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from flax.traverse_util import unflatten_dict
 
 from animatediff_jax.checkpoints.motion import diffusers_to_original_key, original_to_diffusers_key
-from animatediff_jax.models.shapes import is_motion_path
-from animatediff_jax.checkpoints.torch_io import save_state_dict
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Misfit,
@@ -43,12 +42,13 @@ from animatediff_jax.checkpoints.torch_io import (
     fit_error,
     flax_to_torch_name,
     load_state_dict,
+    save_state_dict,
     size_difference,
     torch_module_path,
     torch_shape,
 )
-from flax.traverse_util import unflatten_dict
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
+from animatediff_jax.models.shapes import is_motion_path
 
 Path = tuple[str, ...]
 ANIMATEDIFF, DIFFUSERS, KOHYA = "original AnimateDiff", "diffusers", "kohya"

@@ -26,21 +26,21 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     FileNames,
     Params,
     StateDict,
+    check_tree,
     find_weights_file,
-    save_state_dict,
     flax_to_torch,
     load_state_dict,
-    check_tree,
+    save_state_dict,
     torch_to_flax,
 )
-from flax.traverse_util import flatten_dict, unflatten_dict
+from animatediff_jax.io import fs
 from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig
 from animatediff_jax.models.layers import sinusoidal_table
 from animatediff_jax.models.shapes import is_motion_path, motion_shapes, unet_shapes

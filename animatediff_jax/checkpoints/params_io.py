@@ -27,10 +27,10 @@ import typing
 from typing import Any, Mapping
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from animatediff_jax.checkpoints.torch_io import CheckpointError, Params, safetensors_metadata
 from animatediff_jax.io import fs
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 SEP = "/"
 FORMAT = "animatediff-jax/params/v1"

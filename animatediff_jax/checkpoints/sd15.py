@@ -15,7 +15,6 @@ import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
-
 from flax import traverse_util
 
 from animatediff_jax.checkpoints.motion import split_position_tables

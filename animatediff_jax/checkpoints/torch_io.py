@@ -197,9 +197,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
                     sd = {k: _to_numpy(v) for k, v in load_torch(local).items()}
             else:
-                import torch
-
                 import pickle
+
+                import torch
 
                 try:
                     obj = torch.load(local, map_location="cpu", weights_only=True)

@@ -123,7 +123,8 @@ def _read_frames_folder(folder: str) -> np.ndarray:
 
 def read_video(source: VideoSource) -> np.ndarray:
     """uint8 `[F, H, W, 3]`; an unreadable file or mixed frame sizes is a one-line `ConfigError`."""
-    from animatediff_jax.io.video import VideoReadError, read_video as decode
+    from animatediff_jax.io.video import VideoReadError
+    from animatediff_jax.io.video import read_video as decode
 
     if source.kind == "frames":
         return _read_frames_folder(source.path)
@@ -135,7 +136,8 @@ def read_video(source: VideoSource) -> np.ndarray:
 
 def read_reference(source: VideoSource) -> np.ndarray:
     """A reference image: a video's (or frame folder's) first frame, uint8 `[H, W, 3]`."""
-    from animatediff_jax.io.video import VideoReadError, read_image, read_video as decode
+    from animatediff_jax.io.video import VideoReadError, read_image
+    from animatediff_jax.io.video import read_video as decode
 
     try:
         if source.kind == "frames":

@@ -46,8 +46,8 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 import uuid
 from typing import IO, Any, Iterable, Iterator
 

@@ -69,8 +69,9 @@ def pixel_vae_params(config: VAEConfig | None = None) -> Params:
     `conv_norm_out` with scale K/2 and bias 20 gives 20 + x on the image channels, SiLU keeps it,
     and `conv_out` subtracts the 20 again.
     """
-    from animatediff_jax.models.shapes import vae_shapes
     from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from animatediff_jax.models.shapes import vae_shapes
 
     cfg = config or vae_config()
     n_img, lat, width = cfg.in_channels, cfg.latent_channels, cfg.block_out_channels[0]
@@ -112,9 +113,8 @@ def pixel_vae_params(config: VAEConfig | None = None) -> Params:
 
 def init_params(seed: int = 0) -> Params:
     """Random UNet and text encoder (host numpy, `random_params`), analytic pixel VAE."""
-    from animatediff_jax.models.shapes import clip_shapes
-    from animatediff_jax.models.shapes import unet_shapes
     from animatediff_jax.models.init import random_params
+    from animatediff_jax.models.shapes import clip_shapes, unet_shapes
 
     return {
         "unet": random_params(unet_shapes(unet_config()), seed, like_init=True),
@@ -137,8 +137,7 @@ INFO_FILE = "toy.json"  # next to params.safetensors: what a sampler must know b
 def save_model(folder: str | os.PathLike, params: Params, prediction_type: str = "epsilon") -> None:
     """Writes the base model as a converted SD1.5 folder (`model.pretrained` of the stage configs),
     plus `toy.json` with its prediction type and frame size (the sampler's scheduler needs the former)."""
-    from animatediff_jax.checkpoints.sd15 import save_converted
-    from animatediff_jax.checkpoints.sd15 import SD15
+    from animatediff_jax.checkpoints.sd15 import SD15, save_converted
 
     save_converted(folder, SD15(unet_config(), vae_config(), text_config(), jax.tree.map(np.asarray, params)))
     with open(os.path.join(folder, INFO_FILE), "w") as f:

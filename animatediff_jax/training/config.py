@@ -229,8 +229,8 @@ def size_multiple(c: ConfigDict, files: bool = True) -> int:
         import os
 
         from animatediff_jax.checkpoints.params_io import PARAMS_FILE
-        from animatediff_jax.io import fs
         from animatediff_jax.checkpoints.sd15 import sd15_size_multiple
+        from animatediff_jax.io import fs
 
         if not fs.isfile(os.path.join(c.model.pretrained, PARAMS_FILE)):
             raise ConfigError(f"model.pretrained={c.model.pretrained!r}: no {PARAMS_FILE} there: not a converted "

@@ -19,10 +19,10 @@ from animatediff_jax.checkpoints.sd15 import load_converted
 from animatediff_jax.io import fs
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, tiny_unet
+from animatediff_jax.models.init import random_params
 from animatediff_jax.models.shapes import clip_shapes, is_motion_path, unet_shapes, vae_shapes
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
-from animatediff_jax.models.init import random_params
 from animatediff_jax.training import stages
 from animatediff_jax.training.config import ConfigError
 

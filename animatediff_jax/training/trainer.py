@@ -16,9 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from animatediff_jax import executables
+from animatediff_jax import executables, parallel
 from animatediff_jax import lora as lora_lib
-from animatediff_jax import parallel
 from animatediff_jax.training import stages
 from animatediff_jax.training.config import ConfigError, Validated, check_config, check_processes, check_stage
 from animatediff_jax.training.metrics import log

@@ -269,7 +269,7 @@ def test_vision_config_from_clip_config_uses_top_level_projection():
 def test_missing_and_unexpected_keys_are_named(clip_folder, tmp_path):
     _, folder = clip_folder
     sd = load_state_dict(os.path.join(folder, "model.safetensors"))
-    del sd["visual_projection.weight"]
+    gone = sd.pop("visual_projection.weight")
     sd["vision_model.extra_head.weight"] = np.zeros((2, 2), np.float32)
     for name in ("config.json", "preprocessor_config.json"):
         with open(os.path.join(folder, name)) as f, open(tmp_path / name, "w") as g:
@@ -278,7 +278,8 @@ def test_missing_and_unexpected_keys_are_named(clip_folder, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_clip(tmp_path)
     msg = str(e.value)
-    assert "missing keys: visual_projection/kernel" in msg and "unexpected keys: vision_model.extra_head.weight" in msg
+    # Both sides in the file's words: its key names, the missing one with its PyTorch shape.
+    assert f"missing keys: visual_projection.weight {tuple(gone.shape)}" in msg and "unexpected keys: vision_model.extra_head.weight" in msg
 
 
 def test_wrong_kind_folders_say_what_they_are(tmp_path):

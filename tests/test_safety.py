@@ -196,13 +196,13 @@ def test_missing_and_unexpected_keys_are_named(checker, tmp_path):
     folder = save_folder(model, tmp_path, released=True)
     path = os.path.join(folder, "model.safetensors")
     sd = load_state_dict(path)
-    del sd["concept_embeds"]
+    gone = sd.pop("concept_embeds")
     sd["vision_model.vision_model.extra.weight"] = np.zeros((2, 2), np.float32)
     save_state_dict(path, sd)
     with pytest.raises(CheckpointError) as e:
         load_safety_checker(folder)
     msg = str(e.value)
-    assert path in msg and "missing keys: concept_embeds" in msg
+    assert path in msg and f"missing keys: concept_embeds {tuple(gone.shape)}" in msg
     assert "unexpected keys: vision_model.vision_model.extra.weight" in msg
 
     sd["concept_embeds"] = np.zeros((17, PROJ), np.float32)

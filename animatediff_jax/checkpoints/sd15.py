@@ -96,8 +96,8 @@ def convert_vae(state_dict: Mapping[str, Any], config: VAEConfig, *, what: str =
         new_key = f"{m.group(1)}.{_OLD_VAE_ATTENTION[m.group(2)]}.{m.group(3)}"
         sd[new_key] = sd.pop(k)
         renamed[new_key] = k
-    if names is not None and old:
-        names = names.after(renamed, _old_vae_name)
+    if old:
+        names = (names or FileNames()).after(renamed, _old_vae_name)
     return torch_to_flax(sd, vae_shapes(config), what=what, names=names)
 
 

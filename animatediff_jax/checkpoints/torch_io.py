@@ -426,11 +426,11 @@ def torch_to_flax(
 
     `target` is a params tree of arrays or `ShapeDtypeStruct`s (e.g. `jax.eval_shape(init)`).
     With `strict`, every target leaf must be filled and every source key used; otherwise the
-    error names the missing, unexpected and mismatched keys, with shapes in PyTorch's layout; a
-    file made for another model size is one `ModelSizeError` line. `names` says how the file
-    names the keys (when the state dict was renamed from it): errors name them so; without it,
-    missing params are named by their Flax paths. Non-strict returns a partial tree (for deltas
-    such as motion modules alone).
+    error names the missing, unexpected and mismatched keys, each as a PyTorch key with its shape
+    in PyTorch's layout; a file made for another model size is one `ModelSizeError` line. `names`
+    says how the file names the keys (when the state dict was renamed from it), so errors use the
+    file's own words; without it the state dict's keys are the file's. Non-strict returns a
+    partial tree (for deltas such as motion modules alone).
     """
     flat_target = traverse_util.flatten_dict(target)
     file = names or FileNames()
@@ -465,11 +465,8 @@ def torch_to_flax(
         for p, t in flat_target.items():
             if p in seen:
                 continue
-            if names is None:
-                missing.append("/".join(p))
-            else:
-                ndim = 4 if _kind(p[:-1]) in conv1x1 else None
-                missing.append(f"{file.missing(torch_key(p))} {torch_shape(p[-1], tuple(t.shape), ndim)}")
+            ndim = 4 if _kind(p[:-1]) in conv1x1 else None
+            missing.append(f"{file.missing(torch_key(p))} {torch_shape(p[-1], tuple(t.shape), ndim)}")
     report_mismatch(what, missing=missing, unexpected=unexpected, mismatched=mismatched, common=len(seen))
     return traverse_util.unflatten_dict(out)
 

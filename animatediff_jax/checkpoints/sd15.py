@@ -293,8 +293,8 @@ def convert_clip_text(
             )
     sd = {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
     if sd and not any(k.startswith(_CLIP_TEXT_PREFIX) for k in sd):
-        if names is not None:
-            names = names.after({_CLIP_TEXT_PREFIX + k: k for k in sd}, lambda k: k.removeprefix(_CLIP_TEXT_PREFIX))
+        names = (names or FileNames()).after({_CLIP_TEXT_PREFIX + k: k for k in sd},
+                                             lambda k: k.removeprefix(_CLIP_TEXT_PREFIX))
         sd = {_CLIP_TEXT_PREFIX + k: v for k, v in sd.items()}
     return torch_to_flax(sd, target, what=what, names=names)
 

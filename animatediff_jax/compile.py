@@ -210,6 +210,25 @@ def abstract_controls(c: dict, pipe, sparsectrl: str | None) -> list[tuple[Any, 
     return out
 
 
+def abstract_ip_adapters(c: dict, pipe) -> list[tuple[Any, Any, None]]:
+    """`(config, ShapeDtypeStruct params, no encoder)` of the config's IP-Adapters (`assemble.ip_entries`): the
+    SD1.5 layout the file name says (`plus` / `plus-face`: the Resampler, `full`: full-face, else base)."""
+    import jax
+
+    from animatediff_jax.models.ip_adapter import IPAdapterConfig
+    from animatediff_jax.models.shapes import ip_adapter_shapes
+    from animatediff_jax.sampling.assemble import ip_entries
+
+    out = []
+    for _, e in ip_entries(c):
+        name = os.path.basename(str(e["path"])).lower()
+        kind = "plus" if "plus" in name else "full" if "full" in name else "base"
+        cfg = IPAdapterConfig.sd15(kind)
+        shapes = ip_adapter_shapes(cfg, pipe.unet_config)
+        out.append((cfg, jax.tree.map(lambda s: _sds(s.shape, pipe.dtype), shapes), None))
+    return out
+
+
 def sample_programs(config, devices: list, motion: str | None = None, sparsectrl: str | None = None
                     ) -> list[Program]:
     """`sample`'s denoising call and VAE decode for one batch (`batch_size`, or `videos_per_call`'s), on `devices`."""
@@ -227,7 +246,7 @@ def sample_programs(config, devices: list, motion: str | None = None, sparsectrl
     mesh = Mesh(np.asarray(devices[:count], dtype=object), (DATA,))
     pipe = abstract_pipeline(c, motion)
     motion = pipe.unet_config.motion.version
-    req = request(c, models=abstract_controls(c, pipe, sparsectrl))
+    req = request(c, models=abstract_controls(c, pipe, sparsectrl), ip_models=abstract_ip_adapters(c, pipe))
     size = videos_per_call(c["batch_size"], len(req.prompts), count)
     idx = [i % len(req.prompts) for i in range(size)]
     programs = abstract_sampler(pipe, req.subset(idx), mesh)

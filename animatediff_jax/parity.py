@@ -299,7 +299,7 @@ def _text_stages(torch_pipe, ours: AnimationPipeline, prompts: list[str], neg: l
         else:
             pe, ne = torch_pipe.encode_prompt(prompts, device, 1, do_cfg, neg if do_cfg else None,
                                               clip_skip=clip_skip or None)
-    cond, uncond, _ = encode_text(ours, prompts, neg if do_cfg else None, clip_skip)
+    cond, uncond, _ = encode_text(ours, prompts, neg if do_cfg else None, clip_skip, syntax="plain")  # (diffusers')
     stages["text embeddings (prompts)"] = _diff(cond, pe.float().cpu().numpy())
     if do_cfg:
         stages["text embeddings (negative)"] = _diff(uncond, ne.float().cpu().numpy())
@@ -411,7 +411,7 @@ def run_parity(
     res = generate(
         ours, prompts, neg, seeds, num_frames=num_frames, height=height, width=width, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, scheduler_options=opts, clip_skip=clip_skip,
-        decode_chunk=decode_chunk, progress=False, init_latents=noise,
+        decode_chunk=decode_chunk, progress=False, init_latents=noise, prompt_syntax="plain",
     )
     stages["latents after loop"] = _diff(res.latents.transpose(0, 4, 1, 2, 3), captured["latents"])
     # [0, 1] frames, as diffusers' VaeImageProcessor post-processes

@@ -5,8 +5,8 @@ an SD1.5 base (converted folder, diffusers folder or single file), optionally a 
 over it (`dreambooth_path`) and a personalised LoRA (`lora_model_path`, `lora_alpha`), a motion
 module, MotionLoRAs (`motion_module_lora_configs`, each with its alpha) and a v3 domain adapter
 (`adapter_lora_path`, `adapter_lora_scale`), all merged into the weights once; ControlNets (`controlnet`)
-and SparseCtrl (`sparsectrl`: keyframes, image to video) steering every step; then one compiled
-sampler over all devices. Every field can be overridden:
+and SparseCtrl (`sparsectrl`: keyframes, image to video) steering every step, IP-Adapters (`ip_adapter`:
+image prompts); then one compiled sampler over all devices. Every field can be overridden:
 
     animatediff-jax sample --config configs/sample/v2_motion_lora_zoom_in.py \\
         --config.prompt="a lighthouse at dusk, waves" --config.seed=42 --config.steps=30
@@ -89,9 +89,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _read_inputs(c: dict) -> tuple[np.ndarray | None, list[np.ndarray]]:
-    """The video to restyle and the control images, read before any weights load (a short or
-    unreadable clip is the first error)."""
+def _read_inputs(c: dict) -> tuple[np.ndarray | None, list[np.ndarray], list[list[np.ndarray]]]:
+    """The video to restyle, the control images and the IP-Adapter images, read before any weights load (a
+    short or unreadable clip is the first error)."""
     video = None
     if c["init_video"]:
         from animatediff_jax.io.video import VideoReadError, read_frames
@@ -100,11 +100,12 @@ def _read_inputs(c: dict) -> tuple[np.ndarray | None, list[np.ndarray]]:
             video = read_frames(c["init_video"], c["L"], (c["H"], c["W"]))[None]
         except (VideoReadError, ValueError) as e:
             raise ConfigError(f"init_video: {e}") from None
-    return video, assemble.read_conditions(c)
+    return video, assemble.read_conditions(c), assemble.read_ip_images(c)
 
 
-def _load(c: dict, pipeline: AnimationPipeline | None, mesh) -> tuple[AnimationPipeline, list]:
-    """The pipeline and the control models, loaded and placed on `mesh` once."""
+def _load(c: dict, pipeline: AnimationPipeline | None, mesh) -> tuple[AnimationPipeline, list, list]:
+    """The pipeline, the control models and the IP-Adapters (their weights replicated over `mesh` once as
+    the image prompts go in; the image encoders run before, where their params are), loaded once."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -114,8 +115,9 @@ def _load(c: dict, pipeline: AnimationPipeline | None, mesh) -> tuple[AnimationP
     with nonfinite_allowed() if c["allow_nonfinite"] else contextlib.nullcontext():
         pipe = pipeline if pipeline is not None else assemble.load_pipeline(c)
         models = assemble.load_controls(c, pipe.unet_config, pipe.dtype)
+        ip_models = assemble.load_ip_adapters(c, pipe.unet_config, pipe.dtype)
     rep = NamedSharding(mesh, P())
-    return pipe.on(mesh), [(cfg, jax.device_put(p, rep)) for cfg, p in models]
+    return pipe.on(mesh), [(cfg, jax.device_put(p, rep)) for cfg, p in models], ip_models
 
 
 def _run(pipe: AnimationPipeline, request: Request, size: int, mesh, timings: dict) -> np.ndarray:
@@ -144,13 +146,13 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
         raise ConfigError(f"devices: {e}") from None
     folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
     interrupts.output(folder)  # (Ctrl-C: the line names the complete videos written there, if any)
-    video, images = _read_inputs(c)
-    assemble.request(c, video, images)  # (the counts of the images read, before any weights load)
+    video, images, ip_images = _read_inputs(c)
+    assemble.request(c, video, images, ip_images=ip_images)  # (the counts of the images read, before any weights load)
     checks = SampleChecks(c)  # safety_checker / evaluate.clip: loaded (and checked) before the pipeline
     t0 = time.perf_counter()
-    pipe, models = _load(c, pipeline, mesh)
+    pipe, models, ip_models = _load(c, pipeline, mesh)
     timings = {"load_s": time.perf_counter() - t0}
-    request = assemble.request(c, video, images, models)
+    request = assemble.request(c, video, images, models, ip_images, ip_models)
     with assemble.config_names(c):
         check_fits(pipe, request, mesh)  # what needs the loaded models, in the config's names, before compiling
     n = len(request.prompts)

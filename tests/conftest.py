@@ -99,6 +99,8 @@ SLOW_TESTS = {
         "test_motion_params_file_loads_without_torch", "test_convert_motion_lora_errors"},
     "test_data.py": {"test_cache_roundtrip_matches_direct_encoding",
                      "test_pipeline_workers_give_the_same_batches_and_resume"},
+    "test_embeddings.py": {"test_prompt_embeddings_match_diffusers_load_textual_inversion",
+                           "test_sample_config_loads_them"},
     "test_evaluation.py": {  # `world`: a sample run with CLIP metrics
         "test_sample_writes_metrics", "test_evaluate_command_on_a_sample_folder", "test_evaluate_command_errors",
         "test_sample_safety_checker_blacks_flagged_videos", "test_sample_config_checks",
@@ -118,6 +120,8 @@ SLOW_TESTS = {
         "test_rotation_never_deletes_the_last_intact_checkpoint", "test_webvid_with_a_wrong_folder_fails_fast",
         "test_prepare_with_nothing_readable_is_an_error"},
     "test_interrupts.py": {"test_sample_interrupted_while_denoising", "test_sample_interrupted_while_compiling"},
+    "test_ip_adapter.py": {  # `env`: diffusers' AnimateDiffPipeline with IP-Adapters
+        "test_matches_animatediff_pipeline", "test_two_adapters_travel_and_block_scales_match"},
     "test_lora.py": {"test_init_lora_targets_and_identity", "test_motion_lora_original_runtime_and_merged",
                      "test_motion_lora_diffusers_formats", "test_kohya", "test_round_trips"},
     "test_memory_bench.py": {"test_memory_bench_small", "test_train_program_differentiates_the_training_steps_loss"},
@@ -130,6 +134,8 @@ SLOW_TESTS = {
                         "test_latent_dtypes_and_the_clip_of_each_record",
                         "test_workers_give_the_threads_batches_and_resume_across_worker_counts"},
     "test_programs.py": {"test_validations_through_the_real_trainer_keep_device_memory_constant"},
+    "test_prompt_weights.py": {"test_a_weighted_word_moves_the_video_more", "test_weighted_long_prompts_match_the_rule",
+                               "test_travel_pads_every_text_to_the_same_chunks"},
     "test_readme.py": {"test_readme_example_runs"},
     "test_remote_paths.py": {"test_prepare_then_train_and_resume_in_the_bucket",
                              "test_sample_with_every_file_in_the_bucket", "test_convert_and_export_in_the_bucket"},

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import assert_close
 
+from animatediff_jax.checkpoints.sd15 import convert_clip_text
 from animatediff_jax.checkpoints.torch_io import CheckpointError
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from animatediff_jax.checkpoints.sd15 import convert_clip_text
-from animatediff_jax.text import Tokenizer, encode_prompts
 from animatediff_jax.testing.tiny import write_tiny_tokenizer
+from animatediff_jax.text import Tokenizer, encode_prompts
 
 TINY = CLIPTextConfig.tiny()
 BOS, EOS = TINY.vocab_size - 2, TINY.vocab_size - 1  # CLIP's real ids are the last two of the vocab too

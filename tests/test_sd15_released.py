@@ -213,9 +213,8 @@ def test_wrong_position_ids_and_mixed_prefixes_are_named(tmp_path):
 
 def test_vae_and_text_encoder_with_chunked_attention(small_attention_blocks):
     """The VAE mid-block and CLIP (causal) attention through the blockwise kernel: same outputs as PyTorch."""
-    from test_sd15 import Refs, _vae_fn  # noqa: F401
-
     import jax.numpy as jnp
+    from test_sd15 import Refs, _vae_fn  # noqa: F401
 
     from animatediff_jax.models.clip_text import CLIPTextModel
 

@@ -88,3 +88,31 @@ def run_unet3d(cfg: UNetConfig, params, x, t, ctx):
         _unet_apply[cfg] = jax.jit(UNet3D(cfg).apply)
     out = _unet_apply[cfg]({"params": params}, jnp.asarray(x.permute(0, 2, 3, 4, 1).numpy()), t.numpy(), ctx.numpy())
     return np.asarray(out).transpose(0, 4, 1, 2, 3)
+
+
+def tiny_text_encoder(folder: str, seed: int = 2):
+    """`(model, tokenizer, pipe)`: transformers' tiny `CLIPTextModel` (random, eval, fp32), its tiny CLIP
+    tokenizer (written to `folder`), and our text-only `AnimationPipeline` holding the same weights (no
+    UNet or VAE: enough for `sampling.prompts`). For the prompt-weight and embedding tests."""
+    import jax
+    import jax.numpy as jnp
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel as HFModel
+    from transformers import CLIPTokenizer
+
+    from animatediff_jax.checkpoints.sd15 import convert_clip_text
+    from animatediff_jax.models.clip_text import CLIPTextConfig
+    from animatediff_jax.models.shapes import clip_shapes
+    from animatediff_jax.parity import write_tiny_tokenizer
+    from animatediff_jax.sampling import AnimationPipeline
+    from animatediff_jax.text import Tokenizer
+
+    vocab = write_tiny_tokenizer(folder)
+    cfg = CLIPTextConfig.tiny()
+    eos = vocab["<|endoftext|>"]
+    hf_cfg = HFConfig(**cfg.transformers_kwargs(), bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
+                      pad_token_id=eos)
+    model = randomize(HFModel(hf_cfg), seed)
+    params = convert_clip_text({k: v.detach().numpy() for k, v in model.state_dict().items()}, clip_shapes(cfg))
+    pipe = AnimationPipeline(None, None, cfg, {"text_encoder": jax.tree.map(jnp.asarray, params)}, Tokenizer(folder))
+    return model, CLIPTokenizer.from_pretrained(folder, local_files_only=True), pipe

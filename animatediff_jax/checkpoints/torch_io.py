@@ -197,17 +197,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
                     sd = {k: _to_numpy(v) for k, v in load_torch(local).items()}
             else:
-                import pickle
-
-                import torch
-
-                try:
-                    obj = torch.load(local, map_location="cpu", weights_only=True)
-                except pickle.UnpicklingError:
-                    raise CheckpointError(
-                        f"{path}: refused: unsafe or not a checkpoint (a pickle holding more than tensors; "
-                        "only weights-only loading is allowed)"
-                    ) from None
+                obj = _torch_load(local, path)
                 if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
                     obj = obj["state_dict"]
                 if not isinstance(obj, Mapping):
@@ -219,6 +209,62 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: {e})") from e
     check_finite(sd, path)
     return sd
+
+
+def _torch_load(local: str, path: str) -> Any:
+    """A pickled file's object, read with `torch.load(weights_only=True)` only (tensors, containers,
+    numbers and strings; anything else is refused)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(local, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused: unsafe or not a checkpoint (a pickle holding more than tensors; "
+            "only weights-only loading is allowed)"
+        ) from None
+
+
+def load_weights(path: str | os.PathLike) -> Any:
+    """A weight file as it is stored: a `.safetensors` file's `{name: array}`, or a pickle's object
+    (nested dicts and lists, tensors as `np.ndarray`, numbers, strings) read weights-only. For files
+    that are not flat state dicts (textual-inversion embeddings); `load_state_dict` is the usual reader."""
+    path = os.fspath(path)
+    if path.lower().endswith(_SAFETENSORS):
+        return load_state_dict(path)
+    if not fs.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if not path.lower().endswith(_PICKLES):
+        raise CheckpointError(f"{path}: unknown weight file extension (expected one of {_SAFETENSORS + _PICKLES})")
+
+    def numpy(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {k: numpy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(numpy(v) for v in x)
+        return _to_numpy(x) if hasattr(x, "detach") else x
+
+    try:
+        with fs.local_file(path) as local:
+            obj = numpy(_torch_load(local, path))
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated / corrupt / not a checkpoint at all
+        raise CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: {e})") from e
+    arrays: dict[str, np.ndarray] = {}
+
+    def gather(x: Any, key: str) -> None:
+        if isinstance(x, np.ndarray):
+            arrays[key] = x
+        elif isinstance(x, Mapping):
+            for k, v in x.items():
+                gather(v, f"{key}.{k}" if key else str(k))
+
+    gather(obj, "")
+    check_finite(arrays, path)
+    return obj
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

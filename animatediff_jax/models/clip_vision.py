@@ -149,7 +149,9 @@ class CLIPVision(nn.Module):
     attention: str = "auto"  # models.attention implementation (257 tokens at ViT-L/14: "auto" is XLA)
 
     @nn.compact
-    def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, pixels: jax.Array, num_layers: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """`num_layers`: run only the first that many encoder layers (None: all): the hidden state
+        transformers returns as `hidden_states[num_layers]`."""
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         want = (c.image_size, c.image_size, 3)
         if np.ndim(pixels) != 4 or tuple(np.shape(pixels)[1:]) != want:
@@ -159,13 +161,15 @@ class CLIPVision(nn.Module):
         with attention.using(self.attention):
             h = CLIPVisionEmbeddings(c, name="embeddings", **kw)(jnp.asarray(pixels))
             h = ln("pre_layrnorm")(h)
-            h = _Encoder(c, causal=False, name="encoder", **kw)(h, c.num_layers)
+            h = _Encoder(c, causal=False, name="encoder", **kw)(h, c.num_layers if num_layers is None else num_layers)
         return h, ln("post_layernorm")(h[:, 0])
 
 
 class CLIPVisionWithProjection(nn.Module):
     """transformers' `CLIPVisionModelWithProjection` (and `CLIPModel.get_image_features`):
-    `pixels -> image_embeds [B, projection_dim]` (not normalised)."""
+    `pixels -> image_embeds [B, projection_dim]` (not normalised); with `hidden_state=-k`, transformers'
+    `hidden_states[-k]` `[B, 1 + P, hidden]` instead (-2: the penultimate layer's output, before any
+    final norm: what IP-Adapter plus reads)."""
 
     config: CLIPVisionConfig
     dtype: Dtype = jnp.float32
@@ -173,9 +177,15 @@ class CLIPVisionWithProjection(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, pixels: jax.Array) -> jax.Array:
+    def __call__(self, pixels: jax.Array, hidden_state: int | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        _, pooled = CLIPVision(self.config, attention=self.attention, name="vision_model", **kw)(pixels)
+        tower = CLIPVision(self.config, attention=self.attention, name="vision_model", **kw)
+        if hidden_state is not None:  # hidden_states = (embeddings, layer 1, ..., layer L)
+            n = self.config.num_layers + 1 + hidden_state if hidden_state < 0 else hidden_state
+            if not 0 <= n <= self.config.num_layers:
+                raise ValueError(f"hidden_state {hidden_state}: the tower has {self.config.num_layers} layers")
+            return tower(pixels, n)[0]
+        _, pooled = tower(pixels)
         return dense(self.config.projection_dim, "visual_projection", use_bias=False, **kw)(pooled)
 
 

@@ -79,17 +79,24 @@ class Attention(nn.Module):
 
     Self-attention when `context` is None. The kernel is `models.attention`'s choice for this
     shape (the model's `attention` field, "auto" by default: see that module's table).
+
+    `images` (IP-Adapter's decoupled cross-attention, diffusers' `IPAdapterAttnProcessor2_0`): per
+    adapter j a set of image tokens `[N, T_j, D]`, projected by its own `to_k_ip_{j}` / `to_v_ip_{j}`
+    (no bias); the same queries attend to them and `scales[j]` times that output is added to the text
+    attention's, before `to_out_0`. None: plain attention (no such params, the same program).
     """
 
     heads: int
     dim_head: int
     out_features: int | None = None
     qkv_bias: bool = False
+    out_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, images: tuple[jax.Array, ...] | None = None,
+                 scales: jax.Array | None = None) -> jax.Array:
         inner = self.heads * self.dim_head
         kw = dict(use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         ctx = x if context is None else context
@@ -98,8 +105,15 @@ class Attention(nn.Module):
         v = dense(inner, "to_v", **kw)(ctx)
         split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
         o = attention.dot_product_attention(split(q), split(k), split(v))
+        for j, tokens in enumerate(images or ()):
+            ip = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            k_ip = dense(inner, f"to_k_ip_{j}", **ip)(tokens)
+            v_ip = dense(inner, f"to_v_ip_{j}", **ip)(tokens)
+            o_ip = attention.dot_product_attention(split(q), split(k_ip), split(v_ip))
+            o = o + scales[j].astype(o.dtype) * o_ip
         o = o.reshape(o.shape[:-2] + (inner,))
-        return dense(self.out_features or x.shape[-1], "to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)(o)
+        return dense(self.out_features or x.shape[-1], "to_out_0", use_bias=self.out_bias, dtype=self.dtype,
+                     param_dtype=self.param_dtype)(o)
 
 
 class GEGLU(nn.Module):
@@ -238,7 +252,9 @@ class BasicTransformerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, images: tuple[jax.Array, ...] | None = None,
+                 image_scales: jax.Array | None = None) -> jax.Array:
+        """`images` / `image_scales`: IP-Adapter image tokens for attn2 (`Attention`'s `images`, `scales`)."""
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.max_positions:
@@ -256,7 +272,7 @@ class BasicTransformerBlock(nn.Module):
         def attentions(x):
             x = attn1(add_pe(norm1(x))) + x
             if attn2 is not None:
-                x = attn2(add_pe(norm2(x)), None if self.double_self else context) + x
+                x = attn2(add_pe(norm2(x)), None if self.double_self else context, images, image_scales) + x
             return x
 
         if self.windows is None:

@@ -116,3 +116,21 @@ def _safety_checker_shapes(config: CLIPVisionConfig) -> Params:
 def safety_checker_shapes(config: CLIPVisionConfig) -> Params:
     """`SafetyChecker(config)`'s tree (vision tower, projection, concept embeddings and thresholds)."""
     return jax.tree.map(lambda s: s, _safety_checker_shapes(config))
+
+
+# ----------------------------------------------------------------------------- IP-Adapter
+
+from animatediff_jax.models.ip_adapter import (  # noqa: E402
+    IPAdapterConfig,
+    image_projection,
+    layer_shapes,
+    projection_input_shape,
+)
+
+
+def ip_adapter_shapes(config: IPAdapterConfig, unet: UNetConfig) -> Params:
+    """An IP-Adapter's tree for `unet`: `image_proj` (its projection's params) and `layers` (per spatial
+    cross-attention, `models.unet.cross_attentions` order, `{to_k_ip, to_v_ip}`)."""
+    x = jax.ShapeDtypeStruct((1,) + projection_input_shape(config), jnp.float32)
+    proj = jax.eval_shape(image_projection(config).init, jax.random.key(0), x)["params"]
+    return {"image_proj": proj, "layers": layer_shapes(config, unet)}

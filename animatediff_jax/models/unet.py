@@ -8,6 +8,8 @@ state dict (and `UNet2DConditionModel`'s for the spatial part) converts without 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -66,14 +68,18 @@ class Transformer2D(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, images: tuple[jax.Array, ...] | None = None,
+                 image_scales: jax.Array | None = None) -> jax.Array:
+        """`images`: IP-Adapter tokens (one `[N, T_j, D]` per adapter) for every block's cross-attention,
+        `image_scales` `[adapters, num_layers]` (block i: column i)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n, h, w, c = x.shape
         hs = GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
         # A 1x1 conv (SD1.5) and a linear projection (SD2) are the same map on channels-last data.
         hs = dense(c, "proj_in", **kw)(hs.reshape(n, h * w, c))
         for i in range(self.num_layers):
-            hs = BasicTransformerBlock(self.heads, c // self.heads, name=f"transformer_blocks_{i}", **kw)(hs, context)
+            block = BasicTransformerBlock(self.heads, c // self.heads, name=f"transformer_blocks_{i}", **kw)
+            hs = block(hs, context) if images is None else block(hs, context, images, image_scales[:, i])
         hs = dense(c, "proj_out", **kw)(hs)
         return hs.reshape(n, h, w, c) + x
 
@@ -113,13 +119,54 @@ def _remat(cls: type, policy: str, static_argnums: tuple[int, ...] = ()) -> type
     return nn.remat(cls, policy=named, static_argnums=static_argnums)
 
 
+class ImageContext(NamedTuple):
+    """IP-Adapter image prompts for the UNet's spatial cross-attentions (`UNet3D`'s `image_context`).
+
+    `tokens`: per adapter, its image tokens `[B, T, D]` (one set per video) or `[B, F, T, D]` (one per
+    frame: image travel); `scales` `[adapters, cross-attentions]`: each adapter's scale at each
+    cross-attention, in `cross_attentions`' order (traced: another scale is not another compile).
+    """
+
+    tokens: tuple[jax.Array, ...]
+    scales: jax.Array
+
+
+def cross_attentions(cfg: UNetConfig) -> list[tuple[str, str, str]]:
+    """The spatial cross-attentions as `(block, attention, transformer block)` module names, in the order of
+    diffusers' attention processors (`unet.attn_processors`, motion modules left out): the down blocks, the
+    up blocks, then the mid block (UNet2DConditionModel registers `up_blocks` before `mid_block`). IP-Adapter
+    files number their `ip_adapter.{1, 3, 5, ...}` weights in this order."""
+    n = len(cfg.block_out_channels)
+    out = []
+
+    def add(block: str, count: int) -> None:
+        for j in range(count):
+            out.extend((block, f"attentions_{j}", f"transformer_blocks_{t}") for t in range(cfg.transformer_layers))
+
+    for i in range(n):
+        if cfg.cross_attn_blocks[i]:
+            add(f"down_blocks_{i}", cfg.layers_per_block)
+    for i in range(n):
+        if cfg.cross_attn_blocks[n - 1 - i]:
+            add(f"up_blocks_{i}", cfg.layers_per_block + 1)
+    add("mid_block", 1)
+    return out
+
+
 class _Layers:
-    """The per-call context every block needs: config, time embedding, text context, frames."""
+    """The per-call context every block needs: config, time embedding, text context, frames (and the
+    IP-Adapter image tokens, `ImageContext` with frames folded into the batch, or None)."""
 
     def __init__(self, cfg: UNetConfig, temb, context, num_frames: int, kw: dict, remat: str = "none",
                  motion_scales: dict[str, float] | None = None, motion_module: type = MotionModule,
-                 position_stretch: tuple[int, int] | None = None, motion_windows: TemporalWindows | None = None):
+                 position_stretch: tuple[int, int] | None = None, motion_windows: TemporalWindows | None = None,
+                 images: ImageContext | None = None):
         self.cfg, self.temb, self.context, self.f, self.kw = cfg, temb, context, num_frames, kw
+        self.images = images
+        # (block, attention) -> its first column of `images.scales`
+        self.image_columns = {}
+        for k, (block, attn, _) in enumerate(cross_attentions(cfg) if images is not None else ()):
+            self.image_columns.setdefault((block, attn), k)
         self.motion_scales = motion_scales or {}
         self.motion_kw = {"position_stretch": tuple(position_stretch)} if position_stretch else {}
         if motion_windows is not None:
@@ -136,10 +183,13 @@ class _Layers:
         block = self.Resnet(out, c.norm_num_groups, c.norm_eps, c.spatial_norm_per_frame, name=name, **self.kw)
         return block(x, self.temb, self.f)
 
-    def attention(self, x, name: str):
+    def attention(self, x, name: str, parent: str):
         c = self.cfg
         block = self.Transformer(c.attention_heads, c.transformer_layers, c.norm_num_groups, name=name, **self.kw)
-        return block(x, self.context)
+        if self.images is None:
+            return block(x, self.context)
+        k = self.image_columns[(parent, name)]
+        return block(x, self.context, self.images.tokens, self.images.scales[:, k:k + c.transformer_layers])
 
     def motion(self, x, name: str, block: str):
         mm = self.cfg.motion
@@ -162,7 +212,7 @@ class DownBlock(nn.Module):
         for j in range(self.num_layers):
             x = ctx.resnet(x, self.out_channels, f"resnets_{j}")
             if self.has_attention:
-                x = ctx.attention(x, f"attentions_{j}")
+                x = ctx.attention(x, f"attentions_{j}", self.name)
             x = ctx.motion(x, f"motion_modules_{j}", self.name)
             skips.append(x)
         if not self.is_last:
@@ -179,7 +229,7 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x, ctx: _Layers):
         x = ctx.resnet(x, self.channels, "resnets_0")
-        x = ctx.attention(x, "attentions_0")
+        x = ctx.attention(x, "attentions_0", self.name)
         if ctx.cfg.motion and ctx.cfg.motion.mid_block:
             x = ctx.motion(x, "motion_modules_0", self.name)
         return ctx.resnet(x, self.channels, "resnets_1")
@@ -198,7 +248,7 @@ class UpBlock(nn.Module):
             x = jnp.concatenate([x, skip], axis=-1)
             x = ctx.resnet(x, self.out_channels, f"resnets_{j}")
             if self.has_attention:
-                x = ctx.attention(x, f"attentions_{j}")
+                x = ctx.attention(x, f"attentions_{j}", self.name)
             x = ctx.motion(x, f"motion_modules_{j}", self.name)
         if not self.is_last:
             x = Upsample(self.out_channels, name="upsamplers_0", **ctx.kw)(x)
@@ -224,6 +274,17 @@ def frame_conditioning(cfg: UNetConfig, timesteps, context, batch: int, num_fram
     else:
         frame_context = jnp.repeat(context, f, axis=0)
     return jnp.repeat(temb, f, axis=0), frame_context
+
+
+def _per_frame(x: jax.Array, b: int, f: int, what: str) -> jax.Array:
+    """`[B, L, D]` (one per video: repeated over its frames) or `[B, F, L, D]` (one per frame) -> `[B*F, L, D]`."""
+    if x.ndim == 4:
+        if x.shape[:2] != (b, f):
+            raise ValueError(f"per-frame {what} {x.shape} for {b} videos of {f} frames")
+        return x.reshape((b * f,) + x.shape[2:])
+    if x.shape[0] != b:
+        raise ValueError(f"{what} {x.shape} for {b} videos")
+    return jnp.repeat(x, f, axis=0)
 
 
 def down_path(x: jax.Array, ctx: _Layers) -> tuple[jax.Array, list[jax.Array]]:
@@ -281,13 +342,19 @@ class UNet3D(nn.Module):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-                 down_residuals: tuple[jax.Array, ...] | None = None, mid_residual: jax.Array | None = None) -> jax.Array:
+                 down_residuals: tuple[jax.Array, ...] | None = None, mid_residual: jax.Array | None = None,
+                 image_context: ImageContext | None = None) -> jax.Array:
         """`down_residuals` / `mid_residual`: a control model's outputs (`ControlNet`), frames folded into
         batch (`[B*F, h_i, w_i, c_i]`, one per skip in `down_path`'s order), added to the skips and to the
         mid block's output as diffusers' `UNetMotionModel` adds `down_block_additional_residuals` /
-        `mid_block_additional_residual` (the mid block itself sees the skip without its residual)."""
+        `mid_block_additional_residual` (the mid block itself sees the skip without its residual).
+
+        `image_context`: IP-Adapter image prompts (`ImageContext`), attended to by every spatial
+        cross-attention beside the text (diffusers' `IPAdapterAttnProcessor2_0`); their `to_k_ip_{j}` /
+        `to_v_ip_{j}` params sit in those attentions' `attn2` (`models.ip_adapter.with_ip_layers`).
+        None: the UNet without them (its params and program unchanged)."""
         with attention.using(self.attention):
-            return self._forward(sample, timesteps, context, down_residuals, mid_residual)
+            return self._forward(sample, timesteps, context, down_residuals, mid_residual, image_context)
 
     def _motion_scales(self) -> dict[str, float]:
         n = len(self.config.block_out_channels)
@@ -298,7 +365,7 @@ class UNet3D(nn.Module):
             raise ValueError(f"motion_block_scales: no block {unknown} (blocks: {', '.join(names)})")
         return {name: float(self.motion_scale) * float(per_block.get(name, 1.0)) for name in names}
 
-    def _forward(self, sample, timesteps, context, down_residuals, mid_residual) -> jax.Array:
+    def _forward(self, sample, timesteps, context, down_residuals, mid_residual, image_context) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, f, hh, ww, _ = sample.shape
@@ -306,8 +373,16 @@ class UNet3D(nn.Module):
         n = len(chans)
 
         temb, frame_context = frame_conditioning(cfg, timesteps, context, b, f, kw)
+        images = None
+        if image_context is not None:
+            images = ImageContext(tuple(_per_frame(t.astype(self.dtype), b, f, "image tokens")
+                                        for t in image_context.tokens),
+                                  jnp.asarray(image_context.scales, jnp.float32))
+            if images.scales.shape != (len(images.tokens), len(cross_attentions(cfg))):
+                raise ValueError(f"image scales {images.scales.shape} for {len(images.tokens)} adapter(s) and "
+                                 f"{len(cross_attentions(cfg))} cross-attentions")
         ctx = _Layers(cfg, temb, frame_context, f, kw, self.remat, self._motion_scales(),
-                      position_stretch=self.position_stretch, motion_windows=self.motion_windows)
+                      position_stretch=self.position_stretch, motion_windows=self.motion_windows, images=images)
 
         x = conv(chans[0], "conv_in", **kw)(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
         x, skips = down_path(x, ctx)

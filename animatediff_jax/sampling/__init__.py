@@ -1,7 +1,7 @@
 """Sampling: prompts to videos, a one-way chain.
 
 `options` (the typed `Request` and its parts, each checked once) -> one feature per module
-(`windows`, `prompts`, `free_init`, `control`, `keys`) -> `denoise` (the scan) -> `programs` (the two
+(`windows`, `prompts`, `free_init`, `control`, `ip_adapter`, `keys`) -> `denoise` (the scan) -> `programs` (the two
 compiled programs) -> `generate(pipe, request)`. `pipeline` holds the models (`AnimationPipeline`, a
 value), `compiled` the one bounded cache of executables; `assemble` turns a sample config into a
 pipeline and a request, `config` is that config's fields, `outputs` the files a run writes. The
@@ -14,7 +14,7 @@ from animatediff_jax.sampling.config import base_config
 from animatediff_jax.sampling.denoise import denoise, predict_noise
 from animatediff_jax.sampling.generate import GenerateResult, check_fits, generate, sampling_mesh
 from animatediff_jax.sampling.keys import seed_key
-from animatediff_jax.sampling.options import Control, FreeInit, Motion, Request, VideoInput, Windows
+from animatediff_jax.sampling.options import Control, FreeInit, IPAdapter, Motion, Request, VideoInput, Windows
 from animatediff_jax.sampling.pipeline import AnimationPipeline
 from animatediff_jax.sampling.programs import DATA
 from animatediff_jax.sampling.prompts import encode_text
@@ -27,6 +27,7 @@ __all__ = [
     "Control",
     "FreeInit",
     "GenerateResult",
+    "IPAdapter",
     "Motion",
     "Programs",
     "Request",

@@ -22,7 +22,16 @@ from animatediff_jax.errors import ConfigError, FieldError
 from animatediff_jax.io import fs
 from animatediff_jax.models.config import size_multiple
 from animatediff_jax.sampling.config import FORMATS, GROUPS, base_config, check_fields, plain
-from animatediff_jax.sampling.options import Control, Request, check_size, integer, number, per_prompt
+from animatediff_jax.sampling.options import (
+    Control,
+    IPAdapter,
+    Request,
+    check_size,
+    integer,
+    keyframes,
+    number,
+    per_prompt,
+)
 from animatediff_jax.sampling.pipeline import AnimationPipeline
 
 # A Request's setting -> the sample config field that sets it (where the names differ).
@@ -82,10 +91,13 @@ def _blank(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def request(c: Mapping, video: np.ndarray | None = None, images: Sequence[np.ndarray] | None = None,
-            models: Sequence[tuple[Any, Any]] | None = None) -> Request:
+            models: Sequence[tuple[Any, Any]] | None = None, ip_images: Sequence[Sequence[np.ndarray]] | None = None,
+            ip_models: Sequence[tuple[Any, Any, Any]] | None = None) -> Request:
     """The `Request` of a validated config `c`, for all its videos. `video` (`[1, F, H, W, 3]`) and the
     control `images` (one array per `control_entries`) once read, `models` (`(config, params)` each) once
-    loaded; before that, blanks of the sizes the config says stand in (so every check runs early)."""
+    loaded; before that, blanks of the sizes the config says stand in (so every check runs early). The same
+    for the IP-Adapters: `ip_images` (per entry its images, `read_ip_images`), `ip_models` (`(config, params,
+    encoder)` per entry, `load_ip_adapters`)."""
     controls = []
     for j, (name, e) in enumerate(control_entries(c)):
         sparse = name == "sparsectrl"
@@ -101,13 +113,34 @@ def request(c: Mapping, video: np.ndarray | None = None, images: Sequence[np.nda
     if video is None and c["init_video"]:
         video = _blank((1, c["L"], c["H"], c["W"], 3))
     with config_names(c):
+        ip_adapters = _ip_adapters(c, ip_images, ip_models)
         return Request.create(
             video_prompts(c), c["n_prompt"], c["seed"], num_frames=c["L"], height=c["H"], width=c["W"],
             steps=c["steps"], guidance_scale=c["guidance_scale"], scheduler=c["scheduler"],
             scheduler_options=c["scheduler_options"], clip_skip=c["clip_skip"], decode_chunk=c["decode_chunk"],
             context_windows=c["context_windows"], prompt_interpolation=c["prompt_interpolation"],
             free_init=c["free_init"], init_video=video, strength=c["strength"], motion_scale=c["motion_scale"],
-            motion_block_scales=c["motion_block_scales"], pe_stretch=c["pe_stretch"], controls=controls)
+            motion_block_scales=c["motion_block_scales"], pe_stretch=c["pe_stretch"], controls=controls,
+            prompt_syntax=c["prompt_syntax"], ip_adapters=ip_adapters)
+
+
+def _ip_adapters(c: Mapping, images: Sequence[Sequence[np.ndarray]] | None,
+                 models: Sequence[tuple[Any, Any, Any]] | None) -> list[IPAdapter]:
+    """The config's `ip_adapter` entries as `IPAdapter`s (blank 1x1 images before the files are read); an image
+    map's keys (image travel) are checked as prompt travel's keyframes are, named `ip_adapter[i].image`."""
+    out = []
+    for j, (name, e) in enumerate(ip_entries(c)):
+        paths, frames = _ip_images(e["image"], name)
+        if frames is not None:
+            if 0 not in frames:
+                raise ConfigError(f"{name}.image: no image at frame 0 (keyframes {frames}): image travel starts "
+                                  "from one")
+            frames = tuple(f for f, _ in keyframes(e["image"], integer("num_frames", c["L"], 1), f"{name}.image"))
+        imgs = tuple(images[j]) if images is not None else (_blank((1, 1, 3)),) * len(paths)
+        cfg, params, encoder = models[j] if models is not None else (None, None, None)
+        out.append(IPAdapter(cfg, params, imgs, frames, scale=e.get("scale", 1.0),
+                             interpolation=e.get("interpolation", "linear"), encoder=encoder, name=name))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +329,9 @@ def _check_files(c: dict, files: bool) -> None:
         with config_names(c):
             number(f"motion_module_lora_configs[{i}].alpha", entry.get("alpha", 1.0))
     _check_controls(c, paths)
+    _check_ip_adapters(c, paths)
+    for i, (path, _) in enumerate(embedding_entries(c)):
+        paths.add(f"embeddings[{i}]", path, required=True)
     if files:
         paths.check(_tokenizer_problem(c))
 
@@ -371,6 +407,101 @@ def load_controls(c: dict, unet_config: Any, dtype: Any) -> list[tuple[Any, Any]
             raise ConfigError(f"{name}.path: {e['path']} is {what}; put it under "
                               f"{'sparsectrl' if config.sparse else 'controlnet'}")
         out.append((config, cast_floating(params, dtype)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# IP-Adapter entries.
+# ----------------------------------------------------------------------------------------------
+
+_IP_FIELDS = ("path", "image", "scale", "encoder", "interpolation")
+
+
+def ip_entries(c: Mapping) -> list[tuple[str, dict]]:
+    """`(name, entry)` of every `ip_adapter` entry of a validated config (`ip_adapter[i]`)."""
+    return [(f"ip_adapter[{i}]", dict(e)) for i, e in enumerate(c["ip_adapter"])]
+
+
+def ip_encoder_path(entry: Mapping) -> str:
+    """The image encoder folder of an `ip_adapter` entry: its `encoder`, or `image_encoder/` beside the
+    adapter file (h94/IP-Adapter's `models/` layout)."""
+    return entry.get("encoder") or os.path.join(os.path.dirname(entry["path"]), "image_encoder")
+
+
+def _ip_images(image: Any, name: str) -> tuple[list[str], list[int] | None]:
+    """An entry's image paths (a map: in frame order) and, for a `{frame: image}` map, their frames."""
+    if isinstance(image, str) and image:
+        return [image], None
+    if isinstance(image, (list, tuple)) and image and all(isinstance(p, str) and p for p in image):
+        return list(image), None
+    if isinstance(image, Mapping) and image:
+        items = []
+        for k, v in image.items():
+            frame = isinstance(k, (int, np.integer)) or (isinstance(k, str) and k.strip().isdigit())
+            if isinstance(k, bool) or not frame:
+                raise ConfigError(f"{name}.image: key {k!r} is not a frame number")
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"{name}.image[{k}]={v!r}: expected an image file")
+            items.append((int(k), v))
+        items.sort()
+        return [p for _, p in items], [f for f, _ in items]
+    raise ConfigError(f"{name}.image={image!r}: expected an image file, a tuple of them, or a {{frame: image}} map "
+                      "(image travel)")
+
+
+def _check_ip_adapters(c: dict, paths: _Paths) -> None:
+    """`ip_adapter` entries: their fields, and their files into `paths` (the adapter, its encoder folder, the
+    images); scale, interpolation and the image map's frames are the `IPAdapter`'s own checks (`request`)."""
+    entries = c["ip_adapter"]
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigError(f"ip_adapter={entries!r}: expected a tuple of {{path, image, scale, encoder}}")
+    for i, e in enumerate(entries):
+        name = f"ip_adapter[{i}]"
+        if not isinstance(e, Mapping) or set(e) - set(_IP_FIELDS):
+            raise ConfigError(f"{name}={e!r}: expected a dict of {', '.join(_IP_FIELDS)}")
+        paths.add(f"{name}.path", e.get("path", ""), required=True)
+        if "image" not in e:
+            raise ConfigError(f"{name}.image: required (an image file, a tuple of them, or a {{frame: image}} map)")
+        for j, p in enumerate(_ip_images(e["image"], name)[0]):
+            paths.add(f"{name}.image[{j}]", p, required=True)
+        if not isinstance(e.get("encoder", ""), str):
+            raise ConfigError(f"{name}.encoder={e['encoder']!r}: expected a folder ('': image_encoder/ beside "
+                              "the file)")
+        paths.add(f"{name}.encoder", ip_encoder_path(e), required=True)
+
+
+def read_ip_images(c: dict) -> list[list[np.ndarray]]:
+    """The images of a validated config's IP-Adapters (`ip_entries`), read at their own size (the encoder's
+    processor resizes and crops them), before any weights load; uint8 `[H, W, 3]` each."""
+    from animatediff_jax.io.video import VideoReadError, read_image
+
+    out = []
+    for name, e in ip_entries(c):
+        try:
+            out.append([read_image(p) for p in _ip_images(e["image"], name)[0]])
+        except (VideoReadError, ValueError) as err:
+            raise ConfigError(f"{name}.image: {err}") from None
+    return out
+
+
+def load_ip_adapters(c: dict, unet_config: Any, dtype: Any) -> list[tuple[Any, Any, Any]]:
+    """`(config, params, encoder)` of each IP-Adapter a validated config names (`checkpoints.ip_adapter`, and its
+    CLIP image encoder, `checkpoints.clip.load_clip`, loaded once per folder), params cast to `dtype`."""
+    from animatediff_jax.checkpoints.clip import load_clip
+    from animatediff_jax.checkpoints.ip_adapter import load_ip_adapter
+    from animatediff_jax.sampling.pipeline import cast_floating
+
+    encoders: dict[str, Any] = {}
+    out = []
+    for name, e in ip_entries(c):
+        with _blame(f"{name}.path"):
+            config, params = load_ip_adapter(e["path"], unet_config)
+        folder = ip_encoder_path(e)
+        if folder not in encoders:
+            with _blame(f"{name}.encoder"):
+                clip = load_clip(folder, require="vision")
+            encoders[folder] = dataclasses.replace(clip, params={"vision": cast_floating(clip.params["vision"], dtype)})
+        out.append((config, cast_floating(params, dtype), encoders[folder]))
     return out
 
 
@@ -452,5 +583,39 @@ def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
                           "folder")
     merged = SD15(unet_config, model.vae_config, model.text_config,
                   dict(model.params, unet=unet, text_encoder=text), tok_path)
-    return AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=dtypes.to_jnp(c["dtype"]),
+    pipe = AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=dtypes.to_jnp(c["dtype"]),
                                        attention=c["attention"])
+    return _with_embeddings(pipe, c)
+
+
+def embedding_entries(c: Mapping) -> list[tuple[str, str | None]]:
+    """`(path, token or None)` of each `embeddings` entry of a config (a path, or `{path, token}`)."""
+    entries = c["embeddings"]
+    entries = [entries] if isinstance(entries, str) else entries
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigError(f"embeddings={entries!r}: expected a tuple of embedding files or folders")
+    out = []
+    for i, e in enumerate(entries):
+        if isinstance(e, str):
+            out.append((e, None))
+        elif (isinstance(e, Mapping) and "path" in e and not set(e) - {"path", "token"}
+              and isinstance(e["path"], str) and isinstance(e.get("token") or "", str)):
+            out.append((e["path"], e.get("token") or None))
+        else:
+            raise ConfigError(f"embeddings[{i}]={e!r}: expected a file or folder, or {{'path': ..., 'token': ...}}")
+    return out
+
+
+def _with_embeddings(pipe: AnimationPipeline, c: Mapping) -> AnimationPipeline:
+    """The pipeline with the config's textual-inversion `embeddings` added (a file that fails: its entry named)."""
+    from animatediff_jax.checkpoints.embeddings import load_embeddings
+
+    entries = embedding_entries(c)
+    if not entries:
+        return pipe
+    loaded = []
+    for i, (path, token) in enumerate(entries):
+        with _blame(f"embeddings[{i}]"):
+            loaded += load_embeddings([path if token is None else {"path": path, "token": token}])
+    with _blame("embeddings"):
+        return pipe.with_embeddings(loaded)

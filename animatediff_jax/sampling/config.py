@@ -45,6 +45,11 @@ def _models(c: ConfigDict) -> None:
     c.motion_module_lora_configs = ()  # MotionLoRAs: ({"path": ..., "alpha": 1.0}, ...), all merged
     c.adapter_lora_path = ""  # v3 domain adapter; "" = none
     c.adapter_lora_scale = 1.0  # its scale (alpha)
+    # Textual-inversion embeddings: files (AUTOMATIC1111 .pt / .safetensors, diffusers learned_embeds.bin /
+    # .safetensors) or folders of them, e.g. ("embeddings/",). Each trigger word (the file name without its
+    # extension; diffusers' learned_embeds.*: the token it holds; or {"path": ..., "token": ...}) stands for the
+    # embedding's vectors in every prompt and negative prompt. () = none.
+    c.embeddings = ()
 
 
 def _prompts(c: ConfigDict) -> None:
@@ -60,6 +65,10 @@ def _prompts(c: ConfigDict) -> None:
     c.head_prompt = ""  # prompt travel: put before every keyframe's text ("masterpiece, a girl")
     c.tail_prompt = ""  # ... and after it
     c.prompt_interpolation = "linear"  # between keyframes: linear (diffusers' FreeNoise) | slerp
+    # How prompts are read: "a1111" (AUTOMATIC1111's web UI: (word) x1.1, ((word)) x1.21, [word] /1.1, (word:1.3),
+    # \( for a literal bracket, BREAK starts a new chunk; any length, in chunks of 75 tokens) | "plain" (diffusers':
+    # the text as is, cut at 77 tokens). A plain prompt of up to 75 tokens gives the same embeddings either way.
+    c.prompt_syntax = "a1111"
 
 
 def _sampler(c: ConfigDict) -> None:
@@ -105,6 +114,13 @@ def _steering(c: ConfigDict) -> None:
     # {"path": ..., "images": (PNG/JPG, ...), "frame_indices": (0, ...), "scale": 1.0}; one RGB image at frame 0
     # is image-to-video. {} = none.
     c.sparsectrl = {}
+    # IP-Adapter (h94/IP-Adapter models/ip-adapter[-plus|-plus-face|-full-face|_light]_sd15.bin / .safetensors): an
+    # image prompt beside the text, every video: ({"path": ..., "image": PNG/JPG | (several: all on every frame) |
+    # {frame: image, ...} (image travel: interpolated between keyframes, from frame 0), "scale": 1.0 (or per block,
+    # diffusers' {"down": {"block_2": [0.0, 1.0]}, "up": {...}, "mid": 0.0}), "encoder": "" (the CLIP image encoder
+    # folder; "" = image_encoder/ beside the file, as h94 lays them out), "interpolation": "linear" | "slerp"}, ...);
+    # several at once. () = none.
+    c.ip_adapter = ()
     # Videos longer than the motion module's position table: overlapping windows of `length` frames over
     # the temporal attention, predictions averaged; length 0 = off (one pass over all frames).
     # weighting where windows overlap: flat | pyramid | delayed_reverse_sawtooth (diffusers' FreeNoise weights);

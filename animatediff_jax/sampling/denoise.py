@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from animatediff_jax import schedulers as S
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.sampling.control import control_residuals
+from animatediff_jax.sampling.ip_adapter import ImagePrompts, image_context
 from animatediff_jax.sampling.keys import sample_keys
 from animatediff_jax.sampling.windows import Frames, WindowPlan, windowed
 
@@ -37,6 +38,7 @@ def predict_noise(
     guidance_scale: Any,
     windows: Frames | WindowPlan | None = None,
     control: Callable[..., tuple[Any, Any]] | None = None,
+    images: ImagePrompts | None = None,
 ) -> jax.Array:
     """Guided float32 noise prediction for the (already scaled) model input `x` `[B, F, h, w, C]`;
     `cond`/`uncond` `[B, L, D]`, or `[B, F, L, D]` a text per frame (windows take their frames').
@@ -45,7 +47,9 @@ def predict_noise(
     are adjacent (a per-sample `concat([uncond, cond])`), so a batch sharded over devices stays
     local; then `uncond + g * (cond - uncond)`. Without `uncond`, or with a concrete scale <= 1,
     the conditional prediction alone. `control(x, t, context, frames, pairs) -> (down, mid)`: the
-    control models' residuals for that same UNet input (`sampling.control`), or None.
+    control models' residuals for that same UNet input (`sampling.control`), or None. `images`: IP-Adapter
+    image prompts (`sampling.ip_adapter`; `unet_params` holding their `to_k_ip` / `to_v_ip`), each CFG half
+    with its own tokens, or None.
     """
     apply = functools.partial(unet.apply, {"params": unet_params})
     if not _cfg_enabled(guidance_scale):
@@ -61,6 +65,8 @@ def predict_noise(
 
         def unet(x_, ctx_, pairs):
             res = (None, None) if control is None else control(x_, t, ctx_, ix, pairs)
+            if images is not None:
+                res += (image_context(images, b, ix, pairs),)
             return apply(x_, t, ctx_, *res).astype(jnp.float32)
 
         if u is None:
@@ -87,6 +93,7 @@ def denoise(
     windows: Frames | WindowPlan | None = None,
     start: int = 0,
     controls: tuple | None = None,
+    images: ImagePrompts | None = None,
 ) -> jax.Array:
     """Runs the steps `start..` of `sched` from `latents` (already times `init_noise_sigma`, or noised
     to the start step's timestep: video-to-video) in one `lax.scan`.
@@ -96,7 +103,9 @@ def denoise(
     data); step `i` of sample `b` uses `fold_in(key_b, i)`. `progress_cb(i)` is called from the
     compiled loop after step `i` (via `jax.debug.callback`). `windows`: frame windows from
     `context_windows`, or None to run the UNet on all frames at once. `controls`: `(specs, params,
-    scales, arrays)` of `sampling.control` (arrays batched like the latents), or None. Returns float32 latents.
+    scales, arrays)` of `sampling.control` (arrays batched like the latents), or None. `images`: IP-Adapter
+    image prompts (`sampling.ip_adapter.ImagePrompts`; their layers already in `unet_params`), or None.
+    Returns float32 latents.
     """
     latents = latents.astype(jnp.float32)
     b = latents.shape[0]
@@ -112,7 +121,7 @@ def denoise(
         control = None if not controls else functools.partial(
             control_residuals, *controls, i - start, sched.num_inference_steps - start)
         eps = predict_noise(unet, unet_params, x_in, sched.timesteps[i], cond, uncond, guidance_scale, windows,
-                            control)
+                            control, images)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
         update = lambda c, e, s, k: S.step(sched, c, i, e, s, k)
         x, carry = jax.vmap(update)(carry, eps, x, step_keys)

@@ -29,6 +29,7 @@ from animatediff_jax.errors import ConfigError, FieldError
 from animatediff_jax.sampling.compiled import PROGRAMS, Programs
 from animatediff_jax.sampling.control import check_base
 from animatediff_jax.sampling.free_init import video_pixels
+from animatediff_jax.sampling.ip_adapter import ImagePrompts, check_ip_adapters, encode_ip_adapters
 from animatediff_jax.sampling.keys import seed_key
 from animatediff_jax.sampling.options import Prompt, Request, check_size
 from animatediff_jax.sampling.pipeline import AnimationPipeline
@@ -86,6 +87,7 @@ def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = No
                          f"({limit} frames)")
     windowed = win is not None and win.scope == "unet" and win.length < f  # (scope "motion": controls see all)
     check_base(request.controls, pipe.unet_config, win.length if windowed else f)
+    check_ip_adapters(request.ip_adapters, pipe.unet_config)
     down = pipe.vae_config.downscale
     shape = (len(request.prompts), f, request.height // down, request.width // down, pipe.unet_config.in_channels)
     if request.init_latents is not None and tuple(np.shape(request.init_latents)) != shape:
@@ -137,10 +139,10 @@ def _initial_noise(request: Request, shape: tuple[int, ...]) -> tuple[jax.Array,
     return noise, jnp.stack([jax.random.key_data(k) for k in keys])
 
 
-def _arguments(pipe: AnimationPipeline, request: Request, lay: Layout, mesh: Mesh, cond, uncond, needs_vae: bool
-               ) -> tuple:
+def _arguments(pipe: AnimationPipeline, request: Request, lay: Layout, mesh: Mesh, cond, uncond, needs_vae: bool,
+               images: ImagePrompts | None = None) -> tuple:
     """The denoising program's arguments, each video's padded to the mesh and laid out over its data
-    axis, params and scalars replicated (already-placed params are not copied)."""
+    axis, params, scalars and IP-Adapter image prompts replicated (already-placed params are not copied)."""
     n = lay.shape[0]
     pad = -n % mesh.shape[DATA]
     rep = NamedSharding(mesh, P())
@@ -158,7 +160,8 @@ def _arguments(pipe: AnimationPipeline, request: Request, lay: Layout, mesh: Mes
     args = (jax.device_put(pipe.params["unet"], rep), jax.device_put(lay.schedulers, rep), place(noise), place(cond),
             place(uncond), jax.device_put(jnp.asarray(request.guidance_scale if use_cfg else 1.0, jnp.float32), rep),
             place(key_data), [jax.device_put(c.params, rep) for c in request.controls],
-            jax.device_put(jnp.asarray([c.scale for c in request.controls], jnp.float32), rep), controls)
+            jax.device_put(jnp.asarray([c.scale for c in request.controls], jnp.float32), rep), controls,
+            None if images is None else jax.device_put(images, rep))
     if needs_vae:
         video = None
         if request.video is not None:
@@ -176,8 +179,8 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
 
     The keyword form `generate(pipe, prompts, negative_prompts, seeds, num_frames=16, ...)` builds the
     `Request` (`Request.create`: `context_windows` and `free_init` as dicts, `init_video` + `strength`,
-    `motion_scale`, `controls`, ...). `mesh`: a mesh with a "data" axis to spread the videos over
-    (default: the first device); the batch is padded to a multiple of that axis and the padding
+    `motion_scale`, `controls`, `ip_adapters`, ...). `mesh`: a mesh with a "data" axis to spread the videos
+    over (default: the first device); the batch is padded to a multiple of that axis and the padding
     dropped. `progress`: a tqdm bar (True), nothing (False) or a callable given each finished step.
     Everything is checked before anything compiles (a `FieldError` naming the setting).
     """
@@ -195,12 +198,18 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
     use_cfg = request.guidance_scale > 1.0
     negatives = (request.negative_prompts or ("",) * n) if use_cfg else None
     cond, uncond, c_text = encode_prompts(pipe, request.prompts, negatives, request.num_frames, request.clip_skip,
-                                          request.prompt_interpolation, programs)
+                                          request.prompt_interpolation, programs, request.prompt_syntax)
     jax.block_until_ready(cond)
     timings["compile_text_s"], timings["text_s"] = c_text, time.perf_counter() - t0 - c_text
 
     sample_fn, decode_fn, static, needs_vae = sampler_fns(pipe, request, lay, progress is not False, programs)
-    args = _arguments(pipe, request, lay, mesh, cond, uncond, needs_vae)
+    images = None
+    if request.ip_adapters:  # IP-Adapter: the image prompts' tokens, once per call
+        t0 = time.perf_counter()
+        images, c_img = encode_ip_adapters(pipe, request.ip_adapters, request.num_frames, uncond is not None, programs)
+        jax.block_until_ready(images)
+        timings["compile_image_s"], timings["image_s"] = c_img, time.perf_counter() - t0 - c_img
+    args = _arguments(pipe, request, lay, mesh, cond, uncond, needs_vae, images)
     batch = NamedSharding(mesh, P(DATA))
     sample_c, timings["compile_denoise_s"] = programs.compiled("denoise", sample_fn, static, args, out_shardings=batch)
     total = sum(int(x.num_inference_steps) for x in lay.schedulers) - request.start
@@ -221,7 +230,8 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
     t0 = time.perf_counter()
     frames = jax.block_until_ready(decode_c(vae_params, latents))
     timings["decode_s"] = time.perf_counter() - t0
-    timings["compile_s"] = timings["compile_text_s"] + timings["compile_denoise_s"] + timings["compile_decode_s"]
-    timings["run_s"] = timings["text_s"] + timings["denoise_s"] + timings["decode_s"]
+    timings["compile_s"] = (timings["compile_text_s"] + timings.get("compile_image_s", 0.0)
+                            + timings["compile_denoise_s"] + timings["compile_decode_s"])
+    timings["run_s"] = timings["text_s"] + timings.get("image_s", 0.0) + timings["denoise_s"] + timings["decode_s"]
     timings["total_s"] = time.perf_counter() - t_start
     return GenerateResult(frames=np.asarray(frames)[:n], latents=np.asarray(latents, np.float32)[:n], timings=timings)

@@ -18,6 +18,7 @@ import numpy as np
 
 from animatediff_jax import schedulers as S
 from animatediff_jax.errors import FieldError
+from animatediff_jax.prompt_syntax import SYNTAXES, PromptSyntaxError, parse
 
 Prompt = Union[str, Mapping[int, str]]  # one text, or prompt travel: {frame: text} from frame 0
 INTERPOLATIONS = ("linear", "slerp")
@@ -86,6 +87,15 @@ def keyframes(prompt: Prompt, num_frames: int, name: str) -> list[tuple[int, str
     if frames[-1] >= num_frames:
         raise FieldError(name, f": frame {frames[-1]} is outside the video (frames 0 to {num_frames - 1})")
     return out
+
+
+def check_syntax(name: str, text: str) -> None:
+    """A prompt in the web UI's syntax parses (`prompt_syntax.parse`, strict): else a `FieldError` naming it."""
+    try:
+        parse(text, strict=True)
+    except PromptSyntaxError as e:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise FieldError(name, f"={shown!r}: {e} (or prompt_syntax='plain': brackets as text)") from None
 
 
 def check_size(height: int, width: int, multiple: int) -> None:
@@ -290,6 +300,104 @@ class Control:
             raise FieldError(self.name, f": start={self.start}, end={self.end}: expected 0 <= start < end <= 1")
 
 
+_IP_GROUPS = ("down", "mid", "up")
+
+
+def _ip_scale(name: str, scale: Any) -> None:
+    """An IP-Adapter scale: a number, or diffusers' `set_ip_adapter_scale` dict (its shape only; the blocks
+    and their attention counts are checked against the UNet in `sampling.ip_adapter.layer_scales`)."""
+    if not isinstance(scale, Mapping):
+        number(name, scale)
+        return
+    unknown = sorted(str(k) for k in scale if k not in _IP_GROUPS)
+    if unknown:
+        raise FieldError(name, f": unknown part(s) {unknown} (a number, or a dict of down, mid, up)")
+    for group, v in scale.items():
+        if isinstance(v, Mapping) and group != "mid":
+            for block, w in v.items():
+                if not re.fullmatch(r"block_\d+", str(block)):
+                    raise FieldError(f"{name}.{group}", f": key {block!r}: expected block_<i>")
+                for x in (w if isinstance(w, (list, tuple)) else [w]):
+                    number(f"{name}.{group}.{block}", x)
+        else:
+            for x in (v if isinstance(v, (list, tuple)) else [v]):
+                number(f"{name}.{group}", x)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IPAdapter:
+    """One IP-Adapter and its image prompt (`sampling.ip_adapter` runs it); every video sees it.
+
+    `images`: each `[H, W, 3]` uint8 (or float in [0, 1]), any size (the encoder's processor resizes and
+    crops). Without `frames`, every frame sees all of them (their tokens side by side, as diffusers takes
+    several images for one adapter). With `frames` (image travel), image k is the keyframe at frame
+    `frames[k]` (frame 0 needed) and each frame's image embedding is interpolated between the keyframes it
+    lies between (`interpolation`, as prompt travel interpolates text), the last one held to the end.
+    `embeds` instead of images: the encoder's outputs `[K, D]` ("base") or `[K, S, D]` ("plus", "full"),
+    diffusers' `ip_adapter_image_embeds`; `negative_embeds` the unconditional branch's (None: zeros; for
+    images, as diffusers: zeros for "base", the encoder on an all-zero input for "plus" / "full").
+    `scale`: a number, or diffusers' per-block dict (`{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0":
+    1.0}, "mid": 0.5}`; the attentions of blocks it does not name get 0). `config` / `params` (the adapter,
+    `checkpoints.ip_adapter.load_ip_adapter`'s) and `encoder` (a `checkpoints.clip.CLIP` image encoder)
+    may be None while only these settings are checked.
+    """
+
+    config: Any
+    params: Any
+    images: tuple[Any, ...] = ()
+    frames: tuple[int, ...] | None = None
+    embeds: np.ndarray | None = None
+    negative_embeds: np.ndarray | None = None
+    scale: float | Mapping[str, Any] = 1.0
+    interpolation: str = "linear"
+    encoder: Any = None
+    name: str = "ip_adapter"  # what errors call it ("ip_adapter[0]")
+
+    @property
+    def count(self) -> int:
+        """Images (or embeddings) given."""
+        return len(self.images) if self.embeds is None else int(np.shape(self.embeds)[0])
+
+    def check(self, num_frames: int) -> None:
+        """The image prompt's own settings (what needs the models: `sampling.ip_adapter.check_ip_adapters`)."""
+        if self.embeds is None:
+            images = self.images
+            if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)) or not images:
+                raise FieldError(f"{self.name}.image", ": expected one or more images (or embeds)")
+            for k, im in enumerate(images):
+                shape = tuple(np.shape(im))
+                if len(shape) != 3 or shape[-1] != 3 or min(shape) < 1:
+                    raise FieldError(f"{self.name}.image", f"[{k}]: expected an RGB image [H, W, 3], got {shape}")
+        else:
+            if self.images:
+                raise FieldError(self.name, ": give images or embeds, not both")
+            shape = tuple(np.shape(self.embeds))
+            if len(shape) not in (2, 3) or shape[0] < 1:
+                raise FieldError(f"{self.name}.embeds", f": expected [K, D] or [K, S, D] image embeddings, got {shape}")
+            neg = self.negative_embeds
+            if neg is not None and tuple(np.shape(neg)) != shape:
+                raise FieldError(f"{self.name}.negative_embeds", f": shape {tuple(np.shape(neg))} is not the "
+                                 f"embeds' {shape}")
+        if self.frames is not None:
+            frames = list(self.frames)
+            if len(frames) != self.count:
+                raise FieldError(f"{self.name}.frames", f": {len(frames)} frame(s) for {self.count} image(s): give "
+                                 "one keyframe per image")
+            for f in frames:
+                integer(f"{self.name}.frames", f, 0)
+            if len(set(frames)) != len(frames):
+                raise FieldError(f"{self.name}.frames", f": frame {next(f for f in frames if frames.count(f) > 1)} "
+                                 "is given twice")
+            if 0 not in frames:
+                raise FieldError(f"{self.name}.frames", f" {sorted(frames)}: no image at frame 0 (image travel "
+                                 "starts from one)")
+            if max(frames) >= num_frames:
+                raise FieldError(f"{self.name}.frames", f": frame {max(frames)} is outside the video (frames 0 to "
+                                 f"{num_frames - 1})")
+        _ip_scale(f"{self.name}.scale", self.scale)
+        choice(f"{self.name}.interpolation", self.interpolation, INTERPOLATIONS)
+
+
 # ----------------------------------------------------------------------------------------------
 # The request.
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +409,9 @@ class Request:
 
     `negative_prompts`: None (empty strings under guidance), one (broadcast) or one per prompt; a
     prompt may travel (`{frame: text}`, interpolated per frame by `prompt_interpolation`).
+    `prompt_syntax`: "a1111" reads every text as AUTOMATIC1111's web UI does (`(word:1.3)` weights,
+    `BREAK`, any length in 75-token chunks; a plain prompt of up to 75 tokens gives diffusers' embeddings
+    exactly), "plain" as diffusers does (the text as is, cut at 77 tokens).
     `init_latents`: standard-normal noise `[N, F, h, w, C]` instead of the seeds'. `decode_chunk`:
     frames per VAE step (None: all). `sample_posterior`: VAE encodes (video, RGB keyframes) draw from
     the posterior (else its mean).
@@ -320,9 +431,11 @@ class Request:
     decode_chunk: int | None = 4
     windows: Windows | None = None
     prompt_interpolation: str = "linear"
+    prompt_syntax: str = "a1111"
     free_init: FreeInit | None = None
     video: VideoInput | None = None
     controls: tuple[Control, ...] = ()
+    ip_adapters: tuple[IPAdapter, ...] = ()
     motion: Motion = Motion()
     init_latents: np.ndarray | None = None
     sample_posterior: bool = True
@@ -348,9 +461,12 @@ class Request:
         integer("clip_skip", self.clip_skip, 0)
         if self.decode_chunk is not None:
             integer("decode_chunk", self.decode_chunk, 1)
+        choice("prompt_syntax", self.prompt_syntax, SYNTAXES)
         for name, values in (("prompts", prompts), ("negative_prompts", neg or ())):
             for b, p in enumerate(values):
-                keyframes(p, self.num_frames, f"{name}[{b}]")
+                for _, text in keyframes(p, self.num_frames, f"{name}[{b}]"):
+                    if self.prompt_syntax == "a1111":
+                        check_syntax(f"{name}[{b}]", text)
         choice("prompt_interpolation", self.prompt_interpolation, INTERPOLATIONS)
         if not isinstance(self.scheduler_options, Mapping):
             raise FieldError("scheduler_options", f"={self.scheduler_options!r}: expected a dict")
@@ -363,6 +479,11 @@ class Request:
             if not isinstance(c, Control):
                 raise FieldError("controls", f": expected Control objects, got {type(c).__name__}")
             c.check(self.num_frames, self.height, self.width)
+        for a in _seq("ip_adapters", self.ip_adapters):
+            if not isinstance(a, IPAdapter):
+                raise FieldError("ip_adapters", f": expected IPAdapter objects, got {type(a).__name__}")
+            a.check(self.num_frames)
+        object.__setattr__(self, "ip_adapters", tuple(self.ip_adapters))
 
     def _check_video(self, kind: str, n: int) -> None:
         if self.video is None:
@@ -415,10 +536,12 @@ class Request:
                context_windows: Mapping[str, Any] | None = None, free_init: Mapping[str, Any] | None = None,
                init_video: np.ndarray | None = None, strength: float = 0.8, motion_scale: float = 1.0,
                motion_block_scales: Mapping[str, float] | Sequence = (), pe_stretch: Sequence[int] | None = None,
-               controls: Sequence[Control] = (), **settings: Any) -> "Request":
+               controls: Sequence[Control] = (), ip_adapters: Sequence[IPAdapter] = (), **settings: Any
+               ) -> "Request":
         """A request from `generate`'s keyword names (dicts for the parts, as a config gives them)."""
         video = None if init_video is None else VideoInput(init_video, strength)
         return cls(prompts, negative_prompts, seeds, windows=Windows.from_dict(context_windows),
                    free_init=FreeInit.from_dict(free_init), video=video, controls=tuple(controls),
+                   ip_adapters=(ip_adapters,) if isinstance(ip_adapters, IPAdapter) else tuple(ip_adapters),
                    motion=Motion(motion_scale, tuple(dict(motion_block_scales).items()), tuple(pe_stretch or ()) or None),
                    **settings)

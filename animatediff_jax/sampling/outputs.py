@@ -60,10 +60,12 @@ def write_outputs(folder: str, frames: np.ndarray, prompts: Sequence[str], confi
 
 def timing_summary(t: Mapping[str, float], n: int) -> str:
     """One line: load, compile (per stage) apart from run (per stage, per video), write."""
+    c_img = f", image {t['compile_image_s']:.1f}" if "compile_image_s" in t else ""  # (IP-Adapters)
+    r_img = f", image {t['image_s']:.2f}" if "image_s" in t else ""
     return (
-        f"timing: load {t['load_s']:.1f}s | compile {t['compile_s']:.1f}s (text {t['compile_text_s']:.1f}, "
+        f"timing: load {t['load_s']:.1f}s | compile {t['compile_s']:.1f}s (text {t['compile_text_s']:.1f}{c_img}, "
         f"denoise {t['compile_denoise_s']:.1f}, decode {t['compile_decode_s']:.1f}) | run {t['run_s']:.2f}s "
-        f"(text {t['text_s']:.2f}, denoise {t['denoise_s']:.2f}, decode {t['decode_s']:.2f}) = "
+        f"(text {t['text_s']:.2f}{r_img}, denoise {t['denoise_s']:.2f}, decode {t['decode_s']:.2f}) = "
         f"{t['run_s'] / n:.2f} s/video | write {t['write_s']:.1f}s"
     )
 

@@ -80,6 +80,18 @@ class AnimationPipeline:
     def text_encoder(self) -> CLIPTextModel:
         return CLIPTextModel(self.text_config, dtype=self.dtype)
 
+    def with_embeddings(self, embeddings) -> "AnimationPipeline":
+        """A new pipeline with textual-inversion `embeddings` (`checkpoints.embeddings.load_embeddings`)
+        added to its tokenizer and text encoder, as diffusers' `load_textual_inversion` (this one unchanged)."""
+        from animatediff_jax.checkpoints.embeddings import add_embeddings
+
+        if self.tokenizer is None or not hasattr(self.tokenizer, "with_tokens"):
+            raise ValueError("textual-inversion embeddings need the pipeline's CLIP tokenizer (text.Tokenizer)")
+        tokenizer, text = add_embeddings(self.tokenizer, self.params["text_encoder"], embeddings)
+        rows = int(text["text_model"]["embeddings"]["token_embedding"]["embedding"].shape[0])
+        return dataclasses.replace(self, text_config=dataclasses.replace(self.text_config, vocab_size=rows),
+                                   params={**self.params, "text_encoder": text}, tokenizer=tokenizer)
+
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this: VAE downscale x UNet downsampling."""

@@ -16,12 +16,14 @@ from jax.sharding import PartitionSpec as P
 
 from animatediff_jax import schedulers as S
 from animatediff_jax.io.video import to_uint8
+from animatediff_jax.models.ip_adapter import with_ip_layers
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import decode_video, encode_video
 from animatediff_jax.sampling.compiled import PROGRAMS, Programs
 from animatediff_jax.sampling.control import ControlSpec, control_inputs, latent_conditions
 from animatediff_jax.sampling.denoise import denoise
 from animatediff_jax.sampling.free_init import free_init_noise, freq_mix, low_pass
+from animatediff_jax.sampling.ip_adapter import abstract_image_prompts
 from animatediff_jax.sampling.keys import CONTROL_SALT, VIDEO_SALT, salted, sample_keys, seed_key
 from animatediff_jax.sampling.options import Request
 from animatediff_jax.sampling.pipeline import AnimationPipeline
@@ -75,8 +77,10 @@ def sampler_fns(pipe: AnimationPipeline, request: Request, lay: Layout, progress
         return (lambda i: programs.emit(i + offsets[it])) if progress else None
 
     def sample_fn(params, scheds, noise, cond, uncond, g, key_data, ctrl_params, ctrl_scales, ctrl_arrays,
-                  vae_params=None, video=None):
+                  images=None, vae_params=None, video=None):
         first = noise * scheds[0].init_noise_sigma
+        if images is not None:  # IP-Adapter: their to_k_ip / to_v_ip join the UNet's cross-attentions
+            params = with_ip_layers(params, images.layers, pipe.unet_config)
         keys = sample_keys(key_data, noise.shape[0])
 
         def encode_keyframes(pixels, j):  # an RGB SparseCtrl's keyframes, each video's posterior from its key
@@ -90,12 +94,13 @@ def sampler_fns(pipe: AnimationPipeline, request: Request, lay: Layout, progress
             z0 = encode_video(vae, vae_params, video, salted(keys, VIDEO_SALT) if posterior else None, chunk)
             t0 = jnp.full((noise.shape[0],), scheds[0].timesteps[start])
             first = S.add_noise(scheds[0].alphas_cumprod, z0, noise, t0)
-        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start, controls)
+        x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start, controls,
+                    images)
         for it, sched in enumerate(scheds[1:], start=1):  # FreeInit: back to the last timestep, low frequencies kept
             t_last = jnp.full((x.shape[0],), sched.alphas_cumprod.shape[0] - 1)
             z_t = S.add_noise(sched.alphas_cumprod, x, first, t_last)
             x = freq_mix(z_t, free_init_noise(key_data, it, x.shape), lp)
-            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows, 0, controls)
+            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows, 0, controls, images)
         return x
 
     def decode_fn(params, latents):
@@ -135,7 +140,10 @@ def abstract_sampler(pipe: AnimationPipeline, request: Request, mesh: Mesh, prog
             sds((n,) + lay.shape[1:], jnp.float32), sds(ctx, pipe.dtype), sds(ctx, pipe.dtype) if use_cfg else None,
             sds((), jnp.float32, rep), sds((n,) + key_data.shape, key_data.dtype),
             [params(c.params) for c in request.controls], sds((len(request.controls),), jnp.float32, rep),
-            control_arrays)
+            control_arrays, None)
+    if request.ip_adapters:
+        images = abstract_image_prompts(request.ip_adapters, pipe.unet_config, f, use_cfg, pipe.dtype)
+        args = args[:-1] + (jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), images),)
     if needs_vae:
         video = None if request.video is None else sds((n, f, request.height, request.width, 3), jnp.float32)
         args += (params(pipe.params["vae"]), video)

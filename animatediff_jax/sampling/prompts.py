@@ -1,5 +1,15 @@
 """Text to embeddings: CLIP on the prompts and negative prompts, and prompt travel (a text per
-frame, interpolated between keyframes, each unique text encoded once)."""
+frame, interpolated between keyframes, each unique text encoded once).
+
+Prompts are read in `prompt_syntax` ("a1111": AUTOMATIC1111's web UI, `text.Tokenizer.chunks`; "plain":
+diffusers'). Every text of a call is cut into the same number K of 77-token chunks (the shorter ones
+padded with empty chunks, the encoding of ""), each chunk encoded on its own, the chunks joined along the
+sequence: embeddings `[N, K * 77, D]` (the UNet's cross-attention takes any length). With weights, each
+token's output is multiplied by its weight and each chunk of each text rescaled to its unweighted mean
+(the web UI's "Original" emphasis, `sd_hijack_clip` / `sd_emphasis`: `z * w * (mean(z) / mean(z * w))`,
+the mean over the chunk's 77 x D values). A text without weights or BREAK, of at most 75 tokens, gives
+diffusers' `encode_prompt` embeddings exactly (one chunk, no weights: the same program as "plain").
+"""
 
 from __future__ import annotations
 
@@ -13,9 +23,40 @@ from animatediff_jax.sampling.compiled import PROGRAMS, Programs
 from animatediff_jax.sampling.options import Prompt, keyframes
 
 
+def tokenize(tokenizer: Any, texts: Sequence[str], syntax: str = "a1111") -> tuple[np.ndarray, np.ndarray | None]:
+    """`(ids, weights)` `[len(texts), K, 77]` of `texts` read in `syntax`, K the most chunks any text needs
+    (the others padded with empty chunks); `weights` None when every one is 1. A tokenizer that is not a
+    `text.Tokenizer` (a toy one: a callable giving `[B, 77]` ids) reads every text plainly."""
+    if not hasattr(tokenizer, "chunks"):
+        return np.asarray(tokenizer(list(texts)))[:, None], None
+    chunks = [tokenizer.chunks(t, syntax) for t in texts]
+    k = max(ids.shape[0] for ids, _ in chunks)
+    if k > 1:
+        empty_ids, empty_w = tokenizer.chunks("", "plain")
+        chunks = [(np.concatenate([ids] + [empty_ids] * (k - ids.shape[0])),
+                   np.concatenate([w] + [empty_w] * (k - w.shape[0]))) for ids, w in chunks]
+    ids = np.stack([c[0] for c in chunks]).astype(np.int32)
+    weights = np.stack([c[1] for c in chunks]).astype(np.float32)
+    return ids, None if (weights == 1.0).all() else weights
+
+
+def embed(model: Any, params: Any, ids: jax.Array, weights: jax.Array | None, clip_skip: int) -> jax.Array:
+    """`[N, K * 77, D]` embeddings of chunked `ids` `[N, K, 77]` (inside a jitted program), each chunk
+    weighted and rescaled to its unweighted mean when `weights` `[N, K, 77]` are given."""
+    n, k, length = ids.shape
+    z = model.apply({"params": params}, ids.reshape(n * k, length), clip_skip)
+    if weights is not None:
+        z32 = z.astype(jnp.float32).reshape(n, k, length, -1)
+        mean = z32.mean(axis=(2, 3), keepdims=True)
+        z32 = z32 * weights[..., None]
+        z = (z32 * (mean / z32.mean(axis=(2, 3), keepdims=True))).astype(z.dtype)
+    return z.reshape(n, k * length, -1)
+
+
 def encode_text(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str] | None, clip_skip: int = 0,
-                programs: Programs = PROGRAMS) -> tuple[jax.Array, jax.Array | None, float]:
-    """(cond, uncond or None, compile seconds): CLIP embeddings `[N, 77, D]` of an `AnimationPipeline`.
+                programs: Programs = PROGRAMS, syntax: str = "a1111") -> tuple[jax.Array, jax.Array | None, float]:
+    """(cond, uncond or None, compile seconds): CLIP embeddings `[N, K * 77, D]` of an `AnimationPipeline`,
+    prompts and negatives read in `syntax` and chunked alike (see the module docstring).
 
     `clip_skip` applies to the prompts only; negatives use the last layer, as diffusers'
     `encode_prompt` does.
@@ -24,16 +65,20 @@ def encode_text(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[st
         raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
     model = pipe.text_encoder
     params = pipe.params["text_encoder"]
-    ids = jnp.asarray(pipe.tokenizer(list(prompts)))
-    neg = None if negative_prompts is None else jnp.asarray(pipe.tokenizer(list(negative_prompts)))
+    n = len(prompts)
+    ids, weights = tokenize(pipe.tokenizer, list(prompts) + list(negative_prompts or []), syntax)
+    pos, neg = jnp.asarray(ids[:n]), None if negative_prompts is None else jnp.asarray(ids[n:])
+    weighted = lambda w: None if w is None or (w == 1.0).all() else jnp.asarray(w)  # noqa: E731
+    w_pos = weighted(None if weights is None else weights[:n])
+    w_neg = weighted(None if weights is None or negative_prompts is None else weights[n:])
 
-    def fn(params, ids, neg):
-        cond = model.apply({"params": params}, ids, clip_skip)
-        uncond = None if neg is None else model.apply({"params": params}, neg, 0)
+    def fn(params, ids, neg, w_pos, w_neg):
+        cond = embed(model, params, ids, w_pos, clip_skip)
+        uncond = None if neg is None else embed(model, params, neg, w_neg, 0)
         return cond, uncond
 
-    compiled, compile_s = programs.compiled("text", fn, (model, clip_skip), (params, ids, neg))
-    cond, uncond = compiled(params, ids, neg)
+    compiled, compile_s = programs.compiled("text", fn, (model, clip_skip), (params, pos, neg, w_pos, w_neg))
+    cond, uncond = compiled(params, pos, neg, w_pos, w_neg)
     return cond, uncond, compile_s
 
 
@@ -75,21 +120,22 @@ def interpolate(emb: jax.Array, i: jax.Array, j: jax.Array, t: jax.Array, method
 
 
 def encode_prompts(pipe: Any, prompts: Sequence[Prompt], negative_prompts: Sequence[Prompt] | None, num_frames: int,
-                   clip_skip: int = 0, interpolation: str = "linear", programs: Programs = PROGRAMS
-                   ) -> tuple[jax.Array, jax.Array | None, float]:
-    """`encode_text` for prompts that may travel: `[N, 77, D]` embeddings when every prompt is one
-    string, else `[N, F, 77, D]`, each frame's text interpolated between its keyframes (each unique
-    text encoded once). When only one side travels, both come back per frame."""
+                   clip_skip: int = 0, interpolation: str = "linear", programs: Programs = PROGRAMS,
+                   syntax: str = "a1111") -> tuple[jax.Array, jax.Array | None, float]:
+    """`encode_text` for prompts that may travel: `[N, K * 77, D]` embeddings when every prompt is one
+    string, else `[N, F, K * 77, D]`, each frame's text interpolated between its keyframes (each unique
+    text encoded once; every text of the call in K chunks). When only one side travels, both come back
+    per frame."""
     texts = list(prompts) + list(negative_prompts or [])
     if all(isinstance(p, str) for p in texts):
         return encode_text(pipe, list(prompts), None if negative_prompts is None else list(negative_prompts),
-                           clip_skip, programs)
+                           clip_skip, programs, syntax)
     pos = [keyframes(p, num_frames, f"prompts[{b}]") for b, p in enumerate(prompts)]
     neg = None if negative_prompts is None else [
         keyframes(p, num_frames, f"negative_prompts[{b}]") for b, p in enumerate(negative_prompts)]
     unique_pos = list(dict.fromkeys(t for k in pos for _, t in k))
     unique_neg = None if neg is None else list(dict.fromkeys(t for k in neg for _, t in k))
-    cond_u, uncond_u, compile_s = encode_text(pipe, unique_pos, unique_neg, clip_skip, programs)
+    cond_u, uncond_u, compile_s = encode_text(pipe, unique_pos, unique_neg, clip_skip, programs, syntax)
 
     def per_frame(emb, keys, texts):
         row = {t: r for r, t in enumerate(texts)}

@@ -55,7 +55,8 @@ def _sampler(config, trainer, tokenizer: Callable | None = None, what: str = "va
         pipe = dataclasses.replace(base, params={**base.params, "unet": unet})  # a new value: `base` stays as it is
         return generate(pipe, prompts, None, seeds, num_frames=frames, height=size, width=size,
                         steps=int(lg.sample_steps), guidance_scale=float(lg.sample_guidance),
-                        scheduler=lg.sample_scheduler, progress=False)
+                        scheduler=lg.sample_scheduler, progress=False,
+                        prompt_syntax="plain")  # (read as the captions are trained on: text as is)
 
     return sample
 

@@ -49,6 +49,7 @@ def get_config():
         "",
         "",
     )
+    c.prompt_syntax = "plain"  # as the original reads prompts (diffusers': brackets are text, cut at 77 tokens)
     c.W, c.H, c.L = 512, 512, 16
     c.output.dir = "samples/v1_toonyou-{time}"
     return c

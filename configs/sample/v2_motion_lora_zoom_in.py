@@ -43,6 +43,7 @@ def get_config():
         "anime, mutated hands and fingers, deformed, distorted, disfigured, poorly drawn, bad anatomy, wrong anatomy, "
         "extra limb, missing limb, floating limbs, disconnected limbs, mutation, mutated, ugly, disgusting, amputation",
     )
+    c.prompt_syntax = "plain"  # as the original reads prompts (diffusers': brackets are text, cut at 77 tokens)
     c.W, c.H, c.L = 512, 512, 16
     c.output.dir = "samples/v2_motion_lora_zoom_in-{time}"
     c.output.formats = ("gif", "mp4")

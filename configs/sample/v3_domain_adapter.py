@@ -32,6 +32,7 @@ def get_config():
     c.guidance_scale = 8.5
     c.prompt = ("an oil painting of a sailboat in the ocean wave", "an oil painting of a lighthouse on a cliff at dusk")
     c.n_prompt = ("worst quality, low quality, letterboxed",)
+    c.prompt_syntax = "plain"  # as the original reads prompts (diffusers': brackets are text, cut at 77 tokens)
     c.W, c.H, c.L = 384, 256, 16
     c.output.dir = "samples/v3_domain_adapter-{time}"
     return c

@@ -45,6 +45,7 @@ def get_config(indices: str = "0"):
     c.guidance_scale = 8.5
     c.prompt = (PROMPT, PROMPT)
     c.n_prompt = ("worst quality, low quality, letterboxed",)
+    c.prompt_syntax = "plain"  # as the original reads prompts (diffusers': brackets are text, cut at 77 tokens)
     c.W, c.H, c.L = 512, 512, 16
     c.output.dir = "samples/v3_sparsectrl_rgb-{time}"
     return c

@@ -48,6 +48,7 @@ def get_config(entry: str = "sketch"):
     c.guidance_scale = 8.5
     c.prompt = e["prompts"]
     c.n_prompt = ("worst quality, low quality, letterboxed",)
+    c.prompt_syntax = "plain"  # as the original reads prompts (diffusers': brackets are text, cut at 77 tokens)
     c.W, c.H, c.L = 512, 512, 16
     c.output.dir = "samples/v3_sparsectrl_sketch-{time}"
     return c

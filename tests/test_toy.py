@@ -172,9 +172,9 @@ def shipped():
     return demo.load_toy(demo.ASSETS)
 
 
-# Measured with the shipped checkpoint at these settings (4 prompts per direction, the demo's
+# Measured with the shipped checkpoint at these settings (2 prompts per direction, the demo's
 # sampler): see the report in animatediff_jax/toy/README.md. Thresholds leave a margin.
-PER_DIRECTION = 4
+PER_DIRECTION = 2
 
 
 def test_shipped_checkpoint_moves_as_prompted(shipped):
@@ -191,17 +191,18 @@ def test_shipped_checkpoint_moves_as_prompted(shipped):
     n = len(prompts)
     assert static.accuracy == 0.0 and static.predicted == {"static": n}  # one image, repeated: no motion
     # The motion module moves the shape the prompted way: clearly above chance and the base model.
-    # Measured: 0.94 vs 0.31 (chance 0.25); progress 0.67 vs 0.18 px/frame.
+    # Measured: 0.88 vs 0.12 (chance 0.25); progress 0.56 vs -0.01 px/frame (at 4 per direction: 0.94 vs
+    # 0.31, 0.67 vs 0.18).
     assert mm.accuracy >= 0.75 and mm.accuracy >= demo.CHANCE + 0.5, mm
     assert mm.accuracy >= no_mm.accuracy + 0.4, (mm, no_mm)
     assert mm.progress > 0.45 and mm.progress > no_mm.progress + 0.3, (mm.progress, no_mm.progress)
-    # ... smoothly: per-frame noise without it jumps about (measured jitter 0.72 vs 4.9 px).
+    # ... smoothly: per-frame noise without it jumps about (measured jitter 0.75 vs 5.6 px).
     assert mm.jitter < 0.3 * no_mm.jitter, (mm.jitter, no_mm.jitter)
     # The domain adapter holds the video domain's watermark (the paper's ablation): at scale 0 it is
-    # gone and the motion stays (measured watermark 0.117 -> 0.010, accuracy 0.94 -> 0.88).
+    # gone and the motion stays (measured watermark 0.113 -> -0.010, accuracy 0.88 -> 0.75).
     plain = rows["mm_no_adapter"]
     assert mm.watermark > 0.07 and plain.watermark < 0.03, (mm.watermark, plain.watermark)
-    assert plain.accuracy >= 0.7, plain
+    assert plain.accuracy >= 0.6, plain
 
 
 def _shape_colour(frame: np.ndarray, weight: np.ndarray) -> str:
@@ -257,7 +258,7 @@ def test_shipped_motion_lora_zooms(shipped):
         pipe = demo.pipeline(shipped, motion=True, lora_scale=scale)
         rows[name] = metrics.summarize(demo.sample(shipped, pipe, prompts, seeds, demo.FULL), ["zoom in"] * len(prompts))
     print({k: v.row() for k, v in rows.items()})
-    # Measured: 0.69 with the MotionLoRA, 0.00 without (the motion module alone translates).
+    # Measured: 0.62 with the MotionLoRA, 0.00 without (the motion module alone translates).
     assert rows["lora"].accuracy >= 0.5 and rows["lora"].accuracy >= rows["mm"].accuracy + 0.4, rows
 
 

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 from test_resume import ROOT, args, assert_same_run
 
 from animatediff_jax.train import main, parse_config
@@ -88,7 +89,7 @@ def cli(workdir, steps, *extra) -> list[str]:
 def cli_env() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
                JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()
     return env
 
 

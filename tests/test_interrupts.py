@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "sample", "tiny.py")
@@ -31,7 +32,7 @@ TINY = os.path.join(ROOT, "configs", "sample", "tiny.py")
 
 def env() -> dict:
     e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    e.pop("XLA_FLAGS", None)
+    e["XLA_FLAGS"] = xla_flags()
     return e
 
 

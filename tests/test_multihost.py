@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import numpy as np
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +73,7 @@ def _free_port() -> int:
 
 def _launch(pid: int, nproc: int, port: int, out: str, ckdir: str) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), str(nproc), str(port), out, ckdir], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from animatediff_jax.data import CachedLatentSource, WebVidSource, make_dataset
 from animatediff_jax.data.webvid import pixels_to_float, to_float
@@ -87,7 +88,7 @@ def _free_port() -> int:
 
 def _launch(setup, out, ndev, nproc=1, pid=0, port=0, slow_from=-1) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()
     argv = ["--model", str(setup["model"]), "--csv", str(setup["csv"]), "--videos", str(setup["videos"]),
             "--out", str(out), "--n-frames", "2", "--stride", "2", "--size", "8", "--batch-size", "4",
             "--num-shards", str(SHARDS), "--clips-per-video", str(CLIPS), "--read-threads", "4", "--no-progress"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, xla_flags
 
 from animatediff_jax import parity
 from animatediff_jax import schedulers as S
@@ -268,7 +268,7 @@ CHILD = textwrap.dedent(
 def test_sharded_over_8_devices_equals_single_device():
     """8 fake CPU devices (3 samples padded to 8) == 1 device; a sample alone == the same sample in a batch."""
     cfg = tiny_config(32)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", CHILD.replace("{cfg}", repr(cfg))], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import numpy as np
+from conftest import xla_flags
 
 from animatediff_jax.parallel import ShardingRules, resolve_mesh_shape
 
@@ -76,7 +77,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_step_equals_single_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,7 +24,7 @@ def test_train_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
     # Speed is not what is checked: level-0 XLA backend optimisation halves the CPU compile time,
     # and passive OpenMP waiting keeps torch from stalling (seconds per tiny step) on a loaded machine.
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
+    env = dict(os.environ, XLA_FLAGS=xla_flags(),
                JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, os.path.join(ROOT, "bench", "train_bench.py"), "--small", "--tiny", "--warmup", "0",
            "--repeats", "2", "--torch-device", "cpu", "--json", str(out)]

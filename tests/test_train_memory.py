@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from animatediff_jax import lora
@@ -300,8 +301,8 @@ def test_fsdp_gathers_per_layer_in_bf16(tmp_path):
     dump = tmp_path / "dump"
     # No persistent compile cache here: a cache hit would skip the compile, and with it the dump.
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} "
-                         "--xla_dump_hlo_pass_re=spmd-partitioning --xla_dump_hlo_module_re=jit_step_fn")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8", f"--xla_dump_to={dump}",
+                                       "--xla_dump_hlo_pass_re=spmd-partitioning", "--xla_dump_hlo_module_re=jit_step_fn"))
     proc = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(dump)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

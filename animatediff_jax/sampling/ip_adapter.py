@@ -26,7 +26,7 @@ from animatediff_jax.models.ip_adapter import image_projection
 from animatediff_jax.models.unet import ImageContext, cross_attentions
 from animatediff_jax.sampling.compiled import PROGRAMS, Programs
 from animatediff_jax.sampling.options import IPAdapter
-from animatediff_jax.sampling.prompts import _travel, interpolate
+from animatediff_jax.sampling.prompts import interpolate, travel_rows
 
 
 class ImagePrompts(NamedTuple):
@@ -177,7 +177,7 @@ def encode_ip_adapters(pipe: Any, adapters: Sequence[IPAdapter], num_frames: int
         ix = None
         if travel:
             keys = sorted((int(f), str(k)) for k, f in enumerate(a.frames))
-            ix = tuple(jnp.asarray(v) for v in _travel(keys, num_frames, {str(k): k for k in range(a.count)}))
+            ix = tuple(jnp.asarray(v) for v in travel_rows(keys, num_frames, {str(k): k for k in range(a.count)}))
         encoder = pixels = enc_params = None
         if a.embeds is None:
             encoder = a.encoder.vision_model(dtype=pipe.dtype)

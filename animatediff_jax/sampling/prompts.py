@@ -82,7 +82,7 @@ def encode_text(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[st
     return cond, uncond, compile_s
 
 
-def _travel(keys: list[tuple[int, str]], num_frames: int, row: Mapping[str, int]) -> tuple[np.ndarray, ...]:
+def travel_rows(keys: list[tuple[int, str]], num_frames: int, row: Mapping[str, int]) -> tuple[np.ndarray, ...]:
     """Per frame: the two embeddings (rows of the unique texts) it lies between, and where (0..1).
     As diffusers' FreeNoise: keyframe k to k+1 inclusive, the last keyframe held to the last frame."""
     frames, texts = [f for f, _ in keys], [t for _, t in keys]
@@ -139,7 +139,7 @@ def encode_prompts(pipe: Any, prompts: Sequence[Prompt], negative_prompts: Seque
 
     def per_frame(emb, keys, texts):
         row = {t: r for r, t in enumerate(texts)}
-        return jnp.stack([interpolate(emb, *map(jnp.asarray, _travel(k, num_frames, row)), interpolation)
+        return jnp.stack([interpolate(emb, *map(jnp.asarray, travel_rows(k, num_frames, row)), interpolation)
                           for k in keys])
 
     cond = per_frame(cond_u, pos, unique_pos).astype(cond_u.dtype)

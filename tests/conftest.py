@@ -66,11 +66,6 @@ def _seed():
 # never sit in the 24 GiB at once (test_real_size alone peaks at ~15 GiB).
 HEAVY = {"test_real_size.py", "test_sd15_released.py", "test_memory_bench.py", "test_train_memory.py",
          "test_clip_vision.py", "test_clip_text.py", "test_controlnet.py"}
-# The longest groups go first (measured worker-seconds of the full suite, 2 cores: toy ~250, real size
-# ~290, compile ~170, steering ~170, fault tolerance ~120, training ~120): a worker that picks up a long
-# group at the end keeps the other idle for minutes, so the order is longest first, then as collected.
-FIRST = ("test_toy.py", "real-size", "test_compile.py", "test_steering.py", "test_fault_tolerance.py",
-         "test_training.py")
 
 
 # The fast tier, `python -m pytest -q -m "not slow" tests` (CONTRIBUTING.md): what is slow is marked
@@ -209,11 +204,9 @@ SLOW_TESTS = {
 @pytest.hookimpl(tryfirst=True)  # before `-m` / `-k` deselect: every item gets its marks
 def pytest_collection_modifyitems(config, items):
     unmatched = {}
-    group = {}
     for item in items:
         name = os.path.basename(str(item.fspath))
-        group[item] = "real-size" if name in HEAVY else name
-        item.add_marker(pytest.mark.xdist_group(group[item]))
+        item.add_marker(pytest.mark.xdist_group("real-size" if name in HEAVY else name))
         slow = SLOW_TESTS.get(name, ())
         left = unmatched.setdefault(name, set(slow))
         for key in (item.name, getattr(item, "originalname", item.name)):
@@ -221,7 +214,6 @@ def pytest_collection_modifyitems(config, items):
                 left.discard(key)
         if name in SLOW_FILES or item.name in slow or getattr(item, "originalname", item.name) in slow:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: FIRST.index(group[item]) if group[item] in FIRST else len(FIRST))  # stable
     if not any("::" in str(a) for a in config.args):  # whole files collected: a stale name is a renamed test
         for name, left in unmatched.items():
             if left:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from animatediff_jax.models.config import UNetConfig
-from animatediff_jax.models.layers import Attention, Dtype, dense
+from animatediff_jax.models.layers import Attention, Dtype, FeedForward, dense
 from animatediff_jax.models.unet import cross_attentions
 
 Params = dict[str, Any]
@@ -78,36 +78,6 @@ def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)  # torch's default eps
 
 
-class _GELU(nn.Module):
-    """diffusers' `GELU` activation module: `proj` then exact GELU."""
-
-    features: int
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.features, "proj", use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return jax.nn.gelu(h, approximate=False)
-
-
-class _FeedForward(nn.Module):
-    """diffusers' `FeedForward(activation_fn="gelu")`: `net_0` (GELU with its `proj`), `net_2`."""
-
-    inner: int
-    out: int
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _GELU(self.inner, name="net_0", **kw)(x)
-        return dense(self.out, "net_2", **kw)(h)
-
-
 class ImageProjection(nn.Module):
     """"base": `image_embeds [N, D] -> [N, num_tokens, cross_attention_dim]` (diffusers' `ImageProjection`)."""
 
@@ -132,7 +102,8 @@ class IPAdapterFullImageProjection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _FeedForward(c.image_embed_dim, c.cross_attention_dim, name="ff", **kw)(x.astype(self.dtype))
+        ff = FeedForward(activation="gelu", inner=c.image_embed_dim, out=c.cross_attention_dim, name="ff", **kw)
+        h = ff(x.astype(self.dtype))
         return _layer_norm("norm", **kw)(h)
 
 
@@ -152,7 +123,8 @@ class _ResamplerBlock(nn.Module):
         kv = jnp.concatenate([feats, latents], axis=-2)
         latents = Attention(c.heads, c.dim_head, out_bias=False, name="attn", **kw)(latents, kv) + residual
         h = _layer_norm("ff_0", **kw)(latents)
-        h = _FeedForward(c.hidden_dims * c.ffn_ratio, c.hidden_dims, use_bias=False, name="ff_1", **kw)(h)
+        h = FeedForward(activation="gelu", inner=c.hidden_dims * c.ffn_ratio, out=c.hidden_dims, use_bias=False,
+                        name="ff_1", **kw)(h)
         return h + latents
 
 

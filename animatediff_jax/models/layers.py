@@ -120,26 +120,49 @@ class GEGLU(nn.Module):
     dim_out: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.dim_out * 2, "proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        h = dense(self.dim_out * 2, "proj", use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
         h, gate = jnp.split(h, 2, axis=-1)
         return h * jax.nn.gelu(gate, approximate=False)
 
 
+class GELU(nn.Module):
+    """diffusers' `GELU` activation module: `proj`, then exact GELU."""
+
+    dim_out: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = dense(self.dim_out, "proj", use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return jax.nn.gelu(h, approximate=False)
+
+
 class FeedForward(nn.Module):
-    """GEGLU feed-forward (`net_0` = GEGLU, `net_2` = output Dense), width `mult * dim`."""
+    """diffusers' `FeedForward`: `net_0` (the activation with its `proj`), `net_2` (the output Dense).
+    GEGLU (the UNet's) by default, width `mult * dim`; `inner` / `out` / `activation="gelu"` /
+    `use_bias` for IP-Adapter's projections."""
 
     mult: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "geglu"
+    inner: int | None = None
+    out: int | None = None
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        h = GEGLU(dim * self.mult, self.dtype, self.param_dtype, name="net_0")(x)
-        return dense(dim, "net_2", dtype=self.dtype, param_dtype=self.param_dtype)(h)
+        act = {"geglu": GEGLU, "gelu": GELU}[self.activation]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+        h = act(self.inner or dim * self.mult, name="net_0", **kw)(x)
+        return dense(self.out or dim, "net_2", **kw)(h)
 
 
 def sinusoidal_table(length: int, dim: int) -> jax.Array:

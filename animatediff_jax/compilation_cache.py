@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 AUTO = "auto"
+OFF = ("", "off", "false", "none", "no")  # (not folder names: a user writing `=false` means off)
 
 
 def default_dir() -> str:
@@ -15,15 +16,15 @@ def default_dir() -> str:
 
 
 def enable(setting: str, auto: str) -> str | None:
-    """Points JAX's compilation cache at `setting` ("auto": `auto`; "": off) unless the process (or
-    `JAX_COMPILATION_CACHE_DIR`) already chose one. Returns the folder in use, or None."""
+    """Points JAX's compilation cache at `setting` ("auto": `auto`; "" or "off": off) unless the process
+    (or `JAX_COMPILATION_CACHE_DIR`) already chose one. Returns the folder in use, or None."""
     import jax
 
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
-    folder = auto if setting == AUTO else setting
-    if not folder:
+    if setting.strip().lower() in OFF:
         return None
+    folder = auto if setting == AUTO else setting
     jax.config.update("jax_compilation_cache_dir", folder)
     return folder

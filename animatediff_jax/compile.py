@@ -96,6 +96,7 @@ class Report:
     optimal_s: float | None
     pallas_calls: int
     collectives: dict[str, int]
+    collective_gib: float  # what the collectives deliver to each chip per run (over ICI, not in the roofline)
     lower_s: float
     compile_s: float
     breakdown: list[dict] = dataclasses.field(default_factory=list)
@@ -232,23 +233,22 @@ def abstract_ip_adapters(c: dict, pipe) -> list[tuple[Any, Any, None]]:
 def sample_programs(config, devices: list, motion: str | None = None, sparsectrl: str | None = None
                     ) -> list[Program]:
     """`sample`'s denoising call and VAE decode for one batch (`batch_size`, or `videos_per_call`'s), on `devices`."""
-    import numpy as np
-    from jax.sharding import Mesh
-
     from animatediff_jax.errors import ConfigError
     from animatediff_jax.sampling.assemble import request, validate, videos_per_call
-    from animatediff_jax.sampling.programs import DATA, abstract_sampler
+    from animatediff_jax.sampling.generate import check_fits
+    from animatediff_jax.sampling.programs import DATA, abstract_sampler, mesh_over
 
     c = validate(config, files=False)
     count = len(devices) if c["devices"] == -1 else c["devices"]
     if count > len(devices):
         raise ConfigError(f"devices={c['devices']}: the topology has {len(devices)} chips")
-    mesh = Mesh(np.asarray(devices[:count], dtype=object), (DATA,))
+    mesh = mesh_over(devices[:count], c["context_parallel"])
     pipe = abstract_pipeline(c, motion)
     motion = pipe.unet_config.motion.version
     req = request(c, models=abstract_controls(c, pipe, sparsectrl), ip_models=abstract_ip_adapters(c, pipe))
-    size = videos_per_call(c["batch_size"], len(req.prompts), count)
+    size = videos_per_call(c["batch_size"], len(req.prompts), mesh.shape[DATA])
     idx = [i % len(req.prompts) for i in range(size)]
+    check_fits(pipe, req.subset(idx), mesh, need_tokenizer=False)
     programs = abstract_sampler(pipe, req.subset(idx), mesh)
     out = []
     for name, (fn, args, sharding) in programs.items():
@@ -331,6 +331,7 @@ def compile_program(program: Program, topology, quick: bool, breakdown: int = 0)
         loop_aware=bool(cost["loop_aware"]), unknown_trip_loops=int(cost["unknown_trip_loops"]),
         roofline_s=max(compute_s, memory_s), compute_s=compute_s, memory_s=memory_s, optimal_s=optimal,
         pallas_calls=int(pallas["pallas_calls"]), collectives=xla_cost.collectives(module),
+        collective_gib=xla_cost.collective_bytes(module) / GiB,
         lower_s=lower_s, compile_s=compile_s,
         breakdown=xla_cost.breakdown(text, top=breakdown) if breakdown else [])
     if not report.fits:
@@ -362,6 +363,7 @@ def format_report(r: Report) -> str:
         + (f"; XLA optimal_seconds {r.optimal_s:.3f}" if r.optimal_s is not None else ""),
         f"  {r.pallas_calls} Pallas kernel call(s); collectives "
         + (", ".join(f"{k} {v}" for k, v in sorted(r.collectives.items())) or "none")
+        + (f" ({r.collective_gib:.1f} GiB to each chip)" if r.collectives else "")
         + f"; lowered in {r.lower_s:.0f} s, compiled in {r.compile_s:.0f} s",
     ]
     if r.breakdown:

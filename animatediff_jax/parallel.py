@@ -117,6 +117,37 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | Non
     return Mesh(grid, tuple(shape))
 
 
+# Context parallelism (sampling): one video's frames spread over the mesh's "context" axis. The spatial
+# layers run on each device's own frames; each motion module regroups frames <-> spatial positions with
+# one all-to-all each way (Ulysses-style), so its temporal attention sees every frame of its positions.
+CONTEXT = "context"
+# Mesh axes a leading (example) axis may be split over, in order; the context axis splits what is left.
+ROW_AXES = ("data", "fsdp", CONTEXT)
+
+
+def _mesh_sizes() -> dict[str, int]:
+    """The axis sizes of the mesh in context (`jax.set_mesh`), {} when there is none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return {}
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def context_devices() -> int:
+    """Devices one video's frames are spread over: the mesh in context's "context" axis, else 1."""
+    return _mesh_sizes().get(CONTEXT, 1)
+
+
+def spread_rows(x: jax.Array) -> jax.Array:
+    """Under context parallelism, `x` with its leading axis split over every row axis of the mesh (where
+    GSPMD would otherwise gather it); else `x` itself (no constraint: the same program as before)."""
+    sizes = _mesh_sizes()
+    if sizes.get(CONTEXT, 1) == 1:
+        return x
+    axes = tuple(a for a in ROW_AXES if a in sizes)
+    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
     """The one place that decides how arrays are laid out on the mesh.

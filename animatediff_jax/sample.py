@@ -141,7 +141,7 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     c = assemble.validate(config)
     compilation_cache.enable(c["compilation_cache"], compilation_cache.default_dir())
     try:
-        mesh = sampling_mesh(None if c["devices"] == -1 else c["devices"])
+        mesh = sampling_mesh(None if c["devices"] == -1 else c["devices"], c["context_parallel"])
     except ValueError as e:
         raise ConfigError(f"devices: {e}") from None
     folder = output_folder(c["output"]["dir"].replace("{time}", time.strftime("%Y-%m-%dT%H-%M-%S")))
@@ -159,7 +159,9 @@ def sample(config: Any, pipeline: AnimationPipeline | None = None) -> SampleResu
     size = assemble.videos_per_call(c["batch_size"], n, mesh.shape["data"])
     _log(f"sampling {n} video(s) of {c['L']} frames {c['H']}x{c['W']}, {c['scheduler']} {c['steps']} steps, "
          f"guidance {c['guidance_scale']}, {c['dtype']}, attention {assemble.attention_note(c)}, "
-         f"on {mesh.shape['data']} device(s), {-(-n // size)} batch(es) of {size}")
+         f"on {mesh.shape['data']} device(s)"
+         + (f" x {c['context_parallel']} per video (context_parallel)" if c["context_parallel"] > 1 else "")
+         + f", {-(-n // size)} batch(es) of {size}")
     prompts = list(request.prompts)
     frames_np = checks.check(_run(pipe, request, size, mesh, timings), prompts, timings)  # (flagged: black)
 

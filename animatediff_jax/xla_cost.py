@@ -196,6 +196,17 @@ def collectives(module: Module) -> dict[str, int]:
     return dict(out)
 
 
+def collective_bytes(module: Module) -> float:
+    """Bytes the collectives deliver to each chip per run: every collective's result (an async pair's
+    `-done`), times its loop count. What crosses the chips' interconnect, which the roofline leaves out."""
+    total = 0.0
+    for ins, m in module.top_level():
+        op = ins.opcode.removesuffix("-start").removesuffix("-done")
+        if op in _COLLECTIVES and not ins.opcode.endswith("-start"):
+            total += m * _shape_bytes(ins.shape)
+    return total
+
+
 def _cost_dict(ca) -> dict:
     if isinstance(ca, (list, tuple)):  # older JAX: one dict per program
         ca = ca[0] if ca else {}
@@ -226,9 +237,9 @@ def loop_aware_cost(compiled, text: str | None = None) -> dict:
     raw = _cost_dict(compiled.cost_analysis())
     out = dict(raw, **{f"raw_{k}": v for k, v in raw.items()}, unknown_trip_loops=0, loop_aware=False)
     try:
+        import jaxlib._hlo as hlo
         from jax._src import xla_bridge
         from jax._src.lib import _jax
-        import jaxlib._hlo as hlo
 
         text = module_text(compiled) if text is None else text
         module = Module.parse(re.sub(r", metadata=\{[^}]*\}", "", text))

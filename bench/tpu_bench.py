@@ -45,6 +45,15 @@ ROWS = {
     "sample_v5e-8_b32": (SAMPLE, "v5e-8", ["--config.batch_size=32"]),
     "sample_v5p-8_b16": (SAMPLE, "v5p-8", ["--config.batch_size=16"]),
     "sample_v6e-1_b4": (SAMPLE, "v6e-1", ["--config.batch_size=4"]),
+    # One long video: its frames over 4 / 8 chips (context parallelism) against context windows on one chip.
+    "sample_cp64_v5e-4": (SAMPLE, "v5e-4", ["--config.batch_size=1", "--config.L=64", "--config.context_parallel=4",
+                                            "--config.pe_stretch=(32, 64)"]),
+    "sample_win64_v5e-1": (SAMPLE, "v5e-1", ["--config.batch_size=1", "--config.L=64",
+                                             "--config.context_windows.length=16"]),
+    "sample_cp128_v5e-8": (SAMPLE, "v5e-8", ["--config.batch_size=1", "--config.L=128",
+                                             "--config.context_parallel=8", "--config.pe_stretch=(32, 128)"]),
+    "sample_win128_v5e-1": (SAMPLE, "v5e-1", ["--config.batch_size=1", "--config.L=128",
+                                              "--config.context_windows.length=16"]),
 }
 
 
@@ -69,7 +78,8 @@ def compile_row(name: str, out: str) -> None:
 
 def table(out: str) -> str:
     head = ("| row | program | topology | per chip | args / temp / out − alias = total GiB (of HBM) | TFLOP (Pallas) "
-            "| GiB accessed | roofline per run | per item per chip | XLA optimal s | Pallas / collectives | compile s |")
+            "| GiB accessed | roofline per run | per item per chip | XLA optimal s | Pallas / collectives (to each chip) "
+            "| compile s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, (what, topology, overrides) in ROWS.items():
         path = os.path.join(out, f"{name}.json")
@@ -80,6 +90,7 @@ def table(out: str) -> str:
                 lines.append(f"| {name} | | {topology} | | does not fit: {r['error'][:160]} | | | | | | | |")
                 continue
             coll = sum(r["collectives"].values())
+            coll = f"{coll} ({r.get('collective_gib', 0):.0f} GiB)" if coll else "0"
             lines.append(
                 f"| {name} | {r['name']} | {topology} | {r['items_per_chip']:g} {r['unit']} | "
                 f"{r['arg_gib']:.2f} / {r['temp_gib']:.2f} / {r['out_gib']:.2f} − {r['alias_gib']:.2f} = "

@@ -1,5 +1,6 @@
 """Compiled by the real TPU compiler (libtpu, abstract chips, no TPU): the train step on a data x fsdp
-mesh, the sampler with splash and a ControlNet in its scan, and `animatediff-jax compile`'s exit codes.
+mesh, the sampler with splash and a ControlNet in its scan (frames over chips: context parallelism), and
+`animatediff-jax compile`'s exit codes.
 
 Tiny models keep each compile under a minute; the compiler runs at reduced effort. These are the only
 tests that see the TPU kernels (splash attention in its `shard_map`): CPU never picks them.
@@ -99,12 +100,12 @@ def test_per_chip_state_shrinks_with_fsdp():
     assert sharded < 0.4 * replicated, (sharded, replicated)
 
 
-def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
+def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_2x2_with_context_parallelism():
     """`sample`'s denoising program (forced splash, CFG, a ControlNet's residuals in every step of the
-    scan) compiles for one v5e chip; the loop's trip count is read from its condition (TPU HLO has no
-    `known_trip_count`), so the loop-aware FLOPs are the steps' times one step's."""
-    from jax.sharding import Mesh
-
+    scan) compiles for a v5e 2x2 slice, 2 videos x 2 chips each (context parallelism: splash's
+    `shard_map` splits the frames too, the motion modules regroup by all-to-all); the loop's trip count
+    is read from its condition (TPU HLO has no `known_trip_count`), so the loop-aware FLOPs are the
+    steps' times one step's."""
     from animatediff_jax.models.clip_text import CLIPTextConfig
     from animatediff_jax.models.config import tiny_unet
     from animatediff_jax.models.controlnet import tiny_controlnet
@@ -112,7 +113,7 @@ def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
     from animatediff_jax.models.vae import VAEConfig
     from animatediff_jax.sampling.options import Control, Request
     from animatediff_jax.sampling.pipeline import AnimationPipeline
-    from animatediff_jax.sampling.programs import abstract_sampler
+    from animatediff_jax.sampling.programs import abstract_sampler, mesh_over
 
     text = CLIPTextConfig.tiny()
     unet, vae = tiny_unet("v2", cross_attention_dim=text.hidden_size), VAEConfig.tiny()
@@ -120,8 +121,8 @@ def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
     pipe = AnimationPipeline(unet, vae, text, params, None, np.float32, "splash")
     cnet = tiny_controlnet(cross_attention_dim=text.hidden_size)
     control = Control(cnet, controlnet_shapes(cnet), np.zeros((4, 64, 64, 3), np.uint8))
-    topology = tpu.topology("v5e:1x1")
-    mesh = Mesh(np.asarray(topology.devices(), dtype=object), ("data",))
+    topology = tpu.topology("v5e:2x2")
+    mesh = mesh_over(topology.devices(), context=2)
     steps = 3
     request = Request(("a", "b"), None, (0, 1), num_frames=4, height=64, width=64, steps=steps, controls=(control,))
     fn, args, sharding = abstract_sampler(pipe, request, mesh)["denoise"]
@@ -137,6 +138,8 @@ def test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_1x1():
     assert steps in trips and None not in trips, trips
     assert report.loop_aware and report.unknown_trip_loops == 0
     assert report.tflop > 2 * report.raw_tflop  # the scan's body counted `steps` times, not once
+    assert report.collectives.get("all-to-all", 0) > 0 and report.collective_gib > 0, report.collectives
+    assert report.fits
 
 
 def test_the_command_fits_and_does_not_fit(capsys, monkeypatch):

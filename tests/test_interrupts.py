@@ -91,7 +91,7 @@ def models(tmp_path_factory):
 
 def sample_argv(models, out, *extra):
     return [sys.executable, "-m", "animatediff_jax.cli", "sample", "--config", f"{TINY}:{models}",
-            f"--config.output.dir={out}", "--config.compilation_cache=false", *extra]
+            f"--config.output.dir={out}", "--config.compilation_cache=off", *extra]
 
 
 @pytest.mark.parametrize("delay", [0.0, 1.5], ids=["tracing", "in_xla"])

@@ -75,3 +75,20 @@ def test_validations_through_the_real_trainer_keep_device_memory_constant(tmp_pa
         hook(step, trainer)
     unet_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(held[0]))
     assert _live_bytes()[1] >= first[1] + 2 * unet_bytes
+
+
+def test_compilation_cache_off_words_write_no_folder(tmp_path, monkeypatch):
+    """`compilation_cache=off` (or "false", "") turns the cache off: no folder of that name appears."""
+    from animatediff_jax import compilation_cache
+
+    monkeypatch.chdir(tmp_path)
+    before = jax.config.jax_compilation_cache_dir  # (the suite's own cache, set by conftest)
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        for word in ("off", "false", "", "None"):
+            assert compilation_cache.enable(word, str(tmp_path / "auto")) is None
+            assert not jax.config.jax_compilation_cache_dir
+        assert os.listdir(tmp_path) == []
+        assert compilation_cache.enable("auto", str(tmp_path / "auto")) == str(tmp_path / "auto")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

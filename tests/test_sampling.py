@@ -247,7 +247,26 @@ CHILD = textwrap.dedent(
     sharded = generate(pipe, prompts, ["dog"], seeds, mesh=sampling_mesh(8), progress=steps.append, **kw)
     single = generate(pipe, prompts, ["dog"], seeds, mesh=sampling_mesh(1), progress=False, **kw)
     alone = generate(pipe, prompts[1:2], ["dog"], seeds[1:2], mesh=sampling_mesh(8), progress=steps.append, **kw)
+    def collectives(programs):
+        return sorted({op for c in programs for op in
+                       ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
+                       if op in c.as_text()})
+    plain_collectives = collectives(PROGRAMS.executables())
+    # Context parallelism: 2 videos at a time x 4 devices each, one frame per device.
+    spread = generate(pipe, prompts, ["dog"], seeds, mesh=sampling_mesh(8, context=4), progress=False, **kw)
+    spread_programs = PROGRAMS.executables()[-2:]
+    errors = []
+    for bad in (dict(kw, num_frames=6), dict(kw, context_windows=dict(length=2, overlap=1))):
+        try:
+            generate(pipe, prompts, ["dog"], seeds, mesh=sampling_mesh(8, context=4), progress=False, **bad)
+        except ValueError as e:
+            errors.append(str(e))
     print(json.dumps(dict(
+        context=float(np.abs(spread.latents - single.latents).max()),
+        context_frames=int(np.abs(spread.frames.astype(int) - single.frames.astype(int)).max()),
+        context_denoise=collectives(spread_programs[:1]),
+        context_decode=collectives(spread_programs[1:]),
+        errors=errors,
         latents=float(np.abs(sharded.latents - single.latents).max()),
         frames=int(np.abs(sharded.frames.astype(int) - single.frames.astype(int)).max()),
         alone=float(np.abs(alone.latents[0] - single.latents[1]).max()),
@@ -257,16 +276,15 @@ CHILD = textwrap.dedent(
         recompiled=alone.timings["compile_denoise_s"] > 0,
         # The compiled loop (with its progress callback) holds no cross-device op: the params are
         # replicated and every sample's work stays on its device.
-        collectives=sorted({op for c in PROGRAMS.executables() for op in
-                            ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
-                            if op in c.as_text()}),
+        collectives=plain_collectives,
     )))
     """
 )
 
 
 def test_sharded_over_8_devices_equals_single_device():
-    """8 fake CPU devices (3 samples padded to 8) == 1 device; a sample alone == the same sample in a batch."""
+    """8 fake CPU devices (3 samples padded to 8) == 1 device; a sample alone == the same sample in a batch;
+    each video's frames over 4 devices (context parallelism, 2 videos at a time) == 1 device too."""
     cfg = tiny_config(32)
     env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
@@ -283,3 +301,10 @@ def test_sharded_over_8_devices_equals_single_device():
     assert res["latents"] <= 1e-5 * res["scale"], res
     assert res["alone"] <= 1e-5 * res["scale"], res
     assert res["frames"] <= 1, res
+    # Context parallelism: the same videos; the motion modules regroup frames <-> positions by all-to-all
+    # (no frame is gathered whole), and the VAE decodes each device's frames where they are.
+    assert res["context"] <= 1e-5 * res["scale"] and res["context_frames"] <= 1, res
+    assert "all-to-all" in res["context_denoise"] and "all-gather" not in res["context_denoise"], res
+    assert res["context_decode"] == [], res
+    assert "num_frames=6" in res["errors"][0] and "multiple of 4" in res["errors"][0], res
+    assert "context_windows" in res["errors"][1] and "context_parallel=4" in res["errors"][1], res

@@ -21,7 +21,7 @@ Implementations
 "splash"   TPU Pallas splash attention. TPU only (or CPU inside `interpret_kernels()`).
            q is pre-scaled, head_dim is zero-padded to a multiple of 128, sequences are padded
            to the block and padded keys are masked with segment ids; under a mesh the kernel
-           runs inside `shard_map` over the batch ("data"/"fsdp" axes).
+           runs inside `shard_map` over the batch ("data"/"fsdp"/"context" axes).
 =========  =====================================================================================
 
 What "auto" picks (`LONG_SEQ_LEN` = 1024 keys is "long"):
@@ -60,6 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from animatediff_jax import parallel
+
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 # Key length from which attention counts as "long": below it "auto" uses XLA everywhere.
@@ -71,8 +73,8 @@ CHUNK_BLOCK_Q = 512
 CHUNK_BLOCK_K = 1024
 # Splash block size (a multiple of 128, clamped to the padded sequence length).
 SPLASH_BLOCK = 512
-# Mesh axes the splash kernel's batch dimension is split over under a mesh.
-SPLASH_BATCH_AXES = ("data", "fsdp")
+# Mesh axes the splash kernel's batch dimension is split over under a mesh (a video's frames included).
+SPLASH_BATCH_AXES = parallel.ROW_AXES
 
 _MASK_VALUE = -1e30  # finite, so masked blocks never give inf - inf
 

@@ -26,7 +26,12 @@ class GroupNorm(nn.Module):
 
     Callers choose what one "sample" is by the leading axis: `(B*F, H, W, C)` normalises each
     frame on its own, `(B, F, H, W, C)` normalises across all frames of a video. Statistics
-    are computed in float32 whatever the compute dtype.
+    are computed in float32 whatever the compute dtype: in two passes (mean, then the mean square
+    deviation: PyTorch's numerics) for float32 compute, in one pass (mean and mean square read
+    together, `E[x²] - E[x]²`) for half-precision compute, where the float32 rounding of the
+    difference stays far below the output's own bf16/fp16 rounding. One pass reads each activation
+    once less: compiled for a v5e chip, 2.6% fewer bytes per bf16 sampler run and 20% fewer per VAE
+    decode (BENCHMARKS.md).
     """
 
     num_groups: int = 32
@@ -42,7 +47,10 @@ class GroupNorm(nn.Module):
         xf = x.astype(jnp.float32)
         g = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
         mean = g.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        if jnp.dtype(self.dtype).itemsize < 4:
+            var = jnp.maximum(jnp.square(g).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
+        else:
+            var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
         g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = g.reshape(x.shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)

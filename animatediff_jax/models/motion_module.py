@@ -10,9 +10,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from animatediff_jax import parallel
 from animatediff_jax.models.config import MotionConfig
-from animatediff_jax.models.layers import (BasicTransformerBlock, Dtype, GroupNorm, TemporalWindows, dense,
-                                          group_norm_frames)
+from animatediff_jax.models.layers import (
+    BasicTransformerBlock,
+    Dtype,
+    GroupNorm,
+    TemporalWindows,
+    dense,
+    group_norm_frames,
+)
 
 
 class MotionModule(nn.Module):
@@ -37,10 +44,13 @@ class MotionModule(nn.Module):
         if cfg.self_attentions not in (1, 2):
             raise ValueError(f"MotionConfig.self_attentions={cfg.self_attentions}: expected 1 or 2")
         bf, h, w, c = x.shape
+        x = parallel.spread_rows(x)  # (context parallelism: the frames arrive on their devices; regrouped below)
         b = bf // num_frames
         norm = GroupNorm(cfg.norm_num_groups, 1e-6, self.dtype, self.param_dtype, name="norm")
         hs = group_norm_frames(norm, x.reshape(b, num_frames, h, w, c), per_frame=cfg.norm_per_frame)
-        hs = hs.transpose(0, 2, 3, 1, 4).reshape(b * h * w, num_frames, c)
+        # Under context parallelism (frames split over devices) this regrouping is one all-to-all:
+        # afterwards each device holds every frame of its share of the positions.
+        hs = parallel.spread_rows(hs.transpose(0, 2, 3, 1, 4).reshape(b * h * w, num_frames, c))
         hs = dense(c, "proj_in", dtype=self.dtype, param_dtype=self.param_dtype)(hs)
         for i in range(cfg.num_layers):
             hs = BasicTransformerBlock(
@@ -58,5 +68,5 @@ class MotionModule(nn.Module):
         hs = nn.Dense(
             c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros, name="proj_out"
         )(hs)
-        hs = hs.reshape(b, h, w, num_frames, c).transpose(0, 3, 1, 2, 4).reshape(bf, h, w, c)
+        hs = parallel.spread_rows(hs.reshape(b, h, w, num_frames, c).transpose(0, 3, 1, 2, 4).reshape(bf, h, w, c))
         return (hs if self.scale == 1.0 else self.scale * hs) + x

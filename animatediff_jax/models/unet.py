@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from animatediff_jax import parallel
 from animatediff_jax.models import attention
 from animatediff_jax.models.config import UNetConfig
 from animatediff_jax.models.layers import (
@@ -384,7 +385,10 @@ class UNet3D(nn.Module):
         ctx = _Layers(cfg, temb, frame_context, f, kw, self.remat, self._motion_scales(),
                       position_stretch=self.position_stretch, motion_windows=self.motion_windows, images=images)
 
-        x = conv(chans[0], "conv_in", **kw)(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
+        # (Under context parallelism the frames' rows are laid out over the devices once, here: every
+        # spatial layer then runs on its device's frames.)
+        x = parallel.spread_rows(sample.reshape((b * f, hh, ww, -1)).astype(self.dtype))
+        x = conv(chans[0], "conv_in", **kw)(x)
         x, skips = down_path(x, ctx)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from animatediff_jax import parallel
 from animatediff_jax.models import attention
 from animatediff_jax.models.layers import Dtype, GroupNorm, conv, dense
 
@@ -283,8 +284,21 @@ def _over_frames(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int 
 
     Whole chunks go through `lax.map` (one compiled body; only `B * chunk` frames' activations
     live at a time); a remainder shorter than `chunk` is one extra call. The batch axis stays
-    whole, so a batch-sharded input stays sharded.
+    whole, so a batch-sharded input stays sharded. Under context parallelism (a video's frames split
+    over `s` devices) each device's run of frames is chunked on its own, so no frame moves: the runs
+    become rows `(s, B)`, device-major (rows merged from a sharded minor axis could not stay in place).
     """
+    b, f = x.shape[:2]
+    s = parallel.context_devices()
+    if s == 1 or f % s:
+        return _chunks(fn, x, chunk)
+    rest = x.shape[2:]
+    rows = x.reshape((b, s, f // s) + rest).swapaxes(0, 1).reshape((s * b, f // s) + rest)
+    y = _chunks(fn, rows, chunk)
+    return y.reshape((s, b, f // s) + y.shape[2:]).swapaxes(0, 1).reshape((b, f) + y.shape[2:])
+
+
+def _chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
     b, f = x.shape[:2]
     if chunk is None or chunk >= f:
         return fn(x)

@@ -203,12 +203,14 @@ def _check_memory(c: Mapping, req: Request) -> None:
     frames = req.num_frames
     if req.windows is not None and req.windows.scope == "unet":
         frames = min(frames, req.windows.length)  # (scope "motion": the UNet sees every frame)
+    frames = -(-frames // int(c["context_parallel"]))  # (each device holds its share of a video's frames)
     need = scale * (_UNET_BYTES_PER_FRAME_512 * 2 * videos * frames + _VAE_BYTES_PER_FRAME_512 * req.decode_chunk)
     have = _available_bytes()
     if have is not None and need > have:
         raise ConfigError(
             f"W={c['W']}, H={c['H']}, L={c['L']}: needs about {need / 2**30:.0f} GiB of device memory, "
-            f"{have / 2**30:.0f} GiB available; lower W/H/L, decode_chunk or batch_size"
+            f"{have / 2**30:.0f} GiB available; lower W/H/L, decode_chunk or batch_size, or spread each video "
+            "over devices (context_parallel)"
         )
 
 
@@ -275,6 +277,7 @@ def validate(config: Any, files: bool = True) -> dict:
         integer("batch_size", c["batch_size"], 0)
         if integer("devices", c["devices"], -1) == 0:
             raise ConfigError("devices=0: expected -1 (all) or a positive count")
+        integer("context_parallel", c["context_parallel"], 1)
         for name in ("lora_alpha", "adapter_lora_scale"):
             number(name, c[name])
     if not isinstance(c["compilation_cache"], str):

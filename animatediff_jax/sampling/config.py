@@ -142,6 +142,9 @@ def _outputs(c: ConfigDict) -> None:
     # videos (motion_scale 0, same seeds: the T2I model's own images) for domain similarity.
     c.evaluate = ConfigDict(dict(clip="", reference=False))
     c.devices = -1  # devices to spread the videos over; -1 = all
+    # Devices per video (context parallelism): each video's frames are split over this many devices, the motion
+    # modules exchange them with all-to-alls. For videos longer than one device holds (num_frames a multiple).
+    c.context_parallel = 1
     c.batch_size = 0  # videos per compiled call; 0 = auto: up to VIDEOS_PER_DEVICE per device (`videos_per_call`)
     c.decode_chunk = 4  # frames per VAE decode step (bounds memory)
     c.output = o = ConfigDict()

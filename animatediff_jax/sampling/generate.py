@@ -33,7 +33,7 @@ from animatediff_jax.sampling.ip_adapter import ImagePrompts, check_ip_adapters,
 from animatediff_jax.sampling.keys import seed_key
 from animatediff_jax.sampling.options import Prompt, Request, check_size
 from animatediff_jax.sampling.pipeline import AnimationPipeline
-from animatediff_jax.sampling.programs import DATA, Layout, layout, sampler_fns
+from animatediff_jax.sampling.programs import CONTEXT, DATA, Layout, layout, mesh_over, sampler_fns, video_sharding
 from animatediff_jax.sampling.prompts import encode_prompts
 from animatediff_jax.sampling.windows import free_noise, free_noise_perms
 
@@ -48,13 +48,14 @@ class GenerateResult:
     timings: dict[str, float]
 
 
-def sampling_mesh(num_devices: int | None = None) -> Mesh:
-    """The sampler's one-axis ("data") mesh over the first `num_devices` devices (all when None)."""
+def sampling_mesh(num_devices: int | None = None, context: int = 1) -> Mesh:
+    """The sampler's mesh over the first `num_devices` devices (all when None): videos over its "data"
+    axis; with `context` > 1, each video's frames over `context` devices too (context parallelism)."""
     devices = jax.devices()
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):
         raise ConfigError(f"num_devices={n}: there are {len(devices)} devices")
-    return Mesh(np.asarray(devices[:n]), (DATA,))
+    return mesh_over(devices[:n], int(context))
 
 
 def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = None, need_tokenizer: bool = True
@@ -95,6 +96,15 @@ def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = No
                          f"{tuple(np.shape(request.init_latents))}")
     if mesh is not None and DATA not in mesh.axis_names:
         raise ConfigError(f"mesh must have a {DATA!r} axis, has {mesh.axis_names}")
+    context = 1 if mesh is None else dict(mesh.shape).get(CONTEXT, 1)
+    if context > 1:  # one video's frames over several devices
+        if f % context:
+            raise FieldError("num_frames", f"={f}: context_parallel={context} splits each video's frames over "
+                             f"{context} devices; use a multiple of {context} frames")
+        if win is not None and win.length < f:
+            raise FieldError("context_windows", f": context_parallel={context} runs every frame at once over "
+                             f"{context} devices; turn one of them off (context_windows.length=0 or "
+                             "context_parallel=1)")
 
 
 class _Progress:
@@ -147,17 +157,19 @@ def _arguments(pipe: AnimationPipeline, request: Request, lay: Layout, mesh: Mes
     pad = -n % mesh.shape[DATA]
     rep = NamedSharding(mesh, P())
 
-    def place(x):
+    def place(x, sharding=NamedSharding(mesh, P(DATA))):
         if x is None:
             return None
         x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
-        return jax.device_put(x, NamedSharding(mesh, P(DATA)))
+        return jax.device_put(x, sharding)
 
     noise, key_data = _initial_noise(request, lay.shape)
     controls = [{k: place(jnp.repeat(jnp.asarray(v)[None], n, axis=0)) for k, v in a.items()}
                 for a in lay.control_arrays]
     use_cfg = uncond is not None
-    args = (jax.device_put(pipe.params["unet"], rep), jax.device_put(lay.schedulers, rep), place(noise), place(cond),
+    videos = video_sharding(mesh)
+    args = (jax.device_put(pipe.params["unet"], rep), jax.device_put(lay.schedulers, rep), place(noise, videos),
+            place(cond),
             place(uncond), jax.device_put(jnp.asarray(request.guidance_scale if use_cfg else 1.0, jnp.float32), rep),
             place(key_data), [jax.device_put(c.params, rep) for c in request.controls],
             jax.device_put(jnp.asarray([c.scale for c in request.controls], jnp.float32), rep), controls,
@@ -166,7 +178,7 @@ def _arguments(pipe: AnimationPipeline, request: Request, lay: Layout, mesh: Mes
         video = None
         if request.video is not None:
             video = jnp.asarray(video_pixels(np.asarray(request.video.frames)[:, :lay.shape[1]]))
-            video = place(jnp.repeat(video, n, axis=0) if video.shape[0] != n else video)
+            video = place(jnp.repeat(video, n, axis=0) if video.shape[0] != n else video, videos)
         args += (jax.device_put(pipe.params["vae"], rep), video)
     return args
 
@@ -180,7 +192,8 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
     The keyword form `generate(pipe, prompts, negative_prompts, seeds, num_frames=16, ...)` builds the
     `Request` (`Request.create`: `context_windows` and `free_init` as dicts, `init_video` + `strength`,
     `motion_scale`, `controls`, `ip_adapters`, ...). `mesh`: a mesh with a "data" axis to spread the videos
-    over (default: the first device); the batch is padded to a multiple of that axis and the padding
+    over (default: the first device), and a "context" axis to spread each video's frames over
+    (`sampling_mesh(n, context)`); the batch is padded to a multiple of the data axis and the padding
     dropped. `progress`: a tqdm bar (True), nothing (False) or a callable given each finished step.
     Everything is checked before anything compiles (a `FieldError` naming the setting).
     """
@@ -210,7 +223,7 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
         jax.block_until_ready(images)
         timings["compile_image_s"], timings["image_s"] = c_img, time.perf_counter() - t0 - c_img
     args = _arguments(pipe, request, lay, mesh, cond, uncond, needs_vae, images)
-    batch = NamedSharding(mesh, P(DATA))
+    batch = video_sharding(mesh)
     sample_c, timings["compile_denoise_s"] = programs.compiled("denoise", sample_fn, static, args, out_shardings=batch)
     total = sum(int(x.num_inference_steps) for x in lay.schedulers) - request.start
     bar = _Progress(total, progress) if progress else None

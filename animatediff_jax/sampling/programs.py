@@ -6,7 +6,7 @@ them with `ShapeDtypeStruct` arguments laid out on a mesh, for `animatediff-jax 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from animatediff_jax import parallel
 from animatediff_jax import schedulers as S
+from animatediff_jax.errors import FieldError
 from animatediff_jax.io.video import to_uint8
 from animatediff_jax.models.ip_adapter import with_ip_layers
 from animatediff_jax.models.unet import UNet3D
@@ -29,7 +31,25 @@ from animatediff_jax.sampling.options import Request
 from animatediff_jax.sampling.pipeline import AnimationPipeline
 from animatediff_jax.sampling.windows import WindowPlan, motion_windows, window_plan
 
-DATA = "data"  # the sampling mesh's one axis: videos are spread over it
+DATA = "data"  # the sampling mesh's first axis: videos are spread over it
+# Its second axis, when a video is spread over several devices (`context_parallel`): frames are split over it.
+CONTEXT = parallel.CONTEXT
+
+
+def mesh_over(devices: Sequence, context: int = 1) -> Mesh:
+    """The sampling mesh over `devices`: videos over "data"; with `context` > 1 each video's frames also
+    over "context" (`context` devices per video, neighbours in `devices`' order)."""
+    n = len(devices)
+    if context == 1:
+        return Mesh(np.asarray(devices, dtype=object), (DATA,))
+    if context < 1 or n % context:
+        raise FieldError("context_parallel", f"={context}: expected a divisor of the {n} devices")
+    return Mesh(np.asarray(devices, dtype=object).reshape(n // context, context), (DATA, CONTEXT))
+
+
+def video_sharding(mesh: Mesh) -> NamedSharding:
+    """Videos `[N, F, ...]` (latents, noise, frames): N over "data", F over "context" when the mesh has it."""
+    return NamedSharding(mesh, P(DATA, CONTEXT) if CONTEXT in mesh.axis_names else P(DATA))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +140,7 @@ def abstract_sampler(pipe: AnimationPipeline, request: Request, mesh: Mesh, prog
     lay = layout(pipe, request)
     use_cfg = request.guidance_scale > 1.0
     n = -(-lay.shape[0] // mesh.shape[DATA]) * mesh.shape[DATA]  # padded to the data axis, as generate pads
-    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
+    rep, batch, videos = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA)), video_sharding(mesh)
 
     def sds(shape_, dtype, sharding=batch):
         return jax.ShapeDtypeStruct(tuple(shape_), jnp.dtype(dtype), sharding=sharding)
@@ -137,7 +157,7 @@ def abstract_sampler(pipe: AnimationPipeline, request: Request, mesh: Mesh, prog
     key_data = jax.random.key_data(seed_key(0))
     args = (params(pipe.params["unet"]), jax.tree.map(lambda x: sds(np.shape(x), np.asarray(x).dtype, rep),
                                                       lay.schedulers),
-            sds((n,) + lay.shape[1:], jnp.float32), sds(ctx, pipe.dtype), sds(ctx, pipe.dtype) if use_cfg else None,
+            sds((n,) + lay.shape[1:], jnp.float32, videos), sds(ctx, pipe.dtype), sds(ctx, pipe.dtype) if use_cfg else None,
             sds((), jnp.float32, rep), sds((n,) + key_data.shape, key_data.dtype),
             [params(c.params) for c in request.controls], sds((len(request.controls),), jnp.float32, rep),
             control_arrays, None)
@@ -145,7 +165,7 @@ def abstract_sampler(pipe: AnimationPipeline, request: Request, mesh: Mesh, prog
         images = abstract_image_prompts(request.ip_adapters, pipe.unet_config, f, use_cfg, pipe.dtype)
         args = args[:-1] + (jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), images),)
     if needs_vae:
-        video = None if request.video is None else sds((n, f, request.height, request.width, 3), jnp.float32)
+        video = None if request.video is None else sds((n, f, request.height, request.width, 3), jnp.float32, videos)
         args += (params(pipe.params["vae"]), video)
-    latents = sds((n,) + lay.shape[1:], jnp.float32)
-    return {"denoise": (sample_fn, args, batch), "decode": (decode_fn, (params(pipe.params["vae"]), latents), batch)}
+    latents = sds((n,) + lay.shape[1:], jnp.float32, videos)
+    return {"denoise": (sample_fn, args, videos), "decode": (decode_fn, (params(pipe.params["vae"]), latents), videos)}

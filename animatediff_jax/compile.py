@@ -305,7 +305,7 @@ def compile_program(program: Program, topology, quick: bool, breakdown: int = 0)
         if msg is None:
             raise
         raise DoesNotFit(f"{program.name} does not fit a {chip.name} ({chip.hbm_gib:g} GiB usable): {msg}; try "
-                         "--config.parallel.remat=full, a smaller batch, or more chips") from None
+                         f"{_remedy(program)}") from None
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     arg, temp = mem.argument_size_in_bytes / GiB, mem.temp_size_in_bytes / GiB
@@ -337,8 +337,16 @@ def compile_program(program: Program, topology, quick: bool, breakdown: int = 0)
     if not report.fits:
         raise DoesNotFit(f"{program.name} does not fit a {chip.name}: needs {total:.2f} GiB per chip "
                          f"({temp:.2f} GiB of temporaries), {chip.hbm_gib:g} GiB usable; try "
-                         "--config.parallel.remat=full, a smaller batch, or more chips")
+                         f"{_remedy(program)}")
     return report, compiled
+
+
+def _remedy(program: Program) -> str:
+    """What to change when `program` does not fit: a train step's settings or a sampler's."""
+    if program.unit == "video":
+        return ("a smaller --config.batch_size (or decode_chunk), each video over chips (--config.context_parallel), "
+                "or more chips")
+    return "--config.parallel.remat=full, a smaller batch, or more chips"
 
 
 def _cost(compiled) -> dict:

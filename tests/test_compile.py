@@ -176,6 +176,10 @@ def test_libtpu_out_of_memory_is_one_line():
     msg = tpu.oom_message(RuntimeError(raw))
     assert msg is not None and "\n" not in msg and "20.50G" in msg
     assert tpu.oom_message(RuntimeError("INVALID_ARGUMENT: something else")) is None
+    # What to change is the program's own: a train step's remat, a sampler's batch or chips per video.
+    assert "remat=full" in compile_cmd._remedy(compile_cmd.Program("step", None, 4, "clip"))
+    sampler = compile_cmd._remedy(compile_cmd.Program("sampler", None, 4, "video"))
+    assert "batch_size" in sampler and "context_parallel" in sampler and "remat" not in sampler
 
 
 def test_motion_version_from_released_names():

@@ -124,31 +124,24 @@ class Attention(nn.Module):
                      param_dtype=self.param_dtype)(o)
 
 
-class GEGLU(nn.Module):
+class GELUProjection(nn.Module):
+    """diffusers' `GEGLU` (`gated`: `proj` to twice `dim_out`, the second half through exact GELU gates
+    the first) and `GELU` (`proj`, then exact GELU): the activation modules of `FeedForward`."""
+
     dim_out: int
+    gated: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.dim_out * 2, "proj", use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        width = self.dim_out * (2 if self.gated else 1)
+        h = dense(width, "proj", use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        if not self.gated:
+            return jax.nn.gelu(h, approximate=False)
         h, gate = jnp.split(h, 2, axis=-1)
         return h * jax.nn.gelu(gate, approximate=False)
-
-
-class GELU(nn.Module):
-    """diffusers' `GELU` activation module: `proj`, then exact GELU."""
-
-    dim_out: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.dim_out, "proj", use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return jax.nn.gelu(h, approximate=False)
 
 
 class FeedForward(nn.Module):
@@ -167,9 +160,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        act = {"geglu": GEGLU, "gelu": GELU}[self.activation]
+        if self.activation not in ("geglu", "gelu"):
+            raise ValueError(f"FeedForward activation {self.activation!r}: expected 'geglu' or 'gelu'")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
-        h = act(self.inner or dim * self.mult, name="net_0", **kw)(x)
+        h = GELUProjection(self.inner or dim * self.mult, self.activation == "geglu", name="net_0", **kw)(x)
         return dense(self.out or dim, "net_2", **kw)(h)
 
 

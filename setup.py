@@ -36,11 +36,14 @@ setup(
         "train": ["grain>=0.2.12", "av>=18.1.0", "tensorboardX>=2.6.5"],
         # gs:// paths for real (epath's fsspec backend; orbax's gs:// checkpoints use google-cloud-storage).
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # int8 for the spatial UNet (`quantize`: models/quantize.py): Google's qwix (AQT's successor), which
+        # quantizes a Flax linen model's matmuls and convs by module path.
+        "int8": ["qwix>=0.1.8"],
         # jax[tpu] brings libtpu (it runs on a CPU host): tests/test_compile.py compiles for abstract TPU chips.
         # ruff: .ci/run lints (ruff.toml).
         "test": ["torch>=2.13.0", "transformers>=5.25.0", "diffusers>=0.42.1", "peft>=0.21.2", "pytest>=9.0.3",
                  "pytest-xdist>=3.8.0", "grain>=0.2.12", "av>=18.1.0", "tensorboardX>=2.6.5", "jax[tpu]>=0.10.2",
-                 "ruff>=0.17.6"],
+                 "ruff>=0.17.6", "qwix>=0.1.8"],
     },
     entry_points={"console_scripts": ["animatediff-jax=animatediff_jax.cli:main"]},
 )

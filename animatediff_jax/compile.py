@@ -84,6 +84,7 @@ class Report:
     hbm_gib: float
     fits: bool
     tflop: float
+    int8_tflop: float  # of `tflop`: int8 x int8 products, timed at the chip's int8 rate
     pallas_tflop: float
     gib_accessed: float
     raw_tflop: float
@@ -161,7 +162,7 @@ def abstract_pipeline(c: dict, motion: str | None = None):
     from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet
     from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
     from animatediff_jax.models.vae import VAEConfig
-    from animatediff_jax.sampling.pipeline import AnimationPipeline
+    from animatediff_jax.sampling.pipeline import AnimationPipeline, cast_floating, quantize_unet
 
     unet, vae, text = sd15_unet(), VAEConfig.sd15(), CLIPTextConfig.sd15()
     converted = os.path.join(c["base_model"], "params.safetensors")
@@ -181,9 +182,10 @@ def abstract_pipeline(c: dict, motion: str | None = None):
     else:
         unet = unet.with_motion(MotionConfig.for_version(motion or motion_version_of(c["motion_module"] or "")))
     dtype = jnp.dtype(c["dtype"])
-    cast = lambda tree: {k: (cast(v) if isinstance(v, dict) else _sds(v.shape, dtype)) for k, v in tree.items()}
-    params = {"unet": cast(unet_shapes(unet)), "vae": cast(vae_shapes(vae)), "text_encoder": cast(clip_shapes(text))}
-    return AnimationPipeline(unet, vae, text, params, None, dtype, c["attention"])
+    params = {"unet": quantize_unet(unet, unet_shapes(unet), c["quantize"]), "vae": vae_shapes(vae),
+              "text_encoder": clip_shapes(text)}
+    params = cast_floating(params, dtype)
+    return AnimationPipeline(unet, vae, text, params, None, dtype, c["attention"], c["quantize"])
 
 
 def _sds(shape, dtype):
@@ -316,7 +318,8 @@ def compile_program(program: Program, topology, quick: bool, breakdown: int = 0)
     cost = xla_cost.loop_aware_cost(compiled, text)
     pallas = xla_cost.pallas_kernels(module)
     flops = cost["flops"] + pallas["pallas_flops"]
-    compute_s = flops / (chip.peak_tflops * 1e12)
+    int8 = min(xla_cost.int8_flops(module), flops)  # (at the chip's int8 rate; the rest at bf16's)
+    compute_s = (flops - int8) / (chip.peak_tflops * 1e12) + int8 / (chip.int8_tops * 1e12)
     memory_s = cost["bytes accessed"] / (chip.hbm_gbps * 1e9)
     try:
         optimal = float(_cost(compiled).get("optimal_seconds"))
@@ -325,7 +328,7 @@ def compile_program(program: Program, topology, quick: bool, breakdown: int = 0)
     report = Report(
         name=program.name, chip=chip.name, chips=topology.chips, items_per_chip=program.items / topology.chips,
         unit=program.unit, arg_gib=arg, temp_gib=temp, out_gib=out, alias_gib=alias, total_gib=total,
-        hbm_gib=chip.hbm_gib, fits=total <= chip.hbm_gib, tflop=flops / 1e12,
+        hbm_gib=chip.hbm_gib, fits=total <= chip.hbm_gib, tflop=flops / 1e12, int8_tflop=int8 / 1e12,
         pallas_tflop=pallas["pallas_flops"] / 1e12, gib_accessed=cost["bytes accessed"] / GiB,
         raw_tflop=cost["raw_flops"] / 1e12, raw_gib_accessed=cost["raw_bytes accessed"] / GiB,
         loop_aware=bool(cost["loop_aware"]), unknown_trip_loops=int(cost["unknown_trip_loops"]),
@@ -362,7 +365,8 @@ def format_report(r: Report) -> str:
         f"{r.name}: {r.chips} x {r.chip}, {per:g} {r.unit}(s) per chip",
         f"  per chip: args {r.arg_gib:.2f} + temp {r.temp_gib:.2f} + out {r.out_gib:.2f} - aliased "
         f"{r.alias_gib:.2f} = {r.total_gib:.2f} GiB of {r.hbm_gib:g} GiB usable: {'fits' if r.fits else 'DOES NOT FIT'}",
-        f"  {r.tflop:.1f} TFLOP (Pallas {r.pallas_tflop:.1f}; XLA alone, loops once: {r.raw_tflop:.1f}), "
+        f"  {r.tflop:.1f} TFLOP (Pallas {r.pallas_tflop:.1f}" + (f", int8 {r.int8_tflop:.1f}" if r.int8_tflop else "")
+        + f"; XLA alone, loops once: {r.raw_tflop:.1f}), "
         f"{r.gib_accessed:.0f} GiB accessed (loops once: {r.raw_gib_accessed:.0f})"
         + ("" if r.loop_aware else " [loop-aware count failed: XLA's figures]")
         + (f" [{r.unknown_trip_loops} loop(s) of unknown trip count, counted once]" if r.unknown_trip_loops else ""),

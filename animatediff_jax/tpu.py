@@ -18,7 +18,7 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One chip: usable HBM (what the compiler will place), bf16 dense peak, HBM bandwidth."""
+    """One chip: usable HBM (what the compiler will place), bf16 and int8 dense peaks, HBM bandwidth."""
 
     name: str
     hbm_gib: float
@@ -26,15 +26,16 @@ class Chip:
     hbm_gbps: float
     dims: int  # 2: a 2-D torus (v5e, v6e); 3: v4 / v5p
     megacore: bool  # two TensorCores per chip seen as one device ("v5p-8" counts 8 cores = 4 chips)
+    int8_tops: float  # int8 x int8 products (Google's published peaks: 2x bf16 from v5e on, 1x on v4)
 
 
 # Usable HBM: the v5e figure is what libtpu reports when a program does not fit (15.75 of 16 GiB);
 # the others keep the same 1.6% reserve of their HBM (an assumption until measured the same way).
 CHIPS = {
-    "v4": Chip("TPU v4", 31.5, 275.0, 1228.0, 3, True),
-    "v5e": Chip("TPU v5 lite", 15.75, 197.0, 819.0, 2, False),
-    "v5p": Chip("TPU v5", 93.5, 459.0, 2765.0, 3, True),
-    "v6e": Chip("TPU v6 lite", 31.5, 918.0, 1640.0, 2, False),
+    "v4": Chip("TPU v4", 31.5, 275.0, 1228.0, 3, True, 275.0),
+    "v5e": Chip("TPU v5 lite", 15.75, 197.0, 819.0, 2, False, 394.0),
+    "v5p": Chip("TPU v5", 93.5, 459.0, 2765.0, 3, True, 918.0),
+    "v6e": Chip("TPU v6 lite", 31.5, 918.0, 1640.0, 2, False, 1836.0),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "trillium": "v6e"}
 

@@ -186,6 +186,40 @@ def pallas_kernels(module: Module) -> dict[str, float]:
     return {"pallas_calls": calls, "pallas_flops": flops}
 
 
+_INT8 = ("s8", "u8")
+_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->")
+
+
+def _dims(shape: str) -> list[int]:
+    found = _ARRAY.findall(shape)
+    return [int(d) for d in found[0][1].split(",") if d] if found else []
+
+
+def int8_flops(module: Module) -> float:
+    """FLOPs of the dots and convolutions whose operands are both int8 (the MXU's int8 rate applies to
+    them), top-level or inside fusions, loops multiplied: 2 x output elements x contracted size."""
+    total = 0.0
+    for ins, m in module.top_level():
+        inner = [ins] + [i for c in ins.callees.values() if ins.opcode == "fusion" for i in module.instrs.get(c, [])]
+        for op in inner:
+            if op.opcode not in ("dot", "convolution") or len(op.operands) < 2:
+                continue
+            lhs, rhs = (module.shapes.get(o, "") for o in op.operands[:2])
+            if not (lhs.split("[")[0].strip() in _INT8 and rhs.split("[")[0].strip() in _INT8):
+                continue
+            out, lhs_dims, rhs_dims = _dims(op.shape), _dims(lhs), _dims(rhs)
+            if op.opcode == "dot":
+                found = _CONTRACTING.search(op.line)
+                k = math.prod(lhs_dims[int(d)] for d in found.group(1).split(",") if d) if found else 1
+            else:  # the kernel's elements per output feature (input features per group x window)
+                labels = _DIM_LABELS.search(op.line)
+                o = labels.group(1).index("o") if labels else len(rhs_dims) - 1
+                k = math.prod(rhs_dims) / rhs_dims[o]
+            total += m * 2 * math.prod(out) * k
+    return total
+
+
 def collectives(module: Module) -> dict[str, int]:
     """Collective ops per run (async start/done pairs counted once), by kind."""
     out: dict[str, int] = defaultdict(int)

@@ -42,6 +42,9 @@ ROWS = {
     "s1_v5e-1": (["train", "--config", "configs/train/stage1_domain_adapter.py"], "v5e-1", []),
     "sample_v5e-1_b4": (SAMPLE, "v5e-1", ["--config.batch_size=4"]),
     "sample_v5e-1_b8": (SAMPLE, "v5e-1", ["--config.batch_size=8"]),
+    # The spatial UNet in int8 (models.quantize): weights only, and weights + activations.
+    "sample_v5e-1_b4_int8w": (SAMPLE, "v5e-1", ["--config.batch_size=4", "--config.quantize=int8_weights"]),
+    "sample_v5e-1_b4_int8": (SAMPLE, "v5e-1", ["--config.batch_size=4", "--config.quantize=int8"]),
     "sample_v5e-8_b32": (SAMPLE, "v5e-8", ["--config.batch_size=32"]),
     "sample_v5p-8_b16": (SAMPLE, "v5p-8", ["--config.batch_size=16"]),
     "sample_v6e-1_b4": (SAMPLE, "v6e-1", ["--config.batch_size=4"]),

@@ -25,11 +25,15 @@ def unet_shapes(config: UNetConfig) -> Params:
     return jax.tree.map(lambda s: s, _unet_shapes(config))  # a fresh tree: the cached one stays intact
 
 
+def unet_example_inputs(config: UNetConfig) -> tuple[jax.Array, ...]:
+    """Inputs `UNet3D(config).init` accepts (2 frames of 8x8 latents, one token): enough to trace its params."""
+    x = jnp.zeros((1, 2, 8, 8, config.in_channels))
+    return x, jnp.zeros((1,)), jnp.zeros((1, 1, config.cross_attention_dim))
+
+
 @functools.lru_cache(maxsize=8)
 def _unet_shapes(config: UNetConfig) -> Params:  # tracing SD1.5's UNet takes seconds; loaders ask often
-    x = jnp.zeros((1, 2, 8, 8, config.in_channels))
-    ctx = jnp.zeros((1, 1, config.cross_attention_dim))
-    return jax.eval_shape(UNet3D(config).init, jax.random.key(0), x, jnp.zeros((1,)), ctx)["params"]
+    return jax.eval_shape(UNet3D(config).init, jax.random.key(0), *unet_example_inputs(config))["params"]
 
 
 def controlnet_shapes(config: ControlNetConfig) -> Params:

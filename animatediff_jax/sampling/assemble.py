@@ -20,6 +20,7 @@ from animatediff_jax import dtypes
 from animatediff_jax.checkpoints.sd15 import sd15_size_multiple
 from animatediff_jax.errors import ConfigError, FieldError
 from animatediff_jax.io import fs
+from animatediff_jax.models import quantize
 from animatediff_jax.models.config import size_multiple
 from animatediff_jax.sampling.config import FORMATS, GROUPS, base_config, check_fields, plain
 from animatediff_jax.sampling.options import (
@@ -278,6 +279,7 @@ def validate(config: Any, files: bool = True) -> dict:
         if integer("devices", c["devices"], -1) == 0:
             raise ConfigError("devices=0: expected -1 (all) or a positive count")
         integer("context_parallel", c["context_parallel"], 1)
+        quantize.check_mode(c["quantize"])
         for name in ("lora_alpha", "adapter_lora_scale"):
             number(name, c[name])
     if not isinstance(c["compilation_cache"], str):
@@ -587,7 +589,7 @@ def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
     merged = SD15(unet_config, model.vae_config, model.text_config,
                   dict(model.params, unet=unet, text_encoder=text), tok_path)
     pipe = AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=dtypes.to_jnp(c["dtype"]),
-                                       attention=c["attention"])
+                                       attention=c["attention"], quantize=c["quantize"])
     return _with_embeddings(pipe, c)
 
 

@@ -85,6 +85,10 @@ def _sampler(c: ConfigDict) -> None:
     # UNet attention kernel (models.attention): auto (cuDNN flash on GPU, Pallas splash on TPU, blockwise
     # on CPU, for long sequences; XLA for short ones) | xla | chunked | cudnn | splash
     c.attention = "auto"
+    # UNet spatial layers in int8 (models.quantize; motion modules stay in dtype): none | int8_weights (linear
+    # kernels int8, dequantized in the matmul) | int8 (kernels and activations: int8 products, v5e's 2x rate).
+    # Not exact: latents after 25 steps differ from bf16's (docs/sampling.md has the measured change).
+    c.quantize = "none"
     c.allow_nonfinite = False  # load weight files holding NaN/Inf (with a warning) instead of refusing them
 
 

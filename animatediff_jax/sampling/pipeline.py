@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from animatediff_jax.models import quantize
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.models.config import UNetConfig, size_multiple
 from animatediff_jax.models.layers import TemporalWindows
@@ -25,10 +26,17 @@ Params = dict[str, Any]
 
 
 def cast_floating(params: Params, dtype: Any) -> Params:
-    """Floating leaves of `params` cast to `dtype` (once, so a compiled loop does not re-cast them)."""
+    """Floating leaves of `params` cast to `dtype` (once, so a compiled loop does not re-cast them); int8
+    kernels (`models.quantize`) keep their float32 scales. Leaves may be `ShapeDtypeStruct`s (`compile`)."""
     if jnp.dtype(dtype) == jnp.float32:
         return params
-    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+    def cast(p):
+        if quantize.is_quantized(p) or not jnp.issubdtype(p.dtype, jnp.floating):
+            return p
+        return jax.ShapeDtypeStruct(p.shape, dtype) if isinstance(p, jax.ShapeDtypeStruct) else p.astype(dtype)
+
+    return jax.tree.map(cast, params, is_leaf=quantize.is_quantized)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,7 +47,8 @@ class AnimationPipeline:
     models; latents and the scheduler update stay float32 whatever it is. `attention` is the
     UNet's `models.attention` implementation ("auto": flash kernels on GPU/TPU, blockwise on
     CPU); the VAE and text encoder keep "auto" (one 512-wide head and 77 tokens, which no
-    flash kernel takes).
+    flash kernel takes). `quantize` is the UNet's `models.quantize` mode; its params hold the
+    int8 kernels already (`from_sd15` makes them: a new UNet needs `quantize_unet`).
     """
 
     unet_config: UNetConfig
@@ -49,17 +58,21 @@ class AnimationPipeline:
     tokenizer: Any = None
     dtype: Any = jnp.float32
     attention: str = "auto"
+    quantize: str = "none"
 
     @classmethod
-    def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32, attention: str = "auto") -> "AnimationPipeline":
+    def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32, attention: str = "auto",
+                  quantize: str = "none") -> "AnimationPipeline":
         """From a loaded `checkpoints.sd15.SD15`; the tokenizer defaults to its `tokenizer_path`.
-        For a half-precision `dtype` the floating params are cast once here."""
+        The UNet's kernels are quantized by `quantize` (from float32) and then, for a half-precision
+        `dtype`, the floating params cast, once here."""
         if tokenizer is None and sd15.tokenizer_path:
             from animatediff_jax.text import Tokenizer
 
             tokenizer = Tokenizer(sd15.tokenizer_path)
-        return cls(sd15.unet_config, sd15.vae_config, sd15.text_config, cast_floating(sd15.params, dtype), tokenizer,
-                   dtype, attention)
+        params = {**sd15.params, "unet": quantize_unet(sd15.unet_config, sd15.params["unet"], quantize)}
+        return cls(sd15.unet_config, sd15.vae_config, sd15.text_config, cast_floating(params, dtype), tokenizer,
+                   dtype, attention, quantize)
 
     @property
     def unet(self) -> UNet3D:
@@ -68,9 +81,10 @@ class AnimationPipeline:
 
     def unet_for(self, motion: Motion, motion_windows: TemporalWindows | None = None) -> UNet3D:
         """The UNet with `motion`'s strength and PE stretch, and (FreeNoise) windows in its motion modules."""
-        return UNet3D(self.unet_config, dtype=self.dtype, attention=self.attention, motion_scale=motion.scale,
+        unet = UNet3D(self.unet_config, dtype=self.dtype, attention=self.attention, motion_scale=motion.scale,
                       motion_block_scales=motion.block_scales, position_stretch=motion.pe_stretch,
                       motion_windows=motion_windows)
+        return quantize.quantized(unet, self.quantize)
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -103,3 +117,11 @@ class AnimationPipeline:
         rep = NamedSharding(mesh, P())
         return dataclasses.replace(self, params={**self.params, **{k: jax.device_put(self.params[k], rep)
                                                                    for k in ("unet", "vae")}})
+
+
+def quantize_unet(config: UNetConfig, params: Params, mode: str) -> Params:
+    """A UNet's params with its spatial kernels quantized by `mode` (`models.quantize`; "none": unchanged).
+    Leaves may be `ShapeDtypeStruct`s (`compile`)."""
+    from animatediff_jax.models.shapes import unet_example_inputs
+
+    return quantize.quantize_params(UNet3D(config), params, mode, *unet_example_inputs(config))

@@ -62,8 +62,10 @@ REFERENCE_SCHEDULERS = {
 # ----------------------------------------------------------------------------------------------
 
 
-def write_tiny_tokenizer(folder: str) -> dict[str, int]:
-    """A small CLIP BPE vocabulary (`</w>` word ends, a few merges) that transformers' CLIPTokenizer reads."""
+def write_tiny_tokenizer(folder: str, pad_token: str | None = None) -> dict[str, int]:
+    """A small CLIP BPE vocabulary (`</w>` word ends, a few merges) that transformers' CLIPTokenizer reads.
+    `pad_token`: a token of the vocabulary to pad with (SDXL's `tokenizer_2/` pads with "!"); default
+    the end-of-text token, as SD1.5's tokenizer."""
     os.makedirs(folder, exist_ok=True)
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!")
     vocab: dict[str, int] = {}
@@ -82,7 +84,8 @@ def write_tiny_tokenizer(folder: str) -> dict[str, int]:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     # Without model_max_length the tokenizer would pad "to max length" 1e30 tokens.
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
+        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer",
+                   **({"pad_token": pad_token} if pad_token is not None else {})}, f)
     return vocab
 
 

@@ -8,20 +8,24 @@ truncate longer prompts (keeping the end-of-text token last).
 `Tokenizer.chunks` reads a prompt as AUTOMATIC1111's web UI does (`prompt_syntax.parse`: weights, BREAK)
 into chunks of 75 tokens, each its own 77-token row (`sampling/prompts.py` encodes them and joins the
 rows); `Tokenizer.with_tokens` adds textual-inversion tokens (`checkpoints/embeddings.py`).
+
+SDXL: `encode_prompts_sdxl` is `StableDiffusionXLPipeline.encode_prompt` (two tokenizers and encoders;
+the second tokenizer pads with its own pad token, "!" in the released `tokenizer_2/`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from animatediff_jax import prompt_syntax
 from animatediff_jax.io import fs
-from animatediff_jax.models.clip_text import CLIPTextModel
+from animatediff_jax.models.clip_text import CLIPTextModel, SDXLTextEncoder
 
 SYNTAXES = prompt_syntax.SYNTAXES
 COMMA_BACKTRACK = 20  # the web UI's `comma_padding_backtrack` default: a chunk ends at a comma this near its end
@@ -154,7 +158,7 @@ class Tokenizer:
         return new, out
 
 
-def _apply(model: CLIPTextModel, params: Params, ids: jax.Array, clip_skip: int) -> jax.Array:
+def _apply(model: CLIPTextModel | SDXLTextEncoder, params: Params, ids: jax.Array, clip_skip: int) -> jax.Array:
     return model.apply({"params": params}, ids, clip_skip)
 
 
@@ -178,3 +182,79 @@ def encode_prompts(
     return _apply_jit(model=model, params=params, ids=ids, clip_skip=0 if clip_skip is None else int(clip_skip))
 
 
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+class SDXLPromptEmbeds(NamedTuple):
+    """`encode_prompts_sdxl`'s result, in the order of diffusers' `encode_prompt`'s: `(N, T, 768 + 1280)`
+    prompt embeddings (both towers' hidden states side by side) and `(N, 1280)` pooled embeddings
+    (`text_encoder_2`'s `text_embeds`), for the prompts and the negative prompts."""
+
+    prompt_embeds: jax.Array
+    negative_prompt_embeds: jax.Array
+    pooled_prompt_embeds: jax.Array
+    negative_pooled_prompt_embeds: jax.Array
+
+
+def _as_list(prompts: str | Sequence[str], n: int, what: str) -> list[str]:
+    """A prompt for each of `n` rows: one string repeated, or a list of exactly `n`."""
+    if isinstance(prompts, str):
+        return [prompts] * n
+    prompts = list(prompts)
+    if len(prompts) != n:
+        raise ValueError(f"{what}: {len(prompts)} prompts for a batch of {n}")
+    return prompts
+
+
+def _encode_sdxl(models, params, tokenizers, prompts: list[str], prompts_2: list[str], clip_skip: int):
+    """`(N, T, sum of hidden sizes)` hidden states of both towers side by side, and the pooled
+    `text_embeds` of the tower with a projection (diffusers: the first whose output is 2-D)."""
+    hidden, pooled = [], None
+    for model, p, tok, texts in zip(models, params, tokenizers, (prompts, prompts_2)):
+        h, embeds = _apply_jit(model=model, params=p, ids=tok(texts), clip_skip=clip_skip)
+        hidden.append(h)
+        if pooled is None:
+            pooled = embeds
+    if pooled is None:
+        raise ValueError("neither SDXL text encoder has a projection (config.projection_dim): no pooled embeddings")
+    return jnp.concatenate(hidden, axis=-1), pooled
+
+
+def encode_prompts_sdxl(
+    models: tuple[SDXLTextEncoder, SDXLTextEncoder],
+    params: tuple[Params, Params],
+    tokenizers: tuple[Tokenizer, Tokenizer],
+    prompts: str | Sequence[str],
+    negative_prompts: str | Sequence[str] | None = None,
+    *,
+    prompts_2: str | Sequence[str] | None = None,
+    negative_prompts_2: str | Sequence[str] | None = None,
+    clip_skip: int | None = None,
+    force_zeros_for_empty_prompt: bool = True,
+) -> SDXLPromptEmbeds:
+    """SDXL's prompt embeddings, as `StableDiffusionXLPipeline.encode_prompt` (with classifier-free
+    guidance, one image per prompt) computes them from `text_encoder`/`tokenizer` (first of each pair)
+    and `text_encoder_2`/`tokenizer_2` (second).
+
+    - `prompts_2` / `negative_prompts_2` go to the second tokenizer and encoder; when not given (or
+      empty) the first ones are used for both, as diffusers does.
+    - `clip_skip` (diffusers': None or 0 is the penultimate layer, k the output `k` layers before it) is
+      applied to the prompts only; the negative prompts always use the penultimate layer, and both pooled
+      embeddings always come from the last layer (diffusers does the same).
+    - `negative_prompts=None` with `force_zeros_for_empty_prompt` (SDXL base's pipeline config) gives
+      zeros for the negative embeddings and pooled embeddings; otherwise the negative prompts (None:
+      "") are encoded. An explicit "" is encoded, not zeroed: diffusers zeroes only for None.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    n = len(prompts)
+    prompts_2 = _as_list(prompts_2 or prompts, n, "prompts_2")
+    skip = 0 if clip_skip is None else int(clip_skip)
+    embeds, pooled = _encode_sdxl(models, params, tokenizers, prompts, prompts_2, skip)
+    if negative_prompts is None and force_zeros_for_empty_prompt:
+        return SDXLPromptEmbeds(embeds, jnp.zeros_like(embeds), pooled, jnp.zeros_like(pooled))
+    negative = _as_list(negative_prompts or "", n, "negative_prompts")
+    negative_2 = _as_list(negative_prompts_2 or negative, n, "negative_prompts_2")
+    neg_embeds, neg_pooled = _encode_sdxl(models, params, tokenizers, negative, negative_2, 0)
+    return SDXLPromptEmbeds(embeds, neg_embeds, pooled, neg_pooled)

@@ -32,7 +32,7 @@ from animatediff_jax.checkpoints.torch_io import (
 from animatediff_jax.io import fs
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
 from animatediff_jax.models.clip_text import CLIPTextConfig
-from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig, sd15_unet
+from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig, sd15_unet, sdxl_unet
 from animatediff_jax.models.shapes import clip_shapes, motion_shapes, motion_subtree, unet_shapes
 
 MOTION_FIELDS = frozenset(f.name for f in dataclasses.fields(MotionConfig))
@@ -172,6 +172,8 @@ def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str]
     (`norm_per_frame`) a file records are how its weights were trained, so the file wins over the
     base's, and a note says so.
     """
+    if found.motion is not None and found.motion.family != base.family:
+        raise _other_family(what, found.motion, found.block_out_channels, base, noun)
     diffs = [f"{n} {getattr(found, n)} (base: {getattr(base, n)})"
              for n in ("block_out_channels", "layers_per_block") if getattr(found, n) != getattr(base, n)]
     if diffs:
@@ -187,6 +189,23 @@ def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str]
         _note(f"{what}: its motion modules were trained with GroupNorm {_norms(found.motion.norm_per_frame)}; "
               f"running them so, not {_norms(base.motion.norm_per_frame)} as configured")
     return base.replace(motion=found.motion, spatial_norm_per_frame=found.spatial_norm_per_frame)
+
+
+def _other_family(what: str, found: MotionConfig, channels: tuple[int, ...] | None, base: UNetConfig,
+                  noun: str = "motion module") -> ModelSizeError:
+    """One line naming both sides: an SD1.5 motion module on an SDXL base, or the reverse."""
+    return ModelSizeError(f"{what}: the {noun} is {motion.describe_motion(found, channels)} "
+                          f"but the base is {base.describe()}")
+
+
+def _motion_defaults(base: UNetConfig) -> MotionConfig:
+    """The motion layout fields a PyTorch file does not record: the base's motion layout, else its
+    family's convention (SD1.5: the spatial heads and groups; SDXL: the beta's 8 heads, across-frame norms)."""
+    if base.motion is not None:
+        return base.motion
+    if base.family == "sdxl":
+        return MotionConfig.for_version("sdxl_beta", norm_num_groups=base.norm_num_groups)
+    return MotionConfig(heads=base.level_heads(0), norm_num_groups=base.norm_num_groups)
 
 
 def _motion_params_file(path: str) -> tuple[Params, UNetConfig]:
@@ -209,12 +228,13 @@ def load_motion(
     path: str | os.PathLike, base: UNetConfig | None = None, *, ignore_spatial: bool = False
 ) -> tuple[Params, UNetConfig]:
     """`(motion params, UNet config)` of a motion module for the base UNet `base` (default: the
-    config our files record, SD1.5 for PyTorch files).
+    config our files record; for PyTorch files SD1.5, or SDXL for an AnimateDiff-SDXL module).
 
     Our motion files record their whole layout and GroupNorm semantics; PyTorch files record the
     mid-block module and the table length, MotionAdapter folders the rest of the layout too; what a
-    file does not record comes from `base.motion`, or without one from SD1.5's convention (the
-    spatial layers' heads and groups, per-frame norms). Then `fit`. The params hold only the
+    file does not record comes from `base.motion`, or without one from its family's convention (SD1.5:
+    the spatial layers' heads and groups, per-frame norms; SDXL: the beta's). A module made for the other
+    family (SD1.5 vs SDXL, told by its levels) is one line naming both. Then `fit`. The params hold only the
     `motion_modules_*` subtrees (`checkpoints.motion.merge_motion` inserts them into a UNet).
     `ignore_spatial` takes the motion modules out of a whole-UNet checkpoint.
     """
@@ -223,7 +243,6 @@ def load_motion(
     if p is not None:
         params, found = _motion_params_file(p)
         return params, found if base is None else fit(found, base, p)
-    base = sd15_unet() if base is None else base
     try:
         mf = motion.read_motion_file(path, ignore_spatial=ignore_spatial)
     except CheckpointError:
@@ -231,9 +250,14 @@ def load_motion(
         if kind not in ("motion_module", "unreadable"):
             raise _not_a(path, "motion module", holds) from None
         raise
+    if base is None:  # the released base of the file's family
+        base = sdxl_unet() if mf.motion.family == "sdxl" else sd15_unet()
+    if mf.motion.family != base.family:
+        channels = mf.blocks[0] if mf.blocks else (motion.motion_blocks(mf.state_dict) or (None,))[0]
+        raise _other_family(mf.what, mf.motion, channels, base)
     if mf.blocks is not None and mf.blocks != (tuple(base.block_out_channels), base.layers_per_block):
         raise _other_size(mf.what, mf.blocks, base)
-    defaults = base.motion or MotionConfig(heads=base.attention_heads, norm_num_groups=base.norm_num_groups)
+    defaults = _motion_defaults(base)
     layout = mf.motion.replace(**{n: getattr(defaults, n) for n in MOTION_FIELDS - mf.recorded
                                   if n not in ("mid_block", "max_positions")})
     if "max_positions" not in mf.recorded and base.motion is not None:
@@ -327,6 +351,8 @@ def _made_for(path: str, kind: str, base: UNetConfig, motion_version: MotionVers
     if motion_version is None:
         keys = load_state_dict(path)
         motion_version = "v2" if any("mid_block" in k and "motion_modules" in k for k in keys) else "v3"
+    if base.family == "sdxl":
+        return base.with_motion(_motion_defaults(base))
     return base.with_motion(MotionConfig.for_version(motion_version, heads=base.attention_heads,
                                                      norm_num_groups=base.norm_num_groups))
 

@@ -12,8 +12,11 @@ checked against diffusers' own `convert_animatediff_checkpoint_to_diffusers` in 
     attention_blocks.{0,1}.pos_encoder.pe [1, L, C]     -> (dropped: the fixed sinusoidal table,
                                                           checked, its length L says the version)
 
+AnimateDiff-SDXL (`mm_sdxl_v10_beta.ckpt`, diffusers' sdxl-beta `MotionAdapter`) uses the same naming
+with motion modules at SDXL's 3 levels and none in the mid block: its shapes say so (`motion_family`).
+
 A motion module is held as a *partial* params tree with only the `motion_modules_*` subtrees;
-`merge_motion` inserts it into a base (SD1.5) UNet's params. LoRA files live in `lora_formats`.
+`merge_motion` inserts it into a base (SD1.5 / SDXL) UNet's params. LoRA files live in `lora_formats`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from animatediff_jax.checkpoints.torch_io import (
     torch_to_flax,
 )
 from animatediff_jax.io import fs
-from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig
+from animatediff_jax.models.config import Family, MotionConfig, MotionVersion, UNetConfig
 from animatediff_jax.models.layers import sinusoidal_table
 from animatediff_jax.models.shapes import is_motion_path, motion_shapes, unet_shapes
 
@@ -168,14 +171,39 @@ def _pe_length(state_dict: Mapping[str, Any]) -> int | None:
     return lengths.pop() if lengths else None
 
 
+_DOWN_MOTION = re.compile(r"down_blocks\.(\d+)\.motion_modules\.")
+
+
+def motion_family(state_dict: Mapping[str, Any]) -> Family:
+    """The base model a motion module's keys (either naming) were made for: `"sdxl"` when they sit in
+    exactly 3 down levels (SDXL's 320/640/1280) and not in the mid block, else `"sd15"` (SD1.5's 4
+    levels; our tiny test UNets' 2)."""
+    levels = {int(m[1]) for k in state_dict if (m := _DOWN_MOTION.match(k))}
+    mid = any(k.startswith("mid_block.motion_modules.") for k in state_dict)
+    return "sdxl" if levels == {0, 1, 2} and not mid else "sd15"
+
+
 def detect_motion_version(state_dict: Mapping[str, Any], what: str = "state dict") -> MotionVersion:
-    """`"v2"` if there is a mid-block motion module; else `"v1"` for 24-frame position tables; else `"v3"`."""
+    """`"v2"` if there is a mid-block motion module; `"sdxl_beta"` for SDXL's 3 levels (`motion_family`);
+    else `"v1"` for 24-frame position tables; else `"v3"`."""
     motion = [k for k in state_dict if _is_motion_key(k)]
     if not motion:
         raise CheckpointError(f"{what}: not a motion module (no `motion_modules` keys; found {_describe(state_dict)})")
     if any(k.startswith("mid_block.motion_modules.") for k in motion):
         return "v2"
+    if motion_family(motion) == "sdxl":
+        return "sdxl_beta"
     return "v1" if _pe_length(state_dict) == 24 else "v3"
+
+
+def describe_motion(motion: MotionConfig, channels: tuple[int, ...] | None) -> str:
+    """E.g. "AnimateDiff-SDXL (3 levels, 320/640/1280)", "AnimateDiff SD1.5 v2 (4 levels, ..., mid-block
+    module)": what a motion module is made for, in messages (`channels`: its down levels', if known)."""
+    where = f"{len(channels)} levels, {'/'.join(map(str, channels))}" if channels else ""
+    if motion.mid_block:
+        where += ", mid-block module" if where else "mid-block module"
+    name = "AnimateDiff-SDXL" if motion.family == "sdxl" else f"AnimateDiff SD1.5 {motion.version}"
+    return f"{name} ({where})" if where else name
 
 
 def _motion_state_dict(
@@ -239,9 +267,10 @@ def read_motion_file(path: str | os.PathLike, *, ignore_spatial: bool = False) -
     """An original AnimateDiff `.ckpt`/`.safetensors` (optionally in a `state_dict` wrapper), a
     diffusers-named weight file or a diffusers `MotionAdapter` folder (its `config.json` read).
 
-    A file's version is detected (`detect_motion_version`): it records the mid-block module and,
-    through its `pe` tables, the position-table length. Neither format records the GroupNorm
-    semantics (`norm_per_frame`): both mean the original's per-frame norms.
+    A file's version is detected (`detect_motion_version`): it records the mid-block module, the
+    family (SD1.5 or SDXL: its levels) and, through its `pe` tables, the position-table length.
+    Neither format records the GroupNorm semantics (`norm_per_frame`): for SD1.5 both mean the
+    original's per-frame norms; the SDXL beta's are across frames (its layout), recorded as such.
     """
     path = os.fspath(path)
     if fs.isdir(path):
@@ -251,8 +280,10 @@ def read_motion_file(path: str | os.PathLike, *, ignore_spatial: bool = False) -
     version = detect_motion_version(motion, path)
     length = _pe_length(motion)
     rest, _ = split_position_tables(motion)
-    recorded = {"mid_block"} | ({"max_positions"} if length is not None else set())
+    recorded = {"mid_block", "family"} | ({"max_positions"} if length is not None else set())
     layout = MotionConfig.for_version(version, **({"max_positions": length} if length else {}))
+    if layout.family == "sdxl":
+        recorded.add("norm_per_frame")
     return MotionFile(rest, layout, frozenset(recorded), None, f"{path} ({naming} motion module, {version})", names)
 
 
@@ -278,14 +309,17 @@ def _adapter_motion_config(cfg: Mapping[str, Any], what: str) -> tuple[MotionCon
     layers = uniform("motion_transformer_layers_per_block", 1)
     if cfg.get("use_motion_mid_block", True) and uniform("motion_transformer_layers_per_mid_block", 1) != layers:
         raise CheckpointError(f"{what}: mid-block motion module depth differs from the others")
+    channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    mid = bool(cfg.get("use_motion_mid_block", True))
+    sdxl = len(channels) == 3 and not mid  # AnimateDiff-SDXL (`motion_family`): its norms span the frames
     mm = MotionConfig(
         heads=uniform("motion_num_attention_heads", 8),
         num_layers=layers,
         max_positions=int(cfg.get("motion_max_seq_length", 32)),
-        mid_block=bool(cfg.get("use_motion_mid_block", True)),
+        mid_block=mid,
         norm_num_groups=int(cfg.get("motion_norm_num_groups", 32)),
+        **({"family": "sdxl", "norm_per_frame": False} if sdxl else {}),
     )
-    channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
     return mm, channels, uniform("motion_layers_per_block", 2)
 
 
@@ -303,7 +337,8 @@ def _read_motion_adapter(folder: str) -> MotionFile:
     weights = find_weights_file(folder)
     motion, _, names = _motion_state_dict(load_state_dict(weights), weights, ignore_spatial=False)
     rest, _ = split_position_tables(motion)
-    recorded = frozenset(f.name for f in dataclasses.fields(MotionConfig)) - {"norm_per_frame"}
+    recorded = frozenset(f.name for f in dataclasses.fields(MotionConfig)) - (
+        {"norm_per_frame"} if mm.family == "sd15" else set())
     return MotionFile(rest, mm, recorded, (channels, layers), f"{weights} (diffusers MotionAdapter, {mm.version})",
                       names)
 

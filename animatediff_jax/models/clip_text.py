@@ -1,4 +1,5 @@
-"""The CLIP text encoder of Stable Diffusion 1.5 (OpenAI CLIP ViT-L/14's text tower).
+"""The CLIP text encoders of Stable Diffusion 1.5 (OpenAI CLIP ViT-L/14's text tower) and SDXL
+(the same ViT-L tower plus OpenCLIP ViT-bigG/14's, with its `text_projection`).
 
 Submodules are named after transformers' `CLIPTextModel` as stored in SD1.5's
 `text_encoder/model.safetensors` (`text_model.encoder.layers.0.self_attn.q_proj.weight`
@@ -8,6 +9,10 @@ the generic `torch_to_flax` plus two small normalisations of the key set.
 Prompt embeddings follow diffusers' `StableDiffusionPipeline.encode_prompt`:
 the last layer's output through `final_layer_norm`, or with `clip_skip=k` the output of
 layer `num_layers - k` (`hidden_states[-(k + 1)]`) through the same `final_layer_norm`.
+
+SDXL's prompt embeddings follow `StableDiffusionXLPipeline.encode_prompt`: `SDXLTextEncoder` gives
+one tower's `hidden_states[-(clip_skip + 2)]` WITHOUT `final_layer_norm`, and, for a tower with a
+projection (`config.projection_dim`), the projected pooled output (`text_embeds`).
 
 CLIP's own text embeddings (for metrics): `CLIPTextWithProjection` pools the end-of-text token
 (`pool_eos`, transformers' rule) and applies `text_projection`; `text_embeddings` normalises them.
@@ -35,6 +40,11 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
+    """A CLIP text tower. `hidden_act` is transformers' name of the MLP activation ("quick_gelu" for
+    OpenAI CLIP, "gelu" — exact, erf-based — for OpenCLIP's bigG). `projection_dim`: the width of the
+    `text_projection` of a tower used with one (SDXL's second encoder, a `CLIPTextModelWithProjection`);
+    None for a tower used without (SD1.5's and SDXL's first text encoder)."""
+
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -42,11 +52,23 @@ class CLIPTextConfig:
     num_heads: int = 12
     max_positions: int = 77
     eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    projection_dim: int | None = None
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (one of {sorted(ACTIVATIONS)})")
 
     @classmethod
     def sd15(cls) -> "CLIPTextConfig":
-        """SD1.5's text encoder (CLIP ViT-L/14 text tower)."""
+        """SD1.5's text encoder (CLIP ViT-L/14 text tower); SDXL's first text encoder is the same."""
         return cls(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12)
+
+    @classmethod
+    def sdxl_g(cls) -> "CLIPTextConfig":
+        """SDXL's second text encoder (`text_encoder_2/`): OpenCLIP ViT-bigG/14's text tower, with projection."""
+        return cls(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
 
     @classmethod
     def tiny(cls) -> "CLIPTextConfig":
@@ -54,11 +76,10 @@ class CLIPTextConfig:
         return cls(vocab_size=1000, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4)
 
     @classmethod
-    def from_transformers(cls, cfg: Mapping[str, Any]) -> "CLIPTextConfig":
-        """From a `text_encoder/config.json` dict (transformers' `CLIPTextConfig` fields)."""
-        act = cfg.get("hidden_act", "quick_gelu")
-        if act != "quick_gelu":
-            raise ValueError(f"only quick_gelu CLIP text encoders (SD1.x) are supported, config has {act!r}")
+    def from_transformers(cls, cfg: Mapping[str, Any], *, projection: bool = False) -> "CLIPTextConfig":
+        """From a `text_encoder/config.json` dict (transformers' `CLIPTextConfig` fields). With `projection`
+        (a `CLIPTextModelWithProjection`, e.g. SDXL's `text_encoder_2/`) `projection_dim` is read too
+        (transformers' default 512 when absent); without, it is None whatever the file says."""
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -67,11 +88,14 @@ class CLIPTextConfig:
             num_heads=int(cfg["num_attention_heads"]),
             max_positions=int(cfg.get("max_position_embeddings", 77)),
             eps=float(cfg.get("layer_norm_eps", 1e-5)),
+            hidden_act=str(cfg.get("hidden_act", "quick_gelu")),
+            projection_dim=int(cfg.get("projection_dim", 512)) if projection else None,
         )
 
     def transformers_kwargs(self) -> dict[str, Any]:
-        """The matching transformers `CLIPTextConfig(**kwargs)` (for references in tests)."""
-        return dict(
+        """The matching transformers `CLIPTextConfig(**kwargs)` (for references in tests);
+        `projection_dim` only for a tower with a projection."""
+        kw = dict(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -79,8 +103,11 @@ class CLIPTextConfig:
             num_attention_heads=self.num_heads,
             max_position_embeddings=self.max_positions,
             layer_norm_eps=self.eps,
-            hidden_act="quick_gelu",
+            hidden_act=self.hidden_act,
         )
+        if self.projection_dim is not None:
+            kw["projection_dim"] = self.projection_dim
+        return kw
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -167,7 +194,8 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class _Encoder(nn.Module):
-    """transformers' `CLIPEncoder`: only a list of layers (`encoder/layers_i`), run the first `num_layers`."""
+    """transformers' `CLIPEncoder`: only a list of layers (`encoder/layers_i`), run layers `start`
+    to `num_layers - 1` (a second call with `start` continues where the first stopped)."""
 
     config: Any  # CLIPTextConfig or CLIPVisionConfig
     dtype: Dtype = jnp.float32
@@ -175,8 +203,8 @@ class _Encoder(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(self, h: jax.Array, num_layers: int) -> jax.Array:
-        for i in range(num_layers):
+    def __call__(self, h: jax.Array, num_layers: int, start: int = 0) -> jax.Array:
+        for i in range(start, num_layers):
             h = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.causal, name=f"layers_{i}")(h)
         return h
 
@@ -232,6 +260,71 @@ class CLIPTextModel(nn.Module):
             return CLIPTextTransformer(c, self.dtype, self.param_dtype, name="text_model")(
                 jnp.asarray(input_ids, jnp.int32), clip_skip
             )
+
+
+# ----------------------------------------------------------------------------- SDXL's text encoders
+
+
+class _TextTransformerTaps(nn.Module):
+    """`CLIPTextTransformer`'s modules (same names, so the same params), run for SDXL: returns the hidden
+    state after the first `keep` layers (no `final_layer_norm`) and, when `final`, the last layer's output
+    through `final_layer_norm` (else None: the remaining layers are not run)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, keep: int, final: bool) -> tuple[jax.Array, jax.Array | None]:
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        encoder = _Encoder(c, name="encoder", **kw)
+        hidden = encoder(CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids), keep)
+        if not final:
+            return hidden, None
+        last = encoder(hidden, c.num_layers, start=keep)
+        return hidden, nn.LayerNorm(epsilon=c.eps, name="final_layer_norm", **kw)(last)
+
+
+class SDXLTextEncoder(nn.Module):
+    """One of SDXL's two text encoders, as `StableDiffusionXLPipeline.encode_prompt` reads it:
+    `input_ids (B, T) -> (hidden (B, T, hidden_size), text_embeds (B, projection_dim) or None)`.
+
+    `hidden` is `hidden_states[-(clip_skip + 2)]` of transformers' model (`clip_skip` None or 0: the
+    penultimate layer's output), WITHOUT `final_layer_norm`; `clip_skip` may be 0 to `num_layers - 1`
+    (the last is the embeddings). `text_embeds` is the pooled output of the LAST layer whatever
+    `clip_skip` is (`final_layer_norm`, the `eos_token_id` position by `pool_eos`, `text_projection`)
+    for a tower with `config.projection_dim` (SDXL's `text_encoder_2`, a `CLIPTextModelWithProjection`);
+    None for one without (`text_encoder`, a `CLIPTextModel`, whose layers after `hidden` are not run).
+
+    Params are those of `CLIPTextModel(config)` (`text_model/...`), plus `text_projection/kernel` (no
+    bias) with a projection: transformers' names, so `checkpoints.sdxl` converts either file.
+    `eos_token_id` is the tower's config's (SDXL's released `text_encoder_2` says 2: the legacy rule).
+    """
+
+    config: CLIPTextConfig
+    eos_token_id: int = 2
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, clip_skip: int | None = None) -> tuple[jax.Array, jax.Array | None]:
+        c = self.config
+        clip_skip = 0 if clip_skip is None else int(clip_skip)
+        if not 0 <= clip_skip < c.num_layers:
+            raise ValueError(f"clip_skip must be in [0, {c.num_layers - 1}] for SDXL, got {clip_skip}")
+        _check_ids(input_ids, c)
+        ids = jnp.asarray(input_ids, jnp.int32)
+        project = c.projection_dim is not None
+        with attention.using(self.attention):
+            hidden, last = _TextTransformerTaps(c, self.dtype, self.param_dtype, name="text_model")(
+                ids, c.num_layers - 1 - clip_skip, final=project or self.is_initializing()
+            )
+        if not project:
+            return hidden, None
+        embeds = dense(c.projection_dim, "text_projection", use_bias=False, dtype=self.dtype,
+                       param_dtype=self.param_dtype)(pool_eos(last, ids, self.eos_token_id))
+        return hidden, embeds
 
 
 # ----------------------------------------------------------------------------- CLIP's text embeddings

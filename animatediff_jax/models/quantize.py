@@ -16,6 +16,7 @@ time embedding (first and last layers, tiny compute, most sensitive). qwix inter
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -67,15 +68,17 @@ def quantized(model: nn.Module, mode: str) -> nn.Module:
     return qwix.quantize_model(model, qwix.PtqProvider(_rules(mode)))
 
 
-def quantize_params(model: nn.Module, params: Params, mode: str, *example_inputs: Any) -> Params:
+def quantize_params(model: nn.Module, params: Params, mode: str, *example_args: Any, **example_kwargs: Any
+                    ) -> Params:
     """`params` of `model` with the quantized layers' kernels replaced by int8 + per-channel scales (qwix's
-    `WithAux` leaves; everything else the same arrays). `example_inputs` are any inputs `model.init` takes
-    (only the params' shapes matter: they are traced, not run). Leaves may be `ShapeDtypeStruct`s."""
+    `WithAux` leaves; everything else the same arrays). `example_args` / `example_kwargs` are any inputs
+    `model.init` takes (only the params' shapes matter: they are traced, not run). Leaves may be
+    `ShapeDtypeStruct`s."""
     if check_mode(mode) == "none":
         return params
     qwix = _qwix()
-    qmodel = quantized(model, mode)
-    abstract = jax.eval_shape(qmodel.init, jax.random.key(0), *example_inputs)["params"]
+    init = functools.partial(quantized(model, mode).init, **example_kwargs)
+    abstract = jax.eval_shape(init, jax.random.key(0), *example_args)["params"]
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         return jax.eval_shape(lambda p: qwix.quantize_params(p, abstract), params)
     return qwix.quantize_params(params, abstract)

@@ -14,7 +14,7 @@ from flax import traverse_util
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from animatediff_jax.models.config import UNetConfig
 from animatediff_jax.models.controlnet import ControlNet, ControlNetConfig
-from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.unet import AddedCond, UNet3D
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 
 Params = dict[str, Any]
@@ -25,15 +25,19 @@ def unet_shapes(config: UNetConfig) -> Params:
     return jax.tree.map(lambda s: s, _unet_shapes(config))  # a fresh tree: the cached one stays intact
 
 
-def unet_example_inputs(config: UNetConfig) -> tuple[jax.Array, ...]:
-    """Inputs `UNet3D(config).init` accepts (2 frames of 8x8 latents, one token): enough to trace its params."""
-    x = jnp.zeros((1, 2, 8, 8, config.in_channels))
-    return x, jnp.zeros((1,)), jnp.zeros((1, 1, config.cross_attention_dim))
+def unet_example_inputs(config: UNetConfig) -> tuple[tuple, dict]:
+    """`(args, kwargs)` `UNet3D(config).init` accepts (2 frames of 8x8 latents, one token; SDXL's added
+    conditioning): enough to trace its params."""
+    args = (jnp.zeros((1, 2, 8, 8, config.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, config.cross_attention_dim)))
+    if config.addition_embed_type is None:
+        return args, {}
+    return args, {"added_cond": AddedCond(jnp.zeros((1, config.text_embeds_dim)), jnp.zeros((1, 6)))}
 
 
 @functools.lru_cache(maxsize=8)
 def _unet_shapes(config: UNetConfig) -> Params:  # tracing SD1.5's UNet takes seconds; loaders ask often
-    return jax.eval_shape(UNet3D(config).init, jax.random.key(0), *unet_example_inputs(config))["params"]
+    args, kwargs = unet_example_inputs(config)
+    return jax.eval_shape(functools.partial(UNet3D(config).init, **kwargs), jax.random.key(0), *args)["params"]
 
 
 def controlnet_shapes(config: ControlNetConfig) -> Params:
@@ -86,7 +90,7 @@ def motion_shapes(config: UNetConfig) -> Params:
 
 # ----------------------------------------------------------------------------- CLIP towers, safety checker
 
-from animatediff_jax.models.clip_text import CLIPTextWithProjection  # noqa: E402
+from animatediff_jax.models.clip_text import CLIPTextWithProjection, SDXLTextEncoder  # noqa: E402
 from animatediff_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionWithProjection  # noqa: E402
 from animatediff_jax.models.safety import SafetyChecker  # noqa: E402
 
@@ -103,6 +107,13 @@ def _clip_vision_shapes(config: CLIPVisionConfig) -> Params:
 def clip_vision_shapes(config: CLIPVisionConfig) -> Params:
     """`CLIPVisionWithProjection(config)`'s tree: `vision_model/...`, `visual_projection/kernel`."""
     return jax.tree.map(lambda s: s, _clip_vision_shapes(config))
+
+
+def sdxl_text_shapes(config: CLIPTextConfig) -> Params:
+    """`SDXLTextEncoder(config)`'s tree: `clip_shapes(config)`, plus `text_projection/kernel` when
+    `config.projection_dim` is set (`text_encoder_2`)."""
+    ids = jnp.zeros((1, config.max_positions), jnp.int32)
+    return jax.eval_shape(SDXLTextEncoder(config).init, jax.random.key(0), ids)["params"]
 
 
 def clip_text_projection_shapes(config: CLIPTextConfig, projection_dim: int) -> Params:

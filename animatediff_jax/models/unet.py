@@ -1,4 +1,5 @@
-"""The SD1.5 UNet inflated to video, with AnimateDiff motion modules.
+"""The SD1.5 / SDXL UNet inflated to video, with AnimateDiff motion modules (one implementation, its
+layout from `UNetConfig`: per-level heads and depths, SDXL's added text_time conditioning).
 
 Video latents `(B, F, H, W, C)` are folded to `(B*F, H, W, C)`: every spatial layer runs per
 frame exactly as in the image model, and only the motion modules (and, for v1, the resnets'
@@ -120,6 +121,16 @@ def _remat(cls: type, policy: str, static_argnums: tuple[int, ...] = ()) -> type
     return nn.remat(cls, policy=named, static_argnums=static_argnums)
 
 
+class AddedCond(NamedTuple):
+    """SDXL's added conditioning (`UNet3D`'s `added_cond`; diffusers' `added_cond_kwargs`), one per video:
+    `text_embeds` `[B, P]` (the second text encoder's pooled, projected output; SDXL: 1280) and `time_ids`
+    `[B, 6]` (original size, crop top-left, target size: (h, w) each). Under CFG the batch carries the
+    unconditional and conditional halves, as the latents do."""
+
+    text_embeds: jax.Array
+    time_ids: jax.Array
+
+
 class ImageContext(NamedTuple):
     """IP-Adapter image prompts for the UNet's spatial cross-attentions (`UNet3D`'s `image_context`).
 
@@ -141,8 +152,9 @@ def cross_attentions(cfg: UNetConfig) -> list[tuple[str, str, str]]:
     out = []
 
     def add(block: str, count: int) -> None:
+        depth = cfg.level_depth(block_level(cfg, block))
         for j in range(count):
-            out.extend((block, f"attentions_{j}", f"transformer_blocks_{t}") for t in range(cfg.transformer_layers))
+            out.extend((block, f"attentions_{j}", f"transformer_blocks_{t}") for t in range(depth))
 
     for i in range(n):
         if cfg.cross_attn_blocks[i]:
@@ -152,6 +164,16 @@ def cross_attentions(cfg: UNetConfig) -> list[tuple[str, str, str]]:
             add(f"up_blocks_{i}", cfg.layers_per_block + 1)
     add("mid_block", 1)
     return out
+
+
+def block_level(cfg: UNetConfig, block: str) -> int:
+    """The resolution level of a block by its module name: `down_blocks_{i}` is level i, `up_blocks_{i}`
+    level n-1-i, the mid block the last level (whose heads and depth diffusers gives it)."""
+    n = len(cfg.block_out_channels)
+    if block == "mid_block":
+        return n - 1
+    kind, _, index = block.rpartition("_")
+    return int(index) if kind == "down_blocks" else n - 1 - int(index)
 
 
 class _Layers:
@@ -186,11 +208,13 @@ class _Layers:
 
     def attention(self, x, name: str, parent: str):
         c = self.cfg
-        block = self.Transformer(c.attention_heads, c.transformer_layers, c.norm_num_groups, name=name, **self.kw)
+        level = block_level(c, parent)
+        depth = c.level_depth(level)
+        block = self.Transformer(c.level_heads(level), depth, c.norm_num_groups, name=name, **self.kw)
         if self.images is None:
             return block(x, self.context)
         k = self.image_columns[(parent, name)]
-        return block(x, self.context, self.images.tokens, self.images.scales[:, k:k + c.transformer_layers])
+        return block(x, self.context, self.images.tokens, self.images.scales[:, k:k + depth])
 
     def motion(self, x, name: str, block: str):
         mm = self.cfg.motion
@@ -256,17 +280,48 @@ class UpBlock(nn.Module):
         return x
 
 
-def frame_conditioning(cfg: UNetConfig, timesteps, context, batch: int, num_frames: int, kw: dict):
-    """The time embedding (module `time_embedding` of the calling model) and the text context, one per
-    frame (spatial layers see frames as batch): `(temb [B*F, T], context [B*F, L, D])`.
+def added_embedding(cfg: UNetConfig, added_cond: AddedCond | None, batch: int, kw: dict) -> jax.Array | None:
+    """SDXL's added embedding `[B, T]` (module `add_embedding` of the calling model), or None for a UNet
+    without one (`cfg.addition_embed_type` None: then `added_cond` must be None too).
+
+    diffusers' `text_time`: each time id through the sinusoidal timestep features at
+    `addition_time_embed_dim` (`add_time_proj`: flip_sin_to_cos, no shift), flattened per sample, after
+    the pooled text embedding, then `linear_1 -> SiLU -> linear_2`."""
+    if cfg.addition_embed_type is None:
+        if added_cond is not None:
+            raise ValueError("added_cond (SDXL's text_embeds / time_ids) given to a UNet without addition_embed_type")
+        return None
+    if added_cond is None:
+        raise ValueError("this UNet (addition_embed_type='text_time') needs added_cond: AddedCond(text_embeds, time_ids)")
+    text, ids = jnp.asarray(added_cond.text_embeds), jnp.asarray(added_cond.time_ids)
+    if text.shape != (batch, cfg.text_embeds_dim) or ids.ndim != 2 or ids.shape[0] != batch:
+        raise ValueError(f"added_cond: text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} for {batch} "
+                         f"videos (expected [{batch}, {cfg.text_embeds_dim}] and [{batch}, 6])")
+    if text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(f"added_cond: {ids.shape[1]} time ids x {cfg.addition_time_embed_dim} + {text.shape[1]} "
+                         f"do not make projection_class_embeddings_input_dim {cfg.projection_class_embeddings_input_dim}")
+    time_embeds = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim).reshape(batch, -1)
+    features = jnp.concatenate([text.astype(jnp.float32), time_embeds], axis=-1)
+    return TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(features)
+
+
+def frame_conditioning(cfg: UNetConfig, timesteps, context, batch: int, num_frames: int, kw: dict,
+                       added_cond: AddedCond | None = None):
+    """The time embedding (module `time_embedding` of the calling model, plus `add_embedding`'s for SDXL)
+    and the text context, one per frame (spatial layers see frames as batch): `(temb [B*F, T], context
+    [B*F, L, D])`.
 
     `timesteps` is `[B]` or a scalar; `context` is `[B, L, D]` (one per video) or `[B, F, L, D]`
-    (one per frame: prompt travel). Called inside a model's compact `__call__` (UNet3D, ControlNet).
+    (one per frame: prompt travel); `added_cond` (SDXL) one per video. Called inside a model's compact
+    `__call__` (UNet3D, ControlNet).
     """
     b, f = batch, num_frames
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
     chans = cfg.block_out_channels
     temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(timestep_embedding(timesteps, chans[0]))
+    extra = added_embedding(cfg, added_cond, b, kw)
+    if extra is not None:
+        temb = temb + extra
     context = context.astype(kw["dtype"])
     if context.ndim == 4:
         if context.shape[:2] != (b, f):
@@ -318,7 +373,8 @@ class UNet3D(nn.Module):
     A context per frame (`[B, F, L, D]`: prompt travel) conditions each frame's cross-attention on its
     own text, as diffusers' `UNetMotionModel` given `(B*F, L, D)` does; `[B, L, D]` is one per video.
 
-    Without a motion config it is the image UNet run per frame (the base SD1.5 model).
+    Without a motion config it is the image UNet run per frame (the base SD1.5 / SDXL model). An SDXL
+    config (`addition_embed_type="text_time"`) also takes `added_cond` (`AddedCond`), one per video.
     `remat` names a `jax.checkpoint` policy applied to every resnet, spatial transformer and
     motion module on its own (training memory: activations inside a block are recomputed).
     `attention` picks the kernel of every attention inside (`models.attention`: "auto" is a
@@ -344,7 +400,7 @@ class UNet3D(nn.Module):
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
                  down_residuals: tuple[jax.Array, ...] | None = None, mid_residual: jax.Array | None = None,
-                 image_context: ImageContext | None = None) -> jax.Array:
+                 image_context: ImageContext | None = None, added_cond: AddedCond | None = None) -> jax.Array:
         """`down_residuals` / `mid_residual`: a control model's outputs (`ControlNet`), frames folded into
         batch (`[B*F, h_i, w_i, c_i]`, one per skip in `down_path`'s order), added to the skips and to the
         mid block's output as diffusers' `UNetMotionModel` adds `down_block_additional_residuals` /
@@ -353,9 +409,12 @@ class UNet3D(nn.Module):
         `image_context`: IP-Adapter image prompts (`ImageContext`), attended to by every spatial
         cross-attention beside the text (diffusers' `IPAdapterAttnProcessor2_0`); their `to_k_ip_{j}` /
         `to_v_ip_{j}` params sit in those attentions' `attn2` (`models.ip_adapter.with_ip_layers`).
-        None: the UNet without them (its params and program unchanged)."""
+        None: the UNet without them (its params and program unchanged).
+
+        `added_cond`: SDXL's pooled text embedding and size/crop ids (`AddedCond`), needed by (and only
+        by) a config with `addition_embed_type="text_time"`."""
         with attention.using(self.attention):
-            return self._forward(sample, timesteps, context, down_residuals, mid_residual, image_context)
+            return self._forward(sample, timesteps, context, down_residuals, mid_residual, image_context, added_cond)
 
     def _motion_scales(self) -> dict[str, float]:
         n = len(self.config.block_out_channels)
@@ -366,14 +425,15 @@ class UNet3D(nn.Module):
             raise ValueError(f"motion_block_scales: no block {unknown} (blocks: {', '.join(names)})")
         return {name: float(self.motion_scale) * float(per_block.get(name, 1.0)) for name in names}
 
-    def _forward(self, sample, timesteps, context, down_residuals, mid_residual, image_context) -> jax.Array:
+    def _forward(self, sample, timesteps, context, down_residuals, mid_residual, image_context,
+                 added_cond) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, f, hh, ww, _ = sample.shape
         chans = cfg.block_out_channels
         n = len(chans)
 
-        temb, frame_context = frame_conditioning(cfg, timesteps, context, b, f, kw)
+        temb, frame_context = frame_conditioning(cfg, timesteps, context, b, f, kw, added_cond)
         images = None
         if image_context is not None:
             images = ImageContext(tuple(_per_frame(t.astype(self.dtype), b, f, "image tokens")

@@ -124,4 +124,5 @@ def quantize_unet(config: UNetConfig, params: Params, mode: str) -> Params:
     Leaves may be `ShapeDtypeStruct`s (`compile`)."""
     from animatediff_jax.models.shapes import unet_example_inputs
 
-    return quantize.quantize_params(UNet3D(config), params, mode, *unet_example_inputs(config))
+    args, kwargs = unet_example_inputs(config)
+    return quantize.quantize_params(UNet3D(config), params, mode, *args, **kwargs)

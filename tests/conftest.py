@@ -73,7 +73,7 @@ HEAVY = {"test_real_size.py", "test_sd15_released.py", "test_memory_bench.py", "
 GROUP_SECONDS = {"real-size": 300, "test_toy.py": 296, "test_fault_tolerance.py": 185, "test_steering.py": 171,
                  "test_compile.py": 167, "test_training.py": 117, "test_sharding.py": 96, "test_multihost.py": 96,
                  "test_sampling.py": 82, "test_parity.py": 63, "test_unet.py": 56, "test_sample_cli.py": 56,
-                 "test_sdxl_unet.py": 52,
+                 "test_quantize.py": 105, "test_sdxl_unet.py": 52, "test_sdxl_text.py": 30,
                  "test_control_sampling.py": 55, "test_readme.py": 45, "test_train_bench.py": 44,
                  "test_resume.py": 38, "test_export.py": 38, "test_remote_paths.py": 38, "test_interrupts.py": 31,
                  "test_ip_adapter.py": 31, "test_prepare.py": 30}
@@ -198,6 +198,9 @@ SLOW_TESTS = {
                     "test_shipped_checkpoint_travels_between_prompts",
                     "test_shipped_video_to_video_keeps_the_track_at_low_strength", "test_shipped_motion_lora_zooms",
                     "test_demo_quick_runs_every_stage"},
+    "test_quantize.py": {"test_int8_products_stay_int8_on_tpu", "test_25_step_sample_with_int8_stays_near_bf16",
+                         "test_unet_quantizes_spatial_layers_only", "test_int8_flops_counted_from_the_optimised_program"},
+    "test_sdxl_text.py": {"test_released_sdxl_text_layout", "test_tiny_bigg_tower_matches_transformers"},
     "test_sdxl_unet.py": {"test_spatial_unet_matches_unet2d", "test_motion_unet_matches_unet_motion_model",
                           "test_real_size_layout", "test_family_mismatch_is_one_line"},
     "test_train_bench.py": {"test_train_bench_tiny"},

@@ -36,7 +36,8 @@ _VAE_CONV_ATTENTION = ("q", "k", "v", "proj_out")
 
 
 def unet_module_map(cfg: UNetConfig) -> dict[str, tuple[str, Mapping[str, str]]]:
-    """diffusers module prefix -> (LDM module prefix, sub-module renames) for an SD-style UNet.
+    """diffusers module prefix -> (LDM module prefix, sub-module renames) for an SD-style UNet
+    (SD1.5's or SDXL's: levels without attention, deeper transformers and the added embedding).
 
     LDM numbers the UNet as flat sequential lists: `input_blocks[0]` is conv_in, then per
     level `layers_per_block` x [resnet, (transformer)] and a downsampler (but the last level);
@@ -55,6 +56,9 @@ def unet_module_map(cfg: UNetConfig) -> dict[str, tuple[str, Mapping[str, str]]]
         "mid_block.attentions.0": ("middle_block.1", {}),
         "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
     }
+    if cfg.addition_embed_type == "text_time":  # SDXL: `label_emb` is a Sequential(Sequential(Linear, SiLU, Linear))
+        m["add_embedding.linear_1"] = ("label_emb.0.0", {})
+        m["add_embedding.linear_2"] = ("label_emb.0.2", {})
     idx = 1
     for level in range(n):
         for j in range(lpb):

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -124,6 +124,9 @@ def load_diffusers_folder(folder: str | os.PathLike, components=("unet", "vae", 
         raise CheckpointError(f"{folder}: no such folder")
     sub = functools.partial(os.path.join, folder)
     unet_cfg = _read_config(sub("unet", "config.json"), UNetConfig.from_diffusers)
+    if unet_cfg.family != "sd15":
+        raise CheckpointError(f"{folder} is an SDXL folder ({sub('unet', 'config.json')}: addition_embed_type "
+                              "'text_time'): load it with an SDXL config (checkpoints.sdxl.load_sdxl), not SD1.5's")
     vae_cfg = _read_config(sub("vae", "config.json"), VAEConfig.from_diffusers)
     text_cfg = _read_config(sub("text_encoder", "config.json"), CLIPTextConfig.from_transformers)
     params = {}
@@ -158,10 +161,12 @@ def _torchable(v: np.ndarray) -> np.ndarray:
 
 
 def _ldm_to_diffusers_traced(
-    state_dict: Mapping[str, Any], unet_config: UNetConfig, vae_config: VAEConfig, what: str
+    state_dict: Mapping[str, Any], unet_config: UNetConfig, vae_config: VAEConfig, what: str,
+    parts: Sequence[str] = ("unet", "vae", "text_encoder"),
 ) -> tuple[dict[str, StateDict], dict[str, FileNames]]:
     """`ldm_to_diffusers`, plus how the file names each part's keys (`names[part]`: each converted
-    key's LDM name and shape in the file).
+    key's LDM name and shape in the file). Only `parts` are converted: SDXL's text encoders sit
+    elsewhere in its files and are read by `checkpoints.sdxl`.
 
     diffusers' converters only rename keys and drop the trailing 1x1 of conv-shaped attention
     weights, so each output tensor shares memory with exactly one input tensor: that is how
@@ -184,7 +189,7 @@ def _ldm_to_diffusers_traced(
     }
     out, origins = {}, {}
     for name, prefix in _LDM_PARTS:
-        if not any(k.startswith(prefix) for k in ckpt):
+        if name not in parts or not any(k.startswith(prefix) for k in ckpt):
             continue
         try:
             converted = converters[name]()
@@ -236,6 +241,12 @@ def load_single_file(
             f"{path}: not a single-file LDM Stable Diffusion checkpoint (no '{LDM_UNET_PREFIX}*' keys; "
             f"found e.g. {sorted(sd)[:3]})"
         )
+    from animatediff_jax.checkpoints.sdxl import sdxl_evidence  # (sdxl.py builds on this module)
+
+    evidence = sdxl_evidence(sd)
+    if evidence:
+        raise CheckpointError(f"{path} is an SDXL checkpoint ({evidence} ...): load it with an SDXL config "
+                              "(checkpoints.sdxl.load_sdxl), not SD1.5's")
     unet_cfg = unet_config or (base.unet_config if base else sd15_unet())
     vae_cfg = vae_config or (base.vae_config if base else VAEConfig.sd15())
     text_cfg = text_config or (base.text_config if base else CLIPTextConfig.sd15())
@@ -327,6 +338,9 @@ def load_converted(folder: str | os.PathLike) -> SD15:
     """Reads a folder written by `save_converted` (no torch needed) as an `SD15`."""
     folder = os.fspath(folder)
     params, meta = load_params(os.path.join(folder, PARAMS_FILE))
+    if "text_config_2" in meta:
+        raise CheckpointError(f"{folder}/{PARAMS_FILE} is a converted SDXL model (text_config_2): load it with an "
+                              "SDXL config (checkpoints.sdxl.load_sdxl), not SD1.5's")
     missing = [k for k in ("unet_config", "vae_config", "text_config") if k not in meta]
     if missing:
         raise CheckpointError(f"{folder}/{PARAMS_FILE}: lacks {missing}: not a converted SD1.5 model")

@@ -16,6 +16,11 @@ as Stability's `sgm` code held them:
 `open_clip_to_transformers` renames the latter (diffusers' `convert_open_clip_checkpoint`), after
 checking the file's keys and shapes against `open_clip_text_shapes(config)`, so a file that does
 not fit is reported in its own names.
+
+The whole model (`SDXL`: UNet, VAE, both text encoders, tokenizers) comes from `load_sdxl`: a diffusers
+folder, or a single file whose UNet (`model.diffusion_model.*`, the added embedding as
+`label_emb.0.{0,2}`) and VAE (`first_stage_model.*`) are renamed by diffusers' own converters, as
+SD1.5's are (`sd15._ldm_to_diffusers_traced`: errors name the file's keys).
 """
 
 from __future__ import annotations
@@ -23,17 +28,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
-from animatediff_jax.checkpoints.sd15 import convert_clip_text
+from animatediff_jax.checkpoints.params_io import PARAMS_FILE, config_from_dict, load_params, save_params
+from animatediff_jax.checkpoints.sd15 import (
+    LDM_UNET_PREFIX,
+    _ldm_to_diffusers_traced,
+    _read_config,
+    convert_clip_text,
+    convert_unet_state_dict,
+    convert_vae,
+    is_ldm_checkpoint,
+)
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     FileNames,
     Misfit,
     Params,
     StateDict,
+    check_tree,
     find_weights_file,
     load_state_dict,
     report_mismatch,
@@ -41,7 +57,9 @@ from animatediff_jax.checkpoints.torch_io import (
 )
 from animatediff_jax.io import fs
 from animatediff_jax.models.clip_text import CLIPTextConfig, SDXLTextEncoder
-from animatediff_jax.models.shapes import sdxl_text_shapes
+from animatediff_jax.models.config import UNetConfig, sdxl_unet
+from animatediff_jax.models.shapes import sdxl_text_shapes, unet_shapes, vae_shapes
+from animatediff_jax.models.vae import VAEConfig
 
 SGM_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SGM_CLIP_G_PREFIX = "conditioner.embedders.1.model."
@@ -292,3 +310,183 @@ def load_sdxl_text(path: str | os.PathLike, *, base: SDXLText | None = None) -> 
     if fs.isdir(path):
         return load_diffusers_text_encoders(path)
     return load_single_file_text_encoders(path, base=base)
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+SDXL_PARTS = ("unet", "vae") + TEXT_ENCODERS
+# What tells an SDXL single file from an SD1.5 one, most telling first: the bigG tower, the UNet's
+# added (text_time) embedding (also in UNet-only files), any of SGM's conditioner embedders.
+_SDXL_MARKERS = (SGM_CLIP_G_PREFIX, LDM_UNET_PREFIX + "label_emb.", "conditioner.embedders.")
+
+
+def sdxl_evidence(keys: Iterable[str]) -> str | None:
+    """The first key (by `_SDXL_MARKERS`) that shows a state dict is an SDXL (SGM) checkpoint, or None."""
+    keys = sorted(keys)
+    for marker in _SDXL_MARKERS:
+        hit = next((k for k in keys if k.startswith(marker)), None)
+        if hit:
+            return hit
+    return None
+
+
+def is_sdxl_checkpoint(keys: Iterable[str]) -> bool:
+    """Whether a single-file state dict (its keys) is SDXL's: bigG, the UNet's `label_emb` or `conditioner.*`."""
+    return sdxl_evidence(keys) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class SDXL:
+    """A whole SDXL base: the UNet's and VAE's configs, the text side as in `SDXLText`, and
+    `params[name]` for "unet", "vae", "text_encoder", "text_encoder_2"."""
+
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    text_config: CLIPTextConfig
+    text_config_2: CLIPTextConfig
+    params: dict[str, Params]
+    eos_token_id_2: int = SDXL_EOS_TOKEN_ID
+    tokenizer_path: str | None = None
+    tokenizer_2_path: str | None = None
+    force_zeros_for_empty_prompt: bool = True
+
+    @classmethod
+    def from_parts(cls, unet_config: UNetConfig, vae_config: VAEConfig, text: SDXLText,
+                   params: Mapping[str, Params]) -> "SDXL":
+        """`params` holds "unet" and "vae"; the text encoders' come from `text`."""
+        return cls(unet_config, vae_config, text.text_config, text.text_config_2,
+                   {"unet": params["unet"], "vae": params["vae"], **{n: text.params[n] for n in TEXT_ENCODERS}},
+                   text.eos_token_id_2, text.tokenizer_path, text.tokenizer_2_path, text.force_zeros_for_empty_prompt)
+
+    @property
+    def text(self) -> SDXLText:
+        """The text side (same params, not copies), for `text.encode_prompts_sdxl`."""
+        return SDXLText(self.text_config, self.text_config_2, {n: self.params[n] for n in TEXT_ENCODERS},
+                        self.eos_token_id_2, self.tokenizer_path, self.tokenizer_2_path,
+                        self.force_zeros_for_empty_prompt)
+
+
+def load_diffusers_sdxl(folder: str | os.PathLike) -> SDXL:
+    """A diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
+    `tokenizer_2/`, `model_index.json`), as published or saved: each component in safetensors or `.bin`,
+    full precision or only the `fp16` variant (float32 params). An SD1.5 folder is one clear error."""
+    folder = os.fspath(folder)
+    if not fs.isdir(folder):
+        raise CheckpointError(f"{folder}: no such folder")
+    unet_json = os.path.join(folder, "unet", "config.json")
+    unet_cfg = _read_config(unet_json, UNetConfig.from_diffusers)
+    if unet_cfg.family != "sdxl":
+        raise CheckpointError(f"{folder} is an SD1.5 folder ({unet_json}: no addition_embed_type 'text_time'): "
+                              "load it with an SD1.5 config (checkpoints.sd15.load_sd15), not SDXL's")
+    vae_cfg = _read_config(os.path.join(folder, "vae", "config.json"), VAEConfig.from_diffusers)
+    files = {name: find_weights_file(os.path.join(folder, name)) for name in ("unet", "vae")}
+    text = load_diffusers_text_encoders(folder)
+    params = {
+        "unet": convert_unet_state_dict(load_state_dict(files["unet"]), unet_cfg,
+                                        what=f"{files['unet']} (diffusers UNet)", names=FileNames()),
+        "vae": convert_vae(load_state_dict(files["vae"]), vae_cfg, what=f"{files['vae']} (diffusers VAE)",
+                           names=FileNames()),
+    }
+    return SDXL.from_parts(unet_cfg, vae_cfg, text, params)
+
+
+def load_single_file_sdxl(
+    path: str | os.PathLike,
+    *,
+    base: SDXL | None = None,
+    unet_config: UNetConfig | None = None,
+    vae_config: VAEConfig | None = None,
+    text_config: CLIPTextConfig | None = None,
+    text_config_2: CLIPTextConfig | None = None,
+) -> SDXL:
+    """A single-file SDXL checkpoint (`sd_xl_base_1.0.safetensors` layout, `.safetensors` / `.ckpt`),
+    read with SDXL base's configs unless given (or `base`'s). Components the file lacks (a UNet-only
+    file, say) come from `base`, with its tokenizers; without one that is an error. An SD1.5 file is
+    one clear error."""
+    path = os.fspath(path)
+    sd = load_state_dict(path)
+    what = f"{path} (SDXL single file)"
+    if not is_ldm_checkpoint(sd):
+        raise CheckpointError(f"{path}: not a single-file SDXL checkpoint (no '{LDM_UNET_PREFIX}*' keys; "
+                              f"found e.g. {sorted(sd)[:3]})")
+    if not is_sdxl_checkpoint(sd):
+        sd15_key = next((k for k in sorted(sd) if k.startswith("cond_stage_model.")), None)
+        found = f"{sd15_key} ..., " if sd15_key else ""
+        raise CheckpointError(f"{path} is an SD1.5 checkpoint ({found}no {LDM_UNET_PREFIX}label_emb.* or "
+                              "conditioner.embedders.* keys): load it with an SD1.5 config "
+                              "(checkpoints.sd15.load_sd15), not SDXL's")
+    unet_cfg = unet_config or (base.unet_config if base else sdxl_unet())
+    vae_cfg = vae_config or (base.vae_config if base else VAEConfig.sdxl())
+    text_config = text_config or (base.text_config if base else CLIPTextConfig.sd15())
+    text_config_2 = text_config_2 or (base.text_config_2 if base else CLIPTextConfig.sdxl_g())
+    parts, origins = _ldm_to_diffusers_traced(sd, unet_cfg, vae_cfg, what, parts=("unet", "vae"))
+    params: dict[str, Params] = {}
+    if "unet" in parts:
+        params["unet"] = convert_unet_state_dict(parts["unet"], unet_cfg, what=f"{what}: UNet", names=origins["unet"])
+    if "vae" in parts:
+        params["vae"] = convert_vae(parts["vae"], vae_cfg, what=f"{what}: VAE", names=origins["vae"])
+    params.update(convert_sgm_text_encoders(sd, text_config, text_config_2, what=what))
+    for name in SDXL_PARTS:
+        if name not in params:
+            if base is None:
+                raise CheckpointError(f"{what}: has no {name} weights and no base SDXL model was given for them")
+            params[name] = base.params[name]
+    text = SDXLText(
+        text_config, text_config_2, {n: params[n] for n in TEXT_ENCODERS},
+        base.eos_token_id_2 if base else SDXL_EOS_TOKEN_ID, base.tokenizer_path if base else None,
+        base.tokenizer_2_path if base else None, base.force_zeros_for_empty_prompt if base else True,
+    )
+    return SDXL.from_parts(unet_cfg, vae_cfg, text, params)
+
+
+_CONVERTED_CONFIGS = {"unet_config": UNetConfig, "vae_config": VAEConfig, "text_config": CLIPTextConfig,
+                      "text_config_2": CLIPTextConfig}
+
+
+def save_converted_sdxl(folder: str | os.PathLike, model: SDXL) -> None:
+    """Writes an `SDXL` as `folder/params.safetensors` (+ `tokenizer/`, `tokenizer_2/` when known), read
+    back without torch by `load_sdxl`."""
+    folder = os.fspath(folder)
+    fs.makedirs(folder, exist_ok=True)
+    meta = {k: getattr(model, k) for k in _CONVERTED_CONFIGS}
+    meta["sdxl_text"] = {"eos_token_id_2": model.eos_token_id_2,
+                         "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
+    save_params(os.path.join(folder, PARAMS_FILE), model.params, meta)
+    for src, name in ((model.tokenizer_path, "tokenizer"), (model.tokenizer_2_path, "tokenizer_2")):
+        if src:
+            fs.copytree(src, os.path.join(folder, name))
+
+
+def load_converted_sdxl(folder: str | os.PathLike) -> SDXL:
+    """Reads a folder written by `save_converted_sdxl`, its params checked against the configs it names."""
+    folder = os.fspath(folder)
+    path = os.path.join(folder, PARAMS_FILE)
+    params, meta = load_params(path)
+    if "text_config_2" not in meta and "unet_config" in meta:
+        raise CheckpointError(f"{path} is a converted SD1.5 model (no text_config_2): load it with an SD1.5 "
+                              "config (checkpoints.sd15.load_sd15), not SDXL's")
+    missing = [k for k in (*_CONVERTED_CONFIGS, "sdxl_text") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {missing}: not a converted SDXL model")
+    configs = {k: config_from_dict(cls, meta[k]) for k, cls in _CONVERTED_CONFIGS.items()}
+    shapes = {"unet": unet_shapes(configs["unet_config"]), "vae": vae_shapes(configs["vae_config"]),
+              "text_encoder": sdxl_text_shapes(configs["text_config"]),
+              "text_encoder_2": sdxl_text_shapes(configs["text_config_2"])}
+    for name, want in shapes.items():
+        check_tree(f"{path} ({name})", flatten_dict(params.get(name, {})), flatten_dict(want))
+    toks = [os.path.join(folder, t) for t in ("tokenizer", "tokenizer_2")]
+    return SDXL(**configs, params=params, eos_token_id_2=int(meta["sdxl_text"]["eos_token_id_2"]),
+                tokenizer_path=toks[0] if fs.isdir(toks[0]) else None,
+                tokenizer_2_path=toks[1] if fs.isdir(toks[1]) else None,
+                force_zeros_for_empty_prompt=bool(meta["sdxl_text"]["force_zeros_for_empty_prompt"]))
+
+
+def load_sdxl(path: str | os.PathLike, *, base: SDXL | None = None, **configs: Any) -> SDXL:
+    """A whole SDXL base from a converted folder (`save_converted_sdxl`), a diffusers folder or a single
+    file (`configs`: the single file's `unet_config`, `vae_config`, `text_config`, `text_config_2`)."""
+    path = os.fspath(path)
+    if fs.isfile(os.path.join(path, PARAMS_FILE)):
+        return load_converted_sdxl(path)
+    if fs.isdir(path):
+        return load_diffusers_sdxl(path)
+    return load_single_file_sdxl(path, base=base, **configs)

@@ -27,7 +27,8 @@ _EPS = 1e-6  # every norm in diffusers' VAE
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """`AutoencoderKL` hyper-parameters (SD1.5 defaults); one down/up block per entry of `block_out_channels`."""
+    """`AutoencoderKL` hyper-parameters (SD1.5 defaults); one down/up block per entry of `block_out_channels`.
+    `scaling_factor` (latents = encoder mean x factor) is per model, read from `vae/config.json`."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -40,6 +41,11 @@ class VAEConfig:
     @classmethod
     def sd15(cls) -> "VAEConfig":
         return cls()
+
+    @classmethod
+    def sdxl(cls) -> "VAEConfig":
+        """SDXL's VAE: SD1.5's architecture, retrained, whose latents have another scale."""
+        return cls(scaling_factor=0.13025)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":

@@ -33,7 +33,7 @@ from animatediff_jax.io import fs
 from animatediff_jax.lora import LoraTree, kernel_paths, lora_layers, lora_rank
 from animatediff_jax.models.clip_text import CLIPTextConfig
 from animatediff_jax.models.config import MotionConfig, MotionVersion, UNetConfig, sd15_unet, sdxl_unet
-from animatediff_jax.models.shapes import clip_shapes, motion_shapes, motion_subtree, unet_shapes
+from animatediff_jax.models.shapes import clip_shapes, motion_shapes, motion_subtree, sdxl_text_shapes, unet_shapes
 
 MOTION_FIELDS = frozenset(f.name for f in dataclasses.fields(MotionConfig))
 
@@ -50,6 +50,8 @@ class Lora:
     text_config: CLIPTextConfig | None = None
     source: str = "animatediff-jax"  # or the PyTorch naming: "original AnimateDiff" | "diffusers" | "kohya"
     scale: float = 1.0  # the scale training applied it at (recorded in training's exports)
+    text_encoder_2: LoraTree | None = None  # SDXL's second text encoder (kohya `lora_te2_`)
+    text_config_2: CLIPTextConfig | None = None
 
 
 # ------------------------------------------------------------------ what a file holds
@@ -371,12 +373,13 @@ def load_lora(
     base: UNetConfig | None = None,
     text_config: CLIPTextConfig | None = None,
     motion_version: MotionVersion | None = None,
+    text_config_2: CLIPTextConfig | None = None,
 ) -> Lora:
     """A LoRA of `kind` ("motion_lora", "domain_adapter" or "lora") for the UNet `base` (default: the
     config our files record, SD1.5 for PyTorch files; for a MotionLoRA in a PyTorch file a base
     without motion layout is inflated as the file says, or as `motion_version`) and, for a "lora",
     the text encoder `text_config` (default: the file's, SD1.5's with `base` None; text-encoder
-    layers are refused without one).
+    layers are refused without one); `text_config_2` is SDXL's second text encoder (its `lora_te2_` layers).
 
     Every layer must land on a kernel of those models with fitting shapes, and the layers must be
     of the kind (a MotionLoRA inside motion modules only, a domain adapter outside them); a file of
@@ -405,12 +408,14 @@ def load_lora(
         base, text_config = sd15_unet(), text_config or CLIPTextConfig.sd15()
     config = _made_for(path, kind, base, motion_version)
     text_target = clip_shapes(text_config) if kind == "lora" and text_config is not None else None
+    text2_target = sdxl_text_shapes(text_config_2) if kind == "lora" and text_config_2 is not None else None
     try:
-        unet, text, naming = lora_formats.read_lora_file(path, unet_shapes(config), text_target)
+        unet, text, text2, naming = lora_formats.read_lora_file(path, unet_shapes(config), text_target, text2_target)
         params_io.check_lora_kind(unet, kind, f"{path} ({naming} LoRA)", text)
     except CheckpointError:
         found, holds = describe(path)
         if found not in _DESCRIBED_AS[kind] and found != "unreadable":
             raise _not_a(path, KIND_NAMES[kind], holds) from None
         raise
-    return Lora(unet, kind, config, text or None, text_config if text else None, naming)
+    return Lora(unet, kind, config, text or None, text_config if text else None, naming,
+                text_encoder_2=text2 or None, text_config_2=text_config_2 if text2 else None)

@@ -13,7 +13,10 @@ Three namings of the same thing, each read and written here (the writers are exa
   (`lora_alpha`, `alpha_pattern`), else alpha = rank: `W += scale * alpha / r * B @ A`.
 - kohya (`.safetensors` personalised LoRAs): `lora_unet_<module_with_underscores>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`; `lora_te_text_model_encoder_layers_0_self_attn_q_proj...` for the
-  text encoder. Underscore-joined names are resolved against the target params tree.
+  text encoder (`lora_te1_` / `lora_te2_`: SDXL's two). Underscore-joined names are resolved against the
+  target params tree, in diffusers' module names (SD1.5's kohya files) or in the SGM UNet's
+  (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `middle_block_1_...`, `output_blocks_...`,
+  resnets' `in_layers_2` / `out_layers_3` / `emb_layers_1` / `skip_connection`: SDXL's kohya files).
   Conv LoRAs: 1x1 (`proj_in`/`proj_out`, Dense kernels here) and kxk (LoCon on resnets).
 
 Every key of a file must be understood and land on a kernel of the target tree: anything
@@ -27,7 +30,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 from flax.traverse_util import unflatten_dict
@@ -153,7 +156,7 @@ class _Builder:
         self.parts[(component, path)][part] = value
         self.keys[(component, path)].append(key)
 
-    def build(self, alphas: Callable[[str, Path], float | None] | None = None) -> tuple[LoraTree, LoraTree, str]:
+    def build(self, alphas: Callable[[str, Path], float | None] | None = None) -> "LoraFile":
         """The trees; a file that does not fit is one error naming its keys and shapes as it holds them."""
         what = f"{self.path} ({self.fmt} LoRA)"
         problems = [
@@ -163,7 +166,7 @@ class _Builder:
         for component, keys in sorted(self.without_model.items()):
             name = component.replace("_", "-")
             problems.append((f"{name} layers, but no {name} model was given to load them into", _few(keys)))
-        trees: dict[str, dict[Path, dict]] = {"unet": {}, "text_encoder": {}}
+        trees: dict[str, dict[Path, dict]] = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
         bad, misfits = [], []
         for (component, path), parts in self.parts.items():
             keys = ", ".join(self.keys[(component, path)])
@@ -192,9 +195,9 @@ class _Builder:
         problems.append(("layers that do not fit", _few(bad, 4, "; ")))
         if any(text for _, text in problems):
             raise fit_error(what, problems)
-        if not trees["unet"] and not trees["text_encoder"]:
+        if not any(trees.values()):
             raise CheckpointError(f"{what}: no LoRA layers in the file")
-        return unflatten_dict(trees["unet"]), unflatten_dict(trees["text_encoder"]), self.fmt
+        return LoraFile(*(unflatten_dict(trees[c]) for c in ("unet", "text_encoder", "text_encoder_2")), self.fmt)
 
 
 def _detect_format(sd: Mapping[str, Any], path: str) -> str:
@@ -212,15 +215,66 @@ def _detect_format(sd: Mapping[str, Any], path: str) -> str:
     return ANIMATEDIFF
 
 
+_SGM_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+               "conv_shortcut": "skip_connection"}
+_SGM_TOP = {("conv_in",): "input_blocks_0_0", ("time_embedding", "linear_1"): "time_embed_0",
+            ("time_embedding", "linear_2"): "time_embed_2", ("add_embedding", "linear_1"): "label_emb_0_0",
+            ("add_embedding", "linear_2"): "label_emb_0_2", ("conv_out",): "out_2"}
+
+
+def sgm_names(paths: Iterable[Path]) -> dict[Path, str]:
+    """The SGM (original Stability `UNetModel`) module name, underscore-joined as kohya writes it, of each
+    UNet module path (diffusers' names) that has one: `input_blocks_{1 + level x (layers + 1) + j}_{0 resnet,
+    1 attention}`, the downsampler `..._0_op`, `middle_block_{0,1,2}`, `output_blocks_{level x (layers + 1) + j}`
+    with the upsampler after the attention (`_2_conv`, or `_1_conv` in a level without attention). The block
+    layout (levels, layers per block, which up levels attend) is read off the paths themselves."""
+    paths = list(paths)
+    layers = 1 + max((int(m.group(1)) for p in paths if p[0] == "down_blocks_0"
+                      for m in [re.fullmatch(r"resnets_(\d+)", p[1])] if m), default=0)
+    up_attends = {p[0] for p in paths if p[0].startswith("up_blocks_") and p[1].startswith("attentions_")}
+    out = {}
+    for p in paths:
+        if p[:2] in _SGM_TOP or p[:1] in _SGM_TOP:
+            key = p[:2] if p[:2] in _SGM_TOP else p[:1]
+            out[p] = "_".join((_SGM_TOP[key],) + p[len(key):])
+            continue
+        block = re.fullmatch(r"(down|up)_blocks_(\d+)|mid_block", p[0])
+        sub = re.fullmatch(r"(resnets|attentions|downsamplers|upsamplers)_(\d+)", p[1]) if block and len(p) > 1 else None
+        if sub is None:
+            continue  # (motion modules: no SGM name)
+        kind, j = sub.group(1), int(sub.group(2))
+        inner = tuple(_SGM_RESNET.get(n, n) for n in p[2:]) if kind == "resnets" else p[2:]
+        if p[0] == "mid_block":
+            head = {("resnets", 0): "middle_block_0", ("attentions", 0): "middle_block_1",
+                    ("resnets", 1): "middle_block_2"}[(kind, j)]
+        elif block.group(1) == "down":
+            i = int(block.group(2))
+            if kind == "downsamplers":
+                head, inner = f"input_blocks_{1 + i * (layers + 1) + layers}_0", ("op",)
+            else:
+                head = f"input_blocks_{1 + i * (layers + 1) + j}_{0 if kind == 'resnets' else 1}"
+        else:
+            i = int(block.group(2))
+            if kind == "upsamplers":
+                head = f"output_blocks_{i * (layers + 1) + layers}_{2 if p[0] in up_attends else 1}"
+            else:
+                head = f"output_blocks_{i * (layers + 1) + j}_{0 if kind == 'resnets' else 1}"
+        out[p] = "_".join((head,) + inner)
+    return out
+
+
 def _read_kohya(sd: Mapping[str, np.ndarray], b: _Builder) -> None:
     index: dict[str, dict[str, Path | None]] = {}
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        kernels = b.kernels.get(component, {})
         names: dict[str, Path | None] = {}
-        for p in b.kernels.get(component, {}):
-            name = "_".join(p)
-            names[name] = None if name in names else p  # None: two layers join to one name
+        aliases = sgm_names(kernels) if component == "unet" else {}
+        for p in kernels:
+            for name in {"_".join(p), aliases.get(p, "_".join(p))}:
+                names[name] = None if name in names else p  # None: two layers join to one name
         index[component] = names
-    prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+    prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                "lora_te2_": "text_encoder_2"}
     parts = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
     for key, v in sd.items():
         name, _, suffix = key.partition(".")
@@ -310,20 +364,30 @@ def _metadata_alphas(meta: Mapping[str, str], path: str) -> Callable[[str, Path]
     return alpha
 
 
+class LoraFile(NamedTuple):
+    """What a LoRA file holds, per model (empty trees where it holds nothing), and its naming."""
+
+    unet: LoraTree
+    text_encoder: LoraTree
+    text_encoder_2: LoraTree  # SDXL's second text encoder (kohya `lora_te2_`)
+    naming: str
+
+
 def read_lora_file(
     path: str | os.PathLike,
     unet_target: Mapping[str, Any] | None,
     text_target: Mapping[str, Any] | None = None,
-) -> tuple[LoraTree, LoraTree, str]:
-    """`(unet, text_encoder, naming)` LoRA trees of a file of any of the three namings (detected
-    from its keys). `unet_target` / `text_target` are the models' params (arrays or
+    text2_target: Mapping[str, Any] | None = None,
+) -> LoraFile:
+    """The LoRA trees of a file of any of the three namings (detected from its keys). `unet_target` /
+    `text_target` / `text2_target` (SDXL's second text encoder) are the models' params (arrays or
     `ShapeDtypeStruct`s): every layer of the file must name one of their kernels, with fitting
     shapes. Which kind of LoRA it is is `checkpoints.load.load_lora`'s check.
     """
     path = os.fspath(path)
     sd = load_state_dict(path)
     fmt = _detect_format(sd, path)
-    b = _Builder(path, fmt, {"unet": unet_target, "text_encoder": text_target})
+    b = _Builder(path, fmt, {"unet": unet_target, "text_encoder": text_target, "text_encoder_2": text2_target})
     if fmt == KOHYA:
         _read_kohya(sd, b)
         return b.build()

@@ -3,6 +3,10 @@
   animatediff-jax convert sd15 PATH --out DIR [--base SD15_FOLDER]
       PATH: a diffusers SD1.5 folder or a single-file LDM checkpoint (.safetensors/.ckpt).
       Writes DIR/params.safetensors (unet, vae, text_encoder + configs) and DIR/tokenizer/.
+  animatediff-jax convert sdxl PATH --out DIR [--base SDXL_FOLDER]
+      PATH: a diffusers SDXL folder (fp16 variants too) or a single-file SGM checkpoint
+      (sd_xl_base_1.0.safetensors, CivitAI SDXL files). Writes DIR/params.safetensors (unet, vae,
+      text_encoder, text_encoder_2 + configs), DIR/tokenizer/ and DIR/tokenizer_2/.
   animatediff-jax convert motion PATH --out FILE [--base-config sd15]
       PATH: an original AnimateDiff motion module (mm_sd_v15*.ckpt, v3_sd15_mm.ckpt, .safetensors)
       or a diffusers MotionAdapter folder; the version (v1/v2/v3) is detected.
@@ -11,7 +15,7 @@
       PATH: a MotionLoRA, the v3 domain adapter, or a personalised LoRA (original AnimateDiff,
       diffusers/PEFT or kohya naming). Writes a LoRA file: {"unet": LoRA[, "text_encoder": LoRA]}.
 
---base-config names the base UNet (and text encoder) the file is for: `sd15` (default), a converted
+--base-config names the base UNet (and text encoder) the file is for: `sd15` (default), `sdxl`, a converted
 or diffusers SD folder, an animatediff-jax params file, or a .json UNet config (our fields or a
 diffusers UNet2DConditionModel config.json).
 
@@ -44,6 +48,10 @@ def resolve_base(spec: str | None):
 
     if spec in (None, "sd15"):
         return sd15_unet(), CLIPTextConfig.sd15()
+    if spec == "sdxl":  # (its first text encoder is SD1.5's ViT-L tower)
+        from animatediff_jax.models.config import sdxl_unet
+
+        return sdxl_unet(), CLIPTextConfig.sd15()
 
     def from_json(path: str):
         try:
@@ -92,6 +100,18 @@ def _sd15(args) -> None:
     print(f"wrote {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
+def _sdxl(args) -> None:
+    from animatediff_jax.checkpoints.sdxl import load_sdxl, save_converted_sdxl
+
+    base = load_sdxl(args.base) if args.base else None
+    t0 = time.time()
+    print(f"converting {args.path} ...", file=sys.stderr)
+    model = load_sdxl(args.path, base=base)
+    with fs.atomic_folder(args.out) as tmp:  # complete or absent (params + tokenizers)
+        save_converted_sdxl(tmp, model)
+    print(f"wrote {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
+
+
 def _motion(args) -> None:
     from animatediff_jax.checkpoints.load import load_motion
     from animatediff_jax.checkpoints.params_io import save_motion
@@ -124,7 +144,12 @@ def _main(argv: list[str]) -> int:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--base", help="diffusers SD1.5 folder supplying parts a single file lacks (and the tokenizer)")
     s.set_defaults(run=_sd15)
-    base_help = "the base model: sd15 (default), a converted or diffusers SD folder, a params file, a .json config"
+    s = sub.add_parser("sdxl", help="Stable Diffusion XL (diffusers folder or SGM single file)")
+    s.add_argument("path")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--base", help="diffusers SDXL folder supplying parts a single file lacks (and the tokenizers)")
+    s.set_defaults(run=_sdxl)
+    base_help = "the base model: sd15 (default), sdxl, a converted or diffusers SD folder, a params file, a .json config"
     s = sub.add_parser("motion", help="AnimateDiff motion module (original .ckpt/.safetensors or MotionAdapter folder)")
     s.add_argument("path")
     s.add_argument("--out", required=True, help="output params file (.safetensors)")
@@ -142,10 +167,10 @@ def _main(argv: list[str]) -> int:
         s.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/Inf (warns)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
     args = p.parse_args(argv)
-    if args.kind != "sd15" and not args.out.lower().endswith(".safetensors"):
+    if args.kind not in ("sd15", "sdxl") and not args.out.lower().endswith(".safetensors"):
         raise CheckpointError(f"{args.out}: params files are .safetensors")
     inputs = [args.path] + [q for q in (getattr(args, "base", None), getattr(args, "base_config", None))
-                            if q and q != "sd15"]
+                            if q and q not in ("sd15", "sdxl")]
     fs.check_output(args.out, tuple(inputs), overwrite=args.overwrite)
     interrupts.output(args.out)
     with nonfinite_allowed() if args.allow_nonfinite else contextlib.nullcontext():

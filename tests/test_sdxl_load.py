@@ -183,6 +183,16 @@ def test_converted_folder_round_trips(from_folder, tmp_path):
     assert "is a converted SD1.5 model (no text_config_2): load it with an SD1.5 config" in _one_line(e)
 
 
+def test_convert_cli_writes_the_folders_params(saved, from_folder, tmp_path):
+    """`animatediff-jax convert sdxl FOLDER --out DIR`: the params folder `load_sdxl` reads without torch."""
+    from animatediff_jax.cli import main as cli_main
+
+    assert cli_main(["convert", "sdxl", str(saved[1]), "--out", str(tmp_path / "xl")]) == 0
+    m = sdxl.load_sdxl(tmp_path / "xl")
+    assert (m.unet_config, m.text_config_2) == (from_folder.unet_config, from_folder.text_config_2)
+    assert_same_params(m.params, from_folder.params)
+
+
 # ------------------------------------------------------------------------ single files
 
 

@@ -4,7 +4,8 @@
       original:  PATH.ckpt or PATH.safetensors in the original AnimateDiff layout, key for key
                  what mm_sd_v15.ckpt (v1) / mm_sd_v15_v2.ckpt (v2) / v3_sd15_mm.ckpt (v3) hold,
                  `pos_encoder.pe` tables [1, 24 or 32, C] included (original scripts, ComfyUI,
-                 diffusers' MotionAdapter.from_single_file).
+                 diffusers' MotionAdapter.from_single_file); AnimateDiff-SDXL as mm_sdxl_v10_beta.ckpt,
+                 HotshotXL as hsxl_temporal_layers.safetensors (`temporal_attentions`).
       diffusers: a MotionAdapter folder PATH/ (config.json + diffusion_pytorch_model.safetensors)
                  for MotionAdapter.from_pretrained.
   animatediff-jax export motion-lora INPUT --out FILE [--format original|diffusers] [--dtype ...]
@@ -40,7 +41,11 @@ import numpy as np
 
 from animatediff_jax import dtypes, interrupts
 from animatediff_jax.checkpoints.load import Lora, load_lora, load_motion
-from animatediff_jax.checkpoints.motion import save_motion_adapter, save_motion_module_original
+from animatediff_jax.checkpoints.motion import (
+    save_motion_adapter,
+    save_motion_module_hotshot,
+    save_motion_module_original,
+)
 from animatediff_jax.checkpoints.params_io import KIND_NAMES
 from animatediff_jax.checkpoints.torch_io import CheckpointError, ModelSizeError, nonfinite_allowed
 from animatediff_jax.cli import one_line, run_command
@@ -106,7 +111,10 @@ def _motion(args) -> str:
     with _base_hint(args, "module"):
         params, config = load_motion(args.input, base)
     mm = config.motion
-    if args.format == "original" and not mm.norm_per_frame:
+    if args.format == "diffusers" and mm.version == "hotshot_xl":
+        raise CheckpointError(f"{args.input}: HotshotXL motion modules have no diffusers MotionAdapter form (its UNet "
+                              "normalises the resnets across frames): use --format original (hsxl_temporal_layers)")
+    if args.format == "original" and not mm.norm_per_frame and mm.family == "sd15":
         raise CheckpointError(
             f"{args.input}: its motion modules were trained with GroupNorm across frames (diffusers'), which the "
             "original AnimateDiff format cannot say (its models normalise per frame): use --format diffusers")
@@ -118,8 +126,9 @@ def _motion(args) -> str:
         print(f"note: diffusers' UNetMotionModel gives motion-module GroupNorms the UNet's {config.norm_num_groups} "
               f"groups, not this module's {mm.norm_num_groups}", file=sys.stderr)
     dtype = DTYPES[args.dtype]
-    if args.format == "original":
-        save_motion_module_original(args.out, params, config, dtype)
+    if args.format == "original":  # (HotshotXL's original is its own release's naming)
+        save = save_motion_module_hotshot if mm.version == "hotshot_xl" else save_motion_module_original
+        save(args.out, params, config, dtype)
     else:
         save_motion_adapter(args.out, params, config, dtype)
     return f"motion module ({mm.version} layout, {mm.max_positions} positions)"

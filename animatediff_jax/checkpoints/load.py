@@ -93,7 +93,7 @@ def describe_state_dict(sd: Mapping[str, Any]) -> tuple[str, str]:
     if not keys:
         return "empty", "no tensors"
     lora = [k for k in keys if "lora" in k]
-    mm = [k for k in keys if "motion_modules" in k]
+    mm = [k for k in keys if "motion_modules" in k or motion.HOTSHOT_MODULES in k]
     if lora:
         inside = [k for k in lora if "motion_modules" in k]
         n_text = sum(k.startswith(("text_encoder.", "lora_te_", "lora_te1_", "lora_te2_")) for k in lora)
@@ -108,7 +108,8 @@ def describe_state_dict(sd: Mapping[str, Any]) -> tuple[str, str]:
                  if has]
         return "lora", f"a LoRA on {' and '.join(parts)} ({naming} naming, {len(lora)} tensors)"
     if mm:
-        naming = "original AnimateDiff" if any("temporal_transformer" in k for k in mm) else "diffusers"
+        naming = ("original AnimateDiff" if any("temporal_transformer" in k for k in mm) else
+                  motion.HOTSHOT if motion.motion_origin(mm) == "hotshot_xl" else "diffusers")
         try:
             version = f", {motion.detect_motion_version(sd)} layout"
         except CheckpointError:
@@ -176,6 +177,8 @@ def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str]
     """
     if found.motion is not None and found.motion.family != base.family:
         raise _other_family(what, found.motion, found.block_out_channels, base, noun)
+    if found.motion is not None and base.motion is not None and found.motion.origin != base.motion.origin:
+        raise _other_origin(what, found.motion, found.block_out_channels, base.motion, noun)
     diffs = [f"{n} {getattr(found, n)} (base: {getattr(base, n)})"
              for n in ("block_out_channels", "layers_per_block") if getattr(found, n) != getattr(base, n)]
     if diffs:
@@ -196,8 +199,17 @@ def fit(found: UNetConfig, base: UNetConfig, what: str, recorded: frozenset[str]
 def _other_family(what: str, found: MotionConfig, channels: tuple[int, ...] | None, base: UNetConfig,
                   noun: str = "motion module") -> ModelSizeError:
     """One line naming both sides: an SD1.5 motion module on an SDXL base, or the reverse."""
+    expects = f" expecting {motion.HOTSHOT} motion modules" if base.motion and base.motion.origin == "hotshot_xl" else ""
     return ModelSizeError(f"{what}: the {noun} is {motion.describe_motion(found, channels)} "
-                          f"but the base is {base.describe()}")
+                          f"but the base is {base.describe()}{expects}")
+
+
+def _other_origin(what: str, found: MotionConfig, channels: tuple[int, ...] | None, expected: MotionConfig,
+                  noun: str = "motion module") -> CheckpointError:
+    """One line naming both sides: HotshotXL's temporal layers where AnimateDiff's are expected, or the
+    reverse (same base, same shapes, but trained in differently normalised UNets)."""
+    return CheckpointError(f"{what}: the {noun} is {motion.describe_motion(found, channels)} but the base expects "
+                           f"{motion.describe_motion(expected, None)} motion modules")
 
 
 def _motion_defaults(base: UNetConfig) -> MotionConfig:

@@ -15,6 +15,14 @@ checked against diffusers' own `convert_animatediff_checkpoint_to_diffusers` in 
 AnimateDiff-SDXL (`mm_sdxl_v10_beta.ckpt`, diffusers' sdxl-beta `MotionAdapter`) uses the same naming
 with motion modules at SDXL's 3 levels and none in the mid block: its shapes say so (`motion_family`).
 
+Hotshot-XL (`hsxl_temporal_layers.safetensors`, or the temporal layers inside its `unet/` UNet3D) holds
+the same block as the original AnimateDiff under another module name (hotshot_xl/models/unet_blocks.py
+`self.temporal_attentions`, transformer_temporal.py `TransformerTemporal` with no `temporal_transformer`
+wrapper, `PositionalEncoding.positional_encoding`); its names say which it is (`motion_origin`):
+
+    ...temporal_attentions.J.X                          -> ...motion_modules.J.X   (X: the rules above)
+    attention_blocks.{0,1}.pos_encoder.positional_encoding [1, 24, C] -> (dropped, checked, as `pe`)
+
 A motion module is held as a *partial* params tree with only the `motion_modules_*` subtrees;
 `merge_motion` inserts it into a base (SD1.5 / SDXL) UNet's params. LoRA files live in `lora_formats`.
 """
@@ -48,7 +56,10 @@ from animatediff_jax.models.config import Family, MotionConfig, MotionVersion, U
 from animatediff_jax.models.layers import sinusoidal_table
 from animatediff_jax.models.shapes import is_motion_path, motion_shapes, unet_shapes
 
-PE_SUFFIXES = (".pos_embed.pe", ".pos_encoder.pe")
+PE_SUFFIXES = (".pos_embed.pe", ".pos_encoder.pe", ".pos_encoder.positional_encoding")
+# Hotshot-XL's name for the lists of motion modules (diffusers' and the original AnimateDiff's: `motion_modules`).
+HOTSHOT_MODULES = "temporal_attentions"
+HOTSHOT = "HotshotXL"  # the naming's name in messages
 
 
 def _sinusoid(length: int, dim: int) -> np.ndarray:
@@ -152,8 +163,31 @@ def diffusers_to_original_key(key: str) -> str:
     return ".".join(out)
 
 
+def hotshot_to_diffusers_key(key: str) -> str:
+    """A Hotshot-XL temporal-layer key (`down_blocks.I.temporal_attentions.J.X`, X in the original
+    AnimateDiff's inner naming) -> diffusers' name for it; other keys pass unchanged."""
+    parts = key.split(".")
+    if HOTSHOT_MODULES not in parts:
+        return key
+    return original_to_diffusers_key(".".join("motion_modules" if p == HOTSHOT_MODULES else p for p in parts))
+
+
+def diffusers_to_hotshot_key(key: str) -> str:
+    """Inverse of `hotshot_to_diffusers_key` for motion-module keys (others pass unchanged)."""
+    parts = diffusers_to_original_key(key).split(".")
+    if "motion_modules" not in parts:
+        return key
+    return ".".join(HOTSHOT_MODULES if p == "motion_modules" else p for p in parts if p != "temporal_transformer")
+
+
 def _is_motion_key(key: str) -> bool:
-    return "motion_modules" in key.split(".")
+    parts = key.split(".")
+    return "motion_modules" in parts or HOTSHOT_MODULES in parts
+
+
+def motion_origin(keys) -> str:
+    """"hotshot_xl" when motion keys are named as Hotshot-XL's (`temporal_attentions`), else "animatediff"."""
+    return "hotshot_xl" if any(HOTSHOT_MODULES in k.split(".") for k in keys) else "animatediff"
 
 
 # ------------------------------------------------------------------ versions / configs
@@ -171,7 +205,7 @@ def _pe_length(state_dict: Mapping[str, Any]) -> int | None:
     return lengths.pop() if lengths else None
 
 
-_DOWN_MOTION = re.compile(r"down_blocks\.(\d+)\.motion_modules\.")
+_DOWN_MOTION = re.compile(r"down_blocks\.(\d+)\.(?:motion_modules|temporal_attentions)\.")
 
 
 def motion_family(state_dict: Mapping[str, Any]) -> Family:
@@ -184,11 +218,13 @@ def motion_family(state_dict: Mapping[str, Any]) -> Family:
 
 
 def detect_motion_version(state_dict: Mapping[str, Any], what: str = "state dict") -> MotionVersion:
-    """`"v2"` if there is a mid-block motion module; `"sdxl_beta"` for SDXL's 3 levels (`motion_family`);
-    else `"v1"` for 24-frame position tables; else `"v3"`."""
+    """`"hotshot_xl"` for Hotshot-XL's names (`motion_origin`); `"v2"` if there is a mid-block motion module;
+    `"sdxl_beta"` for SDXL's 3 levels (`motion_family`); else `"v1"` for 24-frame position tables; else `"v3"`."""
     motion = [k for k in state_dict if _is_motion_key(k)]
     if not motion:
         raise CheckpointError(f"{what}: not a motion module (no `motion_modules` keys; found {_describe(state_dict)})")
+    if motion_origin(motion) == "hotshot_xl":
+        return "hotshot_xl"
     if any(k.startswith("mid_block.motion_modules.") for k in motion):
         return "v2"
     if motion_family(motion) == "sdxl":
@@ -197,12 +233,15 @@ def detect_motion_version(state_dict: Mapping[str, Any], what: str = "state dict
 
 
 def describe_motion(motion: MotionConfig, channels: tuple[int, ...] | None) -> str:
-    """E.g. "AnimateDiff-SDXL (3 levels, 320/640/1280)", "AnimateDiff SD1.5 v2 (4 levels, ..., mid-block
-    module)": what a motion module is made for, in messages (`channels`: its down levels', if known)."""
+    """E.g. "AnimateDiff-SDXL (3 levels, 320/640/1280)", "HotshotXL (3 levels, ...)", "AnimateDiff SD1.5 v2
+    (4 levels, ..., mid-block module)": what a motion module is, in messages (`channels`: its down levels')."""
     where = f"{len(channels)} levels, {'/'.join(map(str, channels))}" if channels else ""
     if motion.mid_block:
         where += ", mid-block module" if where else "mid-block module"
-    name = "AnimateDiff-SDXL" if motion.family == "sdxl" else f"AnimateDiff SD1.5 {motion.version}"
+    if motion.origin == "hotshot_xl":
+        name = HOTSHOT
+    else:
+        name = "AnimateDiff-SDXL" if motion.family == "sdxl" else f"AnimateDiff SD1.5 {motion.version}"
     return f"{name} ({where})" if where else name
 
 
@@ -226,14 +265,19 @@ def _motion_state_dict(
             f"{what}: holds {len(other)} keys besides the motion modules (e.g. {', '.join(sorted(other)[:4])}); "
             "pass ignore_spatial=True to take only the motion modules of a whole-UNet checkpoint"
         )
+    hotshot = motion_origin(motion) == "hotshot_xl"
     original = any("temporal_transformer" in k.split(".") for k in motion)
-    if not original:
+    if hotshot:
+        naming, to_ours, to_theirs = HOTSHOT, hotshot_to_diffusers_key, diffusers_to_hotshot_key
+    elif original:
+        naming, to_ours, to_theirs = "original AnimateDiff", original_to_diffusers_key, diffusers_to_original_key
+    else:
         return motion, "diffusers", FileNames()
-    origin = {original_to_diffusers_key(k): k for k in motion}
-    if len(origin) != len(motion):
-        raise CheckpointError(f"{what}: mixes original and diffusers motion-module names")
+    origin = {to_ours(k): k for k in motion}
+    if len(origin) != len(motion) or (hotshot and any("motion_modules" in k.split(".") for k in motion)):
+        raise CheckpointError(f"{what}: mixes {naming} and other motion-module names")
     renamed = {name: motion[k] for name, k in origin.items()}
-    return renamed, "original AnimateDiff", FileNames(origin, diffusers_to_original_key)
+    return renamed, naming, FileNames(origin, to_theirs)
 
 
 def motion_blocks(state_dict: Mapping[str, Any]) -> tuple[tuple[int, ...], int] | None:
@@ -265,22 +309,24 @@ class MotionFile:
 
 def read_motion_file(path: str | os.PathLike, *, ignore_spatial: bool = False) -> MotionFile:
     """An original AnimateDiff `.ckpt`/`.safetensors` (optionally in a `state_dict` wrapper), a
+    Hotshot-XL temporal-layers file (or its whole `unet/` UNet3D with `ignore_spatial`), a
     diffusers-named weight file or a diffusers `MotionAdapter` folder (its `config.json` read).
 
-    A file's version is detected (`detect_motion_version`): it records the mid-block module, the
-    family (SD1.5 or SDXL: its levels) and, through its `pe` tables, the position-table length.
-    Neither format records the GroupNorm semantics (`norm_per_frame`): for SD1.5 both mean the
-    original's per-frame norms; the SDXL beta's are across frames (its layout), recorded as such.
+    A file's version is detected (`detect_motion_version`): it records whose modules they are (its
+    naming: HotshotXL or AnimateDiff), the mid-block module, the family (SD1.5 or SDXL: its levels)
+    and, through its `pe` tables, the position-table length. No format records the GroupNorm semantics
+    (`norm_per_frame`): for SD1.5 they mean the original's per-frame norms; the SDXL beta's are across
+    frames, HotshotXL's per frame (their layouts), recorded as such.
     """
     path = os.fspath(path)
     if fs.isdir(path):
         return _read_motion_adapter(path)
     sd = load_state_dict(path)
     motion, naming, names = _motion_state_dict(sd, path, ignore_spatial)
-    version = detect_motion_version(motion, path)
+    version = "hotshot_xl" if naming == HOTSHOT else detect_motion_version(motion, path)
     length = _pe_length(motion)
     rest, _ = split_position_tables(motion)
-    recorded = {"mid_block", "family"} | ({"max_positions"} if length is not None else set())
+    recorded = {"mid_block", "family", "origin"} | ({"max_positions"} if length is not None else set())
     layout = MotionConfig.for_version(version, **({"max_positions": length} if length else {}))
     if layout.family == "sdxl":
         recorded.add("norm_per_frame")
@@ -402,21 +448,35 @@ def motion_state_dict(
     motion_params: Mapping[str, Any], config: UNetConfig, layout: str = "original", dtype: Any = np.float32
 ) -> StateDict:
     """Motion params as a PyTorch state dict: `layout="original"` (AnimateDiff's naming, two
-    `pos_encoder.pe` per temporal block) or `"diffusers"` (MotionAdapter's, one `pos_embed.pe`)."""
-    if layout not in ("original", "diffusers"):
-        raise ValueError(f"unknown motion-module layout {layout!r}")
+    `pos_encoder.pe` per temporal block), `"hotshot_xl"` (Hotshot-XL's `hsxl_temporal_layers` naming,
+    two `pos_encoder.positional_encoding`) or `"diffusers"` (MotionAdapter's, one `pos_embed.pe`)."""
+    if layout not in _EXPORT_NAMES:
+        raise ValueError(f"unknown motion-module layout {layout!r}: expected one of {sorted(_EXPORT_NAMES)}")
+    hotshot = config.motion is not None and config.motion.origin == "hotshot_xl"
+    if hotshot and layout != "hotshot_xl":  # (read back, the file would be taken for AnimateDiff's)
+        raise ValueError(f"HotshotXL motion modules are written in HotshotXL's naming (layout 'hotshot_xl'), "
+                         f"not {layout!r}")
+    if layout == "hotshot_xl" and not hotshot:
+        raise ValueError(f"layout 'hotshot_xl' is for HotshotXL motion modules, not {config.motion and config.motion.version}")
     sd = _checked_motion_state_dict(motion_params, config, dtype)
+    rename, table = _EXPORT_NAMES[layout]
     tables: StateDict = {}
     for block, channels in _blocks_with_pe(sd).items():
         pe = position_table(config.motion.max_positions, channels)[None].astype(dtype)
         if layout == "diffusers":
-            tables[f"{block}.pos_embed.pe"] = pe
+            tables[f"{block}.{table}"] = pe
         else:
             for i in (0, 1):
-                tables[f"{diffusers_to_original_key(block)}.attention_blocks.{i}.pos_encoder.pe"] = pe
-    if layout == "original":
-        sd = {diffusers_to_original_key(k): v for k, v in sd.items()}
-    return {**sd, **tables}
+                tables[f"{rename(block)}.attention_blocks.{i}.{table}"] = pe
+    return {**{rename(k): v for k, v in sd.items()}, **tables}
+
+
+# layout -> (our key -> its key, the name of its position tables)
+_EXPORT_NAMES = {
+    "diffusers": (lambda k: k, "pos_embed.pe"),
+    "original": (diffusers_to_original_key, "pos_encoder.pe"),
+    "hotshot_xl": (diffusers_to_hotshot_key, "pos_encoder.positional_encoding"),
+}
 
 
 def save_motion_module_original(
@@ -429,6 +489,14 @@ def save_motion_module_original(
     `[1, config.motion.max_positions, C]`, as the original model holds them.
     """
     save_state_dict(path, motion_state_dict(motion_params, config, "original", dtype))
+
+
+def save_motion_module_hotshot(
+    path: str | os.PathLike, motion_params: Mapping[str, Any], config: UNetConfig, dtype: Any = np.float32
+) -> None:
+    """Writes HotshotXL motion params as Hotshot-XL's `hsxl_temporal_layers.safetensors` (its key set:
+    `down_blocks.I.temporal_attentions.J.*`, `up_blocks.I.temporal_attentions.J.*`, position tables included)."""
+    save_state_dict(path, motion_state_dict(motion_params, config, "hotshot_xl", dtype))
 
 
 def motion_adapter_kwargs(config: UNetConfig) -> dict:

@@ -1,13 +1,14 @@
-"""Model configurations as frozen dataclasses: SD1.5 and SDXL, the v1/v2/v3 and SDXL-beta motion layouts,
-and tiny test sizes."""
+"""Model configurations as frozen dataclasses: SD1.5 and SDXL, the v1/v2/v3, SDXL-beta and HotshotXL motion
+layouts, and tiny test sizes."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-MotionVersion = Literal["v1", "v2", "v3", "sdxl_beta"]
+MotionVersion = Literal["v1", "v2", "v3", "sdxl_beta", "hotshot_xl"]
 Family = Literal["sd15", "sdxl"]
+Origin = Literal["animatediff", "hotshot_xl"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +32,17 @@ class MotionConfig:
     # The base model the modules were made for: "sd15" (4 levels) or "sdxl" (AnimateDiff-SDXL: 3 levels).
     # The SDXL beta's layout is v3's (no mid block, 32 positions), so only this field tells them apart.
     family: Family = "sd15"
+    # Whose temporal layers: AnimateDiff's, or Hotshot-XL's (hotshotco/Hotshot-XL `TransformerTemporal`:
+    # the same block as AnimateDiff's, but trained in a UNet whose resnet norms span all frames, and
+    # named `temporal_attentions.J` in its files). Explicit, so neither file is ever read as the other.
+    origin: Origin = "animatediff"
 
     @property
     def version(self) -> MotionVersion:
-        """The release whose layout this is: the SDXL beta by family; else v2 has a mid-block module,
-        v1 a 24-frame table, else v3."""
+        """The release whose layout this is: HotshotXL by origin; the SDXL beta by family; else v2 has a
+        mid-block module, v1 a 24-frame table, else v3."""
+        if self.origin == "hotshot_xl":
+            return "hotshot_xl"
         if self.family == "sdxl":
             return "sdxl_beta"
         return "v2" if self.mid_block else ("v1" if self.max_positions == 24 else "v3")
@@ -58,7 +65,16 @@ _LAYOUTS = {
     # mm_sdxl_v10_beta (the original's `sdxl` branch; diffusers' MotionAdapter sdxl-beta): no mid block,
     # 32 positions, and its motion-module GroupNorms span all frames of a video.
     "sdxl_beta": dict(max_positions=32, mid_block=False, norm_per_frame=False, family="sdxl"),
+    # Hotshot-XL (`hsxl_temporal_layers.safetensors`): 8 heads, one block of two temporal self-attentions,
+    # a 24-position table, GroupNorm per frame (transformer_temporal.py: `(b f) c h w` before `self.norm`),
+    # no mid-block module (unet_blocks.py: `UNetMidBlock3DCrossAttn` has none).
+    "hotshot_xl": dict(max_positions=24, mid_block=False, norm_per_frame=True, family="sdxl", origin="hotshot_xl"),
 }
+
+# Releases whose UNet GroupNorms its resnets (and the output norm) across all frames: AnimateDiff v1
+# (no `use_inflated_groupnorm`) and Hotshot-XL (resnet.py's `ResnetBlock3D` and unet.py's `conv_norm_out`
+# are `nn.GroupNorm` on `(b, c, f, h, w)`). The others per frame.
+_SPATIAL_ACROSS_FRAMES = frozenset({"v1", "hotshot_xl"})
 
 _FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
@@ -154,13 +170,14 @@ class UNetConfig:
     def with_motion(self, motion: MotionConfig | None) -> "UNetConfig":
         """This UNet with `motion`'s modules and that release's spatial GroupNorm semantics (v1 across
         frames, v2/v3 per frame: the original's `use_inflated_groupnorm`; the SDXL beta per frame, as its
-        UNet and diffusers' `UNetMotionModel` fold frames into the batch); None removes them."""
+        UNet and diffusers' `UNetMotionModel` fold frames into the batch; HotshotXL across frames); None
+        removes them."""
         if motion is None:
             return self.replace(motion=None)
         if motion.family != self.family:
             raise ValueError(f"motion modules for {_FAMILY_NAMES[motion.family]} ({motion.version}) "
                              f"but the base is {self.describe()}")
-        return self.replace(motion=motion, spatial_norm_per_frame=motion.version != "v1")
+        return self.replace(motion=motion, spatial_norm_per_frame=motion.version not in _SPATIAL_ACROSS_FRAMES)
 
     @classmethod
     def from_diffusers(cls, cfg: dict, motion: MotionConfig | None = None) -> "UNetConfig":
@@ -262,7 +279,7 @@ _SDXL = dict(
 
 def sdxl_unet(motion: MotionVersion | None = None, **overrides) -> UNetConfig:
     """SDXL base's UNet (stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json`); with `motion`
-    ("sdxl_beta"), inflated with AnimateDiff-SDXL's motion modules."""
+    ("sdxl_beta" or "hotshot_xl"), inflated with AnimateDiff-SDXL's or Hotshot-XL's motion modules."""
     base = UNetConfig(**{**_SDXL, **overrides})
     return base.with_motion(MotionConfig.for_version(motion)) if motion else base
 

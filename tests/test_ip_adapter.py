@@ -588,7 +588,7 @@ def test_compile_sample_lowers_with_ip_adapters():
     request = assemble.request(c, ip_models=models)
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     fn, args, sharding = abstract_sampler(pipe, request, mesh)["denoise"]
-    images = args[10]
+    images = args[11]  # (after SDXL's added conditioning, None here)
     assert [t.shape for t in images.cond] == [(4, 16, 768), (257, 768)] and images.scales.shape == (2, 4)
     with jax.set_mesh(mesh):
         jax.jit(fn, out_shardings=sharding).lower(*args)

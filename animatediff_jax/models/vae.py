@@ -36,7 +36,8 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     norm_num_groups: int = 32
-    scaling_factor: float = 0.18215
+    scaling_factor: float = 0.18215  # latents = posterior * this (SDXL's VAE: 0.13025; from its config.json)
+    force_upcast: bool = True  # decode in float32 under a float16 compute dtype (SDXL pipelines read it)
 
     @classmethod
     def sd15(cls) -> "VAEConfig":

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from animatediff_jax import schedulers as S
-from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.unet import AddedCond, UNet3D
 from animatediff_jax.sampling.control import control_residuals
 from animatediff_jax.sampling.ip_adapter import ImagePrompts, image_context
 from animatediff_jax.sampling.keys import sample_keys
@@ -28,6 +28,11 @@ def _cfg_enabled(guidance_scale: Any) -> bool:
         return True
 
 
+def pairwise(uncond: jax.Array, cond: jax.Array) -> jax.Array:
+    """`[2B, ...]` of sample b's unconditional and conditional rows side by side (a per-sample concat)."""
+    return jnp.stack([uncond, cond], axis=1).reshape((2 * cond.shape[0],) + cond.shape[1:])
+
+
 def predict_noise(
     unet: UNet3D,
     unet_params: Params,
@@ -39,6 +44,7 @@ def predict_noise(
     windows: Frames | WindowPlan | None = None,
     control: Callable[..., tuple[Any, Any]] | None = None,
     images: ImagePrompts | None = None,
+    added: tuple[AddedCond, AddedCond | None] | None = None,
 ) -> jax.Array:
     """Guided float32 noise prediction for the (already scaled) model input `x` `[B, F, h, w, C]`;
     `cond`/`uncond` `[B, L, D]`, or `[B, F, L, D]` a text per frame (windows take their frames').
@@ -49,11 +55,13 @@ def predict_noise(
     the conditional prediction alone. `control(x, t, context, frames, pairs) -> (down, mid)`: the
     control models' residuals for that same UNet input (`sampling.control`), or None. `images`: IP-Adapter
     image prompts (`sampling.ip_adapter`; `unet_params` holding their `to_k_ip` / `to_v_ip`), each CFG half
-    with its own tokens, or None.
+    with its own tokens, or None. `added`: SDXL's `(cond, uncond)` added conditioning (`AddedCond`, one per
+    video: every window of a video gets it), laid out as the texts; None for an SD1.5 UNet (no input added).
     """
     apply = functools.partial(unet.apply, {"params": unet_params})
     if not _cfg_enabled(guidance_scale):
         uncond = None
+    added_c, added_u = (None, None) if added is None else added
 
     def frames(c: jax.Array | None, ix: jax.Array | None) -> jax.Array | None:
         """A per-frame context `[B, F, L, D]` cut to the window's frames (one per video stays)."""
@@ -63,17 +71,19 @@ def predict_noise(
         b = xw.shape[0]
         c, u = frames(cond, ix), frames(uncond, ix)
 
-        def unet(x_, ctx_, pairs):
+        def unet(x_, ctx_, pairs, added_):
             res = (None, None) if control is None else control(x_, t, ctx_, ix, pairs)
             if images is not None:
                 res += (image_context(images, b, ix, pairs),)
-            return apply(x_, t, ctx_, *res).astype(jnp.float32)
+            kw = {} if added_ is None else {"added_cond": added_}
+            return apply(x_, t, ctx_, *res, **kw).astype(jnp.float32)
 
         if u is None:
-            return unet(xw, c, False)
+            return unet(xw, c, False, added_c)
         x2 = jnp.stack([xw, xw], axis=1).reshape((2 * b,) + xw.shape[1:])
-        ctx = jnp.stack([u, c], axis=1).reshape((2 * b,) + c.shape[1:])
-        out = unet(x2, ctx, True).reshape((b, 2) + xw.shape[1:])
+        ctx = pairwise(u, c)
+        both = None if added_c is None else AddedCond(*(pairwise(a, b_) for a, b_ in zip(added_u, added_c)))
+        out = unet(x2, ctx, True, both).reshape((b, 2) + xw.shape[1:])
         eps_u, eps_c = out[:, 0], out[:, 1]
         return eps_u + guidance_scale * (eps_c - eps_u)
 
@@ -94,6 +104,7 @@ def denoise(
     start: int = 0,
     controls: tuple | None = None,
     images: ImagePrompts | None = None,
+    added: tuple[AddedCond, AddedCond | None] | None = None,
 ) -> jax.Array:
     """Runs the steps `start..` of `sched` from `latents` (already times `init_noise_sigma`, or noised
     to the start step's timestep: video-to-video) in one `lax.scan`.
@@ -105,7 +116,7 @@ def denoise(
     `context_windows`, or None to run the UNet on all frames at once. `controls`: `(specs, params,
     scales, arrays)` of `sampling.control` (arrays batched like the latents), or None. `images`: IP-Adapter
     image prompts (`sampling.ip_adapter.ImagePrompts`; their layers already in `unet_params`), or None.
-    Returns float32 latents.
+    `added`: SDXL's `(cond, uncond)` added conditioning (see `predict_noise`), or None. Returns float32 latents.
     """
     latents = latents.astype(jnp.float32)
     b = latents.shape[0]
@@ -121,7 +132,7 @@ def denoise(
         control = None if not controls else functools.partial(
             control_residuals, *controls, i - start, sched.num_inference_steps - start)
         eps = predict_noise(unet, unet_params, x_in, sched.timesteps[i], cond, uncond, guidance_scale, windows,
-                            control, images)
+                            control, images, added)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
         update = lambda c, e, s, k: S.step(sched, c, i, e, s, k)
         x, carry = jax.vmap(update)(carry, eps, x, step_keys)

@@ -34,7 +34,7 @@ from animatediff_jax.sampling.keys import seed_key
 from animatediff_jax.sampling.options import Prompt, Request, check_size
 from animatediff_jax.sampling.pipeline import AnimationPipeline
 from animatediff_jax.sampling.programs import CONTEXT, DATA, Layout, layout, mesh_over, sampler_fns, video_sharding
-from animatediff_jax.sampling.prompts import encode_prompts
+from animatediff_jax.sampling.prompts import encode_prompts, encode_sdxl
 from animatediff_jax.sampling.windows import free_noise, free_noise_perms
 
 
@@ -66,6 +66,7 @@ def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = No
     if pipe.tokenizer is None and need_tokenizer:
         raise ConfigError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
     check_size(request.height, request.width, pipe.size_multiple)
+    check_family(pipe, request)
     layers = pipe.text_config.num_layers
     if request.clip_skip > layers:
         raise FieldError("clip_skip", f"={request.clip_skip}: the text encoder has {layers} layers (expected 0 to "
@@ -105,6 +106,28 @@ def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = No
             raise FieldError("context_windows", f": context_parallel={context} runs every frame at once over "
                              f"{context} devices; turn one of them off (context_windows.length=0 or "
                              "context_parallel=1)")
+
+
+def check_family(pipe: AnimationPipeline, request: Request) -> None:
+    """What an SDXL base cannot do yet (one line naming the option), and SDXL's options on an SD1.5 base."""
+    if not pipe.sdxl:
+        if request.sdxl_sizes:
+            raise FieldError("original_size", " / crops_coords_top_left / target_size: SDXL's size conditioning, "
+                             f"but the base is {pipe.unet_config.describe()}")
+        return
+    if pipe.text_config_2 is None or "text_encoder_2" not in pipe.params:
+        raise ConfigError("an SDXL pipeline needs its second text encoder (text_config_2, params['text_encoder_2'])")
+    layers = min(pipe.text_config.num_layers, pipe.text_config_2.num_layers)
+    if request.clip_skip >= layers:
+        raise FieldError("clip_skip", f"={request.clip_skip}: SDXL's text encoders have {layers} layers (expected 0 to "
+                         f"{layers - 1})")
+    if request.travels:
+        raise FieldError("prompts", ": prompt travel ({frame: text}) is not supported on SDXL yet (which pooled "
+                         "embedding a frame gets is undefined); give one text per video")
+    if request.controls:
+        raise FieldError("controls", ": ControlNet / SparseCtrl are not supported on SDXL yet")
+    if request.ip_adapters:
+        raise FieldError("ip_adapters", ": IP-Adapter is not supported on SDXL yet")
 
 
 class _Progress:
@@ -150,9 +173,10 @@ def _initial_noise(request: Request, shape: tuple[int, ...]) -> tuple[jax.Array,
 
 
 def _arguments(pipe: AnimationPipeline, request: Request, lay: Layout, mesh: Mesh, cond, uncond, needs_vae: bool,
-               images: ImagePrompts | None = None) -> tuple:
+               images: ImagePrompts | None = None, added=None) -> tuple:
     """The denoising program's arguments, each video's padded to the mesh and laid out over its data
-    axis, params, scalars and IP-Adapter image prompts replicated (already-placed params are not copied)."""
+    axis (SDXL's added conditioning too), params, scalars and IP-Adapter image prompts replicated
+    (already-placed params are not copied)."""
     n = lay.shape[0]
     pad = -n % mesh.shape[DATA]
     rep = NamedSharding(mesh, P())
@@ -169,8 +193,7 @@ def _arguments(pipe: AnimationPipeline, request: Request, lay: Layout, mesh: Mes
     use_cfg = uncond is not None
     videos = video_sharding(mesh)
     args = (jax.device_put(pipe.params["unet"], rep), jax.device_put(lay.schedulers, rep), place(noise, videos),
-            place(cond),
-            place(uncond), jax.device_put(jnp.asarray(request.guidance_scale if use_cfg else 1.0, jnp.float32), rep),
+            place(cond), place(uncond), jax.tree.map(place, added), jax.device_put(jnp.asarray(request.guidance_scale if use_cfg else 1.0, jnp.float32), rep),
             place(key_data), [jax.device_put(c.params, rep) for c in request.controls],
             jax.device_put(jnp.asarray([c.scale for c in request.controls], jnp.float32), rep), controls,
             None if images is None else jax.device_put(images, rep))
@@ -196,6 +219,11 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
     (`sampling_mesh(n, context)`); the batch is padded to a multiple of the data axis and the padding
     dropped. `progress`: a tqdm bar (True), nothing (False) or a callable given each finished step.
     Everything is checked before anything compiles (a `FieldError` naming the setting).
+
+    On an SDXL pipeline (`pipe.sdxl`) it is diffusers' `AnimateDiffSDXLPipeline`: both text encoders, the
+    pooled embeddings and size ids (`original_size`, `crops_coords_top_left`, `target_size`) per video into
+    the UNet, no negative prompt giving zero embeddings (`force_zeros_for_empty_prompt`); prompt travel,
+    controls and IP-Adapter are refused.
     """
     if not isinstance(request, Request):
         request = Request.create(request, negative_prompts, seeds, **settings)
@@ -210,8 +238,14 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
     t0 = time.perf_counter()
     use_cfg = request.guidance_scale > 1.0
     negatives = (request.negative_prompts or ("",) * n) if use_cfg else None
-    cond, uncond, c_text = encode_prompts(pipe, request.prompts, negatives, request.num_frames, request.clip_skip,
-                                          request.prompt_interpolation, programs, request.prompt_syntax)
+    added = None
+    if pipe.sdxl:  # (diffusers' SDXL: no negative prompt is zeros, not "", under force_zeros_for_empty_prompt)
+        cond, uncond, added = encode_sdxl(pipe, request.prompts, request.negative_prompts, request.time_ids(), use_cfg,
+                                          request.clip_skip, request.prompt_syntax)
+        c_text = 0.0
+    else:
+        cond, uncond, c_text = encode_prompts(pipe, request.prompts, negatives, request.num_frames, request.clip_skip,
+                                              request.prompt_interpolation, programs, request.prompt_syntax)
     jax.block_until_ready(cond)
     timings["compile_text_s"], timings["text_s"] = c_text, time.perf_counter() - t0 - c_text
 
@@ -222,7 +256,7 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
         images, c_img = encode_ip_adapters(pipe, request.ip_adapters, request.num_frames, uncond is not None, programs)
         jax.block_until_ready(images)
         timings["compile_image_s"], timings["image_s"] = c_img, time.perf_counter() - t0 - c_img
-    args = _arguments(pipe, request, lay, mesh, cond, uncond, needs_vae, images)
+    args = _arguments(pipe, request, lay, mesh, cond, uncond, needs_vae, images, added)
     batch = video_sharding(mesh)
     sample_c, timings["compile_denoise_s"] = programs.compiled("denoise", sample_fn, static, args, out_shardings=batch)
     total = sum(int(x.num_inference_steps) for x in lay.schedulers) - request.start

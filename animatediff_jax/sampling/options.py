@@ -53,6 +53,13 @@ def choice(name: str, v: Any, valid: Sequence[str]) -> str:
     return v
 
 
+def pair(name: str, v: Any) -> tuple[int, int]:
+    """An `(a, b)` of non-negative integers (SDXL's sizes and crop corner)."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
+        raise FieldError(name, f"={v!r}: expected two integers (height, width) or (top, left)")
+    return integer(name, v[0], 0), integer(name, v[1], 0)
+
+
 def per_prompt(name: str, values: Sequence[Any], n: int) -> tuple:
     """`values` for each of `n` prompts: one (broadcast to all) or `n` of them."""
     values = tuple(values)
@@ -415,6 +422,9 @@ class Request:
     `init_latents`: standard-normal noise `[N, F, h, w, C]` instead of the seeds'. `decode_chunk`:
     frames per VAE step (None: all). `sample_posterior`: VAE encodes (video, RGB keyframes) draw from
     the posterior (else its mean).
+    `original_size`, `crops_coords_top_left`, `target_size`: SDXL's size conditioning (its time ids, as
+    diffusers' `AnimateDiffSDXLPipeline`: default `(height, width)`, `(0, 0)`, `(height, width)`, the
+    negative side the same); an SD1.5 base refuses them.
     """
 
     prompts: tuple[Prompt, ...]
@@ -439,6 +449,9 @@ class Request:
     motion: Motion = Motion()
     init_latents: np.ndarray | None = None
     sample_posterior: bool = True
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -458,6 +471,9 @@ class Request:
         for name in ("num_frames", "height", "width", "steps"):
             integer(name, getattr(self, name), 1)
         number("guidance_scale", self.guidance_scale)
+        for name in ("original_size", "crops_coords_top_left", "target_size"):
+            if getattr(self, name) is not None:
+                set_(name, pair(name, getattr(self, name)))
         integer("clip_skip", self.clip_skip, 0)
         if self.decode_chunk is not None:
             integer("decode_chunk", self.decode_chunk, 1)
@@ -515,6 +531,18 @@ class Request:
     def start(self) -> int:
         """The first denoising step (0, or later for video to video)."""
         return 0 if self.video is None else self.video.start(self.steps)
+
+    @property
+    def sdxl_sizes(self) -> bool:
+        """Some SDXL size conditioning differs from its default."""
+        return (self.original_size, self.crops_coords_top_left, self.target_size) != (None, (0, 0), None)
+
+    def time_ids(self) -> np.ndarray:
+        """SDXL's six time ids `[original h, w, crop top, left, target h, w]` (float32), one set for every
+        video and both guidance halves, as diffusers' `_get_add_time_ids`."""
+        size = (self.height, self.width)
+        ids = (self.original_size or size) + self.crops_coords_top_left + (self.target_size or size)
+        return np.asarray(ids, np.float32)
 
     @property
     def travels(self) -> bool:

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from animatediff_jax.models import quantize
-from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, SDXLTextEncoder
 from animatediff_jax.models.config import UNetConfig, size_multiple
 from animatediff_jax.models.layers import TemporalWindows
 from animatediff_jax.models.unet import UNet3D
@@ -49,6 +49,11 @@ class AnimationPipeline:
     CPU); the VAE and text encoder keep "auto" (one 512-wide head and 77 tokens, which no
     flash kernel takes). `quantize` is the UNet's `models.quantize` mode; its params hold the
     int8 kernels already (`from_sd15` makes them: a new UNet needs `quantize_unet`).
+
+    SDXL (`unet_config.family == "sdxl"`): `text_config` / `tokenizer` are the first text encoder's
+    (ViT-L), `text_config_2` / `tokenizer_2` / `params["text_encoder_2"]` the second's (bigG, with the
+    pooled projection; `eos_token_id_2` its pooling rule), and `force_zeros_for_empty_prompt` the
+    pipeline's (no negative prompt under guidance: zero embeddings, as diffusers' SDXL pipelines).
     """
 
     unet_config: UNetConfig
@@ -59,6 +64,10 @@ class AnimationPipeline:
     dtype: Any = jnp.float32
     attention: str = "auto"
     quantize: str = "none"
+    text_config_2: CLIPTextConfig | None = None
+    tokenizer_2: Any = None
+    eos_token_id_2: int = 2
+    force_zeros_for_empty_prompt: bool = True
 
     @classmethod
     def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32, attention: str = "auto",
@@ -87,18 +96,41 @@ class AnimationPipeline:
         return quantize.quantized(unet, self.quantize)
 
     @property
+    def sdxl(self) -> bool:
+        """An SDXL base: two text encoders, and the UNet takes `AddedCond` (pooled text + size ids)."""
+        return self.unet_config is not None and self.unet_config.family == "sdxl"
+
+    @property
     def vae(self) -> AutoencoderKL:
-        return AutoencoderKL(self.vae_config, dtype=self.dtype)
+        """The VAE; SDXL's in float32 when the compute dtype is float16 and its config says `force_upcast`
+        (SDXL's VAE overflows in float16: diffusers' SDXL pipelines upcast it to decode)."""
+        upcast = self.sdxl and jnp.dtype(self.dtype) == jnp.float16 and self.vae_config.force_upcast
+        return AutoencoderKL(self.vae_config, dtype=jnp.float32 if upcast else self.dtype)
 
     @property
     def text_encoder(self) -> CLIPTextModel:
         return CLIPTextModel(self.text_config, dtype=self.dtype)
+
+    @property
+    def text_encoders(self) -> tuple[SDXLTextEncoder, SDXLTextEncoder]:
+        """SDXL's two text encoders (hidden states without the final norm; the second also pooled)."""
+        if self.text_config_2 is None:
+            raise ValueError("the pipeline has no second text encoder (text_config_2): SDXL needs both")
+        return (SDXLTextEncoder(self.text_config, dtype=self.dtype),
+                SDXLTextEncoder(self.text_config_2, self.eos_token_id_2, dtype=self.dtype))
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the text embeddings the UNet attends to (SDXL: both encoders' side by side)."""
+        return self.text_config.hidden_size + (self.text_config_2.hidden_size if self.sdxl else 0)
 
     def with_embeddings(self, embeddings) -> "AnimationPipeline":
         """A new pipeline with textual-inversion `embeddings` (`checkpoints.embeddings.load_embeddings`)
         added to its tokenizer and text encoder, as diffusers' `load_textual_inversion` (this one unchanged)."""
         from animatediff_jax.checkpoints.embeddings import add_embeddings
 
+        if self.sdxl:
+            raise ValueError("textual-inversion embeddings are not supported on SDXL yet (they need both encoders)")
         if self.tokenizer is None or not hasattr(self.tokenizer, "with_tokens"):
             raise ValueError("textual-inversion embeddings need the pipeline's CLIP tokenizer (text.Tokenizer)")
         tokenizer, text = add_embeddings(self.tokenizer, self.params["text_encoder"], embeddings)

@@ -19,7 +19,7 @@ from animatediff_jax import schedulers as S
 from animatediff_jax.errors import FieldError
 from animatediff_jax.io.video import to_uint8
 from animatediff_jax.models.ip_adapter import with_ip_layers
-from animatediff_jax.models.unet import UNet3D
+from animatediff_jax.models.unet import AddedCond, UNet3D
 from animatediff_jax.models.vae import decode_video, encode_video
 from animatediff_jax.sampling.compiled import PROGRAMS, Programs
 from animatediff_jax.sampling.control import ControlSpec, control_inputs, latent_conditions
@@ -96,7 +96,7 @@ def sampler_fns(pipe: AnimationPipeline, request: Request, lay: Layout, progress
     def step_cb(it: int):  # progress over all FreeInit iterations' steps
         return (lambda i: programs.emit(i + offsets[it])) if progress else None
 
-    def sample_fn(params, scheds, noise, cond, uncond, g, key_data, ctrl_params, ctrl_scales, ctrl_arrays,
+    def sample_fn(params, scheds, noise, cond, uncond, added, g, key_data, ctrl_params, ctrl_scales, ctrl_arrays,
                   images=None, vae_params=None, video=None):
         first = noise * scheds[0].init_noise_sigma
         if images is not None:  # IP-Adapter: their to_k_ip / to_v_ip join the UNet's cross-attentions
@@ -115,12 +115,13 @@ def sampler_fns(pipe: AnimationPipeline, request: Request, lay: Layout, progress
             t0 = jnp.full((noise.shape[0],), scheds[0].timesteps[start])
             first = S.add_noise(scheds[0].alphas_cumprod, z0, noise, t0)
         x = denoise(unet, params, scheds[0], first, cond, uncond, g, key_data, step_cb(0), windows, start, controls,
-                    images)
+                    images, added)
         for it, sched in enumerate(scheds[1:], start=1):  # FreeInit: back to the last timestep, low frequencies kept
             t_last = jnp.full((x.shape[0],), sched.alphas_cumprod.shape[0] - 1)
             z_t = S.add_noise(sched.alphas_cumprod, x, first, t_last)
             x = freq_mix(z_t, free_init_noise(key_data, it, x.shape), lp)
-            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows, 0, controls, images)
+            x = denoise(unet, params, sched, x, cond, uncond, g, key_data, step_cb(it), windows, 0, controls, images,
+                        added)
         return x
 
     def decode_fn(params, latents):
@@ -150,7 +151,12 @@ def abstract_sampler(pipe: AnimationPipeline, request: Request, mesh: Mesh, prog
 
     text = pipe.text_config
     f = request.num_frames
-    ctx = (n, f, text.max_positions, text.hidden_size) if request.travels else (n, text.max_positions, text.hidden_size)
+    ctx = (n, text.max_positions, pipe.context_dim)
+    ctx = ctx[:1] + (f,) + ctx[1:] if request.travels else ctx
+    added = None
+    if pipe.sdxl:  # the pooled text and time ids per video, each guidance half its own
+        one = AddedCond(sds((n, pipe.unet_config.text_embeds_dim), pipe.dtype), sds((n, 6), jnp.float32))
+        added = (one, one if use_cfg else None)
     control_arrays = [{k: sds((n,) + np.shape(v), np.asarray(v).dtype) for k, v in a.items()}
                       for a in lay.control_arrays]
     sample_fn, decode_fn, _, needs_vae = sampler_fns(pipe, request, lay, progress)
@@ -158,7 +164,7 @@ def abstract_sampler(pipe: AnimationPipeline, request: Request, mesh: Mesh, prog
     args = (params(pipe.params["unet"]), jax.tree.map(lambda x: sds(np.shape(x), np.asarray(x).dtype, rep),
                                                       lay.schedulers),
             sds((n,) + lay.shape[1:], jnp.float32, videos), sds(ctx, pipe.dtype), sds(ctx, pipe.dtype) if use_cfg else None,
-            sds((), jnp.float32, rep), sds((n,) + key_data.shape, key_data.dtype),
+            added, sds((), jnp.float32, rep), sds((n,) + key_data.shape, key_data.dtype),
             [params(c.params) for c in request.controls], sds((len(request.controls),), jnp.float32, rep),
             control_arrays, None)
     if request.ip_adapters:

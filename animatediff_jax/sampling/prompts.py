@@ -9,6 +9,11 @@ token's output is multiplied by its weight and each chunk of each text rescaled 
 (the web UI's "Original" emphasis, `sd_hijack_clip` / `sd_emphasis`: `z * w * (mean(z) / mean(z * w))`,
 the mean over the chunk's 77 x D values). A text without weights or BREAK, of at most 75 tokens, gives
 diffusers' `encode_prompt` embeddings exactly (one chunk, no weights: the same program as "plain").
+
+SDXL (`encode_sdxl`): both text encoders through `text.encode_prompts_sdxl` (diffusers'
+`StableDiffusionXLPipeline.encode_prompt`), plus the added conditioning the UNet takes per video (the
+pooled embeddings and the size ids); prompts are read plainly (a prompt the web UI would read otherwise
+is refused).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from animatediff_jax.errors import FieldError
+from animatediff_jax.models.unet import AddedCond
 from animatediff_jax.sampling.compiled import PROGRAMS, Programs
 from animatediff_jax.sampling.options import Prompt, keyframes
 
@@ -145,3 +152,41 @@ def encode_prompts(pipe: Any, prompts: Sequence[Prompt], negative_prompts: Seque
     cond = per_frame(cond_u, pos, unique_pos).astype(cond_u.dtype)
     uncond = None if neg is None else per_frame(uncond_u, neg, unique_neg).astype(uncond_u.dtype)
     return cond, uncond, compile_s
+
+
+def check_plain(tokenizer: Any, texts: Sequence[str]) -> None:
+    """SDXL reads prompts as diffusers does: a text the web UI syntax would read otherwise (weights, BREAK,
+    escapes, over 75 tokens) is refused rather than silently read plainly."""
+    if not hasattr(tokenizer, "chunks"):
+        return
+    for text in texts:
+        ids, weights = tokenizer.chunks(text, "a1111")
+        if ids.shape[0] != 1 or (weights != 1.0).any() or not np.array_equal(ids, tokenizer(text)):
+            raise FieldError("prompt_syntax", f"='a1111': {text[:40]!r} has weights, BREAK, escapes or over 75 "
+                             "tokens, which SDXL sampling does not read yet; use prompt_syntax='plain'")
+
+
+def encode_sdxl(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str] | None, time_ids: np.ndarray,
+                guided: bool, clip_skip: int = 0, syntax: str = "a1111"
+                ) -> tuple[jax.Array, jax.Array | None, tuple[AddedCond, AddedCond | None]]:
+    """`(cond, uncond or None, (added, added_uncond or None))` of an SDXL pipeline: both encoders' hidden
+    states side by side `[N, 77, D1 + D2]`, and per video the pooled embeddings with `time_ids` `[6]`
+    (both halves the same ids, as diffusers without negative sizes). Under guidance, `negative_prompts`
+    None gives zeros when the pipeline's `force_zeros_for_empty_prompt` (else ""). `clip_skip` 0 is
+    diffusers' None (the penultimate layer)."""
+    from animatediff_jax.text import encode_prompts_sdxl
+
+    if pipe.tokenizer is None or pipe.tokenizer_2 is None:
+        raise ValueError("an SDXL pipeline needs both tokenizers (tokenizer, tokenizer_2)")
+    if syntax == "a1111":
+        for tok in (pipe.tokenizer, pipe.tokenizer_2):
+            check_plain(tok, list(prompts) + list(negative_prompts or []))
+    out = encode_prompts_sdxl(pipe.text_encoders, (pipe.params["text_encoder"], pipe.params["text_encoder_2"]),
+                              (pipe.tokenizer, pipe.tokenizer_2), list(prompts),
+                              None if negative_prompts is None else list(negative_prompts), clip_skip=clip_skip,
+                              force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt)
+    ids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (len(prompts), 6))
+    added = AddedCond(out.pooled_prompt_embeds, ids)
+    if not guided:
+        return out.prompt_embeds, None, (added, None)
+    return out.prompt_embeds, out.negative_prompt_embeds, (added, AddedCond(out.negative_pooled_prompt_embeds, ids))

@@ -1,0 +1,197 @@
+"""SDXL sampling against diffusers' `AnimateDiffSDXLPipeline` (fp32 CPU, tiny random models): the same
+initial latents give the same latents after 3 guided DDIM steps and the same frames; SD1.5's sampler
+program is untouched; what SDXL cannot do yet is refused in one line.
+
+The reference: a tiny SDXL `UNetMotionModel` (text_time conditioning, a MotionAdapter without mid block:
+its motion norms span the frames, as our `sdxl_beta` layout's), a tiny `AutoencoderKL` with SDXL's
+scaling factor, two tiny CLIP text towers (the second with a projection) and their tokenizers (the second
+pads with "!"), DDIM with SDXL's schedule; all converted to ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close
+from test_sdxl_text import TINY_G, TINY_L, hf_text, np_state_dict
+from torch_refs import torch_motion_unet
+
+from animatediff_jax import parity
+from animatediff_jax.checkpoints.sd15 import convert_clip_text, convert_unet_state_dict, convert_vae
+from animatediff_jax.errors import FieldError
+from animatediff_jax.models.config import tiny_sdxl_unet
+from animatediff_jax.models.shapes import sdxl_text_shapes
+from animatediff_jax.models.vae import VAEConfig
+from animatediff_jax.sampling import AnimationPipeline, generate
+from animatediff_jax.testing.tiny import write_tiny_tokenizer
+from animatediff_jax.text import Tokenizer
+
+F, H, W = 4, 16, 16  # tiny VAE: latents 8x8; three UNet levels: 8, 4, 2
+PROMPTS = ["a dog, and the cat!", "x9 y"]
+# SDXL base's scheduler_config.json read as DDIM (scaled_linear betas, set_alpha_to_one False, leading).
+DDIM_SDXL = dict(beta_schedule="scaled_linear", set_alpha_to_one=False, timestep_spacing="leading")
+CFG = tiny_sdxl_unet(cross_attention_dim=TINY_L.hidden_size + TINY_G.hidden_size,
+                     projection_class_embeddings_input_dim=TINY_G.projection_dim + 6 * 8)
+VAE = dataclasses.replace(VAEConfig.tiny(), scaling_factor=0.13025)  # SDXL's (VAEConfig.sdxl())
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(diffusers `AnimateDiffSDXLPipeline`, our `AnimationPipeline` of the same weights)."""
+    from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("sdxl")
+    tok, tok2 = str(root / "tokenizer"), str(root / "tokenizer_2")
+    vocab = write_tiny_tokenizer(tok)
+    write_tiny_tokenizer(tok2, pad_token="!")
+    text_l = hf_text(TINY_L, vocab, 2, seed=3)  # eos_token_id 2: SDXL's released configs
+    text_g = hf_text(TINY_G, vocab, 2, seed=4)
+    unet = torch_motion_unet(CFG, seed=5)
+    assert unet.config.use_motion_mid_block is False
+    vae = parity.randomize(AutoencoderKL(**VAE.to_diffusers()), seed=6)
+    ref = AnimateDiffSDXLPipeline(
+        vae=vae, text_encoder=text_l, text_encoder_2=text_g, unet=unet, motion_adapter=None,
+        tokenizer=CLIPTokenizer.from_pretrained(tok, local_files_only=True),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tok2, local_files_only=True),
+        scheduler=parity.diffusers_scheduler("ddim", DDIM_SDXL),
+    ).to(torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    params = {
+        "unet": convert_unet_state_dict(unet.state_dict(), CFG),
+        "vae": convert_vae(np_state_dict(vae), VAE),
+        "text_encoder": convert_clip_text(np_state_dict(text_l), sdxl_text_shapes(TINY_L)),
+        "text_encoder_2": convert_clip_text(np_state_dict(text_g), sdxl_text_shapes(TINY_G)),
+    }
+    ours = AnimationPipeline(CFG, VAE, TINY_L, jax.tree.map(jnp.asarray, params), Tokenizer(tok),
+                             text_config_2=TINY_G, tokenizer_2=Tokenizer(tok2), eos_token_id_2=2)
+    assert ours.sdxl and ours.vae.config.scaling_factor == 0.13025
+    return ref, ours
+
+
+def noise(seed: int = 0) -> np.ndarray:
+    """Standard-normal initial latents `[N, F, h, w, C]` (ours; diffusers takes them as `[N, C, F, h, w]`)."""
+    return np.asarray(jax.random.normal(jax.random.key(seed), (len(PROMPTS), F, H // 2, W // 2, 4)))
+
+
+def torch_latents(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
+
+
+CASES = {
+    "negatives, default sizes": dict(negative_prompt=["the dog", ""]),
+    "no negative (zeros), sizes given": dict(original_size=(64, 48), crops_coords_top_left=(8, 4),
+                                             target_size=(32, 40)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_latents_match_animatediff_sdxl_pipeline(pipes, case):
+    """3 DDIM steps with guidance 7.5 from the same initial latents: the same latents."""
+    ref, ours = pipes
+    kw = CASES[case]
+    x0 = noise(1)
+    with torch.no_grad():
+        want = ref(prompt=PROMPTS, num_frames=F, height=H, width=W, num_inference_steps=3, guidance_scale=7.5,
+                   latents=torch_latents(x0), output_type="latent", **kw).frames
+    want = want.numpy().transpose(0, 2, 3, 4, 1)
+    sizes = {k: v for k, v in kw.items() if k != "negative_prompt"}
+    got = generate(ours, PROMPTS, kw.get("negative_prompt"), [0, 1], num_frames=F, height=H, width=W, steps=3,
+                   guidance_scale=7.5, scheduler="ddim", scheduler_options=DDIM_SDXL, init_latents=x0,
+                   progress=False, **sizes).latents
+    # fp32 on both sides, the same ops in another order: ~1e-6 of the latents' scale
+    err = assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"SDXL latents [{case}]")
+    print(f"SDXL latents [{case}]: max abs err {err:.2e} (latents max {np.abs(want).max():.3g})")
+    # the conditioning matters: other size ids give other latents
+    other = generate(ours, PROMPTS, kw.get("negative_prompt"), [0, 1], num_frames=F, height=H, width=W, steps=3,
+                     guidance_scale=7.5, scheduler="ddim", scheduler_options=DDIM_SDXL, init_latents=x0,
+                     progress=False, original_size=(1024, 1024)).latents
+    assert np.abs(other - want).max() > 1e-3
+
+
+def test_frames_match_animatediff_sdxl_pipeline(pipes):
+    """Decoded frames (latents / 0.13025 through the VAE) within 1/255 of diffusers' float frames."""
+    ref, ours = pipes
+    x0 = noise(2)
+    with torch.no_grad():
+        want = ref(prompt=PROMPTS, negative_prompt="the cat", num_frames=F, height=H, width=W, num_inference_steps=3,
+                   guidance_scale=7.5, latents=torch_latents(x0), output_type="np").frames
+    want = np.asarray(want, np.float32)  # [N, F, H, W, 3] in [0, 1]
+    got = generate(ours, PROMPTS, ["the cat"], [0, 1], num_frames=F, height=H, width=W, steps=3, guidance_scale=7.5,
+                   scheduler="ddim", scheduler_options=DDIM_SDXL, init_latents=x0, progress=False).frames
+    assert got.shape == want.shape == (len(PROMPTS), F, H, W, 3)
+    err = np.abs(got.astype(np.float64) - want * 255).max()
+    print(f"SDXL frames: max abs err {err:.3f} / 255")
+    assert err <= 1.0, err
+
+
+def test_sdxl_refuses_what_it_cannot_do_yet(pipes):
+    _, ours = pipes
+    kw = dict(num_frames=F, height=H, width=W, steps=1, progress=False)
+    with pytest.raises(FieldError, match="prompt travel") as e:
+        generate(ours, [{0: "the cat", 2: "the dog"}], None, [0], **kw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FieldError, match="prompt_syntax"):
+        generate(ours, ["(the cat:1.3)"], None, [0], **kw)
+
+
+def test_sd15_refuses_sdxl_sizes(tmp_path):
+    from torch_refs import tiny_text_encoder
+
+    _, _, text_pipe = tiny_text_encoder(str(tmp_path / "tok"))
+    from animatediff_jax.models.config import tiny_unet
+
+    pipe = AnimationPipeline(tiny_unet("v2", cross_attention_dim=32), VAEConfig.tiny(), text_pipe.text_config,
+                             text_pipe.params, text_pipe.tokenizer)
+    with pytest.raises(FieldError, match="original_size .*SDXL's size conditioning"):
+        generate(pipe, ["the cat"], None, [0], num_frames=F, height=H, width=W, steps=1, original_size=(64, 64))
+
+
+def test_windows_give_each_window_its_videos_added_cond(pipes):
+    """Context windows: each window of a video is predicted with that video's pooled text and time ids
+    (two disjoint windows == the UNet on each half alone)."""
+    from animatediff_jax.models.unet import AddedCond
+    from animatediff_jax.sampling import predict_noise
+    from animatediff_jax.sampling.prompts import encode_sdxl
+
+    _, ours = pipes
+    cond, uncond, added = encode_sdxl(ours, PROMPTS, ["the dog", ""], np.asarray([16, 16, 0, 0, 16, 16]), True)
+    added = (added[0], AddedCond(added[1].text_embeds, added[1].time_ids.at[1].set(99.0)))  # each half its own
+    x, t = jnp.asarray(noise(3)), jnp.int32(500)
+    run = jax.jit(predict_noise, static_argnames=("unet", "windows"))
+    eps = lambda x_, windows=None: run(ours.unet, ours.params["unet"], x_, t, cond, uncond, 7.5, windows,  # noqa: E731
+                                       added=added)
+    windowed = eps(x, ((0, 1), (2, 3)))
+    halves = jnp.concatenate([eps(x[:, :2]), eps(x[:, 2:])], axis=1)
+    err = assert_close(windowed, halves, rtol=1e-5, what="windows vs halves")
+    print(f"SDXL windows vs halves: max abs err {err:.2e}")
+
+
+def test_programs_inputs(pipes):
+    """SD1.5's denoising program takes no added inputs; SDXL's takes the pooled text and time ids of
+    both guidance halves, and its abstract program (`animatediff-jax compile`) lowers."""
+    from animatediff_jax.models.config import tiny_unet
+    from animatediff_jax.models.shapes import unet_shapes
+    from animatediff_jax.sampling import Request
+    from animatediff_jax.sampling.programs import abstract_sampler, mesh_over
+
+    _, ours = pipes
+    mesh = mesh_over(jax.devices()[:1])
+    request = Request.create(PROMPTS, None, [0, 1], num_frames=F, height=H, width=W, steps=2)
+    sd15_unet = tiny_unet("v2", cross_attention_dim=TINY_L.hidden_size)
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(s.shape), jnp.float32), unet_shapes(sd15_unet))
+    sd15 = AnimationPipeline(sd15_unet, VAE, TINY_L, {**ours.params, "unet": shapes})
+    counts = {}
+    for name, pipe in (("sdxl", ours), ("sd15", sd15)):
+        fn, args, sharding = abstract_sampler(pipe, request, mesh)["denoise"]
+        counts[name] = len(jax.tree.leaves(args[5]))  # (params, schedulers, noise, cond, uncond, added, ...)
+        with jax.set_mesh(mesh):
+            jax.jit(fn, out_shardings=sharding).lower(*args)
+    assert counts == {"sd15": 0, "sdxl": 4}, counts
+    added = abstract_sampler(ours, request, mesh)["denoise"][1][5]
+    assert [a.shape for a in jax.tree.leaves(added)] == [(2, TINY_G.projection_dim), (2, 6)] * 2

@@ -142,29 +142,23 @@ def _cache_latent_dtype(config) -> str:
         return str(json.load(f).get("latent_dtype", "float32"))
 
 
-def motion_version_of(path: str) -> str:
-    """A motion module's layout from its released file name (`mm_sd_v15_v2.ckpt` v2, `v3_sd15_mm.ckpt`
-    v3, `mm_sd_v14.ckpt` / `mm_sd_v15.ckpt` v1); v2 (Lightning, AnimateLCM) when the name says nothing."""
-    name = os.path.basename(path.rstrip("/")).lower()
-    found = re.findall(r"(?<![a-z0-9])v([123])(?!\d)|_v([123])(?!\d)", name)
-    if found:
-        return "v" + [a or b for a, b in found][-1]
-    return "v1" if re.search(r"v1[45]", name) else "v2"
-
-
 def abstract_pipeline(c: dict, motion: str | None = None):
     """An `AnimationPipeline` of `ShapeDtypeStruct` params with the sample config's layouts: the converted
     base folder's configs when it is here (SD1.5 otherwise); the motion module's own layout when its file
     is here and `motion` does not say one, else `motion` or the file name's."""
     import jax.numpy as jnp
 
+    from animatediff_jax.checkpoints.motion import motion_version_of
     from animatediff_jax.models.clip_text import CLIPTextConfig
-    from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet
-    from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
+    from animatediff_jax.models.config import MotionConfig, UNetConfig, sd15_unet, sdxl_unet
+    from animatediff_jax.models.shapes import clip_shapes, sdxl_text_shapes, unet_shapes, vae_shapes
     from animatediff_jax.models.vae import VAEConfig
     from animatediff_jax.sampling.pipeline import AnimationPipeline, cast_floating, quantize_unet
 
-    unet, vae, text = sd15_unet(), VAEConfig.sd15(), CLIPTextConfig.sd15()
+    unet, vae, text, text_2 = sd15_unet(), VAEConfig.sd15(), CLIPTextConfig.sd15(), None
+    guessed = motion or motion_version_of(c["motion_module"] or "")
+    if guessed in ("sdxl_beta", "hotshot_xl"):  # (an SDXL motion module: SDXL's base, until its files say)
+        unet, vae, text_2 = sdxl_unet(), VAEConfig.sdxl(), CLIPTextConfig.sdxl_g()
     converted = os.path.join(c["base_model"], "params.safetensors")
     if os.path.isfile(converted):
         from animatediff_jax.checkpoints.params_io import config_from_dict
@@ -174,18 +168,21 @@ def abstract_pipeline(c: dict, motion: str | None = None):
         unet = config_from_dict(UNetConfig, json.loads(meta["unet_config"]))
         vae = config_from_dict(VAEConfig, json.loads(meta["vae_config"]))
         text = config_from_dict(CLIPTextConfig, json.loads(meta["text_config"]))
+        text_2 = config_from_dict(CLIPTextConfig, json.loads(meta["text_config_2"])) if "text_config_2" in meta else None
     unet = unet.replace(motion=None)
     if c["motion_module"] and os.path.exists(c["motion_module"]) and motion is None:
         from animatediff_jax.checkpoints.load import load_motion
 
         _, unet = load_motion(c["motion_module"], unet)  # the file's own layout (read as `sample` reads it)
     else:
-        unet = unet.with_motion(MotionConfig.for_version(motion or motion_version_of(c["motion_module"] or "")))
+        unet = unet.with_motion(MotionConfig.for_version(guessed))
     dtype = jnp.dtype(c["dtype"])
     params = {"unet": quantize_unet(unet, unet_shapes(unet), c["quantize"]), "vae": vae_shapes(vae),
               "text_encoder": clip_shapes(text)}
+    if text_2 is not None:
+        params["text_encoder_2"] = sdxl_text_shapes(text_2)
     params = cast_floating(params, dtype)
-    return AnimationPipeline(unet, vae, text, params, None, dtype, c["attention"], c["quantize"])
+    return AnimationPipeline(unet, vae, text, params, None, dtype, c["attention"], c["quantize"], text_config_2=text_2)
 
 
 def _sds(shape, dtype):

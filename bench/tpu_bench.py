@@ -48,6 +48,11 @@ ROWS = {
     "sample_v5e-8_b32": (SAMPLE, "v5e-8", ["--config.batch_size=32"]),
     "sample_v5p-8_b16": (SAMPLE, "v5p-8", ["--config.batch_size=16"]),
     "sample_v6e-1_b4": (SAMPLE, "v6e-1", ["--config.batch_size=4"]),
+    # SDXL + AnimateDiff-SDXL beta, the original's example: 16 frames at 1024², CFG (configs/sample/sdxl_beta.py).
+    "sample_sdxl_v5e-1_b1": (["sample", "--config", "configs/sample/sdxl_beta.py"], "v5e-1",
+                             ["--config.batch_size=1", "--config.steps=25"]),
+    "sample_sdxl_v5p-8_b4": (["sample", "--config", "configs/sample/sdxl_beta.py"], "v5p-8",
+                             ["--config.batch_size=4", "--config.steps=25"]),
     # One long video: its frames over 4 / 8 chips (context parallelism) against context windows on one chip.
     "sample_cp64_v5e-4": (SAMPLE, "v5e-4", ["--config.batch_size=1", "--config.L=64", "--config.context_parallel=4",
                                             "--config.pe_stretch=(32, 64)"]),

@@ -183,10 +183,13 @@ def test_libtpu_out_of_memory_is_one_line():
 
 
 def test_motion_version_from_released_names():
+    from animatediff_jax.checkpoints.motion import motion_version_of
+
     names = {"mm_sd_v14.ckpt": "v1", "mm_sd_v15.ckpt": "v1", "mm_sd_v15_v2.ckpt": "v2", "v3_sd15_mm.ckpt": "v3",
-             "animatediff_lightning_4step_diffusers.safetensors": "v2", "models/mm_v2.safetensors": "v2"}
+             "animatediff_lightning_4step_diffusers.safetensors": "v2", "models/mm_v2.safetensors": "v2",
+             "mm_sdxl_v10_beta.ckpt": "sdxl_beta", "hsxl_temporal_layers.safetensors": "hotshot_xl"}
     for name, version in names.items():
-        assert compile_cmd.motion_version_of(name) == version, name
+        assert motion_version_of(name) == version, name
 
 
 def test_compile_sample_reads_the_config_files_that_are_here(tmp_path, capsys):

@@ -543,3 +543,19 @@ def save_motion_adapter(
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(motion_adapter_config(config), f, indent=2)
         save_state_dict(os.path.join(tmp, "diffusion_pytorch_model.safetensors"), sd)
+
+
+def motion_version_of(path: str) -> str:
+    """A motion module's layout guessed from its released file name, for when the file is not here
+    (`compile`): `mm_sd_v15_v2.ckpt` v2, `v3_sd15_mm.ckpt` v3, `mm_sd_v14.ckpt` / `mm_sd_v15.ckpt` v1,
+    `mm_sdxl_v10_beta.ckpt` sdxl_beta, `hsxl_temporal_layers.safetensors` hotshot_xl; v2 (Lightning,
+    AnimateLCM) when the name says nothing."""
+    name = os.path.basename(path.rstrip("/")).lower()
+    if "hsxl" in name or "hotshot" in name:
+        return "hotshot_xl"
+    if "sdxl" in name:
+        return "sdxl_beta"
+    found = re.findall(r"(?<![a-z0-9])v([123])(?!\d)|_v([123])(?!\d)", name)
+    if found:
+        return "v" + [a or b for a, b in found][-1]
+    return "v1" if re.search(r"v1[45]", name) else "v2"

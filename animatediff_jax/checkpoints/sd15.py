@@ -364,14 +364,18 @@ def load_converted(folder: str | os.PathLike) -> SD15:
 
 def sd15_size_multiple(path: str) -> int:
     """`models.config.size_multiple` of the SD1.5 model at `path`, read from its configs without loading
-    weights (a converted or diffusers folder; SD1.5's for a single file). A folder whose configs
-    cannot be read is a `CheckpointError` naming the file."""
+    weights (a converted or diffusers folder; SD1.5's or SDXL's for a single file, by its key names). A folder
+    whose configs cannot be read is a `CheckpointError` naming the file."""
     from animatediff_jax.checkpoints import params_io
     from animatediff_jax.checkpoints.torch_io import CheckpointError, safetensors_metadata
     from animatediff_jax.io import fs
     from animatediff_jax.models.config import size_multiple
 
+    from animatediff_jax.checkpoints.sdxl import base_family  # (sdxl.py builds on this module)
+
     blocks, vae_blocks = 4, 4
+    if not fs.isdir(path) and base_family(path) == "sdxl":
+        return size_multiple(3, vae_blocks)
     source = converted = os.path.join(path, params_io.PARAMS_FILE)
     try:
         if fs.isfile(converted):

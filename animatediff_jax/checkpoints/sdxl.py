@@ -335,6 +335,33 @@ def is_sdxl_checkpoint(keys: Iterable[str]) -> bool:
     return sdxl_evidence(keys) is not None
 
 
+def base_family(path: str | os.PathLike) -> str:
+    """"sdxl" or "sd15": the base a converted folder (its `text_config_2`), a diffusers folder (its
+    `text_encoder_2/`) or a `.safetensors` single file (its key names) holds, read without loading weights.
+    A `.ckpt` says so only once loaded: "sd15" here, and `load_sd15` names an SDXL one in one line."""
+    from animatediff_jax.checkpoints.torch_io import safetensors_keys, safetensors_metadata
+
+    path = os.fspath(path)
+    converted = os.path.join(path, PARAMS_FILE)
+    if fs.isfile(converted):
+        return "sdxl" if "text_config_2" in safetensors_metadata(converted) else "sd15"
+    if fs.isdir(path):
+        return "sdxl" if fs.isdir(os.path.join(path, "text_encoder_2")) else "sd15"
+    if path.lower().endswith(".safetensors") and fs.isfile(path):
+        return "sdxl" if is_sdxl_checkpoint(safetensors_keys(path)) else "sd15"
+    return "sd15"
+
+
+def load_base(path: str | os.PathLike, *, base: Any = None, **configs: Any) -> Any:
+    """The base model at `path`, `checkpoints.sd15.SD15` or `SDXL` by `base_family` (`base`, `configs`: as
+    `load_sd15` / `load_sdxl` take them: parts a single file lacks, its configs)."""
+    if base_family(path) == "sdxl":
+        return load_sdxl(path, base=base, **configs)
+    from animatediff_jax.checkpoints.sd15 import load_sd15
+
+    return load_sd15(path, base=base, **configs)
+
+
 @dataclasses.dataclass(frozen=True)
 class SDXL:
     """A whole SDXL base: the UNet's and VAE's configs, the text side as in `SDXLText`, and

@@ -267,6 +267,17 @@ def load_weights(path: str | os.PathLike) -> Any:
     return obj
 
 
+def _safetensors_header(path: str) -> dict:
+    """A `.safetensors` file's JSON header, read alone (also in a bucket: the first bytes of the object)."""
+    import json
+
+    with fs.open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 100 << 20:
+            raise ValueError(f"{path}: not a safetensors file (header size {n})")
+        return json.loads(f.read(n))
+
+
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a `.safetensors` file, read from its header only (also in a bucket:
     the first bytes of the object, not the whole file). Unreadable: the reader's exception."""
@@ -276,14 +287,12 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
         with safe_open(path, framework="numpy") as f:
             return dict(f.metadata() or {})
-    import json
+    return dict(_safetensors_header(path).get("__metadata__") or {})
 
-    with fs.open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 0 < n < 100 << 20:
-            raise ValueError(f"{path}: not a safetensors file (header size {n})")
-        header = json.loads(f.read(n))
-    return dict(header.get("__metadata__") or {})
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a `.safetensors` file, from its header only (no tensor is read)."""
+    return [k for k in _safetensors_header(os.fspath(path)) if k != "__metadata__"]
 
 
 _DIFFUSERS_WEIGHT_NAMES = (

@@ -21,7 +21,8 @@ from animatediff_jax.checkpoints.sd15 import sd15_size_multiple
 from animatediff_jax.errors import ConfigError, FieldError
 from animatediff_jax.io import fs
 from animatediff_jax.models import quantize
-from animatediff_jax.models.config import size_multiple
+from animatediff_jax.checkpoints.motion import motion_version_of
+from animatediff_jax.models.config import MotionConfig, size_multiple
 from animatediff_jax.sampling.config import FORMATS, GROUPS, base_config, check_fields, plain
 from animatediff_jax.sampling.options import (
     Control,
@@ -122,7 +123,14 @@ def request(c: Mapping, video: np.ndarray | None = None, images: Sequence[np.nda
             context_windows=c["context_windows"], prompt_interpolation=c["prompt_interpolation"],
             free_init=c["free_init"], init_video=video, strength=c["strength"], motion_scale=c["motion_scale"],
             motion_block_scales=c["motion_block_scales"], pe_stretch=c["pe_stretch"], controls=controls,
-            prompt_syntax=c["prompt_syntax"], ip_adapters=ip_adapters)
+            prompt_syntax=c["prompt_syntax"], ip_adapters=ip_adapters,
+            original_size=_size(c["original_size"]), crops_coords_top_left=tuple(c["crops_coords_top_left"]),
+            target_size=_size(c["target_size"]))
+
+
+def _size(value: Any) -> tuple | None:
+    """An SDXL size field: () is None (the video's own), else the pair as given (checked by `Request`)."""
+    return (tuple(value) or None) if isinstance(value, (list, tuple)) else value
 
 
 def _ip_adapters(c: Mapping, images: Sequence[Sequence[np.ndarray]] | None,
@@ -294,9 +302,13 @@ def validate(config: Any, files: bool = True) -> dict:
     attention_note(c)
     if files:
         _check_memory(c, req)
-    base = c["base_model"]  # the size rule of the base model the config names (SD1.5's if it is not here)
-    with _blame("base_model"):
-        multiple = sd15_size_multiple(base) if files or fs.exists(base) else size_multiple(4)
+    base = c["base_model"]  # the size rule of the base model the config names (if it is not here: SDXL's for an
+    with _blame("base_model"):  # SDXL motion module's file name, else SD1.5's)
+        if files or fs.exists(base):
+            multiple = sd15_size_multiple(base)
+        else:
+            guessed = MotionConfig.for_version(motion_version_of(c["motion_module"] or ""))
+            multiple = size_multiple(3 if guessed.family == "sdxl" else 4)
     with config_names(c):
         check_size(req.height, req.width, multiple)
     out = c["output"]
@@ -526,27 +538,27 @@ def _blame(field: str) -> Iterator[None]:
 def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
     """The `AnimationPipeline` a sample config describes, every adapter merged into the weights.
 
-    As the original's `load_weights`: base SD1.5; the personalised model over it (parts it
-    lacks come from the base); the motion module (or the base's own); the personalised LoRA at
-    `lora_alpha` (UNet and text encoder); the domain adapter at `adapter_lora_scale`; each
-    MotionLoRA at its alpha. Merging is `lora.merge` in float32, before the cast to `dtype`.
-    A file that fails is a `ConfigError` naming its field.
+    As the original's `load_weights`: the base (SD1.5 or SDXL, `checkpoints.sdxl.base_family`); the
+    personalised model over it (parts it lacks come from the base); the motion module (or the base's
+    own); the personalised LoRA at `lora_alpha` (UNet and text encoders); the domain adapter at
+    `adapter_lora_scale`; each MotionLoRA at its alpha. Merging is `lora.merge` in float32, before the
+    cast to `dtype`. A file that fails is a `ConfigError` naming its field.
     """
     from animatediff_jax.checkpoints.load import load_lora, load_motion
     from animatediff_jax.checkpoints.motion import merge_motion
-    from animatediff_jax.checkpoints.sd15 import SD15, load_sd15
+    from animatediff_jax.checkpoints.sdxl import load_base
     from animatediff_jax.lora import merge, merge_many
     from animatediff_jax.models.shapes import motion_subtree
     from animatediff_jax.text import Tokenizer
 
     c = plain(config)
     with _blame("base_model"):
-        base = load_sd15(c["base_model"])
+        base = load_base(c["base_model"])
     model = base
     if c["dreambooth_path"]:
         spatial_base = dataclasses.replace(base, unet_config=base.unet_config.replace(motion=None))
         with _blame("dreambooth_path"):
-            model = load_sd15(c["dreambooth_path"], base=spatial_base, unet_config=spatial_base.unet_config)
+            model = load_base(c["dreambooth_path"], base=spatial_base, unet_config=spatial_base.unet_config)
     spatial = model.unet_config.replace(motion=None)
     unet = model.params["unet"]
     if c["motion_module"]:
@@ -562,15 +574,17 @@ def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
         raise ConfigError("motion_module: required (the base model has no motion modules)")
     with _blame("motion_module"):
         unet = merge_motion(unet, motion, unet_config)  # (replaces motion modules the model had)
-    text = model.params["text_encoder"]
+    text = {k: v for k, v in model.params.items() if k.startswith("text_encoder")}  # (SDXL: text_encoder_2 too)
 
     if c["lora_model_path"]:
         with _blame("lora_model_path"):
-            personal = load_lora(c["lora_model_path"], "lora", base=unet_config, text_config=model.text_config)
+            personal = load_lora(c["lora_model_path"], "lora", base=unet_config, text_config=model.text_config,
+                                 text_config_2=getattr(model, "text_config_2", None))
         if personal.unet:
             unet = merge(unet, personal.unet, c["lora_alpha"])
-        if personal.text_encoder:
-            text = merge(text, personal.text_encoder, c["lora_alpha"])
+        for name, layers in (("text_encoder", personal.text_encoder), ("text_encoder_2", personal.text_encoder_2)):
+            if layers:
+                text[name] = merge(text[name], layers, c["lora_alpha"])
     if c["adapter_lora_path"]:
         with _blame("adapter_lora_path"):
             adapter = load_lora(c["adapter_lora_path"], "domain_adapter", base=unet_config).unet
@@ -586,9 +600,11 @@ def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
     if not tok_path:
         raise ConfigError(f"tokenizer: {c['base_model']} has no tokenizer/ folder; set tokenizer to a CLIP tokenizer "
                           "folder")
-    merged = SD15(unet_config, model.vae_config, model.text_config,
-                  dict(model.params, unet=unet, text_encoder=text), tok_path)
-    pipe = AnimationPipeline.from_sd15(merged, Tokenizer(tok_path), dtype=dtypes.to_jnp(c["dtype"]),
+    merged = dataclasses.replace(model, unet_config=unet_config, params=dict(model.params, unet=unet, **text),
+                                 tokenizer_path=tok_path)
+    if getattr(merged, "text_config_2", None) is not None and not merged.tokenizer_2_path:
+        merged = dataclasses.replace(merged, tokenizer_2_path=base.tokenizer_2_path)
+    pipe = AnimationPipeline.from_base(merged, Tokenizer(tok_path), dtype=dtypes.to_jnp(c["dtype"]),
                                        attention=c["attention"], quantize=c["quantize"])
     return _with_embeddings(pipe, c)
 

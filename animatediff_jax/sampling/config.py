@@ -81,6 +81,11 @@ def _sampler(c: ConfigDict) -> None:
     # AnimateDiff's DDIM (set_alpha_to_one True); {"preset": "diffusers_sd15"} is SD1.5's scheduler_config.json.
     c.scheduler_options = {}
     c.clip_skip = 0  # diffusers' clip_skip (prompts only)
+    # SDXL's size conditioning (its time ids, diffusers' argument names, each (height, width)): the size the
+    # training image had, the crop's top-left corner, the size wanted; () = the video's (H, W). SD1.5: unused.
+    c.original_size = ()
+    c.crops_coords_top_left = (0, 0)
+    c.target_size = ()
     c.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 | float16, or fp32 | bf16 | fp16 (latents stay float32)
     # UNet attention kernel (models.attention): auto (cuDNN flash on GPU, Pallas splash on TPU, blockwise
     # on CPU, for long sequences; XLA for short ones) | xla | chunked | cudnn | splash

@@ -64,7 +64,7 @@ def check_fits(pipe: AnimationPipeline, request: Request, mesh: Mesh | None = No
     against the text encoder, frames (or windows) against the motion module's position table, the
     controls against the base, `init_latents`' shape. (Everything else `Request` checked when built.)"""
     if pipe.tokenizer is None and need_tokenizer:
-        raise ConfigError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
+        raise ConfigError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_base")
     check_size(request.height, request.width, pipe.size_multiple)
     check_family(pipe, request)
     layers = pipe.text_config.num_layers

@@ -48,7 +48,7 @@ class AnimationPipeline:
     UNet's `models.attention` implementation ("auto": flash kernels on GPU/TPU, blockwise on
     CPU); the VAE and text encoder keep "auto" (one 512-wide head and 77 tokens, which no
     flash kernel takes). `quantize` is the UNet's `models.quantize` mode; its params hold the
-    int8 kernels already (`from_sd15` makes them: a new UNet needs `quantize_unet`).
+    int8 kernels already (`from_base` makes them: a new UNet needs `quantize_unet`).
 
     SDXL (`unet_config.family == "sdxl"`): `text_config` / `tokenizer` are the first text encoder's
     (ViT-L), `text_config_2` / `tokenizer_2` / `params["text_encoder_2"]` the second's (bigG, with the
@@ -70,18 +70,25 @@ class AnimationPipeline:
     force_zeros_for_empty_prompt: bool = True
 
     @classmethod
-    def from_sd15(cls, sd15, tokenizer=None, dtype=jnp.float32, attention: str = "auto",
-                  quantize: str = "none") -> "AnimationPipeline":
-        """From a loaded `checkpoints.sd15.SD15`; the tokenizer defaults to its `tokenizer_path`.
+    def from_base(cls, model, tokenizer=None, dtype=jnp.float32, attention: str = "auto",
+                  quantize: str = "none", tokenizer_2=None) -> "AnimationPipeline":
+        """From a loaded base, `checkpoints.sd15.SD15` or `checkpoints.sdxl.SDXL` (its second text encoder,
+        pooling rule and `force_zeros_for_empty_prompt` too); the tokenizers default to its tokenizer paths.
         The UNet's kernels are quantized by `quantize` (from float32) and then, for a half-precision
         `dtype`, the floating params cast, once here."""
-        if tokenizer is None and sd15.tokenizer_path:
-            from animatediff_jax.text import Tokenizer
+        from animatediff_jax.text import Tokenizer
 
-            tokenizer = Tokenizer(sd15.tokenizer_path)
-        params = {**sd15.params, "unet": quantize_unet(sd15.unet_config, sd15.params["unet"], quantize)}
-        return cls(sd15.unet_config, sd15.vae_config, sd15.text_config, cast_floating(params, dtype), tokenizer,
-                   dtype, attention, quantize)
+        if tokenizer is None and model.tokenizer_path:
+            tokenizer = Tokenizer(model.tokenizer_path)
+        xl = {}
+        if getattr(model, "text_config_2", None) is not None:
+            if tokenizer_2 is None and model.tokenizer_2_path:
+                tokenizer_2 = Tokenizer(model.tokenizer_2_path)
+            xl = dict(text_config_2=model.text_config_2, tokenizer_2=tokenizer_2, eos_token_id_2=model.eos_token_id_2,
+                      force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt)
+        params = {**model.params, "unet": quantize_unet(model.unet_config, model.params["unet"], quantize)}
+        return cls(model.unet_config, model.vae_config, model.text_config, cast_floating(params, dtype), tokenizer,
+                   dtype, attention, quantize, **xl)
 
     @property
     def unet(self) -> UNet3D:

@@ -69,7 +69,7 @@ def encode_text(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[st
     `encode_prompt` does.
     """
     if pipe.tokenizer is None:
-        raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_sd15")
+        raise ValueError("the pipeline has no tokenizer: pass one to AnimationPipeline / from_base")
     model = pipe.text_encoder
     params = pipe.params["text_encoder"]
     n = len(prompts)

@@ -367,11 +367,10 @@ def sd15_size_multiple(path: str) -> int:
     weights (a converted or diffusers folder; SD1.5's or SDXL's for a single file, by its key names). A folder
     whose configs cannot be read is a `CheckpointError` naming the file."""
     from animatediff_jax.checkpoints import params_io
+    from animatediff_jax.checkpoints.sdxl import base_family  # (sdxl.py builds on this module)
     from animatediff_jax.checkpoints.torch_io import CheckpointError, safetensors_metadata
     from animatediff_jax.io import fs
     from animatediff_jax.models.config import size_multiple
-
-    from animatediff_jax.checkpoints.sdxl import base_family  # (sdxl.py builds on this module)
 
     blocks, vae_blocks = 4, 4
     if not fs.isdir(path) and base_family(path) == "sdxl":

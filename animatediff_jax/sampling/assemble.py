@@ -17,11 +17,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from animatediff_jax import dtypes
+from animatediff_jax.checkpoints.motion import motion_version_of
 from animatediff_jax.checkpoints.sd15 import sd15_size_multiple
 from animatediff_jax.errors import ConfigError, FieldError
 from animatediff_jax.io import fs
 from animatediff_jax.models import quantize
-from animatediff_jax.checkpoints.motion import motion_version_of
 from animatediff_jax.models.config import MotionConfig, size_multiple
 from animatediff_jax.sampling.config import FORMATS, GROUPS, base_config, check_fields, plain
 from animatediff_jax.sampling.options import (

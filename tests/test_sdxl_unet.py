@@ -299,3 +299,30 @@ def test_real_size_layout(monkeypatch):
     assert str(_other_family("mm_sdxl_v10_beta.ckpt", cfg.motion, channels, sd15_unet())) == (
         "mm_sdxl_v10_beta.ckpt: the motion module is AnimateDiff-SDXL (3 levels, 320/640/1280) "
         "but the base is SD1.5 (4 levels, 320/640/1280/1280)")
+
+
+def test_export_motion_adapter_loads_in_diffusers(tmp_path):
+    """`export motion --format diffusers` of an SDXL beta module: a `MotionAdapter` folder diffusers reads back
+    tensor for tensor (and builds its SDXL `UNetMotionModel` from); `--format original` the `mm_sdxl` naming."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    from animatediff_jax.checkpoints.params_io import save_motion
+    from animatediff_jax.cli import main as cli_main
+
+    adapter = randomize(MotionAdapter(**motion_adapter_kwargs(MOTION)), seed=11)
+    adapter.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+    params, cfg = load_motion(tmp_path / "adapter", BASE.with_motion(MOTION.motion))
+    save_motion(tmp_path / "ours.safetensors", params, cfg)
+    assert cli_main(["export", "motion", str(tmp_path / "ours.safetensors"), "--out", str(tmp_path / "exported"),
+                     "--format", "diffusers"]) == 0
+    back = MotionAdapter.from_pretrained(tmp_path / "exported")
+    assert back.config.use_motion_mid_block is False and list(back.config.block_out_channels) == [32, 64, 128]
+    want, got = adapter.state_dict(), back.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    UNetMotionModel.from_unet2d(UNet2DConditionModel(**unet2d_kwargs(BASE)), back)  # what AnimateDiffSDXLPipeline does
+
+    assert cli_main(["export", "motion", str(tmp_path / "ours.safetensors"), "--out", str(tmp_path / "mm.safetensors"),
+                     "--format", "original"]) == 0
+    assert detect_motion_version(load_state_dict(tmp_path / "mm.safetensors")) == "sdxl_beta"
+    assert_trees_equal(load_motion(tmp_path / "mm.safetensors", BASE.with_motion(MOTION.motion))[0], params)

@@ -195,3 +195,49 @@ def test_programs_inputs(pipes):
     assert counts == {"sd15": 0, "sdxl": 4}, counts
     added = abstract_sampler(ours, request, mesh)["denoise"][1][5]
     assert [a.shape for a in jax.tree.leaves(added)] == [(2, TINY_G.projection_dim), (2, 6)] * 2
+
+
+def test_free_init_is_diffusers_on_sdxl(pipes, monkeypatch):
+    """FreeInit on SDXL: `AnimateDiffSDXLPipeline.enable_free_init(num_iters=2)` from the same initial latents,
+    diffusers' fresh noise replaced by ours (`free_init_noise`): the same latents after the last iteration."""
+    from diffusers.pipelines import free_init_utils
+
+    from animatediff_jax.sampling.free_init import free_init_noise
+    from animatediff_jax.sampling.keys import seed_key
+
+    ref, ours = pipes
+    x = noise(3)[:1]
+    key_data = jnp.stack([jax.random.key_data(seed_key(7))])
+    fresh = [torch.from_numpy(np.array(free_init_noise(key_data, 1, x.shape))).permute(0, 4, 1, 2, 3)]
+    monkeypatch.setattr(free_init_utils, "randn_tensor", lambda *a, **k: fresh.pop(0))
+    ref.enable_free_init(num_iters=2)
+    try:
+        with torch.no_grad():
+            want = ref(prompt="the cat", negative_prompt="dog", num_frames=F, height=H, width=W, num_inference_steps=3,
+                       guidance_scale=7.5, output_type="latent", latents=torch_latents(x)).frames
+    finally:
+        ref.disable_free_init()
+    assert not fresh  # diffusers drew exactly the one fresh noise
+    kw = dict(num_frames=F, height=H, width=W, steps=3, init_latents=x, scheduler="ddim", scheduler_options=DDIM_SDXL,
+              progress=False)
+    got = generate(ours, ["the cat"], ["dog"], [7], free_init=dict(num_iters=2), **kw)
+    err = assert_close(got.latents, want.permute(0, 2, 3, 4, 1).numpy(), rtol=1e-5, what="SDXL FreeInit vs diffusers")
+    plain = generate(ours, ["the cat"], ["dog"], [7], **kw)
+    assert np.abs(plain.latents - got.latents).max() > 1e-3
+    print(f"SDXL FreeInit 2 iterations: latents max abs err {err:.2e} vs diffusers")
+
+
+def test_video_to_video_keeps_the_video_at_low_strength_on_sdxl(pipes):
+    """Video to video on SDXL (no diffusers reference: its SDXL pipeline has none): a low strength stays near
+    the video's latents (encoded with SDXL's 0.13025), full strength goes anywhere."""
+    from animatediff_jax.models.vae import encode_video
+    from animatediff_jax.sampling.free_init import video_pixels
+
+    _, ours = pipes
+    video = np.random.default_rng(4).integers(0, 256, (1, F, H, W, 3), dtype=np.uint8)
+    kw = dict(num_frames=F, height=H, width=W, steps=10, sample_posterior=False, progress=False)
+    low = generate(ours, ["the cat"], None, [1], init_video=video, strength=0.2, **kw)
+    high = generate(ours, ["the cat"], None, [1], init_video=video, strength=1.0, **kw)
+    z0 = np.asarray(encode_video(ours.vae, ours.params["vae"], jnp.asarray(video_pixels(video))))
+    err = lambda r: np.abs(r.latents - z0).mean()  # noqa: E731
+    assert err(low) < 0.5 * err(high)

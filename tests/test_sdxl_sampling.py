@@ -1,6 +1,9 @@
 """SDXL sampling against diffusers' `AnimateDiffSDXLPipeline` (fp32 CPU, tiny random models): the same
 initial latents give the same latents after 3 guided DDIM steps and the same frames; SD1.5's sampler
-program is untouched; what SDXL cannot do yet is refused in one line.
+program is untouched; what SDXL cannot do yet is refused in one line. Prompt travel on SDXL (every frame
+its own interpolated hidden states and pooled embedding): one text on every keyframe is the plain sample,
+a pooled embedding per frame is diffusers' `UNet2DConditionModel` given that frame's, and a travelling
+video's end frames are its keyframes' texts' (a UNet without motion: frames independent).
 
 The reference: a tiny SDXL `UNetMotionModel` (text_time conditioning, a MotionAdapter without mid block:
 its motion norms span the frames, as our `sdxl_beta` layout's), a tiny `AutoencoderKL` with SDXL's
@@ -133,11 +136,11 @@ def test_frames_match_animatediff_sdxl_pipeline(pipes):
 def test_sdxl_refuses_what_it_cannot_do_yet(pipes):
     _, ours = pipes
     kw = dict(num_frames=F, height=H, width=W, steps=1, progress=False)
-    with pytest.raises(FieldError, match="prompt travel") as e:
-        generate(ours, [{0: "the cat", 2: "the dog"}], None, [0], **kw)
-    assert "\n" not in str(e.value)
-    with pytest.raises(FieldError, match="prompt_syntax"):
+    with pytest.raises(FieldError, match="prompt_syntax") as e:
         generate(ours, ["(the cat:1.3)"], None, [0], **kw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FieldError, match="prompt_syntax"):  # a travelling prompt's keyframes are checked too
+        generate(ours, [{0: "the cat", 2: "(the dog:1.3)"}], None, [0], **kw)
 
 
 def test_sd15_refuses_sdxl_sizes(tmp_path):
@@ -170,6 +173,16 @@ def test_windows_give_each_window_its_videos_added_cond(pipes):
     halves = jnp.concatenate([eps(x[:, :2]), eps(x[:, 2:])], axis=1)
     err = assert_close(windowed, halves, rtol=1e-5, what="windows vs halves")
     print(f"SDXL windows vs halves: max abs err {err:.2e}")
+    # prompt travel: each window takes its frames of the per-frame hidden states AND pooled embeddings
+    cond, uncond, added = encode_sdxl(ours, [{0: PROMPTS[0], 3: PROMPTS[1]}, PROMPTS[1]], ["the dog", ""],
+                                      np.asarray([16, 16, 0, 0, 16, 16]), True, num_frames=F)
+    assert added[0].text_embeds.shape == added[1].text_embeds.shape == (2, F, CFG.text_embeds_dim)
+    half = lambda a, k: AddedCond(a.text_embeds[:, k], a.time_ids)  # noqa: E731
+    windowed = run(ours.unet, ours.params["unet"], x, t, cond, uncond, 7.5, ((0, 1), (2, 3)), added=added)
+    halves = jnp.concatenate([run(ours.unet, ours.params["unet"], x[:, k], t, cond[:, k], uncond[:, k], 7.5,
+                                  added=tuple(half(a, k) for a in added)) for k in (slice(0, 2), slice(2, 4))], axis=1)
+    err = assert_close(windowed, halves, rtol=1e-5, what="travelling windows vs halves")
+    print(f"SDXL travelling windows vs halves: max abs err {err:.2e}")
 
 
 def test_programs_inputs(pipes):
@@ -195,6 +208,9 @@ def test_programs_inputs(pipes):
     assert counts == {"sd15": 0, "sdxl": 4}, counts
     added = abstract_sampler(ours, request, mesh)["denoise"][1][5]
     assert [a.shape for a in jax.tree.leaves(added)] == [(2, TINY_G.projection_dim), (2, 6)] * 2
+    travel = request.replace(prompts=({0: "a", 2: "b"}, "c"))  # prompt travel: a pooled embedding per frame
+    added = abstract_sampler(ours, travel, mesh)["denoise"][1][5]
+    assert [a.shape for a in jax.tree.leaves(added)] == [(2, F, TINY_G.projection_dim), (2, 6)] * 2
 
 
 def test_free_init_is_diffusers_on_sdxl(pipes, monkeypatch):
@@ -241,3 +257,112 @@ def test_video_to_video_keeps_the_video_at_low_strength_on_sdxl(pipes):
     z0 = np.asarray(encode_video(ours.vae, ours.params["vae"], jnp.asarray(video_pixels(video))))
     err = lambda r: np.abs(r.latents - z0).mean()  # noqa: E731
     assert err(low) < 0.5 * err(high)
+
+
+# ------------------------------------------------------------------ prompt travel (a pooled embedding per frame)
+
+SPATIAL = tiny_sdxl_unet(None, cross_attention_dim=CFG.cross_attention_dim,
+                         projection_class_embeddings_input_dim=CFG.projection_class_embeddings_input_dim)
+
+
+@pytest.fixture(scope="module")
+def spatial(pipes):
+    """(diffusers' `UNet2DConditionModel` of `SPATIAL`, our pipeline with it: the SDXL image UNet run per
+    frame, the text encoders and VAE of `pipes`)."""
+    from diffusers import UNet2DConditionModel
+    from torch_refs import unet2d_kwargs
+
+    _, ours = pipes
+    tm = parity.randomize(UNet2DConditionModel(**unet2d_kwargs(SPATIAL)), seed=8)
+    params = {**ours.params, "unet": jax.tree.map(jnp.asarray, convert_unet_state_dict(tm.state_dict(), SPATIAL))}
+    return tm, dataclasses.replace(ours, unet_config=SPATIAL, params=params)
+
+
+def test_travel_of_one_text_is_the_plain_sample(pipes):
+    """Every keyframe the same text (negatives plain, and a negative that travels too): the same latents
+    as the plain prompts, the per-frame hidden states and pooled embeddings all equal to the video's."""
+    _, ours = pipes
+    kw = dict(num_frames=F, height=H, width=W, steps=2, guidance_scale=7.5, scheduler="ddim",
+              scheduler_options=DDIM_SDXL, init_latents=noise(4), progress=False)
+    plain = generate(ours, PROMPTS, ["the dog", ""], [0, 1], **kw).latents
+    travel = [{0: PROMPTS[0], 2: PROMPTS[0]}, {0: PROMPTS[1], 1: PROMPTS[1], 3: PROMPTS[1]}]
+    for negatives in (["the dog", ""], [{0: "the dog", 3: "the dog"}, ""]):
+        got = generate(ours, travel, negatives, [0, 1], prompt_interpolation="slerp", **kw).latents
+        # fp32: the same embeddings up to rounding (slerp's, the encoders' other batch size, the added
+        # embedding computed per frame), through 2 steps at guidance 7.5: measured ~4e-6 of the latents' scale
+        err = assert_close(got, plain, rtol=1e-5, atol=1e-6, what=f"one-text travel vs plain [{negatives[0]}]")
+        print(f"SDXL one-text travel vs plain sample: max abs err {err:.2e} (latents max {np.abs(plain).max():.3g})")
+
+
+def test_unet_pooled_embedding_per_frame(pipes, spatial):
+    """`text_embeds` `[B, F, P]`: equal rows are the per-video `[B, P]` call (motion UNet); different
+    rows are, frame by frame, diffusers' `UNet2DConditionModel` given that frame's `added_cond_kwargs`
+    (no motion: the frames do not mix)."""
+    from animatediff_jax.models.unet import AddedCond, UNet3D
+
+    _, ours = pipes
+    tm, spatial_pipe = spatial
+    b, p = 2, CFG.text_embeds_dim
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, F, H // 2, W // 2, 4)).astype(np.float32)
+    ctx = rng.standard_normal((b, 77, CFG.cross_attention_dim)).astype(np.float32)
+    text = rng.standard_normal((b, F, p)).astype(np.float32)
+    ids = np.asarray([[64, 48, 8, 4, 32, 40], [16, 16, 0, 0, 16, 16]], np.float32)
+    t = np.asarray([500, 20], np.int32)
+
+    motion = jax.jit(UNet3D(CFG).apply)
+    per_video = motion({"params": ours.params["unet"]}, x, t, ctx, added_cond=AddedCond(text[:, 0], ids))
+    repeated = np.repeat(text[:, :1], F, axis=1)
+    per_frame = motion({"params": ours.params["unet"]}, x, t, ctx, added_cond=AddedCond(repeated, ids))
+    err = assert_close(per_frame, per_video, rtol=1e-5, what="equal pooled rows per frame vs per video")
+    print(f"SDXL UNet, pooled per frame (equal rows) vs per video: max abs err {err:.2e}")
+
+    got = jax.jit(UNet3D(SPATIAL).apply)({"params": spatial_pipe.params["unet"]}, x, t, ctx,
+                                          added_cond=AddedCond(text, ids))
+    frames = lambda v: torch.from_numpy(np.ascontiguousarray(v)).repeat_interleave(F, 0)  # noqa: E731  per video -> per frame
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x.reshape(b * F, H // 2, W // 2, 4).transpose(0, 3, 1, 2).copy()), frames(t),
+                 frames(ctx), added_cond_kwargs={"text_embeds": torch.from_numpy(text.reshape(b * F, p)),
+                                                 "time_ids": frames(ids)}).sample
+    ref = ref.numpy().transpose(0, 2, 3, 1).reshape(got.shape)
+    err = assert_close(got, ref, rtol=1e-5, what="pooled per frame vs UNet2DConditionModel per frame")
+    print(f"SDXL spatial UNet, pooled per frame vs diffusers per frame: max abs err {err:.2e} "
+          f"(ref max {np.abs(ref).max():.2f})")
+    # each frame's own row matters: the first frame's row on every frame gives other frames 1..F-1
+    first = jax.jit(UNet3D(SPATIAL).apply)({"params": spatial_pipe.params["unet"]}, x, t, ctx,
+                                            added_cond=AddedCond(np.repeat(text[:, :1], F, axis=1), ids))
+    np.testing.assert_allclose(first[:, 0], got[:, 0], rtol=0, atol=1e-5)
+    assert min(np.abs(np.asarray(first[:, k]) - ref[:, k]).max() for k in range(1, F)) > 1e-3
+
+
+def test_travel_end_frames_are_their_keyframes_texts(spatial):
+    """A 2-keyframe travel ({0: A, F-1: B}) through the UNet without motion (frames independent): frame 0
+    is the plain A video's frame 0, frame F-1 the plain B video's (both the hidden states and the pooled
+    embedding reach B), and the frames between move from A to B, each further from A and nearer to B."""
+    _, pipe = spatial
+    a, b = PROMPTS
+    kw = dict(num_frames=F, height=H, width=W, steps=2, guidance_scale=7.5, scheduler="ddim",
+              scheduler_options=DDIM_SDXL, init_latents=noise(5)[:1], progress=False)
+    got = generate(pipe, [{0: a, F - 1: b}], ["the dog"], [0], **kw).latents[0]
+    want_a = generate(pipe, [a], ["the dog"], [0], **kw).latents[0]
+    want_b = generate(pipe, [b], ["the dog"], [0], **kw).latents[0]
+    e0 = assert_close(got[0], want_a[0], rtol=1e-5, atol=1e-6, what="travel frame 0 vs keyframe 0's text")
+    e1 = assert_close(got[-1], want_b[-1], rtol=1e-5, atol=1e-6, what="travel last frame vs keyframe 1's text")
+    print(f"SDXL travel end frames vs their texts' samples: max abs err {e0:.2e}, {e1:.2e}")
+    to_a = [np.abs(got[k] - want_a[k]).max() for k in range(F)]
+    to_b = [np.abs(got[k] - want_b[k]).max() for k in range(F)]
+    print(f"SDXL travel: distance to A's frames {np.round(to_a, 4)}, to B's {np.round(to_b, 4)}")
+    assert all(x < y for x, y in zip(to_a, to_a[1:])), to_a
+    assert all(x > y for x, y in zip(to_b, to_b[1:])), to_b
+    # the pooled embeddings travel by the hidden states' rule and weights (linear: frame k at k / (F - 1))
+    from animatediff_jax.sampling.prompts import encode_sdxl
+
+    ids = np.asarray([16, 16, 0, 0, 16, 16])
+    cond, _, (added, _) = encode_sdxl(pipe, [{0: a, F - 1: b}], None, ids, False, num_frames=F)
+    keys, _, (ends, _) = encode_sdxl(pipe, [a, b], None, ids, False)
+    assert cond.shape == (1, F) + keys.shape[1:] and added.text_embeds.shape == (1, F, CFG.text_embeds_dim)
+    for name, got_, ends_ in (("hidden states", cond[0], keys), ("pooled", added.text_embeds[0], ends.text_embeds)):
+        for k in range(F):
+            w = k / (F - 1)
+            assert_close(got_[k], (1 - w) * ends_[0] + w * ends_[1], rtol=1e-6, atol=1e-6, what=f"{name} frame {k}")
+    np.testing.assert_array_equal(added.time_ids, ids[None].astype(np.float32))

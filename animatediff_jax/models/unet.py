@@ -122,10 +122,11 @@ def _remat(cls: type, policy: str, static_argnums: tuple[int, ...] = ()) -> type
 
 
 class AddedCond(NamedTuple):
-    """SDXL's added conditioning (`UNet3D`'s `added_cond`; diffusers' `added_cond_kwargs`), one per video:
-    `text_embeds` `[B, P]` (the second text encoder's pooled, projected output; SDXL: 1280) and `time_ids`
-    `[B, 6]` (original size, crop top-left, target size: (h, w) each). Under CFG the batch carries the
-    unconditional and conditional halves, as the latents do."""
+    """SDXL's added conditioning (`UNet3D`'s `added_cond`; diffusers' `added_cond_kwargs`): `text_embeds`
+    `[B, P]` (the second text encoder's pooled, projected output; SDXL: 1280), or `[B, F, P]` one per frame
+    (prompt travel, as the context may be `[B, F, L, D]`), and `time_ids` `[B, 6]` per video (original
+    size, crop top-left, target size: (h, w) each). Under CFG the batch carries the unconditional and
+    conditional halves, as the latents do."""
 
     text_embeds: jax.Array
     time_ids: jax.Array
@@ -280,9 +281,11 @@ class UpBlock(nn.Module):
         return x
 
 
-def added_embedding(cfg: UNetConfig, added_cond: AddedCond | None, batch: int, kw: dict) -> jax.Array | None:
-    """SDXL's added embedding `[B, T]` (module `add_embedding` of the calling model), or None for a UNet
-    without one (`cfg.addition_embed_type` None: then `added_cond` must be None too).
+def added_embedding(cfg: UNetConfig, added_cond: AddedCond | None, batch: int, num_frames: int,
+                    kw: dict) -> jax.Array | None:
+    """SDXL's added embedding (module `add_embedding` of the calling model): `[B, T]` for a pooled text
+    per video, `[B*F, T]` for one per frame (frames folded into the batch, each with its video's time
+    ids); None for a UNet without one (`cfg.addition_embed_type` None: then `added_cond` must be None too).
 
     diffusers' `text_time`: each time id through the sinusoidal timestep features at
     `addition_time_embed_dim` (`add_time_proj`: flip_sin_to_cos, no shift), flattened per sample, after
@@ -294,13 +297,18 @@ def added_embedding(cfg: UNetConfig, added_cond: AddedCond | None, batch: int, k
     if added_cond is None:
         raise ValueError("this UNet (addition_embed_type='text_time') needs added_cond: AddedCond(text_embeds, time_ids)")
     text, ids = jnp.asarray(added_cond.text_embeds), jnp.asarray(added_cond.time_ids)
-    if text.shape != (batch, cfg.text_embeds_dim) or ids.ndim != 2 or ids.shape[0] != batch:
+    per_frame = text.ndim == 3
+    if (text.shape not in ((batch, cfg.text_embeds_dim), (batch, num_frames, cfg.text_embeds_dim))
+            or ids.ndim != 2 or ids.shape[0] != batch):
         raise ValueError(f"added_cond: text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} for {batch} "
-                         f"videos (expected [{batch}, {cfg.text_embeds_dim}] and [{batch}, 6])")
-    if text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim != cfg.projection_class_embeddings_input_dim:
-        raise ValueError(f"added_cond: {ids.shape[1]} time ids x {cfg.addition_time_embed_dim} + {text.shape[1]} "
+                         f"videos of {num_frames} frames (expected [{batch}, {cfg.text_embeds_dim}] or [{batch}, "
+                         f"{num_frames}, {cfg.text_embeds_dim}], and [{batch}, 6])")
+    if text.shape[-1] + ids.shape[1] * cfg.addition_time_embed_dim != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(f"added_cond: {ids.shape[1]} time ids x {cfg.addition_time_embed_dim} + {text.shape[-1]} "
                          f"do not make projection_class_embeddings_input_dim {cfg.projection_class_embeddings_input_dim}")
-    time_embeds = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim).reshape(batch, -1)
+    if per_frame:
+        text, ids = text.reshape(batch * num_frames, -1), jnp.repeat(ids, num_frames, axis=0)
+    time_embeds = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim).reshape(text.shape[0], -1)
     features = jnp.concatenate([text.astype(jnp.float32), time_embeds], axis=-1)
     return TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(features)
 
@@ -312,15 +320,16 @@ def frame_conditioning(cfg: UNetConfig, timesteps, context, batch: int, num_fram
     [B*F, L, D])`.
 
     `timesteps` is `[B]` or a scalar; `context` is `[B, L, D]` (one per video) or `[B, F, L, D]`
-    (one per frame: prompt travel); `added_cond` (SDXL) one per video. Called inside a model's compact
-    `__call__` (UNet3D, ControlNet).
+    (one per frame: prompt travel); `added_cond` (SDXL) with its pooled text per video or per frame.
+    Called inside a model's compact `__call__` (UNet3D, ControlNet).
     """
     b, f = batch, num_frames
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
     chans = cfg.block_out_channels
     temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(timestep_embedding(timesteps, chans[0]))
-    extra = added_embedding(cfg, added_cond, b, kw)
-    if extra is not None:
+    extra = added_embedding(cfg, added_cond, b, f, kw)
+    per_frame = extra is not None and jnp.ndim(added_cond.text_embeds) == 3
+    if extra is not None and not per_frame:  # (one per video: added before the frames are repeated, as before)
         temb = temb + extra
     context = context.astype(kw["dtype"])
     if context.ndim == 4:
@@ -329,7 +338,10 @@ def frame_conditioning(cfg: UNetConfig, timesteps, context, batch: int, num_fram
         frame_context = context.reshape((b * f,) + context.shape[2:])
     else:
         frame_context = jnp.repeat(context, f, axis=0)
-    return jnp.repeat(temb, f, axis=0), frame_context
+    temb = jnp.repeat(temb, f, axis=0)
+    if per_frame:
+        temb = temb + extra
+    return temb, frame_context
 
 
 def _per_frame(x: jax.Array, b: int, f: int, what: str) -> jax.Array:
@@ -374,7 +386,8 @@ class UNet3D(nn.Module):
     own text, as diffusers' `UNetMotionModel` given `(B*F, L, D)` does; `[B, L, D]` is one per video.
 
     Without a motion config it is the image UNet run per frame (the base SD1.5 / SDXL model). An SDXL
-    config (`addition_embed_type="text_time"`) also takes `added_cond` (`AddedCond`), one per video.
+    config (`addition_embed_type="text_time"`) also takes `added_cond` (`AddedCond`): its pooled text one
+    per video or (prompt travel) one per frame, its time ids per video.
     `remat` names a `jax.checkpoint` policy applied to every resnet, spatial transformer and
     motion module on its own (training memory: activations inside a block are recomputed).
     `attention` picks the kernel of every attention inside (`models.attention`: "auto" is a

@@ -55,21 +55,25 @@ def predict_noise(
     the conditional prediction alone. `control(x, t, context, frames, pairs) -> (down, mid)`: the
     control models' residuals for that same UNet input (`sampling.control`), or None. `images`: IP-Adapter
     image prompts (`sampling.ip_adapter`; `unet_params` holding their `to_k_ip` / `to_v_ip`), each CFG half
-    with its own tokens, or None. `added`: SDXL's `(cond, uncond)` added conditioning (`AddedCond`, one per
-    video: every window of a video gets it), laid out as the texts; None for an SD1.5 UNet (no input added).
+    with its own tokens, or None. `added`: SDXL's `(cond, uncond)` added conditioning (`AddedCond`: time ids
+    per video, every window of a video gets them; the pooled text per video too, or per frame as the texts
+    may be: windows take their frames'), laid out as the texts; None for an SD1.5 UNet (no input added).
     """
     apply = functools.partial(unet.apply, {"params": unet_params})
     if not _cfg_enabled(guidance_scale):
         uncond = None
     added_c, added_u = (None, None) if added is None else added
 
-    def frames(c: jax.Array | None, ix: jax.Array | None) -> jax.Array | None:
-        """A per-frame context `[B, F, L, D]` cut to the window's frames (one per video stays)."""
-        return c if c is None or ix is None or c.ndim == 3 else jnp.take(c, ix, axis=1)
+    def frames(c: jax.Array | None, ix: jax.Array | None, per_video_ndim: int = 3) -> jax.Array | None:
+        """A per-frame input (context `[B, F, L, D]`, pooled text `[B, F, P]`) cut to the window's frames
+        (one per video, of `per_video_ndim` dims, stays)."""
+        return c if c is None or ix is None or c.ndim == per_video_ndim else jnp.take(c, ix, axis=1)
 
     def run(xw: jax.Array, ix: jax.Array | None = None) -> jax.Array:
         b = xw.shape[0]
         c, u = frames(cond, ix), frames(uncond, ix)
+        a_c, a_u = (None if a is None else a._replace(text_embeds=frames(a.text_embeds, ix, 2))
+                    for a in (added_c, added_u))
 
         def unet(x_, ctx_, pairs, added_):
             res = (None, None) if control is None else control(x_, t, ctx_, ix, pairs)
@@ -79,10 +83,10 @@ def predict_noise(
             return apply(x_, t, ctx_, *res, **kw).astype(jnp.float32)
 
         if u is None:
-            return unet(xw, c, False, added_c)
+            return unet(xw, c, False, a_c)
         x2 = jnp.stack([xw, xw], axis=1).reshape((2 * b,) + xw.shape[1:])
         ctx = pairwise(u, c)
-        both = None if added_c is None else AddedCond(*(pairwise(a, b_) for a, b_ in zip(added_u, added_c)))
+        both = None if a_c is None else AddedCond(*(pairwise(a, b_) for a, b_ in zip(a_u, a_c)))
         out = unet(x2, ctx, True, both).reshape((b, 2) + xw.shape[1:])
         eps_u, eps_c = out[:, 0], out[:, 1]
         return eps_u + guidance_scale * (eps_c - eps_u)

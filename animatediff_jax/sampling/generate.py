@@ -121,9 +121,6 @@ def check_family(pipe: AnimationPipeline, request: Request) -> None:
     if request.clip_skip >= layers:
         raise FieldError("clip_skip", f"={request.clip_skip}: SDXL's text encoders have {layers} layers (expected 0 to "
                          f"{layers - 1})")
-    if request.travels:
-        raise FieldError("prompts", ": prompt travel ({frame: text}) is not supported on SDXL yet (which pooled "
-                         "embedding a frame gets is undefined); give one text per video")
     if request.controls:
         raise FieldError("controls", ": ControlNet / SparseCtrl are not supported on SDXL yet")
     if request.ip_adapters:
@@ -222,8 +219,9 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
 
     On an SDXL pipeline (`pipe.sdxl`) it is diffusers' `AnimateDiffSDXLPipeline`: both text encoders, the
     pooled embeddings and size ids (`original_size`, `crops_coords_top_left`, `target_size`) per video into
-    the UNet, no negative prompt giving zero embeddings (`force_zeros_for_empty_prompt`); prompt travel,
-    controls and IP-Adapter are refused.
+    the UNet, no negative prompt giving zero embeddings (`force_zeros_for_empty_prompt`); prompt travel gives
+    each frame its interpolated hidden states and pooled embedding (`prompts.travel_sdxl`); controls and
+    IP-Adapter are refused.
     """
     if not isinstance(request, Request):
         request = Request.create(request, negative_prompts, seeds, **settings)
@@ -241,7 +239,8 @@ def generate(pipe: AnimationPipeline, request: Request | Sequence[Prompt], negat
     added = None
     if pipe.sdxl:  # (diffusers' SDXL: no negative prompt is zeros, not "", under force_zeros_for_empty_prompt)
         cond, uncond, added = encode_sdxl(pipe, request.prompts, request.negative_prompts, request.time_ids(), use_cfg,
-                                          request.clip_skip, request.prompt_syntax)
+                                          request.clip_skip, request.prompt_syntax, request.num_frames,
+                                          request.prompt_interpolation)
         c_text = 0.0
     else:
         cond, uncond, c_text = encode_prompts(pipe, request.prompts, negatives, request.num_frames, request.clip_skip,

@@ -154,8 +154,9 @@ def abstract_sampler(pipe: AnimationPipeline, request: Request, mesh: Mesh, prog
     ctx = (n, text.max_positions, pipe.context_dim)
     ctx = ctx[:1] + (f,) + ctx[1:] if request.travels else ctx
     added = None
-    if pipe.sdxl:  # the pooled text and time ids per video, each guidance half its own
-        one = AddedCond(sds((n, pipe.unet_config.text_embeds_dim), pipe.dtype), sds((n, 6), jnp.float32))
+    if pipe.sdxl:  # the pooled text (per frame under travel) and time ids per video, each guidance half its own
+        pooled = (n,) + ((f,) if request.travels else ()) + (pipe.unet_config.text_embeds_dim,)
+        one = AddedCond(sds(pooled, pipe.dtype), sds((n, 6), jnp.float32))
         added = (one, one if use_cfg else None)
     control_arrays = [{k: sds((n,) + np.shape(v), np.asarray(v).dtype) for k, v in a.items()}
                       for a in lay.control_arrays]

@@ -13,7 +13,8 @@ diffusers' `encode_prompt` embeddings exactly (one chunk, no weights: the same p
 SDXL (`encode_sdxl`): both text encoders through `text.encode_prompts_sdxl` (diffusers'
 `StableDiffusionXLPipeline.encode_prompt`), plus the added conditioning the UNet takes per video (the
 pooled embeddings and the size ids); prompts are read plainly (a prompt the web UI would read otherwise
-is refused).
+is refused). SDXL prompt travel (`travel_sdxl`) interpolates the pooled embeddings per frame as it does
+the hidden states.
 """
 
 from __future__ import annotations
@@ -105,12 +106,13 @@ def travel_rows(keys: list[tuple[int, str]], num_frames: int, row: Mapping[str, 
 
 
 def interpolate(emb: jax.Array, i: jax.Array, j: jax.Array, t: jax.Array, method: str = "linear") -> jax.Array:
-    """`emb[i]` to `emb[j]` at `t` (`[F]` each) for embeddings `emb` `[K, L, D]` -> `[F, L, D]`.
+    """`emb[i]` to `emb[j]` at `t` (`[F]` each) for embeddings `emb` `[K, ..., D]` (hidden states `[K, L, D]`,
+    SDXL's pooled `[K, P]`) -> `[F, ..., D]`.
 
     "linear": `(1 - t) a + t b` (diffusers' FreeNoise `_lerp`); "slerp": along the great circle
-    between each token's two vectors (linear where they are parallel)."""
+    between each token's (each pooled) two vectors (linear where they are parallel)."""
     a, b = emb[i].astype(jnp.float32), emb[j].astype(jnp.float32)
-    tt = t.astype(jnp.float32)[:, None, None]
+    tt = t.astype(jnp.float32).reshape(t.shape + (1,) * (a.ndim - 1))
     if method == "linear":
         return (1 - tt) * a + tt * b
     if method != "slerp":
@@ -124,6 +126,15 @@ def interpolate(emb: jax.Array, i: jax.Array, j: jax.Array, t: jax.Array, method
     wa = jnp.where(parallel, 1 - tt, jnp.sin((1 - tt) * theta) / safe)
     wb = jnp.where(parallel, tt, jnp.sin(tt * theta) / safe)
     return wa * a + wb * b
+
+
+def travel(emb: jax.Array, keys: Sequence[list[tuple[int, str]]], texts: Sequence[str], num_frames: int,
+           method: str = "linear") -> jax.Array:
+    """`[N, F, ...]`: each video's frames interpolated (`interpolate`) between its keyframes `keys[n]`, from
+    `emb` `[K, ...]` the embeddings of the unique `texts` in order."""
+    row = {t: r for r, t in enumerate(texts)}
+    return jnp.stack([interpolate(emb, *map(jnp.asarray, travel_rows(k, num_frames, row)), method)
+                      for k in keys]).astype(emb.dtype)
 
 
 def encode_prompts(pipe: Any, prompts: Sequence[Prompt], negative_prompts: Sequence[Prompt] | None, num_frames: int,
@@ -143,14 +154,8 @@ def encode_prompts(pipe: Any, prompts: Sequence[Prompt], negative_prompts: Seque
     unique_pos = list(dict.fromkeys(t for k in pos for _, t in k))
     unique_neg = None if neg is None else list(dict.fromkeys(t for k in neg for _, t in k))
     cond_u, uncond_u, compile_s = encode_text(pipe, unique_pos, unique_neg, clip_skip, programs, syntax)
-
-    def per_frame(emb, keys, texts):
-        row = {t: r for r, t in enumerate(texts)}
-        return jnp.stack([interpolate(emb, *map(jnp.asarray, travel_rows(k, num_frames, row)), interpolation)
-                          for k in keys])
-
-    cond = per_frame(cond_u, pos, unique_pos).astype(cond_u.dtype)
-    uncond = None if neg is None else per_frame(uncond_u, neg, unique_neg).astype(uncond_u.dtype)
+    cond = travel(cond_u, pos, unique_pos, num_frames, interpolation)
+    uncond = None if neg is None else travel(uncond_u, neg, unique_neg, num_frames, interpolation)
     return cond, uncond, compile_s
 
 
@@ -166,16 +171,21 @@ def check_plain(tokenizer: Any, texts: Sequence[str]) -> None:
                              "tokens, which SDXL sampling does not read yet; use prompt_syntax='plain'")
 
 
-def encode_sdxl(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str] | None, time_ids: np.ndarray,
-                guided: bool, clip_skip: int = 0, syntax: str = "a1111"
-                ) -> tuple[jax.Array, jax.Array | None, tuple[AddedCond, AddedCond | None]]:
+def encode_sdxl(pipe: Any, prompts: Sequence[Prompt], negative_prompts: Sequence[Prompt] | None,
+                time_ids: np.ndarray, guided: bool, clip_skip: int = 0, syntax: str = "a1111", num_frames: int = 1,
+                interpolation: str = "linear") -> tuple[jax.Array, jax.Array | None, tuple[AddedCond, AddedCond | None]]:
     """`(cond, uncond or None, (added, added_uncond or None))` of an SDXL pipeline: both encoders' hidden
     states side by side `[N, 77, D1 + D2]`, and per video the pooled embeddings with `time_ids` `[6]`
     (both halves the same ids, as diffusers without negative sizes). Under guidance, `negative_prompts`
     None gives zeros when the pipeline's `force_zeros_for_empty_prompt` (else ""). `clip_skip` 0 is
-    diffusers' None (the penultimate layer)."""
+    diffusers' None (the penultimate layer).
+
+    Prompt travel (a `{frame: text}` prompt or negative): `travel_sdxl`, everything per frame."""
     from animatediff_jax.text import encode_prompts_sdxl
 
+    if not all(isinstance(p, str) for p in list(prompts) + list(negative_prompts or [])):
+        return travel_sdxl(pipe, prompts, negative_prompts, time_ids, guided, clip_skip, syntax, num_frames,
+                           interpolation)
     if pipe.tokenizer is None or pipe.tokenizer_2 is None:
         raise ValueError("an SDXL pipeline needs both tokenizers (tokenizer, tokenizer_2)")
     if syntax == "a1111":
@@ -190,3 +200,32 @@ def encode_sdxl(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[st
     if not guided:
         return out.prompt_embeds, None, (added, None)
     return out.prompt_embeds, out.negative_prompt_embeds, (added, AddedCond(out.negative_pooled_prompt_embeds, ids))
+
+
+def travel_sdxl(pipe: Any, prompts: Sequence[Prompt], negative_prompts: Sequence[Prompt] | None,
+                time_ids: np.ndarray, guided: bool, clip_skip: int, syntax: str, num_frames: int,
+                interpolation: str) -> tuple[jax.Array, jax.Array | None, tuple[AddedCond, AddedCond | None]]:
+    """`encode_sdxl` for prompts that travel, as AnimateDiff-Evolved's SDXL prompt scheduling: each unique
+    keyframe text encoded once by both encoders, then every frame gets its hidden states AND its pooled
+    embedding interpolated between its keyframes' alike (`travel`: the same rows and weights), so the
+    added conditioning follows the text: `[N, F, 77, D1 + D2]` and `AddedCond(text_embeds [N, F, P],
+    time_ids [N, 6])` (the sizes stay per video). Both sides come back per frame (a side that does not
+    travel: its text held on every frame; no negative under `force_zeros_for_empty_prompt`: zeros).
+    Negatives are encoded as diffusers encodes them (the penultimate layer whatever `clip_skip`)."""
+
+    def per_frame(texts: Sequence[Prompt], skip: int, what: str) -> tuple[jax.Array, jax.Array]:
+        keys = [keyframes(p, num_frames, f"{what}[{b}]") for b, p in enumerate(texts)]
+        unique = list(dict.fromkeys(t for k in keys for _, t in k))
+        hidden, _, (added, _) = encode_sdxl(pipe, unique, None, time_ids, False, skip, syntax)
+        return (travel(hidden, keys, unique, num_frames, interpolation),
+                travel(added.text_embeds, keys, unique, num_frames, interpolation))
+
+    ids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (len(prompts), 6))
+    cond, pooled = per_frame(prompts, clip_skip, "prompts")
+    if not guided:
+        return cond, None, (AddedCond(pooled, ids), None)
+    if negative_prompts is None and pipe.force_zeros_for_empty_prompt:
+        uncond, neg_pooled = jnp.zeros_like(cond), jnp.zeros_like(pooled)
+    else:
+        uncond, neg_pooled = per_frame(negative_prompts or [""] * len(prompts), 0, "negative_prompts")
+    return cond, uncond, (AddedCond(pooled, ids), AddedCond(neg_pooled, ids))

@@ -73,7 +73,8 @@ HEAVY = {"test_real_size.py", "test_sd15_released.py", "test_memory_bench.py", "
 GROUP_SECONDS = {"real-size": 300, "test_toy.py": 296, "test_fault_tolerance.py": 185, "test_steering.py": 171,
                  "test_compile.py": 167, "test_training.py": 117, "test_sharding.py": 96, "test_multihost.py": 96,
                  "test_sampling.py": 82, "test_parity.py": 63, "test_unet.py": 56, "test_sample_cli.py": 56,
-                 "test_quantize.py": 105, "test_sdxl_unet.py": 52, "test_sdxl_text.py": 30,
+                 "test_sdxl_training.py": 110, "test_sdxl_sampling.py": 110, "test_quantize.py": 105,
+                 "test_sdxl_unet.py": 80, "test_sdxl_load.py": 45, "test_hotshot.py": 40, "test_sdxl_text.py": 30,
                  "test_control_sampling.py": 55, "test_readme.py": 45, "test_train_bench.py": 44,
                  "test_resume.py": 38, "test_export.py": 38, "test_remote_paths.py": 38, "test_interrupts.py": 31,
                  "test_ip_adapter.py": 31, "test_prepare.py": 30}
@@ -85,7 +86,8 @@ GROUP_SECONDS = {"real-size": 300, "test_toy.py": 296, "test_fault_tolerance.py"
 # on 2 CPU cores with `--durations`: a test over ~3 s goes here, and so do the users of a module
 # fixture that costs more than ~5 s (a training or sampling run, models built in diffusers); each
 # file keeps its quick tests.
-SLOW_FILES = {"test_real_size.py", "test_multihost.py"}
+SLOW_FILES = {"test_real_size.py", "test_multihost.py", "test_sdxl_sampling.py", "test_sdxl_training.py",
+              "test_sdxl_load.py"}
 SLOW_TESTS = {
     "test_attention.py": {
         "test_chunked_gradient_memory", "test_chunked_inside_flax_module", "test_chunked_under_vmap",
@@ -202,7 +204,12 @@ SLOW_TESTS = {
                          "test_unet_quantizes_spatial_layers_only", "test_int8_flops_counted_from_the_optimised_program"},
     "test_sdxl_text.py": {"test_released_sdxl_text_layout", "test_tiny_bigg_tower_matches_transformers"},
     "test_sdxl_unet.py": {"test_spatial_unet_matches_unet2d", "test_motion_unet_matches_unet_motion_model",
-                          "test_real_size_layout", "test_family_mismatch_is_one_line"},
+                          "test_real_size_layout", "test_family_mismatch_is_one_line",
+                          "test_export_motion_adapter_loads_in_diffusers",
+                          "test_adapter_and_original_files_load_to_the_same_params"},
+    "test_hotshot.py": {"test_unet_matches_reference", "test_real_size_layout", "test_mismatch_is_one_line",
+                        "test_temporal_layer_matches_reference"},
+    "test_sdxl_lora.py": {"test_sdxl_kohya_lora_merges_like_torch_and_diffusers"},
     "test_train_bench.py": {"test_train_bench_tiny"},
     "test_train_memory.py": {"test_runtime_lora_equals_merged_fp32", "test_runtime_lora_survives_bf16_base",
                              "test_fsdp_gathers_per_layer_in_bf16"},

@@ -214,13 +214,13 @@ def test_uint8_pixels_scale_on_the_device_exactly(tiny_sd):
     assert plain.tobytes() != to_float(every).tobytes()  # why the lookup: XLA's division is not the host's
     vae = AutoencoderKL(tiny_sd.vae_config)
     frozen = {"vae": tiny_sd.params["vae"]}
-    spec = SimpleNamespace(vae=vae, text=None, vae_sample_posterior=True)
+    spec = SimpleNamespace(vae=vae, text=None, text_2=None, vae_sample_posterior=True)
     video = np.random.default_rng(0).integers(0, 256, (2, 2, 8, 8, 3), dtype=np.uint8)
     keys = jax.random.split(jax.random.key(1), 2)
     ctx = np.zeros((2, 4, 8), np.float32)
     fn = jax.jit(lambda frozen, batch, keys: _latents_and_context(spec, frozen, batch, keys))
-    lat_u8, _ = fn(frozen, {"video": video, "context": ctx}, keys)
-    lat_f32, _ = fn(frozen, {"video": to_float(video), "context": ctx}, keys)
+    lat_u8 = fn(frozen, {"video": video, "context": ctx}, keys)[0]
+    lat_f32 = fn(frozen, {"video": to_float(video), "context": ctx}, keys)[0]
     np.testing.assert_array_equal(np.asarray(lat_u8), np.asarray(lat_f32))
 
 

@@ -508,6 +508,28 @@ def load_converted_sdxl(folder: str | os.PathLike) -> SDXL:
                 force_zeros_for_empty_prompt=bool(meta["sdxl_text"]["force_zeros_for_empty_prompt"]))
 
 
+def sdxl_folder_configs(folder: str | os.PathLike) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, CLIPTextConfig] | None:
+    """The configs of the SDXL base in `folder` (converted: its params file's header; diffusers: the
+    `config.json`s), read without a weight; None when `folder` holds no SDXL base (an SD1.5 folder, a
+    file, nothing). What training tells an SDXL base from an SD1.5 one by, and builds abstract models from."""
+    from animatediff_jax.checkpoints.torch_io import safetensors_metadata
+
+    folder = os.fspath(folder)
+    converted = os.path.join(folder, PARAMS_FILE)
+    if fs.isfile(converted):
+        meta = safetensors_metadata(converted)
+        if not all(k in meta for k in _CONVERTED_CONFIGS):
+            return None
+        return tuple(config_from_dict(cls, json.loads(meta[k])) for k, cls in _CONVERTED_CONFIGS.items())
+    if not (fs.isdir(folder) and fs.isfile(os.path.join(folder, "unet", "config.json"))):
+        return None
+    unet_cfg = _read_config(os.path.join(folder, "unet", "config.json"), UNetConfig.from_diffusers)
+    if unet_cfg.family != "sdxl":
+        return None
+    vae_cfg = _read_config(os.path.join(folder, "vae", "config.json"), VAEConfig.from_diffusers)
+    return (unet_cfg, vae_cfg, _text_config(folder, "text_encoder")[0], _text_config(folder, "text_encoder_2")[0])
+
+
 def load_sdxl(path: str | os.PathLike, *, base: SDXL | None = None, **configs: Any) -> SDXL:
     """A whole SDXL base from a converted folder (`save_converted_sdxl`), a diffusers folder or a single
     file (`configs`: the single file's `unet_config`, `vae_config`, `text_config`, `text_config_2`)."""

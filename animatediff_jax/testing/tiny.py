@@ -113,6 +113,33 @@ def write_tiny_models(folder: str | os.PathLike, seed: int = 0) -> dict[str, str
     return paths
 
 
+def write_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> str:
+    """Writes a converted tiny SDXL base (`checkpoints.sdxl.save_converted_sdxl`: `params.safetensors`
+    + `tokenizer/`, `tokenizer_2/`) with random weights, once (kept if already there): the shapes of
+    `model.size="tiny_sdxl"` (`training.models`), for a training config's `model.pretrained`. Returns
+    the folder."""
+    from animatediff_jax.checkpoints.sdxl import SDXL, save_converted_sdxl
+    from animatediff_jax.models.shapes import sdxl_text_shapes, unet_shapes, vae_shapes
+    from animatediff_jax.training.models import _size_configs
+
+    folder = os.fspath(folder)
+    if os.path.isfile(os.path.join(folder, "DONE")):
+        return folder
+    unet, vae, text, text_2 = _size_configs("tiny_sdxl")
+    params = {"unet": random_params(unet_shapes(unet), seed), "vae": random_params(vae_shapes(vae), seed + 1),
+              "text_encoder": random_params(sdxl_text_shapes(text), seed + 2),
+              "text_encoder_2": random_params(sdxl_text_shapes(text_2), seed + 3)}
+    toks = os.path.join(folder + "_tok")
+    write_tiny_tokenizer(os.path.join(toks, "tokenizer"))
+    write_tiny_tokenizer(os.path.join(toks, "tokenizer_2"), pad_token="!")  # (SDXL's second pads with "!")
+    save_converted_sdxl(folder, SDXL(unet, vae, text, text_2, params, tokenizer_path=os.path.join(toks, "tokenizer"),
+                                     tokenizer_2_path=os.path.join(toks, "tokenizer_2")))
+    shutil.rmtree(toks)  # copied into the folder
+    with open(os.path.join(folder, "DONE"), "w") as f:
+        f.write("tiny random SDXL base for configs/train/tiny_sdxl_stage2.py\n")
+    return folder
+
+
 if __name__ == "__main__":  # python -m animatediff_jax.testing.tiny FOLDER
     import sys
 

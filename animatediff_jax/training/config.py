@@ -10,6 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from animatediff_jax import dtypes
 from animatediff_jax.errors import ConfigError
@@ -38,14 +39,20 @@ def base_config() -> ConfigDict:
 def _model(c: ConfigDict) -> None:
     """The model files: base, motion module, adapters, LoRA."""
     c.model = m = ConfigDict()
-    m.pretrained = ""  # converted SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`); "" = random
-    m.size = "sd15"  # random-init size when pretrained == "": "sd15" | "tiny"
+    # The base: a converted SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`), or an SDXL one (converted
+    # by `convert sdxl`, or a diffusers SDXL folder), told apart by its files; "" = random weights of `size`.
+    m.pretrained = ""
+    # Random-init size when pretrained == "": "sd15" | "sdxl" | "tiny" | "tiny_sdxl"; also the base a pretrained
+    # folder that is not on this host is taken to be (`compile`: "sd15" or "sdxl").
+    m.size = "sd15"
     m.random_init = "flax"  # "flax" (the modules' initialisers) | "fast" (host numpy; smoke runs)
     m.init_seed = 0  # seed of random init (same for every stage, so tiny stages chain)
-    m.motion_version = "v2"  # motion-module layout of stages 2 and 3: v1 | v2 | v3
-    # Motion-module GroupNorm: per frame (the original's, what its checkpoints were trained with) or False,
-    # across all frames (diffusers'). A motion_module file that records it (our params files) keeps its own.
-    m.motion_norm_per_frame = True
+    # Motion-module layout of stages 2 and 3: v1 | v2 | v3 (SD1.5), sdxl_beta | hotshot_xl (SDXL).
+    m.motion_version = "v2"
+    # Motion-module GroupNorm: True per frame (the original's, what its checkpoints were trained with), False
+    # across all frames (diffusers'); unset: the release's own (v1-v3, hotshot_xl per frame; sdxl_beta across).
+    # A motion_module file that records it (our params files) keeps its own.
+    m.motion_norm_per_frame = placeholder(bool)
     m.motion_module = ""  # params file of motion modules (stage 2: start from; stage 3: the frozen modules)
     m.domain_adapter = ""  # params file of a domain adapter, attached in stages 2 and 3
     m.domain_adapter_scale = 1.0
@@ -130,6 +137,7 @@ def _data(c: ConfigDict) -> None:
     d.flip = True
     d.caption_dropout = 0.1  # captions replaced by "" for classifier-free guidance
     d.tokenizer = ""  # CLIP tokenizer folder ("" = <pretrained>/tokenizer); "hash" = toy word hashing
+    d.tokenizer_2 = ""  # SDXL's second tokenizer folder ("" = <pretrained>/tokenizer_2)
     d.seed = 0
     d.shuffle = True
     # Decoding: worker_count processes (grain mp_prefetch) of read_threads threads each, or 0: threads
@@ -222,9 +230,34 @@ def _number(c: ConfigDict, name: str, lo: float, *, integer: bool = True, strict
         raise ConfigError(f"{name}={node!r}: expected {what} {'>' if strict else '>='} {lo:g}")
 
 
+_SIZES = ("sd15", "sdxl", "tiny", "tiny_sdxl")
+
+
+def _sdxl_folder(c: ConfigDict) -> tuple | None:
+    """The configs of the SDXL base `model.pretrained` names when it is one here (headers only), else None."""
+    from animatediff_jax.checkpoints.sdxl import sdxl_folder_configs
+    from animatediff_jax.checkpoints.torch_io import CheckpointError
+
+    try:
+        return sdxl_folder_configs(c.model.pretrained)
+    except (CheckpointError, ValueError) as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
+
+
+def base_family(c: ConfigDict) -> str:
+    """"sdxl" or "sd15": the base's, from its files when they are here, else from `model.size`."""
+    if c.model.pretrained and fs_isdir(c.model.pretrained):
+        return "sdxl" if _sdxl_folder(c) is not None else "sd15"
+    return "sdxl" if c.model.size in ("sdxl", "tiny_sdxl") else "sd15"
+
+
 def size_multiple(c: ConfigDict, files: bool = True) -> int:
     """What `train.resolution` must divide by (VAE factor x UNet downsampling), from the model's
-    configs without loading weights (`files=False`: a `model.pretrained` that is not here is SD1.5)."""
+    configs without loading weights (`files=False`: a `model.pretrained` that is not here is
+    `model.size`'s base, SD1.5 unless it says sdxl)."""
+    from animatediff_jax.models.config import sd15_unet, sdxl_unet, size_multiple, tiny_sdxl_unet, tiny_unet
+    from animatediff_jax.models.vae import VAEConfig
+
     if c.model.pretrained and (files or fs_isdir(c.model.pretrained)):
         import os
 
@@ -232,23 +265,53 @@ def size_multiple(c: ConfigDict, files: bool = True) -> int:
         from animatediff_jax.checkpoints.sd15 import sd15_size_multiple
         from animatediff_jax.io import fs
 
+        xl = _sdxl_folder(c)
+        if xl is not None:
+            return size_multiple(len(xl[0].block_out_channels), len(xl[1].block_out_channels))
         if not fs.isfile(os.path.join(c.model.pretrained, PARAMS_FILE)):
             raise ConfigError(f"model.pretrained={c.model.pretrained!r}: no {PARAMS_FILE} there: not a converted "
-                              "SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`)")
+                              "SD1.5 folder (`animatediff-jax convert sd15 ... --out DIR`) nor an SDXL one "
+                              "(converted, or a diffusers SDXL folder)")
         try:
             return sd15_size_multiple(c.model.pretrained)
         except ValueError as e:
             raise ConfigError(f"model.pretrained: {e}") from None
-    from animatediff_jax.models.config import sd15_unet, size_multiple, tiny_unet
-    from animatediff_jax.models.vae import VAEConfig
 
     if c.model.size == "tiny" and not c.model.pretrained:
         unet, vae = tiny_unet(None), VAEConfig.tiny()
+    elif c.model.size == "tiny_sdxl" and not c.model.pretrained:
+        unet, vae = tiny_sdxl_unet(None), VAEConfig.tiny()
     elif c.model.size == "sd15":
         unet, vae = sd15_unet(), VAEConfig.sd15()
+    elif c.model.size == "sdxl":
+        unet, vae = sdxl_unet(), VAEConfig.sdxl()
     else:
-        raise ConfigError(f"model.size={c.model.size!r} is not one of: sd15, tiny")
+        raise ConfigError(f"model.size={c.model.size!r} is not one of: {', '.join(_SIZES)}")
     return size_multiple(len(unet.block_out_channels), len(vae.block_out_channels))
+
+
+_MOTION_VERSIONS = ("v1", "v2", "v3", "sdxl_beta", "hotshot_xl")
+
+
+def _check_sdxl(c: ConfigDict, stage: "Stage") -> None:
+    """The motion layout against the base's family, and what an SDXL run does not have yet."""
+    from animatediff_jax.models.config import MotionConfig
+
+    family = base_family(c)
+    want = MotionConfig.for_version(c.model.motion_version).family
+    if stage.motion_modules and want != family:
+        names = {"sd15": "SD1.5 (v1, v2, v3)", "sdxl": "SDXL (sdxl_beta, hotshot_xl)"}
+        raise ConfigError(f"model.motion_version={c.model.motion_version!r} is a layout for {names[want]}, but the "
+                          f"base (model.pretrained / model.size) is {names[family].split(' ')[0]}: use one of "
+                          f"{names[family].split(' ', 1)[1]}")
+    if family != "sdxl":
+        return
+    if c.data.source == "cache":
+        raise ConfigError("data.source='cache' is for SD1.5 bases (`prepare` caches no pooled SDXL text): "
+                          "an SDXL run reads pixels and token ids (webvid | tfds | synthetic)")
+    if c.log.validate_every or c.log.get("eval_every"):
+        raise ConfigError("log.validate_every / log.eval_every: validation samples are not wired for SDXL bases yet "
+                          "(set them to 0)")
 
 
 def fs_isdir(folder: str) -> bool:
@@ -285,8 +348,11 @@ def validate_config(c: ConfigDict, files: bool = True) -> Validated:
     if c.get("executables") and files and not fs_isdir(c.executables):
         raise ConfigError(f"executables={c.executables!r}: no such folder (written by `animatediff-jax compile train "
                           "--save DIR`)")
-    if c.model.motion_version not in ("v1", "v2", "v3"):
-        raise ConfigError(f"model.motion_version={c.model.motion_version!r} is not one of: v1, v2, v3")
+    if c.model.motion_version not in _MOTION_VERSIONS:
+        raise ConfigError(f"model.motion_version={c.model.motion_version!r} is not one of: {', '.join(_MOTION_VERSIONS)}")
+    if c.model.size not in _SIZES:
+        raise ConfigError(f"model.size={c.model.size!r} is not one of: {', '.join(_SIZES)}")
+    _check_sdxl(c, stage)
     t, d = c.train, c.data
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum_steps="

@@ -44,8 +44,28 @@ def hash_tokenizer(vocab_size: int, length: int = 77) -> Callable[[list[str]], n
     return tokenize
 
 
+def paired(first: Callable, second: Callable) -> Callable[[list[str]], np.ndarray]:
+    """SDXL's two tokenizers as one: ids `[n, 2, L]` (the step's `input_ids`: first, second)."""
+    return lambda texts: np.stack([first(texts), second(texts)], axis=1)
+
+
 def make_tokenizer(config, trainer) -> Callable[[list[str]], np.ndarray]:
-    """`data.tokenizer`: "hash" (toy), a CLIP tokenizer folder, or "" for the pretrained folder's."""
+    """`data.tokenizer`: "hash" (toy), a CLIP tokenizer folder, or "" for the pretrained folder's.
+    An SDXL base takes two (`paired`): the second is `data.tokenizer_2` ("" = the pretrained
+    folder's `tokenizer_2`; with "hash", hashing into the second tower's vocabulary)."""
+    models = trainer.models
+    if models.family == "sdxl":
+        if config.data.tokenizer == "hash":
+            if models.text_config is None or models.text_config_2 is None:
+                raise ValueError("data.tokenizer='hash' needs the text encoders' configs (model.text_encoder=True)")
+            return paired(hash_tokenizer(models.text_config.vocab_size), hash_tokenizer(models.text_config_2.vocab_size))
+        from animatediff_jax.text import Tokenizer
+
+        folders = (config.data.tokenizer or models.tokenizer_path, config.data.get("tokenizer_2") or models.tokenizer_2_path)
+        if not all(folders):
+            raise ValueError("data.tokenizer / data.tokenizer_2: no CLIP tokenizer folders for SDXL's two text encoders "
+                             "(set them, or 'hash' for toy runs)")
+        return paired(Tokenizer(folders[0]), Tokenizer(folders[1]))
     if config.data.tokenizer == "hash":
         if trainer.models.text_config is None:
             raise ValueError("data.tokenizer='hash' needs the text encoder's config (model.text_encoder=True)")

@@ -16,7 +16,6 @@ from jax.sharding import Mesh, NamedSharding
 from animatediff_jax import parallel
 from animatediff_jax.dtypes import to_jnp
 from animatediff_jax.executables import fingerprint
-from animatediff_jax.models.clip_text import CLIPTextModel
 from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.vae import AutoencoderKL
 from animatediff_jax.training import stages
@@ -102,18 +101,22 @@ def make_program(config, models: Models, mesh: Mesh, stage: stages.Stage | None 
         frozen["vae"] = models.vae
     if models.text_encoder is not None:
         frozen["text_encoder"] = models.text_encoder
+    if models.text_encoder_2 is not None:
+        frozen["text_encoder_2"] = models.text_encoder_2
     # frozen_dtype applies to the frozen weights only: the trainable tree and its optimizer state stay float32.
     frozen_dtype = np.dtype(to_jnp(p.frozen_dtype, "parallel.frozen_dtype"))
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), frozen_dtype), frozen)
 
     compute = to_jnp(p.compute_dtype, "parallel.compute_dtype")
     loss, optim = loss_and_optim(config)
+    text, text_2 = models.text_modules()
     spec = StepSpec(
         stage=stage,
         unet=UNet3D(models.unet_config, dtype=compute, remat=p.remat, attention=p.get("attention", "auto")),
         loss=loss,
         vae=AutoencoderKL(models.vae_config, dtype=compute) if models.vae is not None else None,
-        text=CLIPTextModel(models.text_config) if models.text_encoder is not None else None,
+        text=text,
+        text_2=text_2,
         lora_scale=float(config.model.lora_scale),
         grad_accum_steps=int(config.train.grad_accum_steps),
     )
@@ -140,6 +143,10 @@ def program_fields(config, stage: stages.Stage | None = None) -> dict[str, Any]:
         g = c.get(group, {})
         out[group] = {k: g.get(k) for k in (names or sorted(g))}
     out["model"]["pretrained"] = bool(out["model"]["pretrained"])
+    if out["model"]["motion_norm_per_frame"] is None:  # (unset: the release's own, as the step builds it)
+        from animatediff_jax.models.config import MotionConfig
+
+        out["model"]["motion_norm_per_frame"] = MotionConfig.for_version(c["model"]["motion_version"]).norm_per_frame
     return out
 
 
@@ -164,5 +171,6 @@ def batch_shapes(config, program: TrainProgram, models: Models, latent_dtype: An
                                                  models.unet_config.in_channels), np.dtype(latent_dtype)),
                 "context": jax.ShapeDtypeStruct((b, length, width), np.dtype(np.float32))}
     length = models.text_config.max_positions if models.text_config is not None else 77
+    ids = (b, 2, length) if models.family == "sdxl" else (b, length)  # (SDXL: both tokenizers' ids)
     return {"video": jax.ShapeDtypeStruct((b, frames, size, size, 3), np.dtype(np.uint8)),
-            "input_ids": jax.ShapeDtypeStruct((b, length), np.dtype(np.int32))}
+            "input_ids": jax.ShapeDtypeStruct(ids, np.dtype(np.int32))}

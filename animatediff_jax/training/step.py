@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from animatediff_jax import parallel
 from animatediff_jax.data.webvid import pixels_to_float
+from animatediff_jax.models.unet import AddedCond
 from animatediff_jax.models.vae import AutoencoderKL, encode_video
 from animatediff_jax.schedulers import add_noise, make_alphas_cumprod, velocity
 from animatediff_jax.training.stages import Stage, apply_unet
@@ -31,7 +32,8 @@ Params = dict[str, Any]
 Batch = Mapping[str, jax.Array]
 
 # Batch entries the step reads; anything else (caption strings, ids of clips) stays on the host.
-BATCH_KEYS = ("latents", "video", "context", "input_ids")
+# `time_ids` (SDXL, optional): each clip's own size/crop ids, else those of its pixel size.
+BATCH_KEYS = ("latents", "video", "context", "input_ids", "time_ids")
 
 
 def select_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,6 +44,8 @@ def select_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
             if k in batch:
                 out[k] = batch[k]
                 break
+    if "time_ids" in batch:
+        out["time_ids"] = batch["time_ids"]
     return out
 
 
@@ -141,6 +145,11 @@ class StepSpec:
     `vae` / `text` are needed only when batches hold pixels (`video`) / token ids (`input_ids`)
     instead of cached `latents` / `context`. Caption dropout (CFG) is the data pipeline's: a
     dropped caption arrives as the empty prompt's ids or cached context.
+
+    `text_2` (SDXL's second tower) makes it SDXL's step: `input_ids` `[b, 2, L]` hold both
+    tokenizers' ids; the context is both towers' penultimate hidden states side by side, and the
+    UNet's added conditioning is the second's pooled output with each clip's time ids (as
+    diffusers' `train_text_to_image_sdxl.py`; a dropped caption is the encoded "", not zeros).
     """
 
     stage: Stage
@@ -148,13 +157,30 @@ class StepSpec:
     loss: LossConfig = LossConfig()
     vae: AutoencoderKL | None = None
     text: nn.Module | None = None
+    text_2: nn.Module | None = None
     lora_scale: float = 1.0
     grad_accum_steps: int = 1
     vae_sample_posterior: bool = True
 
 
-def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scaled latents `[b, F, h, w, 4]` and text context `[b, L, D]`, encoding pixels / ids if needed."""
+def sdxl_time_ids(height: int, width: int, batch: int) -> jax.Array:
+    """SDXL's micro-conditioning `[b, 6]` for a whole clip at its own size: original size = target size
+    = (height, width), crop corner (0, 0) -- what AnimateDiff-SDXL samples with, so the motion modules
+    train under the conditioning they run under (the data pipeline's centre crop is not reported)."""
+    return jnp.tile(jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32), (batch, 1))
+
+
+def _sdxl_text(spec: StepSpec, frozen: Params, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`[b, 2, L]` ids of both tokenizers -> (context `[b, L, D1 + D2]`, pooled text `[b, P]`)."""
+    hidden, _ = spec.text.apply({"params": frozen["text_encoder"]}, ids[:, 0])
+    hidden_2, pooled = spec.text_2.apply({"params": frozen["text_encoder_2"]}, ids[:, 1])
+    return jnp.concatenate([hidden, hidden_2], axis=-1), pooled
+
+
+def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax.Array
+                         ) -> tuple[jax.Array, jax.Array, AddedCond | None]:
+    """Scaled latents `[b, F, h, w, 4]`, text context `[b, L, D]` and (SDXL) the added conditioning,
+    encoding pixels / ids if needed."""
     if "latents" in batch:
         latents = batch["latents"].astype(jnp.float32)
     elif "video" in batch:
@@ -165,7 +191,19 @@ def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax
         latents = encode_video(spec.vae, frozen["vae"], video, keys if spec.vae_sample_posterior else None)
     else:
         raise ValueError(f"batch needs 'latents' or 'video', has {sorted(batch)}")
-    if "context" in batch:
+    added = None
+    if spec.text_2 is not None:  # SDXL
+        if "input_ids" not in batch:
+            raise ValueError(f"an SDXL step needs 'input_ids' (both tokenizers' ids), has {sorted(batch)}")
+        context, pooled = _sdxl_text(spec, frozen, batch["input_ids"])
+        if "time_ids" in batch:
+            time_ids = batch["time_ids"].astype(jnp.float32)
+        elif "video" in batch:
+            time_ids = sdxl_time_ids(batch["video"].shape[2], batch["video"].shape[3], pooled.shape[0])
+        else:
+            raise ValueError("an SDXL batch of latents needs 'time_ids' (the clips' sizes)")
+        added = jax.lax.stop_gradient(AddedCond(pooled.astype(jnp.float32), time_ids))
+    elif "context" in batch:
         context = batch["context"]
     elif "input_ids" in batch:
         if spec.text is None:
@@ -173,7 +211,8 @@ def _latents_and_context(spec: StepSpec, frozen: Params, batch: Batch, keys: jax
         context = spec.text.apply({"params": frozen["text_encoder"]}, batch["input_ids"])
     else:
         raise ValueError(f"batch needs 'context' or 'input_ids', has {sorted(batch)}")
-    return jax.lax.stop_gradient(latents.astype(jnp.float32)), jax.lax.stop_gradient(context.astype(jnp.float32))
+    return (jax.lax.stop_gradient(latents.astype(jnp.float32)), jax.lax.stop_gradient(context.astype(jnp.float32)),
+            added)
 
 
 def _gathering(gather: tuple[Mesh, parallel.ShardingRules] | None):
@@ -203,14 +242,15 @@ def make_loss_fn(spec: StepSpec, gather: tuple[Mesh, parallel.ShardingRules] | N
     factor_gather = None if gather is None else (
         lambda x: jax.lax.with_sharding_constraint(x, parallel.replicated(gather[0])))
 
-    def unet_apply(trainable, frozen_unet, x, t, ctx):  # rematerialisation, if any, is per block inside the UNet
+    def unet_apply(trainable, frozen_unet, x, t, ctx, added):  # rematerialisation, if any, is per block inside the UNet
+        kwargs = {} if added is None else {"added_cond": added}
         return apply_unet(spec.stage, spec.unet, trainable, frozen_unet, spec.lora_scale, x, t, ctx,
-                          layers=lambda: _gathering(gather), gather=factor_gather)
+                          layers=lambda: _gathering(gather), gather=factor_gather, **kwargs)
 
     def loss_fn(trainable, frozen, batch, key, rows):
         keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 3))(rows)
         with _gathering(gather):
-            latents, context = _latents_and_context(spec, frozen, batch, keys[:, 0])
+            latents, context, added = _latents_and_context(spec, frozen, batch, keys[:, 0])
         b, f = latents.shape[:2]
         noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(keys[:, 1])
         # One timestep per clip; for the image objective (stage 1) one per frame.
@@ -221,8 +261,9 @@ def make_loss_fn(spec: StepSpec, gather: tuple[Mesh, parallel.ShardingRules] | N
             latents, noise = (x.reshape((b * f, 1) + x.shape[2:]) for x in (latents, noise))
             t = t.reshape(b * f)
             context = jnp.repeat(context, f, axis=0)
+            added = None if added is None else jax.tree.map(lambda x: jnp.repeat(x, f, axis=0), added)
         noisy = add_noise(acp, latents, noise, t)
-        pred = unet_apply(trainable, frozen["unet"], noisy, t, context)
+        pred = unet_apply(trainable, frozen["unet"], noisy, t, context, added)
         return diffusion_loss(pred, latents, noise, t, acp, spec.loss)
 
     return loss_fn

@@ -130,6 +130,8 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
         frozen["vae"] = models.vae
     if models.text_encoder is not None:
         frozen["text_encoder"] = models.text_encoder
+    if models.text_encoder_2 is not None:
+        frozen["text_encoder_2"] = models.text_encoder_2
     # In the program's dtypes: trainable float32, frozen `parallel.frozen_dtype`.
     trainable = jax.tree.map(lambda x, s: np.asarray(x).astype(s.dtype), trainable, program.trainable)
     frozen = jax.tree.map(lambda x, s: np.asarray(x).astype(s.dtype), frozen, program.frozen)

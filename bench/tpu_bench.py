@@ -21,6 +21,7 @@ import time
 
 S2 = ["train", "--config", "configs/train/stage2_motion_module.py"]
 SAMPLE = ["sample", "--config", "configs/sample/v2_motion_lora_zoom_in.py"]
+S2_SDXL = ["train", "--config", "configs/train/sdxl_stage2_motion_module.py"]
 
 # name: (what, topology, overrides); stage 2 at the original's 4 clips per chip, sampling 16x512², 25 steps.
 ROWS = {
@@ -37,6 +38,10 @@ ROWS = {
     "s2_v5p-128": (S2, "v5p-128", ["--config.train.batch_size=256"]),
     "s2_v6e-1": (S2, "v6e-1", ["--config.train.batch_size=4"]),
     "s2_v6e-8": (S2, "v6e-8", ["--config.train.batch_size=32"]),
+    # SDXL stage 2 (configs/train/sdxl_stage2_motion_module.py: 16x512², remat full, bf16 frozen base).
+    "s2_sdxl_v5e-1": (S2_SDXL, "v5e-1", ["--config.train.batch_size=1"]),
+    "s2_sdxl_v5p-8_b16": (S2_SDXL, "v5p-8", ["--config.train.batch_size=16"]),
+    "s2_sdxl_1024_v5p-8_b16": (S2_SDXL, "v5p-8", ["--config.train.batch_size=16", "--config.train.resolution=1024"]),
     "s3_v5e-1": (["train", "--config", "configs/train/stage3_motion_lora.py"], "v5e-1",
                  ["--config.train.batch_size=4"]),
     "s1_v5e-1": (["train", "--config", "configs/train/stage1_domain_adapter.py"], "v5e-1", []),

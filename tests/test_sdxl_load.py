@@ -23,7 +23,7 @@ from test_sdxl_text import G_PREFIX, L_PREFIX, PROMPTS, TINY_G, TINY_L, hf_text,
 from test_sdxl_unet import FRAMES, SDXL_BASE_CONFIG, _Shape, inputs, ours
 from torch_refs import randomize, unet2d_kwargs
 
-from animatediff_jax.checkpoints import sd15, sdxl, torch_io
+from animatediff_jax.checkpoints import family, sd15, sdxl, torch_io
 from animatediff_jax.checkpoints.torch_io import CheckpointError, save_state_dict
 from animatediff_jax.models.config import sdxl_unet, tiny_sdxl_unet, tiny_unet
 from animatediff_jax.models.shapes import unet_shapes
@@ -269,7 +269,7 @@ def _one_line(excinfo) -> str:
 def test_family_mismatch_is_one_line(saved, tmp_path):
     """An SDXL file or folder handed to the SD1.5 loader, and the reverse: one line saying what it is."""
     sd = sgm_state_dict(saved[0])
-    assert sdxl.is_sdxl_checkpoint(sd) and sdxl.sdxl_evidence(sd) == G_PREFIX + "ln_final.bias"
+    assert family.is_sdxl_checkpoint(sd) and family.sdxl_evidence(sd) == G_PREFIX + "ln_final.bias"
     full, unet_only = str(tmp_path / "xl.safetensors"), str(tmp_path / "xl_unet.safetensors")
     save_state_dict(full, sd)
     save_state_dict(unet_only, sgm_state_dict(saved[0], parts=("unet",)))
@@ -287,7 +287,7 @@ def test_family_mismatch_is_one_line(saved, tmp_path):
     sd15_file = str(tmp_path / "v1-5.safetensors")
     save_state_dict(sd15_file, {"model.diffusion_model.input_blocks.0.0.bias": np.zeros(4, np.float32),
                                 "cond_stage_model.transformer.text_model.final_layer_norm.bias": np.zeros(4, np.float32)})
-    assert not sdxl.is_sdxl_checkpoint(["model.diffusion_model.input_blocks.0.0.bias"])
+    assert not family.is_sdxl_checkpoint(["model.diffusion_model.input_blocks.0.0.bias"])
     with pytest.raises(CheckpointError) as e:
         sdxl.load_sdxl(sd15_file)
     assert _one_line(e) == (f"{sd15_file} is an SD1.5 checkpoint (cond_stage_model.transformer.text_model."

@@ -30,7 +30,6 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from animatediff_jax.io import fs
 from animatediff_jax.checkpoints.torch_io import (
     CheckpointError,
     Params,
@@ -39,6 +38,7 @@ from animatediff_jax.checkpoints.torch_io import (
     load_state_dict,
     torch_to_flax,
 )
+from animatediff_jax.io import fs
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextWithProjection
 from animatediff_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionWithProjection
 from animatediff_jax.models.image_preprocess import ImageProcessing

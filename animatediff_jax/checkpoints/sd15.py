@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
+from animatediff_jax.checkpoints.family import LDM_UNET_PREFIX, base_family, sdxl_evidence
 from animatediff_jax.checkpoints.motion import split_position_tables
 from animatediff_jax.checkpoints.params_io import PARAMS_FILE, config_from_dict, load_params, save_params
 from animatediff_jax.checkpoints.torch_io import (
@@ -35,7 +36,6 @@ from animatediff_jax.models.config import UNetConfig, sd15_unet
 from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
 from animatediff_jax.models.vae import VAEConfig
 
-LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 
@@ -241,7 +241,6 @@ def load_single_file(
             f"{path}: not a single-file LDM Stable Diffusion checkpoint (no '{LDM_UNET_PREFIX}*' keys; "
             f"found e.g. {sorted(sd)[:3]})"
         )
-    from animatediff_jax.checkpoints.sdxl import sdxl_evidence  # (sdxl.py builds on this module)
 
     evidence = sdxl_evidence(sd)
     if evidence:
@@ -367,7 +366,6 @@ def sd15_size_multiple(path: str) -> int:
     weights (a converted or diffusers folder; SD1.5's or SDXL's for a single file, by its key names). A folder
     whose configs cannot be read is a `CheckpointError` naming the file."""
     from animatediff_jax.checkpoints import params_io
-    from animatediff_jax.checkpoints.sdxl import base_family  # (sdxl.py builds on this module)
     from animatediff_jax.checkpoints.torch_io import CheckpointError, safetensors_metadata
     from animatediff_jax.io import fs
     from animatediff_jax.models.config import size_multiple

@@ -28,11 +28,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from animatediff_jax.checkpoints.family import SGM_CLIP_G_PREFIX, base_family, is_sdxl_checkpoint
 from animatediff_jax.checkpoints.params_io import PARAMS_FILE, config_from_dict, load_params, save_params
 from animatediff_jax.checkpoints.sd15 import (
     LDM_UNET_PREFIX,
@@ -62,7 +63,6 @@ from animatediff_jax.models.shapes import sdxl_text_shapes, unet_shapes, vae_sha
 from animatediff_jax.models.vae import VAEConfig
 
 SGM_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
-SGM_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 # The released `text_encoder_2/config.json`'s eos_token_id: the legacy value, so the pooled output is
 # taken at the largest id of each row (`clip_text.pool_eos`). What a single file is read with.
 SDXL_EOS_TOKEN_ID = 2
@@ -315,43 +315,6 @@ def load_sdxl_text(path: str | os.PathLike, *, base: SDXLText | None = None) -> 
 # ----------------------------------------------------------------------------- the whole model
 
 SDXL_PARTS = ("unet", "vae") + TEXT_ENCODERS
-# What tells an SDXL single file from an SD1.5 one, most telling first: the bigG tower, the UNet's
-# added (text_time) embedding (also in UNet-only files), any of SGM's conditioner embedders.
-_SDXL_MARKERS = (SGM_CLIP_G_PREFIX, LDM_UNET_PREFIX + "label_emb.", "conditioner.embedders.")
-
-
-def sdxl_evidence(keys: Iterable[str]) -> str | None:
-    """The first key (by `_SDXL_MARKERS`) that shows a state dict is an SDXL (SGM) checkpoint, or None."""
-    keys = sorted(keys)
-    for marker in _SDXL_MARKERS:
-        hit = next((k for k in keys if k.startswith(marker)), None)
-        if hit:
-            return hit
-    return None
-
-
-def is_sdxl_checkpoint(keys: Iterable[str]) -> bool:
-    """Whether a single-file state dict (its keys) is SDXL's: bigG, the UNet's `label_emb` or `conditioner.*`."""
-    return sdxl_evidence(keys) is not None
-
-
-def base_family(path: str | os.PathLike) -> str:
-    """"sdxl" or "sd15": the base a converted folder (its `text_config_2`), a diffusers folder (its
-    `text_encoder_2/`) or a `.safetensors` single file (its key names) holds, read without loading weights.
-    A `.ckpt` says so only once loaded: "sd15" here, and `load_sd15` names an SDXL one in one line."""
-    from animatediff_jax.checkpoints.torch_io import safetensors_keys, safetensors_metadata
-
-    path = os.fspath(path)
-    converted = os.path.join(path, PARAMS_FILE)
-    if fs.isfile(converted):
-        return "sdxl" if "text_config_2" in safetensors_metadata(converted) else "sd15"
-    if fs.isdir(path):
-        return "sdxl" if fs.isdir(os.path.join(path, "text_encoder_2")) else "sd15"
-    if path.lower().endswith(".safetensors") and fs.isfile(path):
-        return "sdxl" if is_sdxl_checkpoint(safetensors_keys(path)) else "sd15"
-    return "sd15"
-
-
 def load_base(path: str | os.PathLike, *, base: Any = None, **configs: Any) -> Any:
     """The base model at `path`, `checkpoints.sd15.SD15` or `SDXL` by `base_family` (`base`, `configs`: as
     `load_sd15` / `load_sdxl` take them: parts a single file lacks, its configs)."""

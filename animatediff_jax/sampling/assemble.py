@@ -538,7 +538,7 @@ def _blame(field: str) -> Iterator[None]:
 def load_pipeline(config: Mapping[str, Any]) -> AnimationPipeline:
     """The `AnimationPipeline` a sample config describes, every adapter merged into the weights.
 
-    As the original's `load_weights`: the base (SD1.5 or SDXL, `checkpoints.sdxl.base_family`); the
+    As the original's `load_weights`: the base (SD1.5 or SDXL, `checkpoints.family.base_family`); the
     personalised model over it (parts it lacks come from the base); the motion module (or the base's
     own); the personalised LoRA at `lora_alpha` (UNet and text encoders); the domain adapter at
     `adapter_lora_scale`; each MotionLoRA at its alpha. Merging is `lora.merge` in float32, before the

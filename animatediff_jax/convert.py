@@ -88,27 +88,21 @@ def resolve_base(spec: str | None):
     raise CheckpointError(f"--base-config {spec!r}: expected sd15, a folder, a params file or a .json config")
 
 
-def _sd15(args) -> None:
-    from animatediff_jax.checkpoints.sd15 import load_sd15, save_converted
+def _base(args) -> None:
+    """`convert sd15|sdxl`: the base (and `--base` for what a single file lacks) to a converted folder."""
+    if args.kind == "sdxl":
+        from animatediff_jax.checkpoints.sdxl import load_sdxl as load
+        from animatediff_jax.checkpoints.sdxl import save_converted_sdxl as save
+    else:
+        from animatediff_jax.checkpoints.sd15 import load_sd15 as load
+        from animatediff_jax.checkpoints.sd15 import save_converted as save
 
-    base = load_sd15(args.base) if args.base else None
+    base = load(args.base) if args.base else None
     t0 = time.time()
     print(f"converting {args.path} ...", file=sys.stderr)
-    model = load_sd15(args.path, base=base)
-    with fs.atomic_folder(args.out) as tmp:  # complete or absent (params + tokenizer)
-        save_converted(tmp, model)
-    print(f"wrote {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
-
-
-def _sdxl(args) -> None:
-    from animatediff_jax.checkpoints.sdxl import load_sdxl, save_converted_sdxl
-
-    base = load_sdxl(args.base) if args.base else None
-    t0 = time.time()
-    print(f"converting {args.path} ...", file=sys.stderr)
-    model = load_sdxl(args.path, base=base)
+    model = load(args.path, base=base)
     with fs.atomic_folder(args.out) as tmp:  # complete or absent (params + tokenizers)
-        save_converted_sdxl(tmp, model)
+        save(tmp, model)
     print(f"wrote {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
@@ -143,12 +137,12 @@ def _main(argv: list[str]) -> int:
     s.add_argument("path")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--base", help="diffusers SD1.5 folder supplying parts a single file lacks (and the tokenizer)")
-    s.set_defaults(run=_sd15)
+    s.set_defaults(run=_base)
     s = sub.add_parser("sdxl", help="Stable Diffusion XL (diffusers folder or SGM single file)")
     s.add_argument("path")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--base", help="diffusers SDXL folder supplying parts a single file lacks (and the tokenizers)")
-    s.set_defaults(run=_sdxl)
+    s.set_defaults(run=_base)
     base_help = "the base model: sd15 (default), sdxl, a converted or diffusers SD folder, a params file, a .json config"
     s = sub.add_parser("motion", help="AnimateDiff motion module (original .ckpt/.safetensors or MotionAdapter folder)")
     s.add_argument("path")

@@ -49,6 +49,9 @@ def test_int8_matmul_is_absmax_int8_per_channel_and_per_row():
     for mode, want in (("int8_weights", x @ (wq * ws)), ("int8", (xq @ wq) * xs * ws)):
         qp = quantize.quantize_params(model, params, mode, jnp.zeros((1, 48)))
         assert quantize.is_quantized(qp["proj"]["kernel"])
+        # Params as loaded from a file (numpy arrays) quantize the same.
+        from_file = quantize.quantize_params(model, {"proj": {"kernel": w}}, mode, jnp.zeros((1, 48)))
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), from_file, qp))
         got = np.asarray(quantize.quantized(model, mode).apply({"params": qp}, jnp.asarray(x)))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert np.abs(got - x @ w).max() > 1e-3  # (quantized: not the float product)

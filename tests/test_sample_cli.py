@@ -207,6 +207,26 @@ def test_context_windows_length_override_runs_windows(run, models, tmp_path):
     assert np.abs(plain.frames.astype(int) - res.frames.astype(int)).max() > 0  # windows change the video
 
 
+def test_int8_from_the_files_users_have(run, models, tmp_path):
+    """`--config.quantize=int8_weights` on a base loaded from its files (numpy arrays): the spatial kernels are
+    int8, and the video stays near the float one (it once failed here: qwix takes jax arrays only)."""
+    from animatediff_jax.models import quantize
+
+    _, pipe = run
+    config = S.load_config(spec(models), "--config.quantize=int8_weights", "--config.steps=3", "--config.L=6",
+                           "--config.prompt=('the cat',)", "--config.seed=5", f"--config.output.dir={tmp_path}/q",
+                           "--config.output.formats=png")
+    qpipe = assemble.load_pipeline(validate(config))
+    flat = flatten_dict(qpipe.params["unet"], is_leaf=lambda _, v: quantize.is_quantized(v))
+    assert qpipe.quantize == "int8_weights" and any(quantize.is_quantized(v) for v in flat.values())
+    got = S.sample(config, qpipe).frames.astype(np.float64)
+    want = generate(pipe, ["the cat"], ["bad quality"], [5], num_frames=6, height=32, width=32, steps=3,
+                    progress=lambda i: None).frames.astype(np.float64)
+    diff = np.abs(got - want)
+    print(f"int8_weights vs float: mean |d| {diff.mean():.2f} / 255, max {diff.max():.0f}")
+    assert 0 < diff.mean() < 3
+
+
 # ------------------------------------------------------------------------------ loading
 
 

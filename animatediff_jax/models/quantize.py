@@ -81,7 +81,8 @@ def quantize_params(model: nn.Module, params: Params, mode: str, *example_args: 
     abstract = jax.eval_shape(init, jax.random.key(0), *example_args)["params"]
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         return jax.eval_shape(lambda p: qwix.quantize_params(p, abstract), params)
-    return qwix.quantize_params(params, abstract)
+    # Loaded checkpoints hold numpy arrays; qwix takes jax arrays only.
+    return qwix.quantize_params(jax.tree.map(jnp.asarray, params), abstract)
 
 
 def is_quantized(leaf: Any) -> bool:

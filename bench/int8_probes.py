@@ -1,0 +1,100 @@
+"""int8 variants measured and not adopted: each compiles a real-size program for a TPU (libtpu, no chip)
+exactly as `animatediff-jax compile` does, with one thing changed, and prints the same report.
+
+    pip install "jax[tpu]" "animatediff-jax[int8]"
+    python bench/int8_probes.py sample-static --topology v5e-1   # sampler, int8 with static activation scales
+    python bench/int8_probes.py train-weights --topology v5e-1   # stage-2 step over an int8-weight frozen base
+
+Compare with `animatediff-jax compile sample --config configs/sample/v2_motion_lora_zoom_in.py --topology
+v5e-1 --quick --config.batch_size=4` (and `--config.quantize=int8`), and with `animatediff-jax compile
+train --config configs/train/stage2_motion_module.py --topology v5e-1 --quick --config.train.batch_size=4`.
+
+- `sample-static`: qwix's static-range quantization (`act_static_scale`): one float32 scale per activation
+  tensor, fixed in advance, so no absmax pass over the activation at run time. The scales are abstract here
+  (only the program's cost is measured; real ones would come from calibration runs).
+- `train-weights`: the frozen spatial UNet's linear kernels int8 (the sampler's `int8_weights`) inside the
+  stage-2 train step; the motion modules train in float32 as usual. (Full int8 cannot train through: the
+  rounding of each activation has zero gradient, so nothing reaches the motion modules below it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+
+SAMPLE = ["sample", "--config", "configs/sample/v2_motion_lora_zoom_in.py", "--config.batch_size=4"]
+TRAIN = ["train", "--config", "configs/train/stage2_motion_module.py", "--config.train.batch_size=4"]
+
+
+def static_scales() -> None:
+    """`quantize=int8` with one static scale per activation tensor (qwix SRQ)."""
+    import jax
+    import jax.numpy as jnp
+    import qwix
+
+    from animatediff_jax.models import quantize
+
+    def rules(mode: str) -> list:
+        ops = ("dot_general", "conv_general_dilated")
+        # act_batch_axes (0, 1): the scale is averaged over the batch and the token / row axis: one per tensor.
+        return [qwix.QtRule(module_path=quantize._KEEP, op_names=ops),
+                qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8, op_names=ops,
+                            act_static_scale=True, act_batch_axes=(0, 1))]
+
+    def abstract_params(model, params, mode, *args, **kwargs):
+        init = functools.partial(quantize.quantized(model, mode).init, **kwargs)
+        return jax.eval_shape(init, jax.random.key(0), *args)["params"]  # int8 kernels + activation scales
+
+    quantize._rules = rules
+    quantize.quantize_params = abstract_params
+
+
+def int8_frozen_base() -> None:
+    """The stage-2 program with its frozen UNet's linear kernels in int8 (`quantize=int8_weights`)."""
+    import jax
+    import numpy as np
+
+    import animatediff_jax.training as training
+    from animatediff_jax import parallel
+    from animatediff_jax.models import quantize
+    from animatediff_jax.sampling.pipeline import cast_floating, quantize_unet
+    from animatediff_jax.training import program as programs
+
+    make = programs.make_program
+
+    def make_program(config, models, mesh, stage=None):
+        prog = make(config, models, mesh, stage)
+        unet = prog.frozen["unet"]
+        f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), unet)
+        q = cast_floating(quantize_unet(models.unet_config, f32, "int8_weights"), jax.tree.leaves(unet)[0].dtype)
+        frozen = {**prog.frozen, "unet": q}
+        return dataclasses.replace(prog, frozen=frozen,
+                                   spec=dataclasses.replace(prog.spec, unet=quantize.quantized(prog.spec.unet,
+                                                                                               "int8_weights")),
+                                   frozen_sharding=parallel.param_shardings(frozen, mesh, prog.rules))
+
+    training.make_program = make_program
+
+
+PROBES = {"sample-static": (static_scales, SAMPLE, ["--config.quantize=int8"]),
+          "train-weights": (int8_frozen_base, TRAIN, [])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("probe", choices=sorted(PROBES))
+    p.add_argument("--topology", default="v5e-1")
+    p.add_argument("--breakdown", type=int, default=0)
+    args, rest = p.parse_known_args(argv)
+    patch, command, extra = PROBES[args.probe]
+    patch()
+    from animatediff_jax import compile as compile_command
+
+    return compile_command.main([*command, "--topology", args.topology, "--quick", "--breakdown",
+                                 str(args.breakdown), *extra, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What int8 does to a trained model's videos: the toy world's shipped checkpoint (base + motion module +
+domain adapter) sampled in float32, bf16 and the two int8 modes (`--config.quantize`), scored by the toy
+world's motion metric (direction accuracy against the prompt, jitter) and compared frame by frame.
+
+    python bench/quantize_quality.py            # 8 prompts per direction (32 videos per mode), ~3 min on 2 cores
+
+CPU is enough: it measures numerics, not speed (for speed: `animatediff-jax compile sample ...
+--config.quantize=...`, BENCHMARKS.md's TPU section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import numpy as np
+
+MODES = (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8_weights"), ("bfloat16", "int8"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--per-direction", type=int, default=8)
+    args = p.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from animatediff_jax.sampling.pipeline import cast_floating, quantize_unet
+    from animatediff_jax.toy import demo, metrics, world
+
+    toy = demo.load_toy(demo.ASSETS)
+    prompts, seeds = demo.prompt_set(world.TRANSLATIONS, args.per_direction)
+    expected = [world.parse_caption(x)["motion"] for x in prompts]
+    base = demo.pipeline(toy, motion=True)
+    videos: dict[str, np.ndarray] = {}
+    rows: dict[str, metrics.Summary] = {}
+    for dtype, mode in MODES:
+        name = f"{dtype} {mode}" if mode != "none" else dtype
+        unet = quantize_unet(toy.motion_config, base.params["unet"], mode)
+        params = cast_floating({**base.params, "unet": unet}, getattr(jnp, dtype))
+        pipe = dataclasses.replace(base, params=params, dtype=getattr(jnp, dtype), quantize=mode)
+        t0 = time.perf_counter()
+        videos[name] = demo.sample(toy, pipe, prompts, seeds, demo.FULL)
+        rows[name] = metrics.summarize(videos[name], expected)
+        print(f"{name}: {len(prompts)} videos in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    print(metrics.format_table(rows, demo.CHANCE))
+    ref = videos["float32"].astype(np.float64)
+    bf16 = videos["bfloat16"].astype(np.float64)
+    print(f"\n{'frames vs':<28}{'float32: mean |d| / 255':>24}{'> 8 / 255':>11}{'bfloat16: mean |d|':>20}")
+    for name, v in videos.items():
+        d, db = np.abs(v.astype(np.float64) - ref), np.abs(v.astype(np.float64) - bf16)
+        print(f"{name:<28}{d.mean():>24.2f}{(d > 8).mean():>11.3f}{db.mean():>20.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,8 +24,8 @@ import dataclasses
 import functools
 import sys
 
-SAMPLE = ["sample", "--config", "configs/sample/v2_motion_lora_zoom_in.py", "--config.batch_size=4"]
-TRAIN = ["train", "--config", "configs/train/stage2_motion_module.py", "--config.train.batch_size=4"]
+SAMPLE = ("sample", "configs/sample/v2_motion_lora_zoom_in.py", ["--config.batch_size=4"])
+TRAIN = ("train", "configs/train/stage2_motion_module.py", ["--config.train.batch_size=4"])
 
 
 def static_scales() -> None:
@@ -33,6 +33,7 @@ def static_scales() -> None:
     import jax
     import jax.numpy as jnp
     import qwix
+    from flax import traverse_util
 
     from animatediff_jax.models import quantize
 
@@ -45,7 +46,10 @@ def static_scales() -> None:
 
     def abstract_params(model, params, mode, *args, **kwargs):
         init = functools.partial(quantize.quantized(model, mode).init, **kwargs)
-        return jax.eval_shape(init, jax.random.key(0), *args)["params"]  # int8 kernels + activation scales
+        params = jax.eval_shape(init, jax.random.key(0), *args)["params"]  # int8 kernels + activation scales
+        scales = [k for k in traverse_util.flatten_dict(params) if k[-1].endswith("_lhs_scale")]
+        print(f"probe: {len(scales)} static activation scales", file=sys.stderr)
+        return params
 
     quantize._rules = rules
     quantize.quantize_params = abstract_params
@@ -70,6 +74,8 @@ def int8_frozen_base() -> None:
         f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), unet)
         q = cast_floating(quantize_unet(models.unet_config, f32, "int8_weights"), jax.tree.leaves(unet)[0].dtype)
         frozen = {**prog.frozen, "unet": q}
+        n = sum(map(quantize.is_quantized, jax.tree.leaves(q, is_leaf=quantize.is_quantized)))
+        print(f"probe: {n} int8 kernels in the frozen UNet", file=sys.stderr)
         return dataclasses.replace(prog, frozen=frozen,
                                    spec=dataclasses.replace(prog.spec, unet=quantize.quantized(prog.spec.unet,
                                                                                                "int8_weights")),
@@ -78,22 +84,24 @@ def int8_frozen_base() -> None:
     training.make_program = make_program
 
 
-PROBES = {"sample-static": (static_scales, SAMPLE, ["--config.quantize=int8"]),
-          "train-weights": (int8_frozen_base, TRAIN, [])}
+PROBES = {"sample-static": (static_scales, SAMPLE), "train-weights": (int8_frozen_base, TRAIN)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("probe", choices=sorted(PROBES))
     p.add_argument("--topology", default="v5e-1")
+    p.add_argument("--config", default="", help="another config (overrides after it: --config.FIELD=VALUE)")
     p.add_argument("--breakdown", type=int, default=0)
     args, rest = p.parse_known_args(argv)
-    patch, command, extra = PROBES[args.probe]
+    patch, (what, config, defaults) = PROBES[args.probe]
     patch()
     from animatediff_jax import compile as compile_command
 
-    return compile_command.main([*command, "--topology", args.topology, "--quick", "--breakdown",
-                                 str(args.breakdown), *extra, *rest])
+    extra = ["--config.quantize=int8"] if args.probe == "sample-static" else []
+    return compile_command.main([what, "--config", args.config or config, "--topology", args.topology, "--quick",
+                                 "--breakdown", str(args.breakdown), *(defaults if not args.config else []), *extra,
+                                 *rest])
 
 
 if __name__ == "__main__":

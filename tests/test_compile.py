@@ -204,3 +204,33 @@ def test_compile_sample_reads_the_config_files_that_are_here(tmp_path, capsys):
     # (one batch of both prompts' videos on the chip, as `sample` runs them: up to 4 per device per call)
     assert "sampler (4 steps, 8x32x32, motion v2): 1 x TPU v5 lite, 2 video(s) per chip" in out, out
     assert "VAE decode (chunks of 4 frames)" in out and out.count(": fits") == 2
+
+
+@pytest.mark.parametrize("probe", ["sample-static", "train-weights"])
+def test_int8_probes_still_compile(probe, tmp_path):
+    """`bench/int8_probes.py` (int8 variants measured and not adopted: BENCHMARKS.md) patches the programs
+    `compile` builds; at tiny size each probe still compiles, with the change it names in the program."""
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if probe == "sample-static":
+        from animatediff_jax.testing.tiny import write_tiny_models
+
+        folder = os.path.dirname(write_tiny_models(tmp_path / "models")["base_model"])
+        args = ["--config", f"{root}/configs/sample/tiny.py:{folder}", "--config.dtype=bfloat16"]
+    else:
+        args = ["--config", f"{root}/configs/train/tiny_stage2.py", "--config.data.source=cache",
+                "--config.train.resolution=32", "--config.train.batch_size=1",
+                "--config.parallel.compute_dtype=bfloat16"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, f"{root}/bench/int8_probes.py", probe, *args], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    said = re.search(r"probe: (\d+) (static activation scales|int8 kernels in the frozen UNet)", run.stderr)
+    assert said and int(said.group(1)) > 10, run.stderr[-2000:]
+    if probe == "sample-static":  # int8 x int8 products in the sampler
+        assert "sampler" in run.stdout and ", int8 " in run.stdout, run.stdout
+    else:
+        assert "train step" in run.stdout and ": fits" in run.stdout, run.stdout

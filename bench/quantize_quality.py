@@ -20,18 +20,16 @@ import numpy as np
 MODES = (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8_weights"), ("bfloat16", "int8"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--per-direction", type=int, default=8)
-    args = p.parse_args(argv)
-
+def measure(per_direction: int = 8, log=print) -> dict[str, dict]:
+    """Per mode: the toy metric's `Summary` row, and the frames' mean |difference| / 255 against float32
+    (`vs_float32`, `share_over_8`) and against bf16 (`vs_bfloat16`)."""
     import jax.numpy as jnp
 
     from animatediff_jax.sampling.pipeline import cast_floating, quantize_unet
     from animatediff_jax.toy import demo, metrics, world
 
     toy = demo.load_toy(demo.ASSETS)
-    prompts, seeds = demo.prompt_set(world.TRANSLATIONS, args.per_direction)
+    prompts, seeds = demo.prompt_set(world.TRANSLATIONS, per_direction)
     expected = [world.parse_caption(x)["motion"] for x in prompts]
     base = demo.pipeline(toy, motion=True)
     videos: dict[str, np.ndarray] = {}
@@ -42,19 +40,27 @@ def main(argv: list[str] | None = None) -> int:
         params = cast_floating({**base.params, "unet": unet}, getattr(jnp, dtype))
         pipe = dataclasses.replace(base, params=params, dtype=getattr(jnp, dtype), quantize=mode)
         t0 = time.perf_counter()
-        videos[name] = demo.sample(toy, pipe, prompts, seeds, demo.FULL)
-        rows[name] = metrics.summarize(videos[name], expected)
-        print(f"{name}: {len(prompts)} videos in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-
-    print(metrics.format_table(rows, demo.CHANCE))
-    ref = videos["float32"].astype(np.float64)
-    bf16 = videos["bfloat16"].astype(np.float64)
-    print(f"\n{'frames vs':<28}{'float32: mean |d| / 255':>24}{'> 8 / 255':>11}{'bfloat16: mean |d|':>20}")
+        videos[name] = demo.sample(toy, pipe, prompts, seeds, demo.FULL).astype(np.float64)
+        rows[name] = metrics.summarize(videos[name].astype(np.uint8), expected)
+        log(f"{name}: {len(prompts)} videos in {time.perf_counter() - t0:.0f} s")
+    log(metrics.format_table(rows, demo.CHANCE))
+    out = {}
     for name, v in videos.items():
-        d, db = np.abs(v.astype(np.float64) - ref), np.abs(v.astype(np.float64) - bf16)
-        print(f"{name:<28}{d.mean():>24.2f}{(d > 8).mean():>11.3f}{db.mean():>20.2f}")
-    return 0
+        d = np.abs(v - videos["float32"])
+        out[name] = {**rows[name].row(), "vs_float32": float(d.mean()), "share_over_8": float((d > 8).mean()),
+                     "vs_bfloat16": float(np.abs(v - videos["bfloat16"]).mean())}
+    return out
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--per-direction", type=int, default=8)
+    args = p.parse_args(argv)
+    result = measure(args.per_direction)
+    print(f"\n{'frames vs':<28}{'float32: mean |d| / 255':>24}{'> 8 / 255':>11}{'bfloat16: mean |d|':>20}")
+    for name, r in result.items():
+        print(f"{name:<28}{r['vs_float32']:>24.2f}{r['share_over_8']:>11.3f}{r['vs_bfloat16']:>20.2f}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

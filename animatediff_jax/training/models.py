@@ -81,6 +81,13 @@ class Models:
             return SDXLTextEncoder(self.text_config), SDXLTextEncoder(self.text_config_2, self.eos_token_id_2)
         return CLIPTextModel(self.text_config), None
 
+    def frozen(self, unet: Params) -> dict[str, Params]:
+        """The step's frozen weights: the stage's frozen UNet tree (`stages.init_stage`) and whichever of the
+        VAE and the text encoders the step runs (those it has)."""
+        parts = {"unet": unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "text_encoder_2": self.text_encoder_2}
+        return {k: v for k, v in parts.items() if v is not None}
+
 
 SIZES = ("sd15", "sdxl", "tiny", "tiny_sdxl")
 

@@ -96,13 +96,7 @@ def make_program(config, models: Models, mesh: Mesh, stage: stages.Stage | None 
     trainable, frozen_unet = jax.eval_shape(split, models.unet, models.attached, models.trainable_init)
     f32 = np.dtype(np.float32)
     trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, f32), trainable)
-    frozen = {"unet": frozen_unet}
-    if models.vae is not None:
-        frozen["vae"] = models.vae
-    if models.text_encoder is not None:
-        frozen["text_encoder"] = models.text_encoder
-    if models.text_encoder_2 is not None:
-        frozen["text_encoder_2"] = models.text_encoder_2
+    frozen = models.frozen(frozen_unet)
     # frozen_dtype applies to the frozen weights only: the trainable tree and its optimizer state stay float32.
     frozen_dtype = np.dtype(to_jnp(p.frozen_dtype, "parallel.frozen_dtype"))
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), frozen_dtype), frozen)

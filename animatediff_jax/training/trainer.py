@@ -125,13 +125,7 @@ def build_trainer(config, models: Models | None = None, mesh: Mesh | None = None
     trainable, frozen_unet = stages.init_stage(
         program.stage, models.unet, k_init, lora_rank=int(config.model.lora_rank), attached=models.attached,
         trainable_init=models.trainable_init)
-    frozen = {"unet": frozen_unet}
-    if models.vae is not None:
-        frozen["vae"] = models.vae
-    if models.text_encoder is not None:
-        frozen["text_encoder"] = models.text_encoder
-    if models.text_encoder_2 is not None:
-        frozen["text_encoder_2"] = models.text_encoder_2
+    frozen = models.frozen(frozen_unet)
     # In the program's dtypes: trainable float32, frozen `parallel.frozen_dtype`.
     trainable = jax.tree.map(lambda x, s: np.asarray(x).astype(s.dtype), trainable, program.trainable)
     frozen = jax.tree.map(lambda x, s: np.asarray(x).astype(s.dtype), frozen, program.frozen)

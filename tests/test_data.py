@@ -406,8 +406,8 @@ def test_pipeline_tokenizes_captions():
 
 
 def _tiny_tokenizer(folder):
-    from animatediff_jax.text import Tokenizer
     from animatediff_jax.testing.tiny import write_tiny_tokenizer
+    from animatediff_jax.text import Tokenizer
 
     write_tiny_tokenizer(folder)
     return Tokenizer(folder)

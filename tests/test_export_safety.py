@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from animatediff_jax.checkpoints.load import load_motion
 from animatediff_jax.checkpoints.params_io import save_motion
-from animatediff_jax.models.shapes import motion_shapes
-from flax.traverse_util import flatten_dict, unflatten_dict
 from animatediff_jax.cli import main as cli
 from animatediff_jax.io.fs import atomic_file, atomic_folder
 from animatediff_jax.models.config import tiny_unet
+from animatediff_jax.models.shapes import motion_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny_unet("v2")

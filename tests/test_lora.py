@@ -18,6 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
+from flax.traverse_util import flatten_dict
+from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, unet2d_kwargs
 
 from animatediff_jax.checkpoints.load import load_lora
 from animatediff_jax.checkpoints.lora_formats import (
@@ -26,9 +29,7 @@ from animatediff_jax.checkpoints.lora_formats import (
     save_lora_original,
 )
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
-from animatediff_jax.checkpoints.torch_io import save_state_dict
-from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict, torch_module_path
-from flax.traverse_util import flatten_dict
+from animatediff_jax.checkpoints.torch_io import CheckpointError, load_state_dict, save_state_dict, torch_module_path
 from animatediff_jax.lora import (
     domain_adapter_targets,
     init_lora,
@@ -38,10 +39,8 @@ from animatediff_jax.lora import (
     motion_lora_targets,
 )
 from animatediff_jax.models.config import tiny_unet
-from animatediff_jax.models.unet import UNet3D
 from animatediff_jax.models.shapes import unet_shapes
-from conftest import assert_close
-from torch_refs import motion_adapter_kwargs, patch_to_original, randomize, run_unet3d, unet2d_kwargs
+from animatediff_jax.models.unet import UNet3D
 
 FRAMES = 4
 CFG = tiny_unet("v2")
@@ -70,9 +69,7 @@ def diffusers_pipeline(unet):
 
 @pytest.fixture(scope="module")
 def ref_unet():
-    from diffusers import UNetMotionModel
-
-    from diffusers import MotionAdapter, UNet2DConditionModel
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     unet = UNet2DConditionModel(**unet2d_kwargs(CFG))
     return randomize(UNetMotionModel.from_unet2d(unet, MotionAdapter(**motion_adapter_kwargs(CFG))), seed=21)
@@ -295,9 +292,9 @@ def test_kohya(tmp_path):
     from transformers import CLIPTextConfig as HFConfig
     from transformers import CLIPTextModel as HFModel
 
-    from animatediff_jax.models.shapes import clip_shapes
-    from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
     from animatediff_jax.checkpoints.sd15 import convert_clip_text
+    from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from animatediff_jax.models.shapes import clip_shapes
 
     base_cfg = tiny_unet(None)
     unet2d = randomize(UNet2DConditionModel(**unet2d_kwargs(base_cfg)), seed=31)
@@ -404,8 +401,8 @@ def test_round_trips(ref_unet, tmp_path):
     keys = load_state_dict(tmp_path / "orig.ckpt")
     assert any(".temporal_transformer." in k and "attention_blocks.1.processor.to_out_lora.up" in k for k in keys)
 
-    from animatediff_jax.models.shapes import clip_shapes
     from animatediff_jax.models.clip_text import CLIPTextConfig
+    from animatediff_jax.models.shapes import clip_shapes
 
     TCFG = CLIPTextConfig.tiny()
     text = jax.tree.map(np.asarray, init_lora(clip_shapes(TCFG), lambda p: p[-1] in ("q_proj", "fc2"), 2, jax.random.key(3)))

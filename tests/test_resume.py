@@ -10,10 +10,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from animatediff_jax import parallel
 from animatediff_jax.checkpoints.params_io import load_params
-from flax.traverse_util import flatten_dict
 from animatediff_jax.train import main, parse_config
 from animatediff_jax.training import build_trainer, train
 from animatediff_jax.training.checkpointing import Checkpointer

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
 
 from animatediff_jax import schedulers as S
-from conftest import assert_close
 
 REFERENCE = {
     "ddim": diffusers.DDIMScheduler,

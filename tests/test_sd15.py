@@ -20,15 +20,20 @@ from conftest import assert_close
 from ldm_fixture import CLIP, UNET, VAE, diffusers_to_ldm
 from torch_refs import randomize, unet2d_kwargs
 
-from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
-from animatediff_jax.checkpoints.sd15 import SD15, ldm_to_diffusers, load_diffusers_folder, load_sd15, load_single_file
-from animatediff_jax.models.shapes import clip_shapes, vae_shapes
+from animatediff_jax.checkpoints.sd15 import (
+    SD15,
+    convert_clip_text,
+    convert_unet_state_dict,
+    ldm_to_diffusers,
+    load_diffusers_folder,
+    load_sd15,
+    load_single_file,
+)
 from animatediff_jax.checkpoints.torch_io import CheckpointError, torch_to_flax
 from animatediff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from animatediff_jax.checkpoints.sd15 import convert_clip_text
 from animatediff_jax.models.config import UNetConfig, sd15_unet, tiny_unet
+from animatediff_jax.models.shapes import clip_shapes, unet_shapes, vae_shapes
 from animatediff_jax.models.unet import UNet3D
-from animatediff_jax.models.shapes import unet_shapes
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 
 UCFG, VCFG, TCFG = tiny_unet(None), VAEConfig.tiny(), CLIPTextConfig.tiny()
@@ -247,8 +252,9 @@ def test_sd15_size_layout_is_the_compvis_one():
         assert set(got) == set(want)
         assert all(tuple(got[k].shape) == tuple(want[k].shape) for k in want)
     # Every converted UNet key has a param of ours; SD1.5's 1x1-conv proj_in/proj_out become Dense kernels.
-    from animatediff_jax.checkpoints.torch_io import torch_module_path
     from flax.traverse_util import flatten_dict
+
+    from animatediff_jax.checkpoints.torch_io import torch_module_path
 
     ours = flatten_dict(unet_shapes(ucfg))
     for k, v in unet_back.items():

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
+from torch_refs import patch_to_original, torch_motion_unet
 
 from animatediff_jax.checkpoints.sd15 import convert_unet_state_dict
 from animatediff_jax.models.config import tiny_unet
 from animatediff_jax.models.unet import UNet3D
-from conftest import assert_close
-from torch_refs import patch_to_original, torch_motion_unet
 
 FRAMES = 4
 
@@ -76,7 +76,6 @@ def test_norm_semantics_matter():
 def test_image_unet_without_motion():
     """No motion config: the per-frame SD UNet, equal to diffusers' `UNet2DConditionModel` on each frame."""
     from diffusers import UNet2DConditionModel
-
     from torch_refs import randomize, unet2d_kwargs
 
     cfg = tiny_unet(None)

@@ -25,11 +25,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax.traverse_util import flatten_dict
 
 from animatediff_jax import parallel
 from animatediff_jax.checkpoints import params_io
 from animatediff_jax.io import fs
-from flax.traverse_util import flatten_dict
 from animatediff_jax.training.config import ConfigError, TrainingError
 from animatediff_jax.training.step import TrainState
 

@@ -230,7 +230,7 @@ def _number(c: ConfigDict, name: str, lo: float, *, integer: bool = True, strict
         raise ConfigError(f"{name}={node!r}: expected {what} {'>' if strict else '>='} {lo:g}")
 
 
-_SIZES = ("sd15", "sdxl", "tiny", "tiny_sdxl")
+SIZES = ("sd15", "sdxl", "tiny", "tiny_sdxl")  # `model.size`: the bases a program is built for without files
 
 
 def _sdxl_folder(c: ConfigDict) -> tuple | None:
@@ -245,9 +245,12 @@ def _sdxl_folder(c: ConfigDict) -> tuple | None:
 
 
 def base_family(c: ConfigDict) -> str:
-    """"sdxl" or "sd15": the base's, from its files when they are here, else from `model.size`."""
+    """"sdxl" or "sd15": the base's, from its files when they are here (`checkpoints.family`), else from
+    `model.size`."""
     if c.model.pretrained and fs_isdir(c.model.pretrained):
-        return "sdxl" if _sdxl_folder(c) is not None else "sd15"
+        from animatediff_jax.checkpoints.family import base_family as files_family
+
+        return files_family(c.model.pretrained)
     return "sdxl" if c.model.size in ("sdxl", "tiny_sdxl") else "sd15"
 
 
@@ -286,7 +289,7 @@ def size_multiple(c: ConfigDict, files: bool = True) -> int:
     elif c.model.size == "sdxl":
         unet, vae = sdxl_unet(), VAEConfig.sdxl()
     else:
-        raise ConfigError(f"model.size={c.model.size!r} is not one of: {', '.join(_SIZES)}")
+        raise ConfigError(f"model.size={c.model.size!r} is not one of: {', '.join(SIZES)}")
     return size_multiple(len(unet.block_out_channels), len(vae.block_out_channels))
 
 
@@ -350,8 +353,8 @@ def validate_config(c: ConfigDict, files: bool = True) -> Validated:
                           "--save DIR`)")
     if c.model.motion_version not in _MOTION_VERSIONS:
         raise ConfigError(f"model.motion_version={c.model.motion_version!r} is not one of: {', '.join(_MOTION_VERSIONS)}")
-    if c.model.size not in _SIZES:
-        raise ConfigError(f"model.size={c.model.size!r} is not one of: {', '.join(_SIZES)}")
+    if c.model.size not in SIZES:
+        raise ConfigError(f"model.size={c.model.size!r} is not one of: {', '.join(SIZES)}")
     _check_sdxl(c, stage)
     t, d = c.train, c.data
     if t.batch_size % t.grad_accum_steps:

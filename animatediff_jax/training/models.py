@@ -30,7 +30,7 @@ from animatediff_jax.models.shapes import clip_shapes, is_motion_path, sdxl_text
 from animatediff_jax.models.unet import AddedCond, UNet3D
 from animatediff_jax.models.vae import AutoencoderKL, VAEConfig
 from animatediff_jax.training import stages
-from animatediff_jax.training.config import ConfigError
+from animatediff_jax.training.config import SIZES, ConfigError
 
 Params = dict[str, Any]
 
@@ -87,9 +87,6 @@ class Models:
         parts = {"unet": unet, "vae": self.vae, "text_encoder": self.text_encoder,
                  "text_encoder_2": self.text_encoder_2}
         return {k: v for k, v in parts.items() if v is not None}
-
-
-SIZES = ("sd15", "sdxl", "tiny", "tiny_sdxl")
 
 
 def tiny_sdxl_text() -> tuple[CLIPTextConfig, CLIPTextConfig]:

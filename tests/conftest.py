@@ -110,7 +110,8 @@ SLOW_TESTS = {
         "test_stage2_step_compiles_on_a_v5e_2x2_data_x_fsdp_mesh", "test_per_chip_state_shrinks_with_fsdp",
         "test_sampler_with_splash_and_a_controlnet_compiles_for_v5e_2x2_with_context_parallelism",
         "test_the_command_fits_and_does_not_fit",
-        "test_compile_sample_reads_the_config_files_that_are_here", "test_int8_probes_still_compile"},
+        "test_compile_sample_reads_the_config_files_that_are_here", "test_tpu_probes_still_compile",
+        "test_frames_major_probe_is_the_motion_module"},
     "test_control_sampling.py": {  # `pipes`: diffusers' control pipelines
         "test_controlnets_match_animatediff_controlnet_pipeline",
         "test_sparsectrl_matches_animatediff_sparse_controlnet_pipeline", "test_control_errors_are_one_line",

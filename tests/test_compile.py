@@ -207,8 +207,8 @@ def test_compile_sample_reads_the_config_files_that_are_here(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("probe", ["sample-static", "train-weights"])
-def test_int8_probes_still_compile(probe, tmp_path):
-    """`bench/int8_probes.py` (int8 variants measured and not adopted: BENCHMARKS.md) patches the programs
+def test_tpu_probes_still_compile(probe, tmp_path):
+    """`bench/tpu_probes.py` (speed ideas measured and not adopted: BENCHMARKS.md) patches the programs
     `compile` builds; at tiny size each probe still compiles, with the change it names in the program."""
     import re
     import subprocess
@@ -225,7 +225,7 @@ def test_int8_probes_still_compile(probe, tmp_path):
                 "--config.train.resolution=32", "--config.train.batch_size=1",
                 "--config.parallel.compute_dtype=bfloat16"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, f"{root}/bench/int8_probes.py", probe, *args], cwd=root, env=env,
+    run = subprocess.run([sys.executable, f"{root}/bench/tpu_probes.py", probe, *args], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     said = re.search(r"probe: (\d+) (static activation scales|int8 kernels in the frozen UNet)", run.stderr)
@@ -234,3 +234,32 @@ def test_int8_probes_still_compile(probe, tmp_path):
         assert "sampler" in run.stdout and ", int8 " in run.stdout, run.stdout
     else:
         assert "train step" in run.stdout and ": fits" in run.stdout, run.stdout
+
+
+def test_frames_major_probe_is_the_motion_module(monkeypatch):
+    """`bench/tpu_probes.py frames-major` measures a motion module laid out `(B, F, H*W, C)` (BENCHMARKS.md:
+    more bytes, not adopted); what it measures is the motion module: the same params, the same output."""
+    import importlib.util
+    import sys
+
+    import jax.numpy as jnp
+
+    from animatediff_jax.models import unet as unet_lib
+    from animatediff_jax.models.config import tiny_unet
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("tpu_probes", os.path.join(root, "bench", "tpu_probes.py"))
+    probes = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tpu_probes", probes)  # (its Flax modules are dataclasses: looked up there)
+    spec.loader.exec_module(probes)
+    cfg = tiny_unet("v2")
+    x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 4))
+    t, ctx = jnp.array([10.0, 20.0]), jax.random.normal(jax.random.key(2), (2, 7, cfg.cross_attention_dim))
+    params = unet_lib.UNet3D(cfg).init(jax.random.key(0), x, t, ctx)["params"]
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape), params)  # proj_out != 0
+    want = unet_lib.UNet3D(cfg).apply({"params": params}, x, t, ctx)
+    monkeypatch.setattr(unet_lib._Layers.__init__, "__defaults__", unet_lib._Layers.__init__.__defaults__)
+    probes.frames_major()
+    assert any(getattr(v, "__name__", "") == "FramesMajorMotionModule" for v in unet_lib._Layers.__init__.__defaults__)
+    got = unet_lib.UNet3D(cfg).apply({"params": params}, x, t, ctx)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,11 @@
-"""int8 variants measured and not adopted: each compiles a real-size program for a TPU (libtpu, no chip)
+"""Speed ideas measured and not adopted: each compiles a real-size program for a TPU (libtpu, no chip)
 exactly as `animatediff-jax compile` does, with one thing changed, and prints the same report.
 
     pip install "jax[tpu]" "animatediff-jax[int8]"
-    python bench/int8_probes.py sample-static --topology v5e-1   # sampler, int8 with static activation scales
-    python bench/int8_probes.py train-weights --topology v5e-1   # stage-2 step over an int8-weight frozen base
+    python bench/tpu_probes.py sample-static --topology v5e-1   # sampler, int8 with static activation scales
+    python bench/tpu_probes.py train-weights --topology v5e-1   # stage-2 step over an int8-weight frozen base
+    python bench/tpu_probes.py frames-major --topology v5e-1    # stage-2 step, motion modules without transposes
+    python bench/tpu_probes.py frames-major --what sample       # ... the sampler
 
 Compare with `animatediff-jax compile sample --config configs/sample/v2_motion_lora_zoom_in.py --topology
 v5e-1 --quick --config.batch_size=4` (and `--config.quantize=int8`), and with `animatediff-jax compile
@@ -15,6 +17,9 @@ train --config configs/train/stage2_motion_module.py --topology v5e-1 --quick --
 - `train-weights`: the frozen spatial UNet's linear kernels int8 (the sampler's `int8_weights`) inside the
   stage-2 train step; the motion modules train in float32 as usual. (Full int8 cannot train through: the
   rounding of each activation has zero gradient, so nothing reaches the motion modules below it.)
+- `frames-major`: the motion modules keep the video as `(B, F, H*W, C)`, with no `(B*H*W, F, C)` regrouping:
+  the temporal attention runs along axis 1 with positions x heads as its heads (`FramesMajorMotionModule`,
+  the same params and the same numbers, a test checks; no position stretch, windows or context parallelism).
 """
 
 from __future__ import annotations
@@ -84,7 +89,76 @@ def int8_frozen_base() -> None:
     training.make_program = make_program
 
 
-PROBES = {"sample-static": (static_scales, SAMPLE), "train-weights": (int8_frozen_base, TRAIN)}
+def frames_major_module():
+    """`models.motion_module.MotionModule` laid out frames-major (no transposes; position stretch, FreeNoise
+    windows and context parallelism left out): the probe's model, which a test compares with the real one."""
+    import flax.linen as nn
+
+    from animatediff_jax.models import attention, motion_module
+    from animatediff_jax.models.layers import FeedForward, GroupNorm, dense, group_norm_frames, position_table
+
+    class TemporalAttention(nn.Module):
+        heads: int
+        dim_head: int
+        dtype: object
+        param_dtype: object
+
+        @nn.compact
+        def __call__(self, x):  # [B, F, P, C] -> attention along F, heads P x heads
+            b, f, p, c = x.shape
+            inner, kw = self.heads * self.dim_head, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            split = lambda t: t.reshape(b, f, p * self.heads, self.dim_head)  # noqa: E731
+            q, k, v = (split(dense(inner, n, use_bias=False, **kw)(x)) for n in ("to_q", "to_k", "to_v"))
+            o = attention.dot_product_attention(q, k, v).reshape(b, f, p, inner)
+            return dense(c, "to_out_0", **kw)(o)
+
+    class TemporalBlock(nn.Module):
+        heads: int
+        dim_head: int
+        max_positions: int
+        second_attention: bool
+        dtype: object
+        param_dtype: object
+
+        @nn.compact
+        def __call__(self, x):
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            ln = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # noqa: E731
+            pe = position_table(self.max_positions, x.shape[-1])[: x.shape[1], None].astype(self.dtype)
+            x = TemporalAttention(self.heads, self.dim_head, name="attn1", **kw)(ln("norm1")(x) + pe) + x
+            if self.second_attention:
+                x = TemporalAttention(self.heads, self.dim_head, name="attn2", **kw)(ln("norm2")(x) + pe) + x
+            return FeedForward(4, name="ff", **kw)(ln("norm3")(x)) + x
+
+    class FramesMajorMotionModule(motion_module.MotionModule):
+        @nn.compact
+        def __call__(self, x, num_frames):
+            cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            bf, h, w, c = x.shape
+            b = bf // num_frames
+            norm = GroupNorm(cfg.norm_num_groups, 1e-6, name="norm", **kw)
+            hs = group_norm_frames(norm, x.reshape(b, num_frames, h, w, c), per_frame=cfg.norm_per_frame)
+            hs = dense(c, "proj_in", **kw)(hs.reshape(b, num_frames, h * w, c))
+            for i in range(cfg.num_layers):
+                hs = TemporalBlock(cfg.heads, c // cfg.heads, cfg.max_positions, cfg.self_attentions == 2,
+                                   name=f"transformer_blocks_{i}", **kw)(hs)
+            hs = nn.Dense(c, name="proj_out", **kw)(hs)
+            return self.scale * hs.reshape(bf, h, w, c) + x
+
+    return FramesMajorMotionModule
+
+
+def frames_major() -> None:
+    """Every UNet built from here on uses `frames_major_module()` for its motion modules."""
+    from animatediff_jax.models import motion_module, unet
+
+    defaults = list(unet._Layers.__init__.__defaults__)  # (the motion-module class is a default argument)
+    defaults[defaults.index(motion_module.MotionModule)] = frames_major_module()
+    unet._Layers.__init__.__defaults__ = tuple(defaults)
+
+
+PROBES = {"sample-static": (static_scales, SAMPLE), "train-weights": (int8_frozen_base, TRAIN),
+          "frames-major": (frames_major, TRAIN)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("probe", choices=sorted(PROBES))
     p.add_argument("--topology", default="v5e-1")
     p.add_argument("--config", default="", help="another config (overrides after it: --config.FIELD=VALUE)")
+    p.add_argument("--what", choices=("sample", "train"), default="", help="the other program (frames-major)")
     p.add_argument("--breakdown", type=int, default=0)
     args, rest = p.parse_known_args(argv)
     patch, (what, config, defaults) = PROBES[args.probe]
+    if args.what and args.what != what:
+        what, config, defaults = SAMPLE if args.what == "sample" else TRAIN
     patch()
     from animatediff_jax import compile as compile_command
 

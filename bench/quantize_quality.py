@@ -20,9 +20,10 @@ import numpy as np
 MODES = (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8_weights"), ("bfloat16", "int8"))
 
 
-def measure(per_direction: int = 8, log=print) -> dict[str, dict]:
-    """Per mode: the toy metric's `Summary` row, and the frames' mean |difference| / 255 against float32
-    (`vs_float32`, `share_over_8`) and against bf16 (`vs_bfloat16`)."""
+def measure(per_direction: int = 8, modes: tuple = MODES, steps: int | None = None, log=print) -> dict[str, dict]:
+    """Per mode (float32 and bfloat16 among them): the toy metric's `Summary` row, and the frames' mean
+    |difference| / 255 against float32 (`vs_float32`, `share_over_8`) and against bf16 (`vs_bfloat16`).
+    `steps`: sampling steps (None: the demo's 20)."""
     import jax.numpy as jnp
 
     from animatediff_jax.sampling.pipeline import cast_floating, quantize_unet
@@ -32,15 +33,16 @@ def measure(per_direction: int = 8, log=print) -> dict[str, dict]:
     prompts, seeds = demo.prompt_set(world.TRANSLATIONS, per_direction)
     expected = [world.parse_caption(x)["motion"] for x in prompts]
     base = demo.pipeline(toy, motion=True)
+    settings = demo.FULL if steps is None else dataclasses.replace(demo.FULL, sample_steps=steps)
     videos: dict[str, np.ndarray] = {}
     rows: dict[str, metrics.Summary] = {}
-    for dtype, mode in MODES:
+    for dtype, mode in modes:
         name = f"{dtype} {mode}" if mode != "none" else dtype
         unet = quantize_unet(toy.motion_config, base.params["unet"], mode)
         params = cast_floating({**base.params, "unet": unet}, getattr(jnp, dtype))
         pipe = dataclasses.replace(base, params=params, dtype=getattr(jnp, dtype), quantize=mode)
         t0 = time.perf_counter()
-        videos[name] = demo.sample(toy, pipe, prompts, seeds, demo.FULL).astype(np.float64)
+        videos[name] = demo.sample(toy, pipe, prompts, seeds, settings).astype(np.float64)
         rows[name] = metrics.summarize(videos[name].astype(np.uint8), expected)
         log(f"{name}: {len(prompts)} videos in {time.perf_counter() - t0:.0f} s")
     log(metrics.format_table(rows, demo.CHANCE))

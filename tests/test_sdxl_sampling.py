@@ -382,7 +382,7 @@ from animatediff_jax.training.stages import union
 assert jax.device_count() == 8
 base = load_sdxl({folder!r})
 out = {{}}
-for version in ("sdxl_beta", "hotshot_xl"):
+for version in ("sdxl_beta",):
     cfg = dataclasses.replace(base.unet_config, motion=MotionConfig.for_version(version))
     motion = {{k: np.asarray(v) for k, v in flatten_dict(random_params(unet_shapes(cfg), 7)).items() if is_motion_path(k)}}
     pipe = AnimationPipeline.from_base(dataclasses.replace(
@@ -400,7 +400,8 @@ print(json.dumps(out))
 def test_context_parallel_sdxl_equals_one_device(tmp_path):
     """Each SDXL video's frames over 4 of 8 fake CPU devices (`sampling_mesh(8, context=4)`: the added
     conditioning follows its video, the motion modules regroup frames <-> positions across devices) == one
-    device, for both SDXL motion families, to float32 rounding (measured 8.4e-5 on latents of scale 16)."""
+    device with the AnimateDiff-SDXL beta layout, to float32 rounding (measured 8.2e-5 on latents of scale 16;
+    HotshotXL's layout too, by hand: 8.4e-5)."""
     import json
     import os
     import subprocess

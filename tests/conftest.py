@@ -68,12 +68,13 @@ HEAVY = {"test_real_size.py", "test_sd15_released.py", "test_memory_bench.py", "
          "test_clip_vision.py", "test_clip_text.py", "test_controlnet.py"}
 # The groups go to the workers longest first (setup.cfg turns off xdist's own order, which is by number of
 # tests: it left the one-test groups of 1.5 min, test_sharding and test_multihost, to the end, one worker
-# idle meanwhile). Seconds per group, measured with `--durations` on 2 cores (2026-12-07); a group not
+# idle meanwhile). Seconds per group, measured with `--durations` on 2 cores (2026-12-07, a cold compilation cache;
+# test_compile / test_quantize / test_sdxl_sampling plus the tests added 2026-12-08, estimated); a group not
 # listed goes after these, in collection order.
 GROUP_SECONDS = {"real-size": 300, "test_toy.py": 296, "test_fault_tolerance.py": 185, "test_steering.py": 171,
-                 "test_compile.py": 240, "test_training.py": 117, "test_sharding.py": 96, "test_multihost.py": 96,
+                 "test_compile.py": 230, "test_training.py": 117, "test_sharding.py": 96, "test_multihost.py": 96,
                  "test_sampling.py": 82, "test_parity.py": 63, "test_unet.py": 56, "test_sample_cli.py": 70,
-                 "test_sdxl_training.py": 110, "test_sdxl_sampling.py": 145, "test_quantize.py": 140,
+                 "test_sdxl_training.py": 110, "test_sdxl_sampling.py": 140, "test_quantize.py": 140,
                  "test_sdxl_unet.py": 80, "test_sdxl_load.py": 45, "test_hotshot.py": 40, "test_sdxl_text.py": 30,
                  "test_control_sampling.py": 55, "test_readme.py": 45, "test_train_bench.py": 44,
                  "test_resume.py": 38, "test_export.py": 38, "test_remote_paths.py": 38, "test_interrupts.py": 31,

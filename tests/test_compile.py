@@ -238,28 +238,28 @@ def test_tpu_probes_still_compile(probe, tmp_path):
 
 def test_frames_major_probe_is_the_motion_module(monkeypatch):
     """`bench/tpu_probes.py frames-major` measures a motion module laid out `(B, F, H*W, C)` (BENCHMARKS.md:
-    more bytes, not adopted); what it measures is the motion module: the same params, the same output."""
+    more bytes, not adopted); what it measures is the motion module (v2 layout): the same params, the same
+    output; and the probe puts it in every UNet built after it."""
     import importlib.util
     import sys
 
-    import jax.numpy as jnp
-
     from animatediff_jax.models import unet as unet_lib
-    from animatediff_jax.models.config import tiny_unet
+    from animatediff_jax.models.config import MotionConfig
+    from animatediff_jax.models.motion_module import MotionModule
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("tpu_probes", os.path.join(root, "bench", "tpu_probes.py"))
     probes = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "tpu_probes", probes)  # (its Flax modules are dataclasses: looked up there)
     spec.loader.exec_module(probes)
-    cfg = tiny_unet("v2")
-    x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 4))
-    t, ctx = jnp.array([10.0, 20.0]), jax.random.normal(jax.random.key(2), (2, 7, cfg.cross_attention_dim))
-    params = unet_lib.UNet3D(cfg).init(jax.random.key(0), x, t, ctx)["params"]
+    cfg = MotionConfig.for_version("v2")
+    x = jax.random.normal(jax.random.key(1), (2 * 6, 4, 4, 64))  # 2 videos x 6 frames
+    params = MotionModule(cfg).init(jax.random.key(0), x, 6)["params"]
     params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape), params)  # proj_out != 0
-    want = unet_lib.UNet3D(cfg).apply({"params": params}, x, t, ctx)
+    want = jax.jit(lambda p: MotionModule(cfg).apply({"params": p}, x, 6))(params)
+    got = jax.jit(lambda p: probes.frames_major_module()(cfg).apply({"params": p}, x, 6))(params)
+    assert float(np.abs(np.asarray(want) - np.asarray(x)).max()) > 0.1  # (the module adds something)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(unet_lib._Layers.__init__, "__defaults__", unet_lib._Layers.__init__.__defaults__)
     probes.frames_major()
     assert any(getattr(v, "__name__", "") == "FramesMajorMotionModule" for v in unet_lib._Layers.__init__.__defaults__)
-    got = unet_lib.UNet3D(cfg).apply({"params": params}, x, t, ctx)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
